@@ -1,0 +1,46 @@
+"""The Celery app: created here from Settings and a broker URL, imported by name."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.settings import Settings
+
+CONTROL_QUEUE = "control"
+CPU_QUEUE = "cpu"
+
+
+def gpu_queue(host: str, index: int) -> str:
+    """The queue of one GPU: routing a job here is its allocation."""
+    return f"gpu.{host}.{index}"
+
+
+def create_celery(settings: Settings, redis_url: str) -> Celery:
+    app = Celery("gpuq", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=CONTROL_QUEUE,
+        task_ignore_result=True,
+        result_expires=3600,
+        # One job at a time per GPU worker: never hold a second message while one runs.
+        worker_prefetch_multiplier=1,
+        # Early ack: a message is gone once a worker takes it, so a job that outlives the
+        # visibility timeout is never redelivered. The database, not the broker, decides
+        # whether an attempt may run, and reconciliation repairs messages lost after ack.
+        task_acks_late=False,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "dispatch": {
+                "task": "gpuq.dispatch",
+                "schedule": settings.dispatch_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.dispatch_interval_s},
+            },
+        },
+    )
+    return app

@@ -1,0 +1,283 @@
+"""`gpuq`: the command line. Heavy imports stay inside commands so start-up stays fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from app.errors import GpuqError
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.client import Client
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="gpuq: a GPU job queue on Celery and Redis.")
+
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+class State:
+    verbose = False
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as e:  # pydantic ValidationError: one line naming the variable
+        raise GpuqError(f"bad settings: {e}".replace("\n", " ")) from e
+
+
+def _client(transport: str | None = None) -> Client:
+    from app.client import Client
+
+    return Client(_settings(), transport)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise GpuqError(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _parse_ints(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GpuqError(f"{option} takes comma-separated integers, e.g. 0,3") from None
+
+
+@cli.callback()
+def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                              help="Show ids, hints and tracebacks.")) -> None:
+    State.verbose = verbose
+
+
+def _spec_options(gpus: int, name: str | None, priority: int, env: list[str],
+                  workdir: str | None, venv: str | None, conda_env: str | None,
+                  max_restarts: int, recover_on_exit_codes: str | None,
+                  gpu_ids: str | None) -> dict[str, Any]:
+    return {
+        "gpus": gpus, "name": name, "priority": priority, "env": _parse_env(env),
+        "workdir": str(Path(workdir).resolve()) if workdir else None, "venv": venv,
+        "conda_env": conda_env, "max_restarts": max_restarts,
+        "recover_exit_codes": _parse_ints(recover_on_exit_codes, "--recover-on-exit-codes"),
+        "allowed_gpu_ids": _parse_ints(gpu_ids, "--gpu-ids"),
+    }
+
+
+GpusOpt = typer.Option(1, "--gpus", help="GPUs the job needs (0 for none).")
+NameOpt = typer.Option(None, "--name", help="A name to find the job by.")
+PriorityOpt = typer.Option(0, "--priority", help="Higher starts first.")
+EnvOpt = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable).")
+WorkdirOpt = typer.Option(None, "--workdir", help="Directory the command runs in.")
+VenvOpt = typer.Option(None, "--venv", help="A virtualenv to activate.")
+CondaOpt = typer.Option(None, "--conda-env", help="A conda env to activate.")
+RestartsOpt = typer.Option(0, "--max-restarts", help="Restarts after a failed attempt.")
+RecoverOpt = typer.Option(None, "--recover-on-exit-codes",
+                          help="Exit codes that restart without spending the budget, e.g. 137.")
+GpuIdsOpt = typer.Option(None, "--gpu-ids", help="Only these GPU indices, e.g. 0,3.")
+CommandArg = typer.Argument(..., help="The command, after `--`.")
+
+
+@cli.command()
+def submit(command: list[str] = CommandArg, gpus: int = GpusOpt, name: str | None = NameOpt,
+           priority: int = PriorityOpt, env: list[str] = EnvOpt,
+           workdir: str | None = WorkdirOpt, venv: str | None = VenvOpt,
+           conda_env: str | None = CondaOpt, max_restarts: int = RestartsOpt,
+           recover_on_exit_codes: str | None = RecoverOpt, gpu_ids: str | None = GpuIdsOpt,
+           as_json: bool = JsonOpt) -> None:
+    """Queue one job and print its id."""
+    options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
+                            recover_on_exit_codes, gpu_ids)
+    handle = _client().submit(command, **options)
+    _print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
+
+
+@cli.command()
+def launch(command: list[str] = CommandArg,
+           num_jobs: int = typer.Option(..., "--num-jobs", "-n", help="Replicas to launch."),
+           gpus: int = GpusOpt, name: str | None = NameOpt, priority: int = PriorityOpt,
+           env: list[str] = EnvOpt, workdir: str | None = WorkdirOpt,
+           venv: str | None = VenvOpt, conda_env: str | None = CondaOpt,
+           max_restarts: int = RestartsOpt, recover_on_exit_codes: str | None = RecoverOpt,
+           gpu_ids: str | None = GpuIdsOpt,
+           wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
+           as_json: bool = JsonOpt) -> None:
+    """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
+    options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
+                            recover_on_exit_codes, gpu_ids)
+    client = _client()
+    handle = client.launch(command, num_jobs, **options)
+    if as_json:
+        _print_json({"launch_id": handle.id, "job_ids": handle.job_ids})
+    else:
+        typer.echo(f"launch {handle.id}: jobs {handle.job_ids[0]}..{handle.job_ids[-1]}")
+    if wait:
+        from app.views import progress
+
+        counts = progress(client, handle.id, len(handle.job_ids))
+        raise typer.Exit(0 if counts.get("SUCCEEDED", 0) == len(handle.job_ids) else 1)
+
+
+@cli.command()
+def queue(status: str | None = typer.Option(None, "--status", help="Only this state."),
+          launch_id: int | None = typer.Option(None, "--launch", help="Only this launch."),
+          name: str | None = NameOpt,
+          limit: int = typer.Option(50, "--limit", help="Rows to show."),
+          as_json: bool = JsonOpt) -> None:
+    """List jobs, newest first (by rank within a launch)."""
+    out = _client().call("queue", status=status, launch_id=launch_id, name=name, limit=limit)
+    if as_json:
+        _print_json(out)
+        return
+    from app.views import queue_table
+
+    queue_table(out["jobs"], out["total"])
+
+
+@cli.command()
+def cancel(ids: list[int] | None = typer.Argument(None, help="Job ids."),
+           name: str | None = NameOpt,
+           launch_id: int | None = typer.Option(None, "--launch", help="Every replica of it."),
+           all_jobs: bool = typer.Option(False, "--all", help="Every job not yet ended."),
+           as_json: bool = JsonOpt) -> None:
+    """Cancel jobs: waiting ones never start; running ones are stopped."""
+    out = _client().call("cancel", ids=ids or None, name=name, launch_id=launch_id,
+                         all_jobs=all_jobs)
+    if as_json:
+        _print_json(out)
+    else:
+        typer.echo(f"cancelled {len(out['cancelled'])}, stopping {len(out['cancelling'])}")
+
+
+@cli.command()
+def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    """Print a job's output; --follow keeps printing until the job ends."""
+    from app.states import JobState
+
+    client = _client()
+    offset = 0
+    while True:
+        out = client.call("logs", job_id=job_id, offset=offset)
+        sys.stdout.write(out["text"])
+        sys.stdout.flush()
+        offset = out["offset"]
+        if not follow or (JobState(out["status"]).terminal and not out["text"]):
+            return
+        if not out["text"]:
+            time.sleep(0.3)
+
+
+@cli.command()
+def wait(ids: list[int] | None = typer.Argument(None, help="Job ids."),
+         launch_id: int | None = typer.Option(None, "--launch"),
+         timeout: float | None = typer.Option(None, "--timeout", help="Seconds.")) -> None:
+    """Wait for jobs to end; exit 0 when all SUCCEEDED, 1 otherwise."""
+    client = _client()
+    if launch_id is not None:
+        ids = [r["id"] for r in client.call("queue", launch_id=launch_id, limit=10_000)["jobs"]]
+    if not ids:
+        raise GpuqError("name job ids or --launch L to wait for")
+    try:
+        rows = client.wait(ids, timeout)
+    except TimeoutError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    bad = [r for r in rows if r["status"] != "SUCCEEDED"]
+    for row in bad:
+        typer.echo(f"job {row['id']}: {row['status']} (exit {row['exit_code']})", err=True)
+    raise typer.Exit(1 if bad else 0)
+
+
+@cli.command()
+def status(as_json: bool = JsonOpt) -> None:
+    """GPUs per host, which job holds each, and job counts."""
+    out = _client().call("status")
+    if as_json:
+        _print_json(out)
+        return
+    from app.views import status_table
+
+    status_table(out)
+
+
+@cli.command()
+def config() -> None:
+    """Print the effective settings, secrets masked."""
+    _print_json(_settings().masked())
+
+
+@cli.command()
+def up(procfile: Path = typer.Option(Path("Procfile"), help="Processes to run."),
+       flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower.")) -> None:
+    """Run the whole stack in the foreground until Ctrl-C."""
+    from app.stack import run_stack
+
+    run_stack(_settings(), procfile, flower)
+
+
+@cli.command()
+def worker() -> None:
+    """Run this host's GPU workers (one Celery worker per GPU)."""
+    from scheduler.host import run_host_workers
+
+    run_host_workers(_settings())
+
+
+def _exec_celery(build: Callable[[Settings], str]) -> None:
+    import shlex
+
+    argv = shlex.split(build(_settings()))
+    os.execv(argv[0], argv)
+
+
+@cli.command("control-worker")
+def control_worker() -> None:
+    """Run the worker of the control queue (remote operations, dispatch)."""
+    from scheduler.host import control_worker_command
+
+    _exec_celery(control_worker_command)
+
+
+@cli.command()
+def beat() -> None:
+    """Run Celery beat: the periodic dispatch pass. Run exactly one per cluster."""
+    from app.stack import beat_command
+
+    _exec_celery(beat_command)
+
+
+@cli.command("flower")
+def flower_cmd() -> None:
+    """Run Flower (Celery monitoring), bound to 127.0.0.1 unless GPUQ_FLOWER_ADDRESS says."""
+    from app.stack import flower_command
+
+    _exec_celery(flower_command)
+
+
+def main() -> None:
+    try:
+        cli()
+    except GpuqError as e:
+        if State.verbose:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,67 @@
+"""One error base; each error names a fact and, where there is one, the fix."""
+
+from __future__ import annotations
+
+
+class GpuqError(Exception):
+    """Base of every error gpuq raises on purpose."""
+
+    code = "gpuq_error"
+
+
+class InvalidJobSpec(GpuqError):
+    code = "invalid_job_spec"
+
+
+class JobNotFound(GpuqError):
+    code = "job_not_found"
+
+    @classmethod
+    def for_ids(cls, job_ids: list[int]) -> JobNotFound:
+        shown = ", ".join(str(i) for i in job_ids[:10])
+        return cls(f"no job with id {shown}; `gpuq queue` lists the jobs there are")
+
+
+class LaunchNotFound(GpuqError):
+    code = "launch_not_found"
+
+
+class IllegalTransition(GpuqError):
+    code = "illegal_transition"
+
+
+class BrokerUnavailable(GpuqError):
+    code = "broker_unavailable"
+
+
+class DatabaseUnavailable(GpuqError):
+    code = "database_unavailable"
+
+
+class UnknownOperation(GpuqError):
+    code = "unknown_operation"
+
+
+class OperationTimeout(GpuqError):
+    code = "operation_timeout"
+
+
+ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
+    cls.code: cls
+    for cls in (
+        GpuqError,
+        InvalidJobSpec,
+        JobNotFound,
+        LaunchNotFound,
+        IllegalTransition,
+        BrokerUnavailable,
+        DatabaseUnavailable,
+        UnknownOperation,
+        OperationTimeout,
+    )
+}
+
+
+def error_from_envelope(code: str, message: str) -> GpuqError:
+    """Rebuild an error that crossed the remote transport as (code, message)."""
+    return ERRORS_BY_CODE.get(code, GpuqError)(message)

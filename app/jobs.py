@@ -1,0 +1,161 @@
+"""The job store: validated specs, bulk creation, and the one transition function."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import ColumnElement, insert, update
+from sqlmodel import Session, select
+
+from app.errors import IllegalTransition, InvalidJobSpec, JobNotFound
+from app.models import Job, JobEvent, Launch, event_row
+from app.states import JobState, sources_of
+
+BACKENDS = ("local",)
+
+
+class JobSpec(BaseModel):
+    """What a user asks for; validated before anything is stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(min_length=1)
+    gpus: int = Field(1, ge=0, le=64)
+    name: str | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    venv: str | None = None
+    conda_env: str | None = None
+    max_restarts: int = Field(0, ge=0, le=1000)
+    recover_exit_codes: list[int] = Field(default_factory=list)
+    allowed_gpu_ids: list[int] | None = None
+    backend: str = "local"
+
+    @field_validator("command")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> JobSpec:
+        """Validate user input, turning pydantic's report into one InvalidJobSpec line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise InvalidJobSpec(f"invalid job: {problems}") from e
+
+    def content_hash(self) -> str:
+        """Hash of what makes two jobs the same work (for duplicate prevention)."""
+        key = self.model_dump(include={"command", "env", "gpus", "workdir", "backend",
+                                       "venv", "conda_env", "allowed_gpu_ids"})
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool) -> tuple[
+        int | None, list[int]]:
+    """Insert `num_jobs` PENDING rows in one statement; return (launch id, job ids)."""
+    if num_jobs < 1:
+        raise InvalidJobSpec("--num-jobs must be at least 1")
+    now = time.time()
+    launch_id = None
+    if launch:
+        row = Launch(name=spec.name, num_jobs=num_jobs, command=spec.command, created_at=now)
+        session.add(row)
+        session.flush()
+        launch_id = row.id
+    base = spec.model_dump()
+    base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
+                submitted_at=now, launch_id=launch_id, num_jobs=num_jobs)
+    rows = [{**base, "rank": rank} for rank in range(num_jobs)]
+    ids = list(session.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True),
+                               rows))
+    session.execute(insert(JobEvent), [
+        event_row(job_id, now, None, JobState.PENDING.value, "submitted") for job_id in ids
+    ])
+    return launch_id, ids
+
+
+def transition(session: Session, target: JobState, reason: str | None,
+               where: Sequence[ColumnElement[bool]], values: dict[str, Any] | None = None,
+               only_from: Sequence[JobState] | None = None) -> list[int]:
+    """Move every job matching `where` whose state allows it to `target`; log each move.
+
+    Jobs in states that cannot reach `target` are left as they are; the ids that moved are
+    returned so that the caller can tell.
+    """
+    now = time.time()
+    moved: list[int] = []
+    events: list[dict[str, Any]] = []
+    for source in sources_of(target):
+        if only_from is not None and source not in only_from:
+            continue
+        stmt = (update(Job).where(*where, Job.state == source.value)
+                .values(state=target.value, reason=reason, **(values or {}))
+                .returning(Job.id))
+        ids = list(session.scalars(stmt))
+        moved.extend(ids)
+        events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
+    if events:
+        session.execute(insert(JobEvent), events)
+    return moved
+
+
+def move(session: Session, job_id: int, target: JobState, reason: str | None = None,
+         values: dict[str, Any] | None = None,
+         only_from: Sequence[JobState] | None = None) -> None:
+    """Move one job or raise IllegalTransition naming its current state."""
+    if transition(session, target, reason, [Job.id == job_id], values, only_from):
+        return
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound.for_ids([job_id])
+    raise IllegalTransition(f"job {job_id} is {job.state}; it cannot become {target.value}")
+
+
+def get_jobs(session: Session, ids: Sequence[int]) -> list[Job]:
+    jobs = list(session.exec(select(Job).where(Job.id.in_(ids))))  # type: ignore[union-attr]
+    missing = sorted(set(ids) - {job.id for job in jobs if job.id is not None})
+    if missing:
+        raise JobNotFound.for_ids(missing)
+    return jobs
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def job_row(job: Job, now: float | None = None) -> dict[str, Any]:
+    """A job as the plain JSON row every read operation returns."""
+    end = job.ended_at or (now if job.started_at else None)
+    return {
+        "id": job.id, "name": job.name, "launch_id": job.launch_id, "rank": job.rank,
+        "num_jobs": job.num_jobs, "status": job.state, "reason": job.reason,
+        "command": job.command, "exit_code": job.exit_code, "gpus": job.gpus,
+        "gpu_ids": job.gpu_ids, "host": job.host, "priority": job.priority,
+        "submitted_at": iso(job.submitted_at), "started_at": iso(job.started_at),
+        "ended_at": iso(job.ended_at), "restart_count": job.restart_count,
+        "duration_s": round(job.runtime_s + (end - job.started_at), 3)
+        if end and job.started_at else (round(job.runtime_s, 3) or None),
+    }

@@ -1,0 +1,215 @@
+"""The operations layer: queue, cancel, logs, submit, launch, status as plain functions.
+
+Every operation takes the process's Runtime and JSON-able keyword arguments and returns a
+JSON-able dict, so that the same function serves both transports: called directly in
+local mode, or run by the control worker as the `gpuq.op` task in remote mode.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import ColumnElement, func
+from sqlmodel import col, select
+
+from app import keys
+from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
+from app.jobs import JobSpec, create_jobs, get_jobs, job_row, transition
+from app.models import Job, JobEvent, Launch
+from app.runtime import Runtime
+from app.states import JobState
+
+Operation = Callable[..., dict[str, Any]]
+OPERATIONS: dict[str, Operation] = {}
+
+LOG_CHUNK_BYTES = 1 << 20
+MAX_PAGE = 10_000
+
+
+def operation(fn: Operation) -> Operation:
+    OPERATIONS[fn.__name__] = fn
+    return fn
+
+
+def call_local(rt: Runtime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        fn = OPERATIONS[name]
+    except KeyError:
+        raise UnknownOperation(
+            f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}"
+        ) from None
+    return fn(rt, **kwargs)
+
+
+def _kick_dispatch(rt: Runtime) -> None:
+    from scheduler.allocator import Dispatcher
+
+    Dispatcher(rt).dispatch()
+
+
+@operation
+def submit(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
+    """Store one job PENDING and try to route it at once."""
+    job_spec = JobSpec.parse(spec)
+    with rt.session() as session:
+        _, ids = create_jobs(session, job_spec, 1, launch=False)
+    _kick_dispatch(rt)
+    return {"job_ids": ids, "launch_id": None}
+
+
+@operation
+def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int) -> dict[str, Any]:
+    """Store N replicas PENDING in one statement and route as many as GPUs allow."""
+    job_spec = JobSpec.parse(spec)
+    with rt.session() as session:
+        launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True)
+    _kick_dispatch(rt)
+    return {"job_ids": ids, "launch_id": launch_id}
+
+
+@operation
+def dispatch(rt: Runtime) -> dict[str, Any]:
+    from scheduler.allocator import Dispatcher
+
+    return {"routed": Dispatcher(rt).dispatch()}
+
+
+def _filters(status: str | None, launch_id: int | None, name: str | None,
+             ids: list[int] | None) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if status:
+        try:
+            where.append(Job.state == JobState(status.upper()).value)
+        except ValueError:
+            raise InvalidJobSpec(
+                f"unknown status {status!r}; choose one of {', '.join(s.value for s in JobState)}"
+            ) from None
+    if launch_id is not None:
+        where.append(Job.launch_id == launch_id)
+    if name:
+        where.append(Job.name == name)
+    if ids:
+        where.append(col(Job.id).in_(ids))
+    return where
+
+
+@operation
+def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
+          name: str | None = None, ids: list[int] | None = None, limit: int = 50,
+          offset: int = 0) -> dict[str, Any]:
+    """A page of jobs (newest first; by rank within a launch) and the total that match."""
+    if not 0 < limit <= MAX_PAGE:
+        raise InvalidJobSpec(f"--limit must be between 1 and {MAX_PAGE}")
+    where = _filters(status, launch_id, name, ids)
+    order = [col(Job.rank), col(Job.id)] if launch_id is not None else [col(Job.id).desc()]
+    now = time.time()
+    with rt.session() as session:
+        total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+        jobs = session.exec(select(Job).where(*where).order_by(*order)
+                            .offset(offset).limit(limit))
+        rows = [job_row(job, now) for job in jobs]
+    return {"jobs": rows, "total": total}
+
+
+@operation
+def job(rt: Runtime, job_id: int) -> dict[str, Any]:
+    """One job with its events, oldest first."""
+    with rt.session() as session:
+        found = get_jobs(session, [job_id])[0]
+        events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
+                              .order_by(col(JobEvent.id)))
+        row = job_row(found, time.time())
+        row["env"] = dict(found.env)
+        row["events"] = [{"at": e.at, "from": e.from_state, "to": e.to_state,
+                          "reason": e.reason} for e in events]
+    return row
+
+
+@operation
+def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
+    """Launches with their replica counts per state."""
+    with rt.session() as session:
+        query = select(Launch).order_by(col(Launch.id).desc()).limit(100)
+        if launch_id is not None:
+            query = select(Launch).where(Launch.id == launch_id)
+        rows = list(session.exec(query))
+        if launch_id is not None and not rows:
+            raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
+        counts = session.exec(
+            select(Job.launch_id, Job.state, func.count()).where(
+                col(Job.launch_id).in_([r.id for r in rows])).group_by(Job.launch_id, Job.state))
+        by_launch: dict[int, dict[str, int]] = {}
+        for lid, state, n in counts:
+            by_launch.setdefault(lid, {})[state] = n
+    return {"launches": [{"id": r.id, "name": r.name, "num_jobs": r.num_jobs,
+                          "command": r.command, "counts": by_launch.get(r.id or 0, {})}
+                         for r in rows]}
+
+
+@operation
+def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
+           launch_id: int | None = None, all_jobs: bool = False) -> dict[str, Any]:
+    """Cancel jobs: waiting ones end CANCELLED now, running ones are told to stop."""
+    if not (ids or name or launch_id is not None or all_jobs):
+        raise InvalidJobSpec("say what to cancel: job ids, --name, --launch or --all")
+    where = _filters(None, launch_id, name, ids)
+    with rt.session() as session:
+        if ids:
+            get_jobs(session, ids)  # unknown ids: refuse before changing anything
+        if launch_id is not None and session.get(Launch, launch_id) is None:
+            raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
+        cancelled = transition(session, JobState.CANCELLED, "cancelled by user", where,
+                               {"ended_at": time.time()},
+                               only_from=[JobState.PENDING, JobState.STARTING,
+                                          JobState.RECOVERING])
+        stopping = transition(session, JobState.CANCELLING, "cancel requested", where,
+                              only_from=[JobState.RUNNING])
+        already = list(session.scalars(select(Job.id).where(
+            *where, Job.state == JobState.CANCELLING.value)))
+    if already:
+        pipe = rt.redis.pipeline(transaction=False)
+        for job_id in already:
+            pipe.set(keys.cancel(job_id), 1, ex=86400)
+        pipe.execute()
+    return {"cancelled": sorted(cancelled), "cancelling": sorted(stopping)}
+
+
+@operation
+def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
+    """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from."""
+    with rt.session() as session:
+        state = get_jobs(session, [job_id])[0].state
+    path = rt.settings.logs_dir / f"{job_id}.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK_BYTES)
+    except FileNotFoundError:
+        data = b""
+    return {"text": data.decode(errors="replace"), "offset": offset + len(data),
+            "status": state}
+
+
+@operation
+def status(rt: Runtime) -> dict[str, Any]:
+    """Hosts and their GPUs (alive, held by which job) and job counts per state."""
+    r = rt.redis
+    hosts = []
+    for host in sorted(h.decode() for h in r.smembers(keys.HOSTS)):  # type: ignore[union-attr]
+        described = r.hgetall(keys.host_gpus(host))
+        gpus = []
+        for index in sorted(int(i) for i in described):  # type: ignore[union-attr]
+            info = json.loads(described[str(index).encode()])  # type: ignore[index]
+            held = r.get(keys.hold(host, index))
+            gpus.append({**info, "index": index,
+                         "alive": bool(r.exists(keys.alive(host, index))),
+                         "job_id": int(held.split(b".")[0]) if held else None})
+        hosts.append({"host": host, "gpus": gpus,
+                      "workers_alive": sum(g["alive"] for g in gpus)})
+    with rt.session() as session:
+        counts = dict(session.exec(select(Job.state, func.count()).group_by(Job.state)).all())
+    return {"hosts": hosts, "counts": counts}
+

@@ -1,0 +1,67 @@
+"""The connections one gpuq process holds, built from Settings at the call site."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+
+import redis
+from celery import Celery
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from app.celery_app import create_celery
+from app.db import make_engine
+from app.embedded_redis import resolve_redis_url
+from app.errors import BrokerUnavailable
+from app.settings import Settings
+
+
+class Runtime:
+    """Lazily opened database engine, Redis client and Celery app of one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def redis_url(self) -> str:
+        return resolve_redis_url(self.settings)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
+                                      health_check_interval=30)
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as e:
+            raise BrokerUnavailable(
+                f"cannot reach Redis at {self.redis_url}: {e}; start it (`gpuq up`) or fix "
+                "GPUQ_REDIS_URL"
+            ) from e
+        return client
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings)
+
+    @cached_property
+    def celery(self) -> Celery:
+        return create_celery(self.settings, self.redis_url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+        if "redis" in self.__dict__:
+            self.redis.close()

@@ -1,0 +1,109 @@
+"""gpuq's one settings object: every default lives here, each with a description."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_MASK = "****"
+
+
+class Settings(BaseSettings):
+    """Effective configuration, read from `GPUQ_*` variables and a `.env` file."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUQ_", env_file=".env", extra="ignore")
+
+    home: Path = Field(
+        Path(".gpuq"), description="Data directory: database, job logs, embedded Redis state."
+    )
+    redis_url: str | None = Field(
+        None, description="Broker and payload store. Unset: an embedded server under `home`."
+    )
+    database_url: str | None = Field(
+        None, description="System of record. Unset: SQLite (WAL) under `home`."
+    )
+    fake_gpus: int | None = Field(
+        None, ge=0, description="Pretend this host has N GPUs (also used when NVML is missing)."
+    )
+    hostname: str = Field(
+        default_factory=socket.gethostname,
+        description="This host's name in queue names; override to simulate several hosts.",
+    )
+    transport: str = Field(
+        "local", description="How the client runs operations: local (in process) or remote."
+    )
+    kill_grace_s: float = Field(
+        10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job is cancelled."
+    )
+    reservation_ttl_s: int = Field(
+        60, gt=5, description="A GPU reservation expires this long after its last heartbeat."
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="How often workers refresh their liveness and reservations."
+    )
+    dispatch_interval_s: float = Field(
+        2.0, gt=0, description="Period of the safety-net dispatch pass run by beat."
+    )
+    cpu_slots: int = Field(2, ge=0, description="Concurrent 0-GPU jobs per host.")
+    op_timeout_s: float = Field(
+        30.0, gt=0, description="How long a remote operation may take before the client gives up."
+    )
+    visibility_timeout_s: int = Field(
+        3600, gt=0, description="Redis broker visibility timeout (messages are acked early)."
+    )
+    flower_address: str = Field("127.0.0.1", description="Address Flower binds to.")
+    flower_port: int = Field(5555, description="Port Flower listens on.")
+    log_level: str = Field("WARNING", description="Log level of gpuq's processes.")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        # Workers and clients may run from other directories: agree on one absolute path.
+        return value.expanduser().resolve()
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        if value not in ("local", "remote"):
+            raise ValueError("GPUQ_TRANSPORT must be 'local' or 'remote'")
+        return value
+
+    @field_validator("hostname")
+    @classmethod
+    def _queue_safe_hostname(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError("GPUQ_HOSTNAME may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.home / "redis"
+
+    @property
+    def sqlite_url(self) -> str:
+        return f"sqlite:///{self.home / 'gpuq.db'}"
+
+    def effective_database_url(self) -> str:
+        return self.database_url or self.sqlite_url
+
+    def masked(self) -> dict[str, Any]:
+        """Settings as plain values with passwords in URLs replaced by a mask."""
+        values = self.model_dump(mode="json")
+        for key, value in values.items():
+            if isinstance(value, str):
+                values[key] = mask_url(value)
+        return values
+
+
+def mask_url(value: str) -> str:
+    """Hide the password part of a URL such as redis://user:secret@host."""
+    return re.sub(r"(://[^:/@]*:)[^@/]+@", rf"\g<1>{SECRET_MASK}@", value)

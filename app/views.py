@@ -1,0 +1,70 @@
+"""Rich tables and progress bars for the CLI."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.states import TERMINAL
+
+if TYPE_CHECKING:
+    from app.client import Client
+
+console = Console()
+
+STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "PENDING": "yellow",
+               "CANCELLED": "magenta", "LOST": "red", "FAILED_NO_RESOURCE": "red",
+               "FAILED_PRECHECK": "red"}
+
+
+def _short_time(iso: str | None) -> str:
+    return iso[11:19] if iso else "-"
+
+
+def queue_table(rows: list[dict[str, Any]], total: int) -> None:
+    table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
+    for column in ("id", "name", "status", "gpus", "host", "submitted", "duration", "restarts"):
+        table.add_column(column, justify="right" if column in ("id", "restarts") else "left")
+    for row in rows:
+        style = STATE_STYLE.get(row["status"], "")
+        gpus = (",".join(map(str, row["gpu_ids"])) if row["gpu_ids"] else str(row["gpus"]))
+        duration = f"{row['duration_s']:.1f}s" if row["duration_s"] is not None else "-"
+        table.add_row(str(row["id"]), row["name"] or "-", f"[{style}]{row['status']}[/]",
+                      gpus, row["host"] or "-", _short_time(row["submitted_at"]), duration,
+                      str(row["restart_count"]))
+    console.print(table)
+
+
+def status_table(status: dict[str, Any]) -> None:
+    table = Table(title="GPUs", title_justify="left")
+    for column in ("host", "gpu", "name", "worker", "job"):
+        table.add_column(column)
+    for host in status["hosts"]:
+        for gpu in host["gpus"]:
+            table.add_row(host["host"], str(gpu["index"]), gpu.get("name", "-"),
+                          "[green]up[/]" if gpu["alive"] else "[red]down[/]",
+                          str(gpu["job_id"] or "-"))
+    console.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())) or "no jobs"
+    console.print(f"jobs: {counts}")
+
+
+def progress(client: Client, launch_id: int, total: int, poll_s: float = 0.3) -> dict[str, int]:
+    """A progress bar over a launch until every replica ends; return the final counts."""
+    columns = (TextColumn("launch {task.fields[launch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[summary]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("launch", total=total, launch=launch_id, summary="")
+        while True:
+            counts: dict[str, int] = client.call("launches", launch_id=launch_id)[
+                "launches"][0]["counts"]
+            done = sum(n for state, n in counts.items() if state in {s.value for s in TERMINAL})
+            summary = " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
+            bar.update(task, completed=done, summary=summary)
+            if done >= total:
+                return counts
+            time.sleep(poll_s)

@@ -1,0 +1,210 @@
+"""The allocator: atomic GPU reservations in Redis and routing jobs to per-GPU queues.
+
+A dispatch pass walks PENDING jobs by priority (then id, so FIFO within a priority), picks
+GPUs on one host, reserves them all-or-nothing with a Lua script, marks the job STARTING,
+and sends it to the queue of its first GPU. Only one pass runs at a time (a Redis lock);
+a pass requested while another runs sets a flag so that the running one goes round again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis
+from sqlmodel import col, select
+
+from app import keys
+from app.celery_app import CPU_QUEUE, gpu_queue
+from app.jobs import transition
+from app.models import Job
+from app.runtime import Runtime
+from app.states import JobState
+
+log = logging.getLogger(__name__)
+
+# All-or-nothing: every GPU must be alive and unheld, then all are held by ARGV[1].
+# KEYS = hold keys followed by the matching alive keys.
+_RESERVE = """
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 or redis.call('EXISTS', KEYS[n + i]) == 0 then
+    return 0
+  end
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+end
+return 1
+"""
+
+# Release or refresh only the reservations this job still holds.
+_RELEASE = """
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i]); released = released + 1
+  end
+end
+return released
+"""
+_REFRESH = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+end
+return 1
+"""
+
+DISPATCH_BATCH = 1000
+
+
+def holder(job_id: int, attempt: int) -> str:
+    """What a reservation holds: one attempt of one job, so that a stale message of an
+    earlier attempt can never release the GPUs of the current one."""
+    return f"{job_id}.{attempt}"
+
+
+def reserve(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> bool:
+    hold_keys = [keys.hold(host, i) for i in gpu_ids]
+    alive_keys = [keys.alive(host, i) for i in gpu_ids]
+    return bool(r.eval(_RESERVE, len(gpu_ids) * 2, *hold_keys, *alive_keys, token, ttl_s))
+
+
+def release(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> int:
+    return int(r.eval(_RELEASE, len(gpu_ids), *[keys.hold(host, i) for i in gpu_ids], token))
+
+
+def refresh(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> None:
+    r.eval(_REFRESH, len(gpu_ids), *[keys.hold(host, i) for i in gpu_ids], token, ttl_s)
+
+
+@dataclass
+class HostView:
+    """One host's GPUs as the dispatcher sees them during one pass."""
+
+    name: str
+    capacity: int
+    free: list[int] = field(default_factory=list)
+
+
+def read_hosts(r: redis.Redis) -> list[HostView]:
+    """Registered hosts with their GPUs whose worker is alive and that nobody holds."""
+    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
+    views = []
+    for host in hosts:
+        indices = sorted(int(i) for i in r.hkeys(keys.host_gpus(host)))  # type: ignore[union-attr]
+        if not indices:
+            continue
+        pipe = r.pipeline(transaction=False)
+        for i in indices:
+            pipe.exists(keys.alive(host, i))
+            pipe.exists(keys.hold(host, i))
+        flags = pipe.execute()
+        free = [i for n, i in enumerate(indices) if flags[2 * n] and not flags[2 * n + 1]]
+        views.append(HostView(host, len(indices), free))
+    return views
+
+
+def _pick(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]
+          ) -> tuple[HostView, list[int]] | None:
+    """Best fit: the host with the fewest usable free GPUs that still holds the job."""
+    options = []
+    for host in hosts:
+        usable = [i for i in host.free if (host.name, i) not in earmarked
+                  and (job.allowed_gpu_ids is None or i in job.allowed_gpu_ids)]
+        if len(usable) >= job.gpus:
+            options.append((len(usable), host.name, host, usable[: job.gpus]))
+    if not options:
+        return None
+    _, _, host, gpus = min(options, key=lambda o: (o[0], o[1]))
+    return host, gpus
+
+
+def _earmark(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> None:
+    """Set free GPUs aside for a job that cannot start yet, so smaller jobs behind it do
+    not take them one by one forever (no starvation of multi-GPU jobs)."""
+    fitting = [h for h in hosts if h.capacity >= job.gpus]
+    if not fitting:
+        return
+    host = max(fitting, key=lambda h: len([i for i in h.free if (h.name, i) not in earmarked]))
+    usable = [i for i in host.free if (host.name, i) not in earmarked
+              and (job.allowed_gpu_ids is None or i in job.allowed_gpu_ids)]
+    earmarked.update((host.name, i) for i in usable[: job.gpus])
+
+
+class Dispatcher:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def dispatch(self) -> int:
+        """Run passes while work keeps arriving; return how many jobs were routed."""
+        r = self.rt.redis
+        lock = r.lock(keys.DISPATCH_LOCK, timeout=60)
+        routed = 0
+        while True:
+            if not lock.acquire(blocking=False):
+                r.set(keys.DISPATCH_DIRTY, 1)
+                return routed
+            try:
+                while True:
+                    r.delete(keys.DISPATCH_DIRTY)
+                    routed += self._pass()
+                    if not r.exists(keys.DISPATCH_DIRTY):
+                        break
+            finally:
+                lock.release()
+            # A request may have come between our last check and the release.
+            if not r.exists(keys.DISPATCH_DIRTY):
+                return routed
+
+    def _pass(self) -> int:
+        hosts = read_hosts(self.rt.redis)
+        with self.rt.session() as session:
+            pending = list(session.exec(
+                select(Job).where(Job.state == JobState.PENDING.value, Job.backend == "local")
+                .order_by(col(Job.priority).desc(), col(Job.id)).limit(DISPATCH_BATCH)
+            ))
+        largest = max((h.capacity for h in hosts), default=0)
+        earmarked: set[tuple[str, int]] = set()
+        routed = 0
+        for job in pending:
+            if job.gpus == 0:
+                routed += self._start(job, None, [])
+            elif hosts and job.gpus > largest:
+                self._no_resource(job, largest)
+            elif (choice := _pick(job, hosts, earmarked)) is not None:
+                host, gpus = choice
+                if self._start(job, host.name, gpus):
+                    host.free = [i for i in host.free if i not in gpus]
+                    routed += 1
+            else:
+                _earmark(job, hosts, earmarked)
+        return routed
+
+    def _start(self, job: Job, host: str | None, gpus: list[int]) -> int:
+        assert job.id is not None
+        r, ttl = self.rt.redis, self.rt.settings.reservation_ttl_s
+        attempt = job.attempt + 1
+        token = holder(job.id, attempt)
+        if host is not None and not reserve(r, host, gpus, token, ttl):
+            return 0
+        with self.rt.session() as session:
+            moved = transition(session, JobState.STARTING, None, [Job.id == job.id],
+                               {"host": host, "gpu_ids": gpus, "attempt": attempt},
+                               only_from=[JobState.PENDING])
+        if not moved:  # cancelled meanwhile
+            if host is not None:
+                release(r, host, gpus, token)
+            return 0
+        queue = gpu_queue(host, gpus[0]) if host is not None else CPU_QUEUE
+        self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue)
+        log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
+        return 1
+
+    def _no_resource(self, job: Job, largest: int) -> None:
+        reason = f"asks for {job.gpus} GPUs; the largest registered host has {largest}"
+        with self.rt.session() as session:
+            transition(session, JobState.FAILED_NO_RESOURCE, reason, [Job.id == job.id],
+                       only_from=[JobState.PENDING])

@@ -1,0 +1,122 @@
+"""One attempt of a job on the GPUs reserved for it: start, watch, record, release."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from app import keys
+from app.jobs import move, transition
+from app.models import Job
+from app.runtime import Runtime
+from app.states import JobState
+from scheduler import executor
+from scheduler.allocator import Dispatcher, holder, refresh, release
+
+log = logging.getLogger(__name__)
+
+
+def log_path(rt: Runtime, job_id: int) -> Path:
+    return rt.settings.logs_dir / f"{job_id}.log"
+
+
+def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
+    """Run attempt `attempt` of a job if it is still wanted; return what became of it."""
+    try:
+        return _claim_and_run(rt, job_id, attempt)
+    except Exception as e:
+        # Whatever broke here, the job must not stay RUNNING with its GPUs held.
+        log.exception("job %s attempt %s: internal error", job_id, attempt)
+        with rt.session() as session:
+            transition(session, JobState.FAILED, f"gpuq internal error: {e}",
+                       [Job.id == job_id], {"ended_at": time.time()},
+                       only_from=[JobState.STARTING, JobState.RUNNING, JobState.CANCELLING])
+        raise
+    finally:
+        _release(rt, job_id, attempt)
+
+
+def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
+    settings = rt.settings
+    with rt.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.attempt != attempt or job.state != JobState.STARTING.value:
+            # A duplicate or stale message: the database says this attempt is not ours to run.
+            state = job.state if job else "missing"
+            log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
+            return f"skipped ({state})"
+        host = job.host or settings.hostname
+        started = transition(session, JobState.RUNNING, None, [Job.id == job_id],
+                             {"started_at": time.time(), "host": host},
+                             only_from=[JobState.STARTING])
+    if not started:  # cancelled between the read and the move
+        return "skipped (cancelled)"
+    gpu_ids = job.gpu_ids or []
+    env = executor.job_environment(job, dict(os.environ), gpu_ids)
+    path = log_path(rt, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
+    try:
+        outcome = executor.run(
+            job, env, path, grace_s=settings.kill_grace_s,
+            cancel_requested=lambda: bool(rt.redis.exists(keys.cancel(job_id))),
+            on_start=lambda pid: _record_pid(rt, job_id, pid),
+            heartbeat=lambda: refresh(rt.redis, host, gpu_ids, holder(job_id, attempt),
+                                      settings.reservation_ttl_s),
+            heartbeat_s=settings.heartbeat_s,
+        )
+    except OSError as e:
+        with rt.session() as session:
+            move(session, job_id, JobState.FAILED, f"could not start: {e}",
+                 {"ended_at": time.time()})
+        return "failed to start"
+    return _record_outcome(rt, job, outcome)
+
+
+def _record_pid(rt: Runtime, job_id: int, pid: int) -> None:
+    with rt.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            job.pid = pid
+
+
+def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome) -> str:
+    assert job.id is not None
+    now = time.time()
+    with rt.session() as session:
+        current = session.get(Job, job.id)
+        assert current is not None
+        runtime_s = current.runtime_s + now - (current.started_at or now)
+        ended = {"exit_code": outcome.exit_code, "ended_at": now, "runtime_s": runtime_s,
+                 "pid": None}
+        where = [Job.id == job.id]
+        if outcome.cancelled or current.state == JobState.CANCELLING.value:
+            rt.redis.delete(keys.cancel(job.id))
+            transition(session, JobState.CANCELLED, "cancelled by user", where, ended)
+            return JobState.CANCELLED.value
+        if outcome.exit_code == 0:
+            transition(session, JobState.SUCCEEDED, None, where, ended)
+            return JobState.SUCCEEDED.value
+        free_restart = outcome.exit_code in current.recover_exit_codes
+        if free_restart or current.restart_count < current.max_restarts:
+            reason = f"exit code {outcome.exit_code}; restarting"
+            spent = 0 if free_restart else 1
+            moved = transition(session, JobState.RECOVERING, reason, where,
+                               {**ended, "restart_count": current.restart_count + spent})
+            if moved:
+                transition(session, JobState.PENDING, "restart", where)
+                return JobState.RECOVERING.value
+        transition(session, JobState.FAILED, f"exit code {outcome.exit_code}", where, ended)
+        return JobState.FAILED.value
+
+
+def _release(rt: Runtime, job_id: int, attempt: int) -> None:
+    """Hand the job's GPUs back and let the dispatcher give them out again."""
+    with rt.session() as session:
+        job = session.get(Job, job_id)
+    if job is not None and job.host and job.gpu_ids:
+        release(rt.redis, job.host, job.gpu_ids, holder(job_id, attempt))
+    Dispatcher(rt).dispatch()

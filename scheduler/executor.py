@@ -1,0 +1,95 @@
+"""Direct execution: a job's command in its own process group, output to its log file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.models import Job
+
+POLL_S = 0.05
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    cancelled: bool
+
+
+def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int]) -> dict[str, str]:
+    """The environment a replica sees: the worker's, the user's, then gpuq's own."""
+    env = {**base, **job.env}
+    if job.venv:
+        venv = str(Path(job.venv).expanduser())
+        env["VIRTUAL_ENV"] = venv
+        env["PATH"] = f"{venv}/bin:{env.get('PATH', '')}"
+    env.update(
+        GPUQ_JOB_ID=str(job.id),
+        GPUQ_LAUNCH_ID="" if job.launch_id is None else str(job.launch_id),
+        GPUQ_JOB_RANK=str(job.rank),
+        GPUQ_NUM_JOBS=str(job.num_jobs),
+        GPUQ_RESTART_COUNT=str(job.restart_count),
+        CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids),
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+    )
+    return env
+
+
+def shell_script(job: Job) -> str:
+    """The bash script that runs the command, activating a conda env when one is named."""
+    if not job.conda_env:
+        return job.command
+    return (f'eval "$(conda shell.bash hook)" && conda activate {shlex.quote(job.conda_env)} '
+            f"&& {job.command}")
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the whole process group, then SIGKILL it if it outlives the grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    # Children that ignored SIGTERM may still hold the group after the leader left.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run(job: Job, env: dict[str, str], log_path: Path, *, grace_s: float,
+        cancel_requested: Callable[[], bool], on_start: Callable[[int], None],
+        heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
+    """Run the job to its end, or until `cancel_requested` says stop."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            ["bash", "-c", shell_script(job)], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
+            start_new_session=True,
+        )
+    on_start(proc.pid)
+    next_beat = time.monotonic() + heartbeat_s
+    while True:
+        try:
+            code = proc.wait(timeout=POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if cancel_requested():
+            stop_group(proc, grace_s)
+            return Outcome(proc.returncode, cancelled=True)
+        if time.monotonic() >= next_beat:
+            heartbeat()
+            next_beat = time.monotonic() + heartbeat_s
+    # The leader exited; reap anything it left behind in its group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return Outcome(code, cancelled=False)

@@ -1,0 +1,1 @@
+"""Celery task entry points only; each calls into app/ or scheduler/."""

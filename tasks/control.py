@@ -1,0 +1,27 @@
+"""`gpuq.op` and `gpuq.dispatch`: the operations layer as tasks on the control queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.errors import GpuqError
+from app.ops import call_local
+from app.runtime import Runtime
+
+
+def register(celery: Celery, rt: Runtime) -> None:
+    @celery.task(name="gpuq.op", ignore_result=False)
+    def op(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Errors travel as an envelope, not as a pickled exception: JSON only on the broker.
+        try:
+            return {"ok": True, "value": call_local(rt, name, kwargs)}
+        except GpuqError as e:
+            return {"ok": False, "code": e.code, "message": str(e)}
+
+    @celery.task(name="gpuq.dispatch", ignore_result=True)
+    def dispatch() -> int:
+        from scheduler.allocator import Dispatcher
+
+        return Dispatcher(rt).dispatch()

@@ -1,0 +1,45 @@
+"""The Celery entry point of gpuq's worker, beat and Flower processes (`-A tasks.worker_app`).
+
+This module is the call site that reads Settings for a server process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from app.runtime import Runtime
+from app.settings import Settings
+from tasks import control, run
+
+settings = Settings()
+logging.basicConfig(level=settings.log_level.upper(),
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+runtime = Runtime(settings)
+celery = runtime.celery
+control.register(celery, runtime)
+run.register(celery, runtime)
+
+_heartbeat: Any = None
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: Any) -> None:
+    """A GPU worker announces that its GPU may be handed out, then keeps announcing it."""
+    global _heartbeat
+    gpu = os.environ.get("GPUQ_WORKER_GPU")
+    if gpu is None:
+        return
+    from scheduler.heartbeat import Heartbeat
+
+    _heartbeat = Heartbeat(runtime, int(gpu))
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
