@@ -123,6 +123,7 @@ def job(rt: Runtime, job_id: int) -> dict[str, Any]:
                               .order_by(col(JobEvent.id)))
         row = job_row(found, time.time())
         row["env"] = dict(found.env)
+        row["pid"] = found.pid
         row["events"] = [{"at": e.at, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
     return row

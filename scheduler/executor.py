@@ -62,6 +62,18 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_group_gone(proc.pid)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
+    """Killed orphans are reaped by init a moment later; report a job stopped only then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
 
 
 def run(job: Job, env: dict[str, str], log_path: Path, *, grace_s: float,
@@ -89,7 +101,8 @@ def run(job: Job, env: dict[str, str], log_path: Path, *, grace_s: float,
         if time.monotonic() >= next_beat:
             heartbeat()
             next_beat = time.monotonic() + heartbeat_s
-    # The leader exited; reap anything it left behind in its group.
+    # The leader exited; stop anything it left behind in its group before the GPUs go back.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+        _wait_group_gone(proc.pid)
     return Outcome(code, cancelled=False)

@@ -1,0 +1,179 @@
+"""Fixtures: real Redis (embedded, or GPUQ_REDIS_URL), a real database (SQLite, or
+GPUQ_DATABASE_URL), and real worker processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import text
+from sqlmodel import SQLModel
+
+from app.client import Client
+from app.embedded_redis import EmbeddedRedis
+from app.runtime import Runtime
+from app.settings import Settings
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+EXTERNAL_REDIS = os.environ.get("GPUQ_REDIS_URL")
+EXTERNAL_DB = os.environ.get("GPUQ_DATABASE_URL")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis when GPUQ_REDIS_URL names one, else an embedded server."""
+    if EXTERNAL_REDIS:
+        yield EXTERNAL_REDIS
+        return
+    home = tmp_path_factory.mktemp("redis-home")
+    server = EmbeddedRedis(Settings(home=home, _env_file=None))  # type: ignore[call-arg]
+    try:
+        url = server.start()
+    except Exception as e:
+        if IN_CI:
+            raise
+        pytest.skip(f"no Redis could be started here: {e}")
+    yield url
+    server.stop()
+
+
+def _reset_database(url: str) -> None:
+    from app.db import make_engine
+
+    engine = make_engine(Settings(database_url=url, _env_file=None))  # type: ignore[call-arg]
+    with engine.begin() as conn:
+        names = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str) -> Iterator[Settings]:
+    """Settings for one test: its own home, a clean Redis and a clean database."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    if EXTERNAL_DB:
+        _reset_database(EXTERNAL_DB)
+    yield Settings(home=tmp_path / "home", redis_url=redis_url, database_url=EXTERNAL_DB,
+                   hostname="testhost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
+                   _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def rt(settings: Settings) -> Iterator[Runtime]:
+    runtime = Runtime(settings)
+    yield runtime
+    runtime.close()
+
+
+def server_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a gpuq server process that shares this test's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
+    env.update(
+        GPUQ_HOME=str(settings.home), GPUQ_REDIS_URL=str(settings.redis_url),
+        GPUQ_HOSTNAME=settings.hostname, GPUQ_FAKE_GPUS=str(settings.fake_gpus),
+        GPUQ_KILL_GRACE_S=str(settings.kill_grace_s), GPUQ_HEARTBEAT_S=str(settings.heartbeat_s),
+        GPUQ_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
+    if settings.database_url:
+        env["GPUQ_DATABASE_URL"] = settings.database_url
+    env.update(extra)
+    return env
+
+
+class Stack:
+    """`gpuq worker` and `gpuq control-worker` as real processes."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *commands: str) -> None:
+        gpuq = str(Path(sys.executable).parent / "gpuq")
+        for command in commands:
+            log = open(self.log_dir / f"{command}.log", "ab")  # noqa: SIM115
+            self.procs.append(subprocess.Popen(
+                [gpuq, command], env=server_env(self.settings), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.log_dir))
+            log.close()
+
+    def wait_ready(self, rt: Runtime, gpus: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            hosts = Client(rt.settings).call("status")["hosts"]
+            alive = sum(h["workers_alive"] for h in hosts)
+            if alive >= gpus and self._control_ready(rt):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"workers not ready in {timeout_s}s; see {self.log_dir}")
+
+    def _control_ready(self, rt: Runtime) -> bool:
+        replies = rt.celery.control.ping(timeout=0.5) or []
+        return any(name.startswith("control@") for reply in replies for name in reply)
+
+    def stop(self) -> None:
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Settings:
+    """Module-wide settings for end-to-end tests that share one running stack."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    if EXTERNAL_DB:
+        _reset_database(EXTERNAL_DB)
+    home = tmp_path_factory.mktemp("stack-home")
+    # A visibility timeout far shorter than the jobs: proves no job is redelivered and
+    # run twice when it outlives it.
+    return Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB,
+                    hostname="e2ehost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
+                    visibility_timeout_s=2, _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="module")
+def stack(stack_settings: Settings) -> Iterator[Stack]:
+    running = Stack(stack_settings, stack_settings.home)
+    stack_settings.home.mkdir(parents=True, exist_ok=True)
+    running.start("worker", "control-worker")
+    rt = Runtime(stack_settings)
+    try:
+        running.wait_ready(rt, gpus=2)
+        yield running
+    finally:
+        rt.close()
+        running.stop()
+
+
+@pytest.fixture
+def client(stack: Stack, stack_settings: Settings) -> Iterator[Client]:
+    c = Client(stack_settings, "local")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def remote_client(stack: Stack, stack_settings: Settings) -> Iterator[Client]:
+    c = Client(stack_settings, "remote")
+    yield c
+    c.close()

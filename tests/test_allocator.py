@@ -1,0 +1,123 @@
+"""The allocator on real Redis and a real database, without workers: reservations are
+atomic, dispatch follows priority, and impossible jobs fail at once."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from app import keys
+from app.celery_app import gpu_queue
+from app.client import Client
+from app.runtime import Runtime
+from scheduler.allocator import Dispatcher, reserve, release
+from scheduler.host import register_host
+from scheduler.monitor import FakeProvider
+
+
+def _bring_up(rt: Runtime, host: str, count: int) -> None:
+    """Register a host's GPUs and mark their workers alive, as `gpuq worker` does."""
+    settings = rt.settings.model_copy(update={"hostname": host})
+    register_host(Runtime(settings), FakeProvider(count))
+    for i in range(count):
+        rt.redis.set(keys.alive(host, i), 1, ex=60)
+
+
+def _queued(rt: Runtime, queue: str) -> list[list[int]]:
+    """(job id, attempt) of every message waiting on a queue."""
+    return [_args(m) for m in rt.redis.lrange(queue, 0, -1)]
+
+
+def _args(message: bytes) -> list[int]:
+    import base64
+
+    body = json.loads(base64.b64decode(json.loads(message)["body"]))
+    return list(body[0])
+
+
+def test_concurrent_reservations_of_one_gpu_have_one_winner(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "h", 2)
+    wins: list[str] = []
+    barrier = threading.Barrier(16)
+
+    def contend(n: int) -> None:
+        barrier.wait()
+        if reserve(rt.redis, "h", [0, 1], f"{n}.1", 60):
+            wins.append(f"{n}.1")
+
+    threads = [threading.Thread(target=contend, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert rt.redis.get(keys.hold("h", 0)) == rt.redis.get(keys.hold("h", 1)) == wins[0].encode()
+
+
+def test_reservation_is_all_or_nothing_and_released_only_by_its_holder(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "h", 3)
+    assert reserve(rt.redis, "h", [1], "7.1", 60)
+    assert not reserve(rt.redis, "h", [0, 1], "8.1", 60)
+    assert rt.redis.get(keys.hold("h", 0)) is None, "a failed reservation must hold nothing"
+    assert release(rt.redis, "h", [1], "7.0") == 0, "an older attempt cannot release"
+    assert release(rt.redis, "h", [1], "7.1") == 1
+    assert reserve(rt.redis, "h", [0, 1], "8.1", 60)
+
+
+def test_a_gpu_whose_worker_is_not_alive_is_not_reserved(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "h", 2)
+    rt.redis.delete(keys.alive("h", 1))
+    assert not reserve(rt.redis, "h", [1], "1.1", 60)
+    assert reserve(rt.redis, "h", [0], "1.1", 60)
+
+
+def test_dispatch_routes_higher_priority_first_then_fifo(rt):  # type: ignore[no-untyped-def]
+    client = Client(rt.settings)
+    low = [client.submit("true", priority=0).id for _ in range(2)]
+    high = client.submit("true", priority=5).id
+    _bring_up(rt, "h", 2)
+    assert Dispatcher(rt).dispatch() == 2
+    routed = {job_id for q in (gpu_queue("h", 0), gpu_queue("h", 1))
+              for job_id, _ in _queued(rt, q)}
+    assert routed == {high, low[0]}
+    rows = {r["id"]: r for r in client.rows([*low, high])}
+    assert rows[low[1]]["status"] == "PENDING"
+    assert rows[high]["status"] == "STARTING" and rows[high]["host"] == "h"
+
+
+def test_multi_gpu_job_gets_gpus_of_one_host(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "a", 1)
+    _bring_up(rt, "b", 2)
+    job = Client(rt.settings).submit("true", gpus=2)
+    Dispatcher(rt).dispatch()
+    row = job.row()
+    assert (row["host"], row["gpu_ids"], row["status"]) == ("b", [0, 1], "STARTING")
+
+
+def test_job_bigger_than_every_host_fails_at_once(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "a", 2)
+    job = Client(rt.settings).submit("true", gpus=3)
+    Dispatcher(rt).dispatch()
+    row = job.row()
+    assert row["status"] == "FAILED_NO_RESOURCE"
+    assert "largest registered host has 2" in row["reason"]
+
+
+def test_waiting_multi_gpu_job_is_not_passed_by_smaller_ones(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "h", 2)
+    client = Client(rt.settings)
+    first = client.submit("sleep 100", gpus=1)
+    Dispatcher(rt).dispatch()
+    big = client.submit("true", gpus=2)
+    small = client.submit("true", gpus=1)
+    Dispatcher(rt).dispatch()
+    assert first.status == "STARTING"
+    assert big.status == "PENDING"
+    assert small.status == "PENDING", "the free GPU is kept for the waiting 2-GPU job"
+
+
+def test_allowed_gpu_list_is_honoured(rt):  # type: ignore[no-untyped-def]
+    _bring_up(rt, "h", 4)
+    job = Client(rt.settings).submit("true", allowed_gpu_ids=[3])
+    Dispatcher(rt).dispatch()
+    assert job.row()["gpu_ids"] == [3]

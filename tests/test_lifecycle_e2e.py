@@ -1,0 +1,168 @@
+"""A job's whole life through real worker processes, real Redis and a real database."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from app.client import Client
+
+pytestmark = pytest.mark.e2e
+
+
+def _until(predicate, timeout_s: float = 30, poll_s: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError("condition not reached in time")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_successful_job_records_exit_code_times_and_output(client: Client):
+    job = client.submit(["bash", "-c", "echo out-$GPUQ_JOB_ID; echo err >&2"], name="hello")
+    assert job.wait(timeout_s=30) == "SUCCEEDED"
+    row = job.row()
+    assert row["exit_code"] == 0 and row["host"] == "e2ehost" and len(row["gpu_ids"]) == 1
+    assert row["started_at"] and row["ended_at"] and row["duration_s"] >= 0
+    assert f"out-{job.id}" in job.logs() and "err" in job.logs()
+
+
+def test_failing_job_ends_failed_with_its_exit_code(client: Client):
+    job = client.submit("exit 7")
+    assert job.wait(timeout_s=30) == "FAILED"
+    assert job.row()["exit_code"] == 7
+
+
+def test_job_sees_its_rank_world_size_and_gpus(client: Client, tmp_path: Path):
+    out = tmp_path / "env"
+    out.mkdir()
+    handle = client.launch(
+        ["bash", "-c", f"env | grep -E '^(GPUQ|CUDA)_' | sort > {out}/$GPUQ_JOB_RANK"],
+        num_jobs=3, env={"MY_VAR": "mine"})
+    assert {r["status"] for r in handle.wait(timeout_s=60)} == {"SUCCEEDED"}
+    for rank, job_id in enumerate(handle.job_ids):
+        env = dict(line.split("=", 1) for line in (out / str(rank)).read_text().split())
+        row = client.rows([job_id])[0]
+        assert env["GPUQ_JOB_ID"] == str(job_id)
+        assert env["GPUQ_JOB_RANK"] == str(rank)
+        assert env["GPUQ_NUM_JOBS"] == "3"
+        assert env["GPUQ_LAUNCH_ID"] == str(handle.id)
+        assert env["GPUQ_RESTART_COUNT"] == "0"
+        assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, row["gpu_ids"]))
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_user_env_and_workdir_reach_the_job(client: Client, tmp_path: Path):
+    job = client.submit("echo $MY_VAR in $(pwd)", env={"MY_VAR": "mine"}, workdir=str(tmp_path))
+    assert job.wait(timeout_s=30) == "SUCCEEDED"
+    assert f"mine in {tmp_path}" in job.logs()
+
+
+def test_cancelled_pending_job_never_starts(client: Client, tmp_path: Path):
+    blockers = [client.submit("sleep 30") for _ in range(2)]
+    _until(lambda: all(b.status == "RUNNING" for b in blockers))
+    marker = tmp_path / "ran"
+    waiting = client.submit(f"touch {marker}")
+    assert waiting.status == "PENDING"
+    assert waiting.cancel() == {"cancelled": [waiting.id], "cancelling": []}
+    for b in blockers:
+        b.cancel()
+    _until(lambda: all(b.done() for b in blockers))
+    follower = client.submit("true")  # the GPUs went round again after the blockers
+    assert follower.wait(timeout_s=30) == "SUCCEEDED"
+    assert waiting.status == "CANCELLED"
+    assert not marker.exists()
+
+
+def test_cancelled_running_job_loses_its_whole_process_group(client: Client):
+    # The child ignores SIGTERM, so only the SIGKILL after the grace period ends it.
+    job = client.submit(["bash", "-c", "trap '' TERM; sleep 300 & echo started; wait"])
+    _until(lambda: "started" in job.logs())
+    pgid = client.call("job", job_id=job.id)["pid"]
+    assert _group_alive(pgid)
+    assert job.cancel() == {"cancelled": [], "cancelling": [job.id]}
+    assert job.wait(timeout_s=30) == "CANCELLED"
+    assert not _group_alive(pgid)
+    events = [e["to"] for e in client.call("job", job_id=job.id)["events"]]
+    assert events == ["PENDING", "STARTING", "RUNNING", "CANCELLING", "CANCELLED"]
+
+
+def test_failed_attempt_is_restarted_within_its_budget(client: Client):
+    job = client.submit("echo attempt $GPUQ_RESTART_COUNT; exit 3", max_restarts=2)
+    assert job.wait(timeout_s=60) == "FAILED"
+    row = job.row()
+    assert row["restart_count"] == 2 and row["exit_code"] == 3
+    assert [line for line in job.logs().splitlines() if line.startswith("attempt")] == [
+        "attempt 0", "attempt 1", "attempt 2"]
+
+
+def test_job_longer_than_the_visibility_timeout_runs_once(client: Client, tmp_path: Path,
+                                                          stack_settings):  # type: ignore[no-untyped-def]
+    assert stack_settings.visibility_timeout_s == 2
+    runs = tmp_path / "runs"
+    job = client.submit(f"echo run >> {runs}; sleep 5")
+    assert job.wait(timeout_s=60) == "SUCCEEDED"
+    time.sleep(2.5)  # a redelivery would have happened by now
+    assert runs.read_text().split() == ["run"]
+    assert client.call("job", job_id=job.id)["events"][-1]["to"] == "SUCCEEDED"
+
+
+def test_two_jobs_never_hold_one_gpu(client: Client, tmp_path: Path):
+    spans = tmp_path / "spans"
+    spans.mkdir()
+    script = (f"s=$(date +%s.%N); sleep 0.3; e=$(date +%s.%N); "
+              f"echo $CUDA_VISIBLE_DEVICES $s $e > {spans}/$GPUQ_JOB_RANK")
+    handle = client.launch(["bash", "-c", script], num_jobs=8)
+    assert {r["status"] for r in handle.wait(timeout_s=120)} == {"SUCCEEDED"}
+    by_gpu: dict[str, list[tuple[float, float]]] = {}
+    for path in spans.iterdir():
+        gpu, start, end = path.read_text().split()
+        by_gpu.setdefault(gpu, []).append((float(start), float(end)))
+    assert sum(len(v) for v in by_gpu.values()) == 8
+    for gpu, intervals in by_gpu.items():
+        intervals.sort()
+        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+            assert start >= end, f"GPU {gpu} ran two jobs at once"
+
+
+def test_local_and_remote_operations_agree(client: Client, remote_client: Client):
+    job = remote_client.submit("echo remote-hello")
+    assert remote_client.job(job.id).wait(timeout_s=30) == "SUCCEEDED"
+    for op, kwargs in [("queue", {"limit": 5}), ("job", {"job_id": job.id}),
+                       ("logs", {"job_id": job.id}), ("launches", {})]:
+        local, remote = client.call(op, **kwargs), remote_client.call(op, **kwargs)
+        if op in ("queue", "job"):
+            _drop_live_durations(local, remote)
+        assert local == remote, op
+    assert "remote-hello" in remote_client.job(job.id).logs()
+    status_local, status_remote = client.call("status"), remote_client.call("status")
+    assert status_local["counts"] == status_remote["counts"]
+    assert [h["host"] for h in status_local["hosts"]] == ["e2ehost"]
+
+
+def _drop_live_durations(*answers: dict) -> None:  # type: ignore[type-arg]
+    """A running job's duration grows between two calls; everything else must match."""
+    for answer in answers:
+        for row in answer.get("jobs", [answer]):
+            if row["ended_at"] is None:
+                row["duration_s"] = None
+
+
+def test_remote_errors_keep_their_type(remote_client: Client):
+    from app.errors import JobNotFound
+
+    with pytest.raises(JobNotFound, match="no job with id 424242"):
+        remote_client.call("logs", job_id=424242)

@@ -1,0 +1,81 @@
+"""The operations registry in process: answers, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.client import Client
+from app.errors import GpuqError, InvalidJobSpec, JobNotFound, LaunchNotFound, UnknownOperation
+from app.ops import OPERATIONS, call_local
+
+
+def test_registry_holds_every_operation():
+    assert {"submit", "launch", "queue", "cancel", "logs", "status", "job", "launches",
+            "dispatch"} <= set(OPERATIONS)
+
+
+def test_unknown_operation_lists_the_known_ones(rt):  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownOperation, match="known: cancel"):
+        call_local(rt, "explode", {})
+
+
+def test_launch_stores_every_replica_pending_with_ranks(rt):  # type: ignore[no-untyped-def]
+    client = Client(rt.settings)
+    handle = client.launch(["python", "train.py", "--lr", "3e-4"], num_jobs=5, name="sweep")
+    rows = client.call("queue", launch_id=handle.id)["jobs"]
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
+    assert {r["status"] for r in rows} == {"PENDING"}
+    assert {r["command"] for r in rows} == {"python train.py --lr 3e-4"}
+    assert handle.job_ids == list(range(handle.job_ids[0], handle.job_ids[0] + 5))
+    assert handle.counts() == {"PENDING": 5}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"command": "  "}, "command is empty"),
+    ({"command": "true", "gpus": -1}, "gpus"),
+    ({"command": "true", "gpus": "two"}, "gpus"),
+    ({"command": "true", "backend": "mainframe"}, "unknown backend 'mainframe'; choose one of"),
+    ({"command": "true", "colour": "red"}, "colour"),
+])
+def test_bad_spec_is_refused_and_nothing_is_stored(rt, spec, message):  # type: ignore[no-untyped-def]
+    client = Client(rt.settings)
+    kept = client.submit("echo kept")
+    with pytest.raises(InvalidJobSpec, match=message):
+        client.call("submit", spec=spec)
+    assert client.call("queue")["total"] == 1
+    assert kept.status == "PENDING"
+
+
+def test_cancel_of_an_unknown_id_changes_nothing(rt):  # type: ignore[no-untyped-def]
+    client = Client(rt.settings)
+    kept = client.submit("echo kept")
+    with pytest.raises(JobNotFound, match="no job with id 999"):
+        client.call("cancel", ids=[kept.id, 999])
+    assert kept.status == "PENDING"
+
+
+def test_cancelled_pending_jobs_end_cancelled_with_an_event(rt):  # type: ignore[no-untyped-def]
+    client = Client(rt.settings)
+    handle = client.launch("sleep 1", num_jobs=3)
+    out = handle.cancel()
+    assert out == {"cancelled": handle.job_ids, "cancelling": []}
+    job = client.call("job", job_id=handle.job_ids[0])
+    assert job["status"] == "CANCELLED"
+    assert [(e["from"], e["to"]) for e in job["events"]] == [
+        (None, "PENDING"), ("PENDING", "CANCELLED")]
+
+
+@pytest.mark.parametrize(("op", "kwargs", "error"), [
+    ("logs", {"job_id": 12345}, JobNotFound),
+    ("job", {"job_id": 12345}, JobNotFound),
+    ("launches", {"launch_id": 12345}, LaunchNotFound),
+    ("cancel", {"launch_id": 12345}, LaunchNotFound),
+    ("cancel", {}, InvalidJobSpec),
+    ("queue", {"status": "SLEEPING"}, InvalidJobSpec),
+    ("queue", {"limit": 0}, InvalidJobSpec),
+    ("launch", {"spec": {"command": "true"}, "num_jobs": 0}, InvalidJobSpec),
+])
+def test_bad_requests_get_a_clear_error(rt, op, kwargs, error):  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as caught:
+        call_local(rt, op, kwargs)
+    assert isinstance(caught.value, GpuqError) and str(caught.value)
