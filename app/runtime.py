@@ -41,6 +41,10 @@ class Runtime:
             ) from e
         return client
 
+    def check_broker(self) -> None:
+        """Raise BrokerUnavailable, naming the fix, unless Redis answers."""
+        self.redis.ping()
+
     @cached_property
     def engine(self) -> Engine:
         return make_engine(self.settings)

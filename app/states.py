@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     PENDING = "PENDING"  # accepted, waiting for GPUs; cancellable at once
     STARTING = "STARTING"  # GPUs reserved, message on the GPU's queue, process not yet up
     RUNNING = "RUNNING"  # the process runs

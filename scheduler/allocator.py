@@ -163,7 +163,7 @@ class Dispatcher:
         hosts = read_hosts(self.rt.redis)
         with self.rt.session() as session:
             pending = list(session.exec(
-                select(Job).where(Job.state == JobState.PENDING.value, Job.backend == "local")
+                select(Job).where(Job.state == JobState.PENDING.value, col(Job.backend) == "local")
                 .order_by(col(Job.priority).desc(), col(Job.id)).limit(DISPATCH_BATCH)
             ))
         largest = max((h.capacity for h in hosts), default=0)
@@ -191,7 +191,7 @@ class Dispatcher:
         if host is not None and not reserve(r, host, gpus, token, ttl):
             return 0
         with self.rt.session() as session:
-            moved = transition(session, JobState.STARTING, None, [Job.id == job.id],
+            moved = transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
                                {"host": host, "gpu_ids": gpus, "attempt": attempt},
                                only_from=[JobState.PENDING])
         if not moved:  # cancelled meanwhile
@@ -206,5 +206,5 @@ class Dispatcher:
     def _no_resource(self, job: Job, largest: int) -> None:
         reason = f"asks for {job.gpus} GPUs; the largest registered host has {largest}"
         with self.rt.session() as session:
-            transition(session, JobState.FAILED_NO_RESOURCE, reason, [Job.id == job.id],
+            transition(session, JobState.FAILED_NO_RESOURCE, reason, [col(Job.id) == job.id],
                        only_from=[JobState.PENDING])

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from sqlmodel import col
+
 from app import keys
 from app.jobs import move, transition
 from app.models import Job
@@ -31,7 +33,7 @@ def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
         log.exception("job %s attempt %s: internal error", job_id, attempt)
         with rt.session() as session:
             transition(session, JobState.FAILED, f"gpuq internal error: {e}",
-                       [Job.id == job_id], {"ended_at": time.time()},
+                       [col(Job.id) == job_id], {"ended_at": time.time()},
                        only_from=[JobState.STARTING, JobState.RUNNING, JobState.CANCELLING])
         raise
     finally:
@@ -48,7 +50,7 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
             log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
             return f"skipped ({state})"
         host = job.host or settings.hostname
-        started = transition(session, JobState.RUNNING, None, [Job.id == job_id],
+        started = transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
                              {"started_at": time.time(), "host": host},
                              only_from=[JobState.STARTING])
     if not started:  # cancelled between the read and the move
@@ -92,7 +94,7 @@ def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome) -> str:
         runtime_s = current.runtime_s + now - (current.started_at or now)
         ended = {"exit_code": outcome.exit_code, "ended_at": now, "runtime_s": runtime_s,
                  "pid": None}
-        where = [Job.id == job.id]
+        where = [col(Job.id) == job.id]
         if outcome.cancelled or current.state == JobState.CANCELLING.value:
             rt.redis.delete(keys.cancel(job.id))
             transition(session, JobState.CANCELLED, "cancelled by user", where, ended)

@@ -54,10 +54,8 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     """SIGTERM the whole process group, then SIGKILL it if it outlives the grace period."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
     # Children that ignored SIGTERM may still hold the group after the leader left.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

@@ -46,9 +46,8 @@ def control_worker_command(settings: Settings) -> str:
     return worker_command(settings, "control", CONTROL_QUEUE, "threads", 4)
 
 
-def register_host(rt: Runtime, provider: GpuProvider) -> int:
-    """Publish this host's GPU inventory; return how many GPUs it has."""
-    host = rt.settings.hostname
+def register_host(rt: Runtime, provider: GpuProvider, host: str) -> int:
+    """Publish a host's GPU inventory; return how many GPUs it has."""
     readings = provider.readings()
     pipe = rt.redis.pipeline()
     pipe.sadd(keys.HOSTS, host)
@@ -65,6 +64,6 @@ def register_host(rt: Runtime, provider: GpuProvider) -> int:
 
 def run_host_workers(settings: Settings) -> None:
     rt = Runtime(settings)
-    count = register_host(rt, detect_provider(settings))
+    count = register_host(rt, detect_provider(settings), settings.hostname)
     log.info("host %s: %d GPU workers", settings.hostname, count)
     Supervisor(gpu_worker_programs(settings, count)).run_forever()

@@ -17,6 +17,7 @@ from sqlmodel import SQLModel
 
 from app.client import Client
 from app.embedded_redis import EmbeddedRedis
+from app.ops import call_local
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -33,7 +34,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield EXTERNAL_REDIS
         return
     home = tmp_path_factory.mktemp("redis-home")
-    server = EmbeddedRedis(Settings(home=home, _env_file=None))  # type: ignore[call-arg]
+    server = EmbeddedRedis(Settings(home=home, _env_file=None))
     try:
         url = server.start()
     except Exception as e:
@@ -47,7 +48,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _reset_database(url: str) -> None:
     from app.db import make_engine
 
-    engine = make_engine(Settings(database_url=url, _env_file=None))  # type: ignore[call-arg]
+    engine = make_engine(Settings(database_url=url, _env_file=None))
     with engine.begin() as conn:
         names = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
@@ -64,7 +65,7 @@ def settings(tmp_path: Path, redis_url: str) -> Iterator[Settings]:
         _reset_database(EXTERNAL_DB)
     yield Settings(home=tmp_path / "home", redis_url=redis_url, database_url=EXTERNAL_DB,
                    hostname="testhost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
-                   _env_file=None)  # type: ignore[call-arg]
+                   _env_file=None)
 
 
 @pytest.fixture
@@ -74,18 +75,26 @@ def rt(settings: Settings) -> Iterator[Runtime]:
     runtime.close()
 
 
+@pytest.fixture
+def local(settings: Settings) -> Iterator[Client]:
+    """An in-process client on this test's settings (no workers)."""
+    c = Client(settings, "local")
+    yield c
+    c.close()
+
+
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a gpuq server process that shares this test's settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
-    env.update(
-        GPUQ_HOME=str(settings.home), GPUQ_REDIS_URL=str(settings.redis_url),
-        GPUQ_HOSTNAME=settings.hostname, GPUQ_FAKE_GPUS=str(settings.fake_gpus),
-        GPUQ_KILL_GRACE_S=str(settings.kill_grace_s), GPUQ_HEARTBEAT_S=str(settings.heartbeat_s),
-        GPUQ_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
-        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-    )
-    if settings.database_url:
-        env["GPUQ_DATABASE_URL"] = settings.database_url
+    values = {
+        "GPUQ_HOME": settings.home, "GPUQ_REDIS_URL": settings.redis_url,
+        "GPUQ_DATABASE_URL": settings.database_url, "GPUQ_HOSTNAME": settings.hostname,
+        "GPUQ_FAKE_GPUS": settings.fake_gpus, "GPUQ_KILL_GRACE_S": settings.kill_grace_s,
+        "GPUQ_HEARTBEAT_S": settings.heartbeat_s,
+        "GPUQ_VISIBILITY_TIMEOUT_S": settings.visibility_timeout_s,
+    }
+    env.update({k: str(v) for k, v in values.items() if v is not None})
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(extra)
     return env
 
@@ -110,7 +119,7 @@ class Stack:
     def wait_ready(self, rt: Runtime, gpus: int, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            hosts = Client(rt.settings).call("status")["hosts"]
+            hosts = call_local(rt, "status", {})["hosts"]
             alive = sum(h["workers_alive"] for h in hosts)
             if alive >= gpus and self._control_ready(rt):
                 return
@@ -148,7 +157,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
     # run twice when it outlives it.
     return Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB,
                     hostname="e2ehost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
-                    visibility_timeout_s=2, _env_file=None)  # type: ignore[call-arg]
+                    visibility_timeout_s=2, _env_file=None)
 
 
 @pytest.fixture(scope="module")

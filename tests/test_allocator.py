@@ -8,17 +8,15 @@ import threading
 
 from app import keys
 from app.celery_app import gpu_queue
-from app.client import Client
 from app.runtime import Runtime
-from scheduler.allocator import Dispatcher, reserve, release
+from scheduler.allocator import Dispatcher, release, reserve
 from scheduler.host import register_host
 from scheduler.monitor import FakeProvider
 
 
 def _bring_up(rt: Runtime, host: str, count: int) -> None:
     """Register a host's GPUs and mark their workers alive, as `gpuq worker` does."""
-    settings = rt.settings.model_copy(update={"hostname": host})
-    register_host(Runtime(settings), FakeProvider(count))
+    register_host(rt, FakeProvider(count), host)
     for i in range(count):
         rt.redis.set(keys.alive(host, i), 1, ex=60)
 
@@ -35,7 +33,7 @@ def _args(message: bytes) -> list[int]:
     return list(body[0])
 
 
-def test_concurrent_reservations_of_one_gpu_have_one_winner(rt):  # type: ignore[no-untyped-def]
+def test_concurrent_reservations_of_one_gpu_have_one_winner(rt):
     _bring_up(rt, "h", 2)
     wins: list[str] = []
     barrier = threading.Barrier(16)
@@ -54,7 +52,7 @@ def test_concurrent_reservations_of_one_gpu_have_one_winner(rt):  # type: ignore
     assert rt.redis.get(keys.hold("h", 0)) == rt.redis.get(keys.hold("h", 1)) == wins[0].encode()
 
 
-def test_reservation_is_all_or_nothing_and_released_only_by_its_holder(rt):  # type: ignore[no-untyped-def]
+def test_reservation_is_all_or_nothing_and_released_only_by_its_holder(rt):
     _bring_up(rt, "h", 3)
     assert reserve(rt.redis, "h", [1], "7.1", 60)
     assert not reserve(rt.redis, "h", [0, 1], "8.1", 60)
@@ -64,15 +62,15 @@ def test_reservation_is_all_or_nothing_and_released_only_by_its_holder(rt):  # t
     assert reserve(rt.redis, "h", [0, 1], "8.1", 60)
 
 
-def test_a_gpu_whose_worker_is_not_alive_is_not_reserved(rt):  # type: ignore[no-untyped-def]
+def test_a_gpu_whose_worker_is_not_alive_is_not_reserved(rt):
     _bring_up(rt, "h", 2)
     rt.redis.delete(keys.alive("h", 1))
     assert not reserve(rt.redis, "h", [1], "1.1", 60)
     assert reserve(rt.redis, "h", [0], "1.1", 60)
 
 
-def test_dispatch_routes_higher_priority_first_then_fifo(rt):  # type: ignore[no-untyped-def]
-    client = Client(rt.settings)
+def test_dispatch_routes_higher_priority_first_then_fifo(rt, local):
+    client = local
     low = [client.submit("true", priority=0).id for _ in range(2)]
     high = client.submit("true", priority=5).id
     _bring_up(rt, "h", 2)
@@ -85,27 +83,27 @@ def test_dispatch_routes_higher_priority_first_then_fifo(rt):  # type: ignore[no
     assert rows[high]["status"] == "STARTING" and rows[high]["host"] == "h"
 
 
-def test_multi_gpu_job_gets_gpus_of_one_host(rt):  # type: ignore[no-untyped-def]
+def test_multi_gpu_job_gets_gpus_of_one_host(rt, local):
     _bring_up(rt, "a", 1)
     _bring_up(rt, "b", 2)
-    job = Client(rt.settings).submit("true", gpus=2)
+    job = local.submit("true", gpus=2)
     Dispatcher(rt).dispatch()
     row = job.row()
     assert (row["host"], row["gpu_ids"], row["status"]) == ("b", [0, 1], "STARTING")
 
 
-def test_job_bigger_than_every_host_fails_at_once(rt):  # type: ignore[no-untyped-def]
+def test_job_bigger_than_every_host_fails_at_once(rt, local):
     _bring_up(rt, "a", 2)
-    job = Client(rt.settings).submit("true", gpus=3)
+    job = local.submit("true", gpus=3)
     Dispatcher(rt).dispatch()
     row = job.row()
     assert row["status"] == "FAILED_NO_RESOURCE"
     assert "largest registered host has 2" in row["reason"]
 
 
-def test_waiting_multi_gpu_job_is_not_passed_by_smaller_ones(rt):  # type: ignore[no-untyped-def]
+def test_waiting_multi_gpu_job_is_not_passed_by_smaller_ones(rt, local):
     _bring_up(rt, "h", 2)
-    client = Client(rt.settings)
+    client = local
     first = client.submit("sleep 100", gpus=1)
     Dispatcher(rt).dispatch()
     big = client.submit("true", gpus=2)
@@ -116,8 +114,8 @@ def test_waiting_multi_gpu_job_is_not_passed_by_smaller_ones(rt):  # type: ignor
     assert small.status == "PENDING", "the free GPU is kept for the waiting 2-GPU job"
 
 
-def test_allowed_gpu_list_is_honoured(rt):  # type: ignore[no-untyped-def]
+def test_allowed_gpu_list_is_honoured(rt, local):
     _bring_up(rt, "h", 4)
-    job = Client(rt.settings).submit("true", allowed_gpu_ids=[3])
+    job = local.submit("true", allowed_gpu_ids=[3])
     Dispatcher(rt).dispatch()
     assert job.row()["gpu_ids"] == [3]

@@ -10,8 +10,8 @@ from app.errors import BrokerUnavailable
 from app.settings import Settings
 
 
-def test_embedded_server_is_reused_configured_and_stopped(tmp_path):  # type: ignore[no-untyped-def]
-    settings = Settings(home=tmp_path, _env_file=None)  # type: ignore[call-arg]
+def test_embedded_server_is_reused_configured_and_stopped(tmp_path):
+    settings = Settings(home=tmp_path, redis_url=None, _env_file=None)
     owner = EmbeddedRedis(settings)
     url = owner.start()
     try:
@@ -39,7 +39,7 @@ def test_embedded_server_is_reused_configured_and_stopped(tmp_path):  # type: ig
         restarted.stop()
 
 
-def test_no_server_and_no_url_names_the_fix(tmp_path):  # type: ignore[no-untyped-def]
-    settings = Settings(home=tmp_path, _env_file=None)  # type: ignore[call-arg]
-    with pytest.raises(BrokerUnavailable, match="gpuq up.*GPUQ_REDIS_URL"):
+def test_no_server_and_no_url_names_the_fix(tmp_path):
+    settings = Settings(home=tmp_path, redis_url=None, _env_file=None)
+    with pytest.raises(BrokerUnavailable, match=r"gpuq up.*GPUQ_REDIS_URL"):
         resolve_redis_url(settings)

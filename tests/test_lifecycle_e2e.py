@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from app.client import Client
 pytestmark = pytest.mark.e2e
 
 
-def _until(predicate, timeout_s: float = 30, poll_s: float = 0.1):  # type: ignore[no-untyped-def]
+def _until(predicate, timeout_s: float = 30, poll_s: float = 0.1):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -110,7 +111,7 @@ def test_failed_attempt_is_restarted_within_its_budget(client: Client):
 
 
 def test_job_longer_than_the_visibility_timeout_runs_once(client: Client, tmp_path: Path,
-                                                          stack_settings):  # type: ignore[no-untyped-def]
+                                                          stack_settings):
     assert stack_settings.visibility_timeout_s == 2
     runs = tmp_path / "runs"
     job = client.submit(f"echo run >> {runs}; sleep 5")
@@ -134,7 +135,7 @@ def test_two_jobs_never_hold_one_gpu(client: Client, tmp_path: Path):
     assert sum(len(v) for v in by_gpu.values()) == 8
     for gpu, intervals in by_gpu.items():
         intervals.sort()
-        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(intervals):
             assert start >= end, f"GPU {gpu} ran two jobs at once"
 
 
@@ -153,7 +154,7 @@ def test_local_and_remote_operations_agree(client: Client, remote_client: Client
     assert [h["host"] for h in status_local["hosts"]] == ["e2ehost"]
 
 
-def _drop_live_durations(*answers: dict) -> None:  # type: ignore[type-arg]
+def _drop_live_durations(*answers: dict) -> None:
     """A running job's duration grows between two calls; everything else must match."""
     for answer in answers:
         for row in answer.get("jobs", [answer]):

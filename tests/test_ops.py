@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from app.client import Client
 from app.errors import GpuqError, InvalidJobSpec, JobNotFound, LaunchNotFound, UnknownOperation
 from app.ops import OPERATIONS, call_local
 
@@ -14,13 +13,13 @@ def test_registry_holds_every_operation():
             "dispatch"} <= set(OPERATIONS)
 
 
-def test_unknown_operation_lists_the_known_ones(rt):  # type: ignore[no-untyped-def]
+def test_unknown_operation_lists_the_known_ones(rt):
     with pytest.raises(UnknownOperation, match="known: cancel"):
         call_local(rt, "explode", {})
 
 
-def test_launch_stores_every_replica_pending_with_ranks(rt):  # type: ignore[no-untyped-def]
-    client = Client(rt.settings)
+def test_launch_stores_every_replica_pending_with_ranks(rt, local):
+    client = local
     handle = client.launch(["python", "train.py", "--lr", "3e-4"], num_jobs=5, name="sweep")
     rows = client.call("queue", launch_id=handle.id)["jobs"]
     assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
@@ -37,8 +36,8 @@ def test_launch_stores_every_replica_pending_with_ranks(rt):  # type: ignore[no-
     ({"command": "true", "backend": "mainframe"}, "unknown backend 'mainframe'; choose one of"),
     ({"command": "true", "colour": "red"}, "colour"),
 ])
-def test_bad_spec_is_refused_and_nothing_is_stored(rt, spec, message):  # type: ignore[no-untyped-def]
-    client = Client(rt.settings)
+def test_bad_spec_is_refused_and_nothing_is_stored(rt, spec, message, local):
+    client = local
     kept = client.submit("echo kept")
     with pytest.raises(InvalidJobSpec, match=message):
         client.call("submit", spec=spec)
@@ -46,16 +45,16 @@ def test_bad_spec_is_refused_and_nothing_is_stored(rt, spec, message):  # type: 
     assert kept.status == "PENDING"
 
 
-def test_cancel_of_an_unknown_id_changes_nothing(rt):  # type: ignore[no-untyped-def]
-    client = Client(rt.settings)
+def test_cancel_of_an_unknown_id_changes_nothing(rt, local):
+    client = local
     kept = client.submit("echo kept")
     with pytest.raises(JobNotFound, match="no job with id 999"):
         client.call("cancel", ids=[kept.id, 999])
     assert kept.status == "PENDING"
 
 
-def test_cancelled_pending_jobs_end_cancelled_with_an_event(rt):  # type: ignore[no-untyped-def]
-    client = Client(rt.settings)
+def test_cancelled_pending_jobs_end_cancelled_with_an_event(rt, local):
+    client = local
     handle = client.launch("sleep 1", num_jobs=3)
     out = handle.cancel()
     assert out == {"cancelled": handle.job_ids, "cancelling": []}
@@ -75,7 +74,7 @@ def test_cancelled_pending_jobs_end_cancelled_with_an_event(rt):  # type: ignore
     ("queue", {"limit": 0}, InvalidJobSpec),
     ("launch", {"spec": {"command": "true"}, "num_jobs": 0}, InvalidJobSpec),
 ])
-def test_bad_requests_get_a_clear_error(rt, op, kwargs, error):  # type: ignore[no-untyped-def]
+def test_bad_requests_get_a_clear_error(rt, op, kwargs, error):
     with pytest.raises(error) as caught:
         call_local(rt, op, kwargs)
     assert isinstance(caught.value, GpuqError) and str(caught.value)

@@ -19,9 +19,9 @@ PAIRS = list(itertools.product(JobState, JobState))
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def engine(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("states")
-    engine = make_engine(Settings(home=home, _env_file=None))  # type: ignore[call-arg]
+    engine = make_engine(Settings(home=home, _env_file=None))
     yield engine
     engine.dispose()
 
@@ -34,13 +34,14 @@ def _job_in(session: Session, state: JobState) -> int:
     return job.id
 
 
-@pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{a.value}->{b.value}" for a, b in PAIRS])
-def test_transition_is_made_and_logged_only_when_allowed(engine, source, target):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("source", "target"), PAIRS,
+                         ids=[f"{a.value}->{b.value}" for a, b in PAIRS])
+def test_transition_is_made_and_logged_only_when_allowed(engine, source, target):
     with Session(engine) as session:
         job_id = _job_in(session, source)
         if target in ALLOWED[source]:
             move(session, job_id, target, "because")
-            assert session.get(Job, job_id).state == target.value  # type: ignore[union-attr]
+            assert session.get(Job, job_id).state == target.value
             event = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
                                  .order_by(col(JobEvent.id).desc())).first()
             assert event is not None
@@ -49,7 +50,7 @@ def test_transition_is_made_and_logged_only_when_allowed(engine, source, target)
         else:
             with pytest.raises(IllegalTransition, match=f"is {source.value}"):
                 move(session, job_id, target)
-            assert session.get(Job, job_id).state == source.value  # type: ignore[union-attr]
+            assert session.get(Job, job_id).state == source.value
             assert session.exec(select(JobEvent).where(JobEvent.job_id == job_id)).first() is None
         session.rollback()
 

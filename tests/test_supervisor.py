@@ -8,7 +8,7 @@ import time
 from app.supervisor import Program, Supervisor, read_procfile
 
 
-def _wait(predicate, timeout_s: float = 10) -> bool:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout_s: float = 10) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -17,20 +17,20 @@ def _wait(predicate, timeout_s: float = 10) -> bool:  # type: ignore[no-untyped-
     return False
 
 
-def test_dead_process_is_restarted_and_the_others_keep_running(tmp_path):  # type: ignore[no-untyped-def]
+def test_dead_process_is_restarted_and_the_others_keep_running(tmp_path):
     starts = tmp_path / "starts"
     sup = Supervisor([
         Program("flaky", f"sh -c 'echo x >> {starts}; exit 3'"),
         Program("steady", "sleep 60"),
     ], stop_grace_s=2)
     sup.start()
-    steady_pid = sup.children[1].proc.pid  # type: ignore[union-attr]
+    steady_pid = sup.children[1].proc.pid
     try:
         assert _wait(lambda: (sup.poll() or True) and starts.exists()
                      and len(starts.read_text().split()) >= 3)
         assert sup.children[0].restarts >= 2
         assert sup.children[0].backoff_s > 0.5, "repeated crashes back off"
-        assert sup.children[1].proc.pid == steady_pid  # type: ignore[union-attr]
+        assert sup.children[1].proc.pid == steady_pid
     finally:
         sup.stop()
     try:
@@ -41,7 +41,7 @@ def test_dead_process_is_restarted_and_the_others_keep_running(tmp_path):  # typ
     assert not alive
 
 
-def test_procfile_is_read_with_honcho(tmp_path):  # type: ignore[no-untyped-def]
+def test_procfile_is_read_with_honcho(tmp_path):
     path = tmp_path / "Procfile"
     path.write_text("web: gpuq flower\ngpu: gpuq worker\n")
     assert [(p.name, p.command) for p in read_procfile(path)] == [

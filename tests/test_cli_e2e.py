@@ -1,0 +1,158 @@
+"""The `gpuq` command as a user runs it: real processes, one-line errors, `gpuq up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.embedded_redis import find_embedded
+from app.settings import Settings
+from tests.conftest import ROOT, server_env
+
+pytestmark = pytest.mark.e2e
+GPUQ = str(Path(sys.executable).parent / "gpuq")
+
+
+def gpuq(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GPUQ, *args], env=server_env(settings, **env), capture_output=True,
+                          text=True, timeout=120, cwd=settings.home.parent)
+
+
+def test_cli_runs_a_job_from_submit_to_logs(stack, stack_settings):
+    submitted = gpuq(stack_settings, "submit", "--name", "cli-job", "--env", "WHO=cli", "--",
+                     "bash", "-c", "echo hi from $WHO")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    waited = gpuq(stack_settings, "wait", job_id, "--timeout", "60")
+    assert waited.returncode == 0, waited.stderr
+    assert "hi from cli" in gpuq(stack_settings, "logs", job_id).stdout
+    rows = json.loads(gpuq(stack_settings, "queue", "--name", "cli-job", "--json").stdout)
+    assert rows["total"] == 1
+    row = rows["jobs"][0]
+    assert {"id", "name", "launch_id", "rank", "status", "exit_code", "gpus", "gpu_ids", "host",
+            "submitted_at", "started_at", "ended_at", "restart_count"} <= set(row)
+    assert (row["id"], row["status"], row["exit_code"]) == (int(job_id), "SUCCEEDED", 0)
+    table = gpuq(stack_settings, "queue", "--name", "cli-job").stdout
+    assert "cli-job" in table and "SUCCEEDED" in table
+
+
+def test_cli_launch_wait_shows_progress_and_wait_fails_on_failure(stack, stack_settings):
+    launched = gpuq(stack_settings, "launch", "-n", "3", "--wait", "--", "true")
+    assert launched.returncode == 0, launched.stderr
+    assert "3/3" in launched.stdout and "succeeded=3" in launched.stdout
+    failing = gpuq(stack_settings, "submit", "--", "exit", "4").stdout.strip()
+    waited = gpuq(stack_settings, "wait", failing, "--timeout", "60")
+    assert waited.returncode == 1
+    assert f"job {failing}: FAILED (exit 4)" in waited.stderr
+
+
+def test_cli_cancel_a_launch_and_status(stack, stack_settings):
+    launched = gpuq(stack_settings, "launch", "-n", "4", "--json", "--", "sleep", "30")
+    out = json.loads(launched.stdout)
+    cancelled = gpuq(stack_settings, "cancel", "--launch", str(out["launch_id"]), "--json")
+    answer = json.loads(cancelled.stdout)
+    assert sorted(answer["cancelled"] + answer["cancelling"]) == out["job_ids"]
+    waited = gpuq(stack_settings, "wait", "--launch", str(out["launch_id"]), "--timeout", "60")
+    assert waited.returncode == 1 and "CANCELLED" in waited.stderr
+    status = json.loads(gpuq(stack_settings, "status", "--json").stdout)
+    assert status["hosts"][0]["workers_alive"] == 2
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (("cancel", "987654"), {}, "no job with id 987654"),
+    (("logs", "987654"), {}, "no job with id 987654"),
+    (("submit", "--gpus", "-2", "--", "true"), {}, "gpus"),
+    (("submit", "--env", "NOEQUALS", "--", "true"), {}, "--env takes KEY=VALUE"),
+    (("submit", "--", "true"), {"GPUQ_REDIS_URL": "redis://127.0.0.1:1/0"},
+     "cannot reach Redis at redis://127.0.0.1:1/0"),
+    (("queue",), {"GPUQ_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"},
+     "cannot reach the database"),
+    (("queue",), {"GPUQ_FAKE_GPUS": "lots"}, "bad settings"),
+])
+def test_bad_input_gets_one_clear_line_and_changes_nothing(stack, stack_settings, args, env,
+                                                           message):
+    before = gpuq(stack_settings, "queue", "--json").stdout
+    result = gpuq(stack_settings, *args, **env)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert gpuq(stack_settings, "queue", "--json").stdout == before
+
+
+def test_unknown_option_and_non_integer_gpus_are_refused(stack, stack_settings):
+    for args in (("submit", "--colour", "red", "--", "true"),
+                 ("submit", "--gpus", "two", "--", "true")):
+        result = gpuq(stack_settings, *args)
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+
+
+def test_config_masks_secrets(tmp_path):
+    settings = Settings(home=tmp_path, redis_url="redis://u:topsecret@127.0.0.1:1/0",
+                        _env_file=None)
+    shown = gpuq(settings, "config").stdout
+    assert "topsecret" not in shown and "****" in shown
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            zombie = " Z " in (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if marker in cmdline and "pytest" not in cmdline and not zombie:
+            found.append(int(proc.name))
+    return found
+
+
+def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path):
+    home = tmp_path / "up-home"
+    settings = Settings(home=home, hostname="uphost", fake_gpus=2, heartbeat_s=1,
+                        _env_file=None)
+    env = server_env(settings)  # no GPUQ_REDIS_URL: the embedded server, as on a fresh machine
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen([GPUQ, "up", "--no-flower", "--procfile", str(ROOT / "Procfile")],
+                              env=env, cwd=tmp_path, start_new_session=True, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        def status() -> dict:
+            result = subprocess.run([GPUQ, "status", "--json"], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            return json.loads(result.stdout) if result.returncode == 0 else {"hosts": []}
+
+        assert _wait_for(lambda: sum(h["workers_alive"] for h in status()["hosts"]) == 2, 90), \
+            (tmp_path / "up.log").read_text()[-3000:]
+        job = subprocess.run([GPUQ, "submit", "--", "echo", "up-ok"], env=env,
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+        waited = subprocess.run([GPUQ, "wait", job, "--timeout", "60"], env=env, timeout=90)
+        assert waited.returncode == 0
+
+        worker = _processes_with("-n gpu0@uphost")
+        assert len(worker) == 1
+        os.kill(worker[0], signal.SIGKILL)
+        assert _wait_for(lambda: _processes_with("-n gpu0@uphost") not in ([], worker), 30), \
+            "the killed GPU worker came back"
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        up.wait(timeout=60)
+    assert _wait_for(lambda: not _processes_with(str(home)) and not _processes_with("@uphost"), 10)
+    assert find_embedded(settings) is None, "the embedded Redis was stopped"
