@@ -73,8 +73,9 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
 def _spec_options(gpus: int, name: str | None, priority: int, env: list[str],
                   workdir: str | None, venv: str | None, conda_env: str | None,
                   max_restarts: int, recover_on_exit_codes: str | None,
-                  gpu_ids: str | None) -> dict[str, Any]:
+                  gpu_ids: str | None, preflight: str | None, tmux: bool) -> dict[str, Any]:
     return {
+        "preflight": preflight, "tmux": tmux,
         "gpus": gpus, "name": name, "priority": priority, "env": _parse_env(env),
         "workdir": str(Path(workdir).resolve()) if workdir else None, "venv": venv,
         "conda_env": conda_env, "max_restarts": max_restarts,
@@ -94,6 +95,9 @@ RestartsOpt = typer.Option(0, "--max-restarts", help="Restarts after a failed at
 RecoverOpt = typer.Option(None, "--recover-on-exit-codes",
                           help="Exit codes that restart without spending the budget, e.g. 137.")
 GpuIdsOpt = typer.Option(None, "--gpu-ids", help="Only these GPU indices, e.g. 0,3.")
+PreflightOpt = typer.Option(None, "--preflight",
+                            help="A check to run on the job's GPUs first, e.g. nccl.")
+TmuxOpt = typer.Option(False, "--tmux", help="Run in a tmux session (`gpuq attach ID`).")
 CommandArg = typer.Argument(..., help="The command, after `--`.")
 
 
@@ -103,11 +107,15 @@ def submit(command: list[str] = CommandArg, gpus: int = GpusOpt, name: str | Non
            workdir: str | None = WorkdirOpt, venv: str | None = VenvOpt,
            conda_env: str | None = CondaOpt, max_restarts: int = RestartsOpt,
            recover_on_exit_codes: str | None = RecoverOpt, gpu_ids: str | None = GpuIdsOpt,
+           preflight: str | None = PreflightOpt, tmux: bool = TmuxOpt,
+           allow_duplicate: bool = typer.Option(
+               False, "--allow-duplicate",
+               help="Queue it even when an identical job is pending or running."),
            as_json: bool = JsonOpt) -> None:
-    """Queue one job and print its id."""
+    """Queue one job and print its id. An identical job not yet ended is refused."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
-                            recover_on_exit_codes, gpu_ids)
-    handle = _client().submit(command, **options)
+                            recover_on_exit_codes, gpu_ids, preflight, tmux)
+    handle = _client().submit(command, allow_duplicate=allow_duplicate, **options)
     _print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
 
 
@@ -118,12 +126,13 @@ def launch(command: list[str] = CommandArg,
            env: list[str] = EnvOpt, workdir: str | None = WorkdirOpt,
            venv: str | None = VenvOpt, conda_env: str | None = CondaOpt,
            max_restarts: int = RestartsOpt, recover_on_exit_codes: str | None = RecoverOpt,
-           gpu_ids: str | None = GpuIdsOpt,
+           gpu_ids: str | None = GpuIdsOpt, preflight: str | None = PreflightOpt,
+           tmux: bool = TmuxOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
            as_json: bool = JsonOpt) -> None:
     """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
-                            recover_on_exit_codes, gpu_ids)
+                            recover_on_exit_codes, gpu_ids, preflight, tmux)
     client = _client()
     handle = client.launch(command, num_jobs, **options)
     if as_json:
@@ -220,6 +229,43 @@ def status(as_json: bool = JsonOpt) -> None:
 
 
 @cli.command()
+def attach(job_id: int) -> None:
+    """Attach to a running --tmux job (on the host it runs on); detach with Ctrl-b d."""
+    settings = _settings()
+    job = _client().call("job", job_id=job_id)
+    if not job.get("tmux"):
+        raise GpuqError(f"job {job_id} was not started with --tmux; read it with `gpuq logs`")
+    if job["status"] != "RUNNING":
+        raise GpuqError(f"job {job_id} is {job['status']}; only a RUNNING job can be attached")
+    from scheduler.tmux import session_name, tmux_command
+
+    argv = tmux_command(settings.tmux_socket, "attach-session", "-t", session_name(job_id))
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+def watch(path: Path = typer.Argument(..., help="The jobs file."),
+          interval_s: float = typer.Option(1.0, "--interval", help="Seconds between checks."),
+          once: bool = typer.Option(False, "--once", help="Read it once and exit.")) -> None:
+    """Submit each line of a jobs file once, re-reading it whenever it changes."""
+    from scheduler.jobsfile import JobsFileWatcher
+
+    client = _client()
+    watcher = JobsFileWatcher(path, lambda origin, specs: client.call(
+        "submit_many", origin=origin, specs=specs))
+    while True:
+        result = watcher.poll()
+        if result is not None:
+            for error in result.errors:
+                typer.echo(f"{path}: {error}", err=True)
+            if result.submitted:
+                typer.echo(f"submitted {', '.join(map(str, result.submitted))}")
+        if once:
+            raise typer.Exit(1 if result is not None and result.errors else 0)
+        time.sleep(interval_s)
+
+
+@cli.command()
 def config() -> None:
     """Print the effective settings, secrets masked."""
     _print_json(_settings().masked())
@@ -227,11 +273,14 @@ def config() -> None:
 
 @cli.command()
 def up(procfile: Path = typer.Option(Path("Procfile"), help="Processes to run."),
-       flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower.")) -> None:
+       flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower."),
+       jobs_file: Path | None = typer.Option(None, "--jobs-file",
+                                             help="Watch this jobs file too.")) -> None:
     """Run the whole stack in the foreground until Ctrl-C."""
     from app.stack import run_stack
 
-    run_stack(_settings(), procfile, flower)
+    settings = _settings()
+    run_stack(settings, procfile, flower, jobs_file or settings.jobs_file)
 
 
 @cli.command()

@@ -56,9 +56,12 @@ class Client:
         value: dict[str, Any] = envelope["value"]
         return value
 
-    def submit(self, command: str | Sequence[str], **options: Any) -> JobHandle:
-        """Queue one job; options are JobSpec fields (gpus, name, priority, env, ...)."""
-        out = self.call("submit", spec=_spec(command, options))
+    def submit(self, command: str | Sequence[str], allow_duplicate: bool = False,
+               **options: Any) -> JobHandle:
+        """Queue one job; options are JobSpec fields (gpus, name, priority, env, ...).
+
+        Raises DuplicateJob when an identical job has not ended, unless allow_duplicate."""
+        out = self.call("submit", spec=_spec(command, options), allow_duplicate=allow_duplicate)
         return JobHandle(self, out["job_ids"][0])
 
     def launch(self, command: str | Sequence[str], num_jobs: int, **options: Any

@@ -22,6 +22,10 @@ class JobNotFound(GpuqError):
         return cls(f"no job with id {shown}; `gpuq queue` lists the jobs there are")
 
 
+class DuplicateJob(GpuqError):
+    code = "duplicate_job"
+
+
 class LaunchNotFound(GpuqError):
     code = "launch_not_found"
 
@@ -51,6 +55,7 @@ ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
     for cls in (
         GpuqError,
         InvalidJobSpec,
+        DuplicateJob,
         JobNotFound,
         LaunchNotFound,
         IllegalTransition,

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import ColumnElement, insert, update
 from sqlmodel import Session, col, select
 
-from app.errors import IllegalTransition, InvalidJobSpec, JobNotFound
+from app.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.models import Job, JobEvent, Launch, event_row
-from app.states import JobState, sources_of
+from app.states import TERMINAL, JobState, sources_of
 
 BACKENDS = ("local",)
 
@@ -37,6 +37,9 @@ class JobSpec(BaseModel):
     recover_exit_codes: list[int] = Field(default_factory=list)
     allowed_gpu_ids: list[int] | None = None
     backend: str = "local"
+    preflight: str | None = None
+    tmux: bool = False
+    origin: str | None = None
 
     @field_validator("command")
     @classmethod
@@ -67,7 +70,7 @@ class JobSpec(BaseModel):
     def content_hash(self) -> str:
         """Hash of what makes two jobs the same work (for duplicate prevention)."""
         key = self.model_dump(include={"command", "env", "gpus", "workdir", "backend",
-                                       "venv", "conda_env", "allowed_gpu_ids"})
+                                       "venv", "conda_env", "allowed_gpu_ids", "preflight"})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -95,6 +98,19 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     return launch_id, ids
 
 
+def refuse_duplicate(session: Session, spec: JobSpec) -> None:
+    """Refuse a job identical to one not yet ended; the database is the only memory."""
+    found = session.exec(
+        select(Job.id, Job.state).where(
+            col(Job.content_hash) == spec.content_hash(), col(Job.launch_id).is_(None),
+            col(Job.state).not_in([s.value for s in TERMINAL]))
+        .order_by(col(Job.id)).limit(1)).first()
+    if found is not None:
+        job_id, state = found
+        raise DuplicateJob(f"an identical job {job_id} is already {state}; "
+                           "pass --allow-duplicate to queue another")
+
+
 def transition(session: Session, target: JobState, reason: str | None,
                where: Sequence[ColumnElement[bool]], values: dict[str, Any] | None = None,
                only_from: Sequence[JobState] | None = None) -> list[int]:
@@ -118,6 +134,15 @@ def transition(session: Session, target: JobState, reason: str | None,
     if events:
         session.execute(insert(JobEvent), events)
     return moved
+
+
+def note(session: Session, job_id: int, reason: str) -> None:
+    """Record an event that is not a state change (a skipped preflight, say)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound.for_ids([job_id])
+    session.execute(insert(JobEvent), [event_row(job_id, time.time(), job.state, job.state,
+                                                 reason)])
 
 
 def move(session: Session, job_id: int, target: JobState, reason: str | None = None,

@@ -26,3 +26,8 @@ def hold(host: str, index: int) -> str:
 def cancel(job_id: int) -> str:
     """Set when a running job must be stopped; its worker polls it."""
     return f"{PREFIX}:cancel:{job_id}"
+
+
+def reading(host: str, index: int) -> str:
+    """Latest monitor reading of one GPU (JSON), published by its worker."""
+    return f"{PREFIX}:reading:{host}:{index}"

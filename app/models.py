@@ -41,6 +41,9 @@ class Job(SQLModel, table=True):
     allowed_gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
     priority: int = 0
     backend: str = "local"
+    preflight: str | None = None
+    tmux: bool = False  # run in a detached tmux session (`gpuq attach ID`)
+    origin: str | None = None  # the jobs file a job came from
     max_restarts: int = 0
     recover_exit_codes: list[int] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)

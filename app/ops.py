@@ -18,7 +18,7 @@ from sqlmodel import col, select
 
 from app import keys
 from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
-from app.jobs import JobSpec, create_jobs, get_jobs, job_row, transition
+from app.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
 from app.models import Job, JobEvent, Launch
 from app.runtime import Runtime
 from app.states import JobState
@@ -61,20 +61,54 @@ def _kick_dispatch(rt: Runtime) -> None:
 
 
 @operation
-def submit(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
-    """Store one job PENDING and try to route it at once."""
+def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False) -> dict[str, Any]:
+    """Store one job PENDING and try to route it at once.
+
+    A job identical (same content hash) to one that has not ended is refused, naming the
+    existing id, unless `allow_duplicate`."""
     job_spec = JobSpec.parse(spec)
+    _check_preflight(rt, job_spec)
     rt.check_broker()  # refuse before storing anything when the broker is unreachable
     with rt.session() as session:
+        if not allow_duplicate:
+            refuse_duplicate(session, job_spec)
         _, ids = create_jobs(session, job_spec, 1, launch=False)
     _kick_dispatch(rt)
     return {"job_ids": ids, "launch_id": None}
+
+
+def _check_preflight(rt: Runtime, spec: JobSpec) -> None:
+    from scheduler.preflight import known_checks
+
+    if spec.preflight is not None and spec.preflight not in known_checks(rt.settings):
+        raise InvalidJobSpec(f"unknown preflight {spec.preflight!r}; choose one of "
+                             f"{', '.join(known_checks(rt.settings))}")
+
+
+@operation
+def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Submit the lines of a jobs file: each distinct job once per origin, ever."""
+    parsed: dict[str, JobSpec] = {}
+    for spec in specs:
+        job_spec = JobSpec.parse({**spec, "origin": origin})
+        _check_preflight(rt, job_spec)
+        parsed.setdefault(job_spec.content_hash(), job_spec)
+    rt.check_broker()
+    with rt.session() as session:
+        known = set(session.scalars(select(Job.content_hash).where(
+            col(Job.origin) == origin, col(Job.content_hash).in_(list(parsed)))))
+        ids = [create_jobs(session, job_spec, 1, launch=False)[1][0]
+               for digest, job_spec in parsed.items() if digest not in known]
+    if ids:
+        _kick_dispatch(rt)
+    return {"submitted": ids, "known": len(specs) - len(ids)}
 
 
 @operation
 def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int) -> dict[str, Any]:
     """Store N replicas PENDING in one statement and route as many as GPUs allow."""
     job_spec = JobSpec.parse(spec)
+    _check_preflight(rt, job_spec)
     rt.check_broker()  # refuse before storing anything when the broker is unreachable
     with rt.session() as session:
         launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True)
@@ -136,6 +170,8 @@ def job(rt: Runtime, job_id: int) -> dict[str, Any]:
         row = job_row(found, time.time())
         row["env"] = dict(found.env)
         row["pid"] = found.pid
+        row["tmux"] = found.tmux
+        row["preflight"] = found.preflight
         row["events"] = [{"at": e.at, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
     return row
@@ -218,7 +254,9 @@ def status(rt: Runtime) -> dict[str, Any]:
         for index in sorted(int(i) for i in described):  # type: ignore[union-attr]
             info = json.loads(described[str(index).encode()])  # type: ignore[index]
             held = r.get(keys.hold(host, index))  # b"jobid.attempt"
+            reading = r.get(keys.reading(host, index))
             gpus.append({**info, "index": index,
+                         "reading": json.loads(reading) if reading else None,
                          "alive": bool(r.exists(keys.alive(host, index))),
                          "job_id": int(held.split(b".")[0]) if isinstance(held, bytes) else None})
         hosts.append({"host": host, "gpus": gpus,

@@ -49,6 +49,21 @@ class Settings(BaseSettings):
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Period of the safety-net dispatch pass run by beat."
     )
+    busy_memory_mb: int = Field(
+        1024, ge=0, description="A GPU gpuq does not hold, using more memory than this, is busy."
+    )
+    busy_utilization_pct: int = Field(
+        10, ge=0, le=100, description="A GPU gpuq does not hold, busier than this, is busy."
+    )
+    monitor_interval_s: float = Field(
+        5.0, gt=0, description="How often each GPU worker reads its GPU (NVML or fake)."
+    )
+    preflight_commands: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra preflight checks by name (JSON), run like the built-in `nccl`: "
+        "exit 0 passes, 3 skips (last line says why), anything else fails the job.",
+    )
+    preflight_timeout_s: float = Field(120.0, gt=0, description="Longest a preflight may run.")
     cpu_slots: int = Field(2, ge=0, description="Concurrent 0-GPU jobs per host.")
     op_timeout_s: float = Field(
         30.0, gt=0, description="How long a remote operation may take before the client gives up."
@@ -58,6 +73,9 @@ class Settings(BaseSettings):
     )
     flower_address: str = Field("127.0.0.1", description="Address Flower binds to.")
     flower_port: int = Field(5555, description="Port Flower listens on.")
+    jobs_file: Path | None = Field(
+        None, description="A jobs file that `gpuq up` watches (one job per line)."
+    )
     log_level: str = Field("WARNING", description="Log level of gpuq's processes.")
 
     @field_validator("home")
@@ -83,6 +101,11 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def tmux_socket(self) -> Path:
+        """The tmux server of attachable jobs on this host."""
+        return self.home / "tmux.sock"
 
     @property
     def redis_dir(self) -> Path:

@@ -41,13 +41,18 @@ def queue_table(rows: list[dict[str, Any]], total: int) -> None:
 
 def status_table(status: dict[str, Any]) -> None:
     table = Table(title="GPUs", title_justify="left")
-    for column in ("host", "gpu", "name", "worker", "job"):
+    for column in ("host", "gpu", "name", "memory", "util", "worker", "job", "foreign use"):
         table.add_column(column)
     for host in status["hosts"]:
         for gpu in host["gpus"]:
-            table.add_row(host["host"], str(gpu["index"]), gpu.get("name", "-"),
+            reading = gpu.get("reading") or {}
+            memory = (f"{reading['memory_used_mb']}/{reading['memory_total_mb']} MiB"
+                      if reading else "-")
+            util = f"{reading['utilization_pct']}%" if reading else "-"
+            foreign = "[red]busy[/]" if reading.get("foreign") else "-"
+            table.add_row(host["host"], str(gpu["index"]), gpu.get("name", "-"), memory, util,
                           "[green]up[/]" if gpu["alive"] else "[red]down[/]",
-                          str(gpu["job_id"] or "-"))
+                          str(gpu["job_id"] or "-"), foreign)
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())) or "no jobs"
     console.print(f"jobs: {counts}")

@@ -90,7 +90,8 @@ class HostView:
 
 
 def read_hosts(r: redis.Redis) -> list[HostView]:
-    """Registered hosts with their GPUs whose worker is alive and that nobody holds."""
+    """Registered hosts with their free GPUs: worker alive, not held by a job, and not
+    used by processes outside gpuq according to the latest monitor reading."""
     hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
     views = []
     for host in hosts:
@@ -101,10 +102,16 @@ def read_hosts(r: redis.Redis) -> list[HostView]:
         for i in indices:
             pipe.exists(keys.alive(host, i))
             pipe.exists(keys.hold(host, i))
+            pipe.get(keys.reading(host, i))
         flags = pipe.execute()
-        free = [i for n, i in enumerate(indices) if flags[2 * n] and not flags[2 * n + 1]]
+        free = [i for n, i in enumerate(indices)
+                if flags[3 * n] and not flags[3 * n + 1] and not _foreign(flags[3 * n + 2])]
         views.append(HostView(host, len(indices), free))
     return views
+
+
+def _foreign(reading: bytes | None) -> bool:
+    return reading is not None and bool(json.loads(reading).get("foreign"))
 
 
 def _pick(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]

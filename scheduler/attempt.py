@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlmodel import col
 
 from app import keys
-from app.jobs import move, transition
+from app.jobs import move, note, transition
 from app.models import Job
 from app.runtime import Runtime
 from app.states import JobState
@@ -50,19 +52,22 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
             log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
             return f"skipped ({state})"
         host = job.host or settings.hostname
-        started = transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
-                             {"started_at": time.time(), "host": host},
-                             only_from=[JobState.STARTING])
-    if not started:  # cancelled between the read and the move
-        return "skipped (cancelled)"
     gpu_ids = job.gpu_ids or []
     env = executor.job_environment(job, dict(os.environ), gpu_ids)
     path = log_path(rt, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
         f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
+    if job.preflight and not _preflight(rt, job, env, path):
+        return JobState.FAILED_PRECHECK.value
+    with rt.session() as session:
+        started = transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
+                             {"started_at": time.time(), "host": host},
+                             only_from=[JobState.STARTING])
+    if not started:  # cancelled between the read and the move
+        return "skipped (cancelled)"
     try:
-        outcome = executor.run(
+        outcome = _runner(rt, job)(
             job, env, path, grace_s=settings.kill_grace_s,
             cancel_requested=lambda: bool(rt.redis.exists(keys.cancel(job_id))),
             on_start=lambda pid: _record_pid(rt, job_id, pid),
@@ -76,6 +81,32 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
                  {"ended_at": time.time()})
         return "failed to start"
     return _record_outcome(rt, job, outcome)
+
+
+def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
+    """The direct executor, or the tmux one for attachable jobs."""
+    if not job.tmux:
+        return executor.run
+    from scheduler import tmux
+
+    return functools.partial(tmux.run, socket=rt.settings.tmux_socket)
+
+
+def _preflight(rt: Runtime, job: Job, env: dict[str, str], path: Path) -> bool:
+    """Run the job's preflight on its GPUs; False when the job must not run."""
+    from scheduler.preflight import run_check
+
+    assert job.id is not None and job.preflight is not None
+    result = run_check(rt.settings, job.preflight, env)
+    with open(path, "a") as log_file:
+        log_file.write(f"== gpuq: {result.reason}\n{result.output}")
+    with rt.session() as session:
+        if result.status == "failed":
+            transition(session, JobState.FAILED_PRECHECK, result.reason, [col(Job.id) == job.id],
+                       {"ended_at": time.time()}, only_from=[JobState.STARTING])
+            return False
+        note(session, job.id, result.reason)
+    return True
 
 
 def _record_pid(rt: Runtime, job_id: int, pid: int) -> None:

@@ -63,14 +63,30 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     _wait_group_gone(proc.pid)
 
 
+def stop_pane_group(pgid: int, grace_s: float) -> None:
+    """Like stop_group for a process group gpuq did not spawn itself (a tmux pane)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_exists(pgid):
+        time.sleep(POLL_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    _wait_group_gone(pgid)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
     """Killed orphans are reaped by init a moment later; report a job stopped only then."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and _group_exists(pgid):
         time.sleep(0.01)
 
 

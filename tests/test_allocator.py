@@ -71,7 +71,7 @@ def test_a_gpu_whose_worker_is_not_alive_is_not_reserved(rt):
 
 def test_dispatch_routes_higher_priority_first_then_fifo(rt, local):
     client = local
-    low = [client.submit("true", priority=0).id for _ in range(2)]
+    low = [client.submit(f"echo low{n}", priority=0).id for n in range(2)]
     high = client.submit("true", priority=5).id
     _bring_up(rt, "h", 2)
     assert Dispatcher(rt).dispatch() == 2

@@ -73,7 +73,7 @@ def test_user_env_and_workdir_reach_the_job(client: Client, tmp_path: Path):
 
 
 def test_cancelled_pending_job_never_starts(client: Client, tmp_path: Path):
-    blockers = [client.submit("sleep 30") for _ in range(2)]
+    blockers = [client.submit(f"sleep 30 # {n}") for n in range(2)]
     _until(lambda: all(b.status == "RUNNING" for b in blockers))
     marker = tmp_path / "ran"
     waiting = client.submit(f"touch {marker}")

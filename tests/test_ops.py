@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import GpuqError, InvalidJobSpec, JobNotFound, LaunchNotFound, UnknownOperation
+from app.errors import (
+    DuplicateJob,
+    GpuqError,
+    InvalidJobSpec,
+    JobNotFound,
+    LaunchNotFound,
+    UnknownOperation,
+)
 from app.ops import OPERATIONS, call_local
 
 
@@ -78,3 +85,20 @@ def test_bad_requests_get_a_clear_error(rt, op, kwargs, error):
     with pytest.raises(error) as caught:
         call_local(rt, op, kwargs)
     assert isinstance(caught.value, GpuqError) and str(caught.value)
+
+
+def test_identical_job_not_yet_ended_is_refused_with_its_id(local):
+    first = local.submit("python train.py", env={"LR": "3e-4"}, gpus=2)
+    with pytest.raises(DuplicateJob, match=f"identical job {first.id} is already PENDING"):
+        local.submit("python train.py", env={"LR": "3e-4"}, gpus=2)
+    other_env = local.submit("python train.py", env={"LR": "1e-3"}, gpus=2)
+    forced = local.submit("python train.py", env={"LR": "3e-4"}, gpus=2, allow_duplicate=True)
+    assert len({first.id, other_env.id, forced.id}) == 3
+    assert local.call("queue")["total"] == 3
+
+
+def test_identical_job_is_accepted_again_once_the_first_ended(local):
+    first = local.submit("python eval.py")
+    first.cancel()
+    again = local.submit("python eval.py")
+    assert again.id != first.id and again.status == "PENDING"
