@@ -44,10 +44,10 @@ def run(job: Job, env: dict[str, str], log_path: Path, *, socket: Path, grace_s:
     exit_path = log_path.with_suffix(".exit")
     exit_path.unlink(missing_ok=True)
     script_path.write_text(_script(job, env, log_path, exit_path))
-    subprocess.run(tmux_command(socket, "new-session", "-d", "-s", name, "-x", "200", "-y", "50",
-                                f"bash {shlex.quote(str(script_path))}"), check=True)
+    # -P prints the pane's pid as the session is made: a short job may be gone a moment later.
     pane_pid = int(subprocess.run(
-        tmux_command(socket, "display-message", "-p", "-t", name, "#{pane_pid}"),
+        tmux_command(socket, "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name,
+                     "-x", "200", "-y", "50", f"bash {shlex.quote(str(script_path))}"),
         check=True, capture_output=True, text=True).stdout.strip())
     on_start(pane_pid)
     next_beat = time.monotonic() + heartbeat_s

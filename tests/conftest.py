@@ -3,6 +3,7 @@ GPUQ_DATABASE_URL), and real worker processes for the end-to-end tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXTERNAL_REDIS = os.environ.get("GPUQ_REDIS_URL")
 EXTERNAL_DB = os.environ.get("GPUQ_DATABASE_URL")
 ROOT = Path(__file__).resolve().parents[1]
+# Stand-ins for checks that need GPUs: one passes, one fails, one skips.
+PREFLIGHT_FAKES = {"fake-pass": "echo all good", "fake-fail": "echo broken link >&2; exit 1",
+                   "fake-skip": "echo no devices here; exit 3"}
 
 
 @pytest.fixture(scope="session")
@@ -86,14 +90,11 @@ def local(settings: Settings) -> Iterator[Client]:
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a gpuq server process that shares this test's settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
-    values = {
-        "GPUQ_HOME": settings.home, "GPUQ_REDIS_URL": settings.redis_url,
-        "GPUQ_DATABASE_URL": settings.database_url, "GPUQ_HOSTNAME": settings.hostname,
-        "GPUQ_FAKE_GPUS": settings.fake_gpus, "GPUQ_KILL_GRACE_S": settings.kill_grace_s,
-        "GPUQ_HEARTBEAT_S": settings.heartbeat_s,
-        "GPUQ_VISIBILITY_TIMEOUT_S": settings.visibility_timeout_s,
-    }
-    env.update({k: str(v) for k, v in values.items() if v is not None})
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[f"GPUQ_{name.upper()}"] = text
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -116,12 +117,13 @@ class Stack:
                 stderr=subprocess.STDOUT, start_new_session=True, cwd=self.log_dir))
             log.close()
 
-    def wait_ready(self, rt: Runtime, gpus: int, timeout_s: float = 60) -> None:
+    def wait_ready(self, rt: Runtime, gpus: int, timeout_s: float = 60,
+                   control: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             hosts = call_local(rt, "status", {})["hosts"]
             alive = sum(h["workers_alive"] for h in hosts)
-            if alive >= gpus and self._control_ready(rt):
+            if alive >= gpus and (not control or self._control_ready(rt)):
                 return
             time.sleep(0.3)
         raise AssertionError(f"workers not ready in {timeout_s}s; see {self.log_dir}")
@@ -157,7 +159,8 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
     # run twice when it outlives it.
     return Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB,
                     hostname="e2ehost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
-                    visibility_timeout_s=2, _env_file=None)
+                    monitor_interval_s=0.5, visibility_timeout_s=2, cpu_slots=1,
+                    preflight_commands=PREFLIGHT_FAKES, _env_file=None)
 
 
 @pytest.fixture(scope="module")
