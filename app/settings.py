@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from pathlib import Path
@@ -117,6 +118,16 @@ class Settings(BaseSettings):
 
     def effective_database_url(self) -> str:
         return self.database_url or self.sqlite_url
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as GPUQ_* variables, for processes that must share them."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None:
+                text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+                env[f"GPUQ_{name.upper()}"] = text
+        return env
 
     def masked(self) -> dict[str, Any]:
         """Settings as plain values with passwords in URLs replaced by a mask."""

@@ -53,7 +53,7 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
             return f"skipped ({state})"
         host = job.host or settings.hostname
     gpu_ids = job.gpu_ids or []
-    env = executor.job_environment(job, dict(os.environ), gpu_ids)
+    env = executor.job_environment(job, dict(os.environ), gpu_ids, host)
     path = log_path(rt, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:

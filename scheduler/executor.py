@@ -23,9 +23,14 @@ class Outcome:
     cancelled: bool
 
 
-def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int]) -> dict[str, str]:
-    """The environment a replica sees: the worker's, the user's, then gpuq's own."""
-    env = {**base, **job.env}
+def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: str
+                    ) -> dict[str, str]:
+    """The environment a replica sees: the worker's, the user's, then gpuq's own.
+
+    The worker's own GPUQ_* settings are left out: they may hold the broker's or the
+    database's password, and a job that prints its environment would log them."""
+    env = {k: v for k, v in base.items() if not k.startswith("GPUQ_")}
+    env.update(job.env)
     if job.venv:
         venv = str(Path(job.venv).expanduser())
         env["VIRTUAL_ENV"] = venv
@@ -36,6 +41,7 @@ def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int]) -> dict[
         GPUQ_JOB_RANK=str(job.rank),
         GPUQ_NUM_JOBS=str(job.num_jobs),
         GPUQ_RESTART_COUNT=str(job.restart_count),
+        GPUQ_HOST=host,
         CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids),
         CUDA_DEVICE_ORDER="PCI_BUS_ID",
     )

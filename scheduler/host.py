@@ -46,9 +46,10 @@ def control_worker_command(settings: Settings) -> str:
     return worker_command(settings, "control", CONTROL_QUEUE, "threads", 4)
 
 
-def register_host(rt: Runtime, provider: GpuProvider, host: str) -> int:
-    """Publish a host's GPU inventory; return how many GPUs it has."""
-    readings = provider.readings()
+def register_host(rt: Runtime, provider: GpuProvider, host: str, limit: int | None = None
+                  ) -> int:
+    """Publish a host's GPU inventory (its first `limit` GPUs); return how many."""
+    readings = provider.readings()[:limit]
     pipe = rt.redis.pipeline()
     pipe.sadd(keys.HOSTS, host)
     pipe.delete(keys.host_gpus(host))

@@ -3,7 +3,6 @@ GPUQ_DATABASE_URL), and real worker processes for the end-to-end tests."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -90,11 +89,7 @@ def local(settings: Settings) -> Iterator[Client]:
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a gpuq server process that shares this test's settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is not None:
-            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-            env[f"GPUQ_{name.upper()}"] = text
+    env.update(settings.as_environment())
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.update(extra)
     return env

@@ -51,7 +51,7 @@ def test_no_gpu_is_ever_held_by_two_jobs_across_two_hosts(two_hosts: Settings, t
     spans = tmp_path / "spans"
     spans.mkdir()
     record = (f"s=$(date +%s.%N); sleep 0.$((RANDOM % 3)); e=$(date +%s.%N); "
-              f"echo $GPUQ_HOSTNAME $CUDA_VISIBLE_DEVICES $s $e > {spans}/$GPUQ_JOB_ID")
+              f"echo $GPUQ_HOST $CUDA_VISIBLE_DEVICES $s $e > {spans}/$GPUQ_JOB_ID")
     rng = random.Random(7)
     client = Client(two_hosts)
     try:

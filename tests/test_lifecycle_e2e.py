@@ -55,7 +55,7 @@ def test_job_sees_its_rank_world_size_and_gpus(client: Client, tmp_path: Path):
         num_jobs=3, env={"MY_VAR": "mine"})
     assert {r["status"] for r in handle.wait(timeout_s=60)} == {"SUCCEEDED"}
     for rank, job_id in enumerate(handle.job_ids):
-        env = dict(line.split("=", 1) for line in (out / str(rank)).read_text().split())
+        env = dict(line.split("=", 1) for line in (out / str(rank)).read_text().splitlines())
         row = client.rows([job_id])[0]
         assert env["GPUQ_JOB_ID"] == str(job_id)
         assert env["GPUQ_JOB_RANK"] == str(rank)
@@ -64,6 +64,8 @@ def test_job_sees_its_rank_world_size_and_gpus(client: Client, tmp_path: Path):
         assert env["GPUQ_RESTART_COUNT"] == "0"
         assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, row["gpu_ids"]))
         assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert env["GPUQ_HOST"] == "e2ehost"
+        assert "GPUQ_REDIS_URL" not in env, "the worker's settings stay out of the job"
 
 
 def test_user_env_and_workdir_reach_the_job(client: Client, tmp_path: Path):

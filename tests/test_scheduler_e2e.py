@@ -146,3 +146,25 @@ def test_watch_once_submits_lines_and_reports_bad_ones(client: Client, stack_set
     rows = client.call("queue", name="from-file")["jobs"]
     assert len(rows) == 1
     assert client.job(rows[0]["id"]).wait(timeout_s=30) == "SUCCEEDED"
+
+
+def test_venv_is_activated_for_the_job(client: Client, tmp_path: Path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    job = client.submit('echo "python=$(command -v python) venv=$VIRTUAL_ENV"', venv=str(venv))
+    assert job.wait(timeout_s=30) == "SUCCEEDED"
+    assert f"python={venv}/bin/python venv={venv}" in job.logs()
+
+
+def test_conda_env_is_activated_for_the_job(client: Client, tmp_path: Path):
+    # A stand-in `conda` that speaks the shell-hook protocol the real one does.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "conda"
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "shell.bash hook" ] && '
+                    "echo 'conda() { [ \"$1\" = activate ] && export CONDA_DEFAULT_ENV=$2; }'\n")
+    fake.chmod(0o755)
+    job = client.submit("echo conda-env=$CONDA_DEFAULT_ENV", conda_env="torch-2",
+                        env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert job.wait(timeout_s=30) == "SUCCEEDED"
+    assert "conda-env=torch-2" in job.logs()
