@@ -31,6 +31,9 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, name="gpuq-heartbeat", daemon=True)
 
     def start(self) -> None:
+        from scheduler.recovery import recover_orphans
+
+        recover_orphans(self.rt, self.index)
         self.beat()
         # The GPU just became available: route whatever waits for it.
         Dispatcher(self.rt).dispatch()

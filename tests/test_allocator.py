@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 from app import keys
 from app.celery_app import gpu_queue
@@ -119,3 +120,14 @@ def test_allowed_gpu_list_is_honoured(rt, local):
     job = local.submit("true", allowed_gpu_ids=[3])
     Dispatcher(rt).dispatch()
     assert job.row()["gpu_ids"] == [3]
+
+
+def test_a_reservation_nobody_refreshes_expires_and_the_gpu_is_handed_out(rt, local):
+    _bring_up(rt, "h", 1)
+    assert reserve(rt.redis, "h", [0], "99.1", 1)  # its worker died: no more refreshes
+    job = local.submit("echo next")
+    Dispatcher(rt).dispatch()
+    assert job.status == "PENDING"
+    time.sleep(1.2)
+    Dispatcher(rt).dispatch()
+    assert job.row()["gpu_ids"] == [0]

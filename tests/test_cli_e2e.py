@@ -156,3 +156,10 @@ def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path)
         up.wait(timeout=60)
     assert _wait_for(lambda: not _processes_with(str(home)) and not _processes_with("@uphost"), 10)
     assert find_embedded(settings) is None, "the embedded Redis was stopped"
+
+
+def test_attach_to_a_job_not_started_with_tmux_names_the_fix(stack, stack_settings):
+    job_id = gpuq(stack_settings, "submit", "--", "echo", "not-attachable").stdout.strip()
+    result = gpuq(stack_settings, "attach", job_id)
+    assert result.returncode == 2
+    assert f"job {job_id} was not started with --tmux; read it with `gpuq logs`" in result.stderr

@@ -169,3 +169,36 @@ def test_remote_errors_keep_their_type(remote_client: Client):
 
     with pytest.raises(JobNotFound, match="no job with id 424242"):
         remote_client.call("logs", job_id=424242)
+
+
+def _gpu_worker_pid(host: str, index: int) -> int:
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"-n gpu{index}@{host}" in cmdline and "celery" in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no worker for GPU {index} of {host}")
+
+
+@pytest.mark.parametrize(("max_restarts", "final"), [(1, "RUNNING"), (0, "LOST")])
+def test_sigkilled_worker_job_is_restarted_or_lost_and_its_gpu_freed(client: Client,
+                                                                     max_restarts, final):
+    job = client.submit(f"sleep 300 # restarts {max_restarts}", max_restarts=max_restarts)
+    _until(lambda: job.status == "RUNNING")
+    first = client.call("job", job_id=job.id)
+    os.kill(_gpu_worker_pid("e2ehost", first["gpu_ids"][0]), 9)
+    # The supervisor starts the worker again; it stops the orphaned job and settles it.
+    _until(lambda: not _group_alive(first["pid"]), timeout_s=60)
+    row = _until(lambda: (r := job.row())["status"] == final and
+                 (final == "LOST" or r["restart_count"] == 1) and r, timeout_s=60)
+    states = [e["to"] for e in client.call("job", job_id=job.id)["events"]]
+    if final == "LOST":
+        assert states[-1] == "LOST" and row["exit_code"] is None
+    else:
+        assert "RECOVERING" in states
+        job.cancel()
+        assert job.wait(timeout_s=30) == "CANCELLED"
+    follower = client.submit(f"echo after the crash {max_restarts}")
+    assert follower.wait(timeout_s=60) == "SUCCEEDED", "the GPUs are usable again"
