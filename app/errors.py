@@ -26,6 +26,16 @@ class DuplicateJob(GpuqError):
     code = "duplicate_job"
 
 
+class PayloadTooLarge(GpuqError):
+    code = "payload_too_large"
+
+
+class RemoteError(GpuqError):
+    """A function job raised an exception that could not be rebuilt here."""
+
+    code = "remote_error"
+
+
 class LaunchNotFound(GpuqError):
     code = "launch_not_found"
 
@@ -57,6 +67,8 @@ ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
         InvalidJobSpec,
         DuplicateJob,
         JobNotFound,
+        PayloadTooLarge,
+        RemoteError,
         LaunchNotFound,
         IllegalTransition,
         BrokerUnavailable,

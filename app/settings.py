@@ -65,6 +65,16 @@ class Settings(BaseSettings):
         "exit 0 passes, 3 skips (last line says why), anything else fails the job.",
     )
     preflight_timeout_s: float = Field(120.0, gt=0, description="Longest a preflight may run.")
+    max_payload_bytes: int = Field(
+        64 * 2**20, gt=0, description="Largest stored payload (after gzip) a launch may carry."
+    )
+    payload_ttl_s: int = Field(
+        14 * 86400, gt=0, description="A launch's payload outlives it by at most this long."
+    )
+    max_result_bytes: int = Field(
+        16 * 2**20, gt=0, description="Largest result a function job may return."
+    )
+    keep_result_s: int = Field(7 * 86400, gt=0, description="How long results are kept.")
     cpu_slots: int = Field(2, ge=0, description="Concurrent 0-GPU jobs per host.")
     op_timeout_s: float = Field(
         30.0, gt=0, description="How long a remote operation may take before the client gives up."

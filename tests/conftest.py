@@ -3,6 +3,7 @@ GPUQ_DATABASE_URL), and real worker processes for the end-to-end tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -55,6 +56,19 @@ def _reset_database(url: str) -> None:
     with engine.begin() as conn:
         names = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_external_schema() -> None:
+    """Tables left by an older run may lack today's columns: start from the current ones."""
+    if not EXTERNAL_DB:
+        return
+    from app.db import make_engine
+
+    engine = make_engine(Settings(database_url=EXTERNAL_DB, _env_file=None))
+    SQLModel.metadata.drop_all(engine)
+    SQLModel.metadata.create_all(engine)
     engine.dispose()
 
 
@@ -139,10 +153,30 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        # Celery workers run in sessions of their own: none may outlive its stack and take
+        # the next test module's messages.
+        for pid in processes_with(f"@{self.settings.hostname}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            zombie = " Z " in (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if marker in cmdline and "pytest" not in cmdline and not zombie:
+            found.append(int(proc.name))
+    return found
 
 
 @pytest.fixture(scope="module")
-def stack_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Settings:
+def stack_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   redis_url: str) -> Settings:
     """Module-wide settings for end-to-end tests that share one running stack."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
@@ -152,8 +186,10 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
     home = tmp_path_factory.mktemp("stack-home")
     # A visibility timeout far shorter than the jobs: proves no job is redelivered and
     # run twice when it outlives it.
+    # A host name per test module: each module's stack has queues of its own.
+    host = "e2e-" + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
     return Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB,
-                    hostname="e2ehost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
+                    hostname=host, fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
                     monitor_interval_s=0.5, visibility_timeout_s=2, cpu_slots=1,
                     preflight_commands=PREFLIGHT_FAKES, _env_file=None)
 

@@ -14,7 +14,7 @@ import pytest
 
 from app.embedded_redis import find_embedded
 from app.settings import Settings
-from tests.conftest import ROOT, server_env
+from tests.conftest import ROOT, processes_with, server_env
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -110,20 +110,6 @@ def _wait_for(predicate, timeout_s: float) -> bool:
     return False
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Live (not zombie) processes whose command line contains `marker`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            zombie = " Z " in (proc / "stat").read_text()
-        except (OSError, ValueError):
-            continue
-        if marker in cmdline and "pytest" not in cmdline and not zombie:
-            found.append(int(proc.name))
-    return found
-
-
 def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path):
     home = tmp_path / "up-home"
     settings = Settings(home=home, hostname="uphost", fake_gpus=2, heartbeat_s=1,
@@ -146,15 +132,15 @@ def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path)
         waited = subprocess.run([GPUQ, "wait", job, "--timeout", "60"], env=env, timeout=90)
         assert waited.returncode == 0
 
-        worker = _processes_with("-n gpu0@uphost")
+        worker = processes_with("-n gpu0@uphost")
         assert len(worker) == 1
         os.kill(worker[0], signal.SIGKILL)
-        assert _wait_for(lambda: _processes_with("-n gpu0@uphost") not in ([], worker), 30), \
+        assert _wait_for(lambda: processes_with("-n gpu0@uphost") not in ([], worker), 30), \
             "the killed GPU worker came back"
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(timeout=60)
-    assert _wait_for(lambda: not _processes_with(str(home)) and not _processes_with("@uphost"), 10)
+    assert _wait_for(lambda: not processes_with(str(home)) and not processes_with("@uphost"), 10)
     assert find_embedded(settings) is None, "the embedded Redis was stopped"
 
 

@@ -32,11 +32,12 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_successful_job_records_exit_code_times_and_output(client: Client):
+def test_successful_job_records_exit_code_times_and_output(client: Client, stack_settings):
     job = client.submit(["bash", "-c", "echo out-$GPUQ_JOB_ID; echo err >&2"], name="hello")
     assert job.wait(timeout_s=30) == "SUCCEEDED"
     row = job.row()
-    assert row["exit_code"] == 0 and row["host"] == "e2ehost" and len(row["gpu_ids"]) == 1
+    assert row["exit_code"] == 0 and row["host"] == stack_settings.hostname
+    assert len(row["gpu_ids"]) == 1
     assert row["started_at"] and row["ended_at"] and row["duration_s"] >= 0
     assert f"out-{job.id}" in job.logs() and "err" in job.logs()
 
@@ -47,7 +48,8 @@ def test_failing_job_ends_failed_with_its_exit_code(client: Client):
     assert job.row()["exit_code"] == 7
 
 
-def test_job_sees_its_rank_world_size_and_gpus(client: Client, tmp_path: Path):
+def test_job_sees_its_rank_world_size_and_gpus(client: Client, tmp_path: Path,
+                                               stack_settings):
     out = tmp_path / "env"
     out.mkdir()
     handle = client.launch(
@@ -64,7 +66,7 @@ def test_job_sees_its_rank_world_size_and_gpus(client: Client, tmp_path: Path):
         assert env["GPUQ_RESTART_COUNT"] == "0"
         assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, row["gpu_ids"]))
         assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-        assert env["GPUQ_HOST"] == "e2ehost"
+        assert env["GPUQ_HOST"] == stack_settings.hostname
         assert "GPUQ_REDIS_URL" not in env, "the worker's settings stay out of the job"
 
 
@@ -141,7 +143,8 @@ def test_two_jobs_never_hold_one_gpu(client: Client, tmp_path: Path):
             assert start >= end, f"GPU {gpu} ran two jobs at once"
 
 
-def test_local_and_remote_operations_agree(client: Client, remote_client: Client):
+def test_local_and_remote_operations_agree(client: Client, remote_client: Client,
+                                           stack_settings):
     job = remote_client.submit("echo remote-hello")
     assert remote_client.job(job.id).wait(timeout_s=30) == "SUCCEEDED"
     for op, kwargs in [("queue", {"limit": 5}), ("job", {"job_id": job.id}),
@@ -153,7 +156,7 @@ def test_local_and_remote_operations_agree(client: Client, remote_client: Client
     assert "remote-hello" in remote_client.job(job.id).logs()
     status_local, status_remote = client.call("status"), remote_client.call("status")
     assert status_local["counts"] == status_remote["counts"]
-    assert [h["host"] for h in status_local["hosts"]] == ["e2ehost"]
+    assert [h["host"] for h in status_local["hosts"]] == [stack_settings.hostname]
 
 
 def _drop_live_durations(*answers: dict) -> None:
@@ -184,11 +187,12 @@ def _gpu_worker_pid(host: str, index: int) -> int:
 
 @pytest.mark.parametrize(("max_restarts", "final"), [(1, "RUNNING"), (0, "LOST")])
 def test_sigkilled_worker_job_is_restarted_or_lost_and_its_gpu_freed(client: Client,
+                                                                     stack_settings,
                                                                      max_restarts, final):
     job = client.submit(f"sleep 300 # restarts {max_restarts}", max_restarts=max_restarts)
     _until(lambda: job.status == "RUNNING")
     first = client.call("job", job_id=job.id)
-    os.kill(_gpu_worker_pid("e2ehost", first["gpu_ids"][0]), 9)
+    os.kill(_gpu_worker_pid(stack_settings.hostname, first["gpu_ids"][0]), 9)
     # The supervisor starts the worker again; it stops the orphaned job and settles it.
     _until(lambda: not _group_alive(first["pid"]), timeout_s=60)
     row = _until(lambda: (r := job.row())["status"] == final and
