@@ -157,9 +157,23 @@ def queue(status: str | None = typer.Option(None, "--status", help="Only this st
     if as_json:
         _print_json(out)
         return
-    from app.views import queue_table
+    from app.views import launch_lines, queue_table
 
+    if launch_id is not None:
+        launch_lines(_client().call("launches", launch_id=launch_id)["launches"])
     queue_table(out["jobs"], out["total"])
+
+
+@cli.command()
+def launches(as_json: bool = JsonOpt) -> None:
+    """One line per recent launch: its replicas' counts per state."""
+    out = _client().call("launches")
+    if as_json:
+        _print_json(out)
+        return
+    from app.views import launch_lines
+
+    launch_lines(out["launches"])
 
 
 @cli.command()

@@ -7,13 +7,23 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import cloudpickle
+
+from app import payloads
 from app.celery_app import CONTROL_QUEUE
-from app.errors import GpuqError, OperationTimeout, error_from_envelope
+from app.errors import (
+    GpuqError,
+    OperationTimeout,
+    PayloadTooLarge,
+    RemoteError,
+    error_from_envelope,
+)
 from app.ops import call_local
 from app.runtime import Runtime
 from app.settings import Settings
@@ -56,19 +66,72 @@ class Client:
         value: dict[str, Any] = envelope["value"]
         return value
 
-    def submit(self, command: str | Sequence[str], allow_duplicate: bool = False,
-               **options: Any) -> JobHandle:
-        """Queue one job; options are JobSpec fields (gpus, name, priority, env, ...).
+    def submit(self, command: str | Sequence[str] | Callable[..., Any], *args: Any,
+               allow_duplicate: bool = False, **options: Any) -> JobHandle:
+        """Queue one job: a shell command, or a Python callable with `args`.
 
-        Raises DuplicateJob when an identical job has not ended, unless allow_duplicate."""
+        Options are JobSpec fields (gpus, name, priority, env, ...). A command identical to
+        one not yet ended raises DuplicateJob, unless allow_duplicate."""
+        if callable(command):
+            payload = {"kind": "function", "call": _pickled_call(command, args)}
+            spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
+            out = self._with_payload(payload, lambda key: self.call(
+                "submit", spec={**spec, "payload_key": key}, allow_duplicate=True))
+            return JobHandle(self, out["job_ids"][0])
+        if args:
+            raise GpuqError("arguments after a shell command belong in the command itself")
         out = self.call("submit", spec=_spec(command, options), allow_duplicate=allow_duplicate)
         return JobHandle(self, out["job_ids"][0])
 
-    def launch(self, command: str | Sequence[str], num_jobs: int, **options: Any
+    def launch(self, command: str | Sequence[str], num_jobs: int | None = None,
+               rank_args: Sequence[Sequence[Any]] | None = None, **options: Any
                ) -> LaunchHandle:
-        """Queue `num_jobs` replicas of one command; each sees its GPUQ_JOB_RANK."""
-        out = self.call("launch", spec=_spec(command, options), num_jobs=num_jobs)
+        """Queue N replicas of one command, stored once; each sees its GPUQ_JOB_RANK.
+
+        `{rank}` and `{num_jobs}` in the command are replaced per replica; `rank_args`
+        gives each replica its own arguments (N defaults to their number)."""
+        if rank_args is not None:
+            num_jobs = len(rank_args) if num_jobs is None else num_jobs
+            if num_jobs != len(rank_args):
+                raise GpuqError(f"{len(rank_args)} argument sets for {num_jobs} replicas: "
+                                "give one set per replica")
+        if num_jobs is None:
+            raise GpuqError("say how many replicas: num_jobs=N or rank_args=[...]")
+        spec = _spec(command, options)
+        payload = {"kind": "command", "command": spec["command"],
+                   "rank_args": [list(a) for a in rank_args] if rank_args is not None else None}
+        out = self._with_payload(payload, lambda key: self.call(
+            "launch", spec={**spec, "payload_key": key}, num_jobs=num_jobs))
         return LaunchHandle(self, out["launch_id"], out["job_ids"])
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], **options: Any
+            ) -> LaunchHandle:
+        """A launch of `fn(item)` for each item: replica r calls it on the r-th item."""
+        values = list(items)
+        if not values:
+            raise GpuqError("map() needs at least one item")
+        payload = {"kind": "function", "call": _pickled_call(fn, ()),
+                   "items": [cloudpickle.dumps(v) for v in values]}
+        spec = {**_spec(_describe(fn), _function_options(options)), "kind": "function"}
+        out = self._with_payload(payload, lambda key: self.call(
+            "launch", spec={**spec, "payload_key": key}, num_jobs=len(values)))
+        return LaunchHandle(self, out["launch_id"], out["job_ids"])
+
+    def _with_payload(self, payload: dict[str, Any],
+                      enqueue: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """Store the payload once (refused above the size limit before anything is
+        queued), then queue; a refused queueing takes its payload with it."""
+        settings = self.settings
+        try:
+            key = payloads.store(self.rt.redis, payload, settings.payload_ttl_s,
+                                 settings.max_payload_bytes)
+        except PayloadTooLarge as e:
+            raise PayloadTooLarge(f"payload refused: {e} (GPUQ_MAX_PAYLOAD_BYTES)") from None
+        try:
+            return enqueue(key)
+        except BaseException:
+            self.rt.redis.delete(key)
+            raise
 
     def job(self, job_id: int) -> JobHandle:
         return JobHandle(self, job_id)
@@ -92,6 +155,34 @@ class Client:
 
     def close(self) -> None:
         self.rt.close()
+
+
+def _rebuild(pickled: bytes | None) -> BaseException | None:
+    """The remote exception, when it unpickles here."""
+    if pickled is None:
+        return None
+    try:
+        error = cloudpickle.loads(pickled)
+    except Exception:
+        return None
+    return error if isinstance(error, BaseException) else None
+
+
+def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """The call as bytes of its own: only the job's process unpickles it, where the
+    function's modules can be imported (the worker itself never runs user code)."""
+    return bytes(cloudpickle.dumps({"fn": fn, "args": args, "kwargs": {}}))
+
+
+def _function_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A function job runs where it was submitted from unless told otherwise, so that
+    functions of the caller's own modules import there."""
+    return {"workdir": os.getcwd(), **options}
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"python: {getattr(fn, '__module__', '?')}.{name}(...)"
 
 
 def _spec(command: str | Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +217,25 @@ class JobHandle:
     def logs(self) -> str:
         text: str = self.client.call("logs", job_id=self.id)["text"]
         return text
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Wait for a function job; return its value or raise its exception, whose notes
+        carry the remote traceback."""
+        status = self.wait(timeout_s)
+        data = self.client.rt.redis.get(payloads.result_key(self.id))
+        if data is None:
+            reason = self.row()["reason"]
+            raise GpuqError(f"job {self.id} ended {status} without a result"
+                            + (f": {reason}" if reason else ""))
+        envelope = payloads.unpack(bytes(data))  # type: ignore[arg-type]
+        if envelope["ok"]:
+            return cloudpickle.loads(envelope["value"])
+        error = _rebuild(envelope.get("exception"))
+        if error is not None:
+            error.add_note(f"remote traceback (job {self.id}):\n{envelope['traceback']}")
+            raise error
+        raise RemoteError(f"job {self.id} raised {envelope['type']}: {envelope['message']}\n"
+                          f"{envelope['traceback']}")
 
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", ids=[self.id])

@@ -40,12 +40,21 @@ class JobSpec(BaseModel):
     preflight: str | None = None
     tmux: bool = False
     origin: str | None = None
+    kind: str = "command"
+    payload_key: str | None = None
 
     @field_validator("command")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in ("command", "function"):
+            raise ValueError("kind is 'command' or 'function'")
         return value
 
     @field_validator("backend")
@@ -70,7 +79,8 @@ class JobSpec(BaseModel):
     def content_hash(self) -> str:
         """Hash of what makes two jobs the same work (for duplicate prevention)."""
         key = self.model_dump(include={"command", "env", "gpus", "workdir", "backend",
-                                       "venv", "conda_env", "allowed_gpu_ids", "preflight"})
+                                       "venv", "conda_env", "allowed_gpu_ids", "preflight",
+                                       "kind", "payload_key"})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -82,7 +92,8 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     now = time.time()
     launch_id = None
     if launch:
-        row = Launch(name=spec.name, num_jobs=num_jobs, command=spec.command, created_at=now)
+        row = Launch(name=spec.name, num_jobs=num_jobs, command=spec.command, created_at=now,
+                     payload_key=spec.payload_key)
         session.add(row)
         session.flush()
         launch_id = row.id

@@ -18,6 +18,7 @@ class Launch(SQLModel, table=True):
     num_jobs: int
     command: str
     created_at: float
+    payload_key: str | None = None
 
 
 class Job(SQLModel, table=True):
@@ -25,6 +26,7 @@ class Job(SQLModel, table=True):
     __table_args__ = (
         Index("ix_jobs_dispatch", "state", "priority", "id"),
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
+        Index("ix_jobs_launch_state", "launch_id", "state"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -32,7 +34,9 @@ class Job(SQLModel, table=True):
     launch_id: int | None = Field(default=None, foreign_key="launches.id")
     rank: int = 0
     num_jobs: int = 1
-    command: str
+    command: str  # for a function job, what it calls; the call itself is in the payload
+    kind: str = "command"  # command | function
+    payload_key: str | None = None  # the launch's payload in Redis
     env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     workdir: str | None = None
     venv: str | None = None

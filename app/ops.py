@@ -21,7 +21,7 @@ from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
 from app.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
 from app.models import Job, JobEvent, Launch
 from app.runtime import Runtime
-from app.states import JobState
+from app.states import TERMINAL, JobState
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,21 @@ def call_local(rt: Runtime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]
             f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}"
         ) from None
     return fn(rt, **kwargs)
+
+
+def drop_payload_if_finished(rt: Runtime, job_id: int, launch_id: int | None,
+                             payload_key: str | None) -> bool:
+    """Delete a launch's payload once none of its replicas can run again."""
+    if payload_key is None:
+        return False
+    scope = col(Job.launch_id) == launch_id if launch_id is not None else col(Job.id) == job_id
+    with rt.session() as session:
+        active = session.exec(select(Job.id).where(
+            scope, col(Job.state).not_in([s.value for s in TERMINAL])).limit(1)).first()
+    if active is not None:
+        return False
+    rt.redis.delete(payload_key)
+    return True
 
 
 def _kick_dispatch(rt: Runtime) -> None:
@@ -219,11 +234,17 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
                               only_from=[JobState.RUNNING])
         already = list(session.scalars(select(Job.id).where(
             *where, col(Job.state) == JobState.CANCELLING.value)))
+        payloads = session.exec(
+            select(func.min(Job.id), col(Job.launch_id), col(Job.payload_key))
+            .where(*where, col(Job.payload_key).is_not(None))
+            .group_by(col(Job.launch_id), col(Job.payload_key))).all() if cancelled else []
     if already:
         pipe = rt.redis.pipeline(transaction=False)
         for job_id in already:
             pipe.set(keys.cancel(job_id), 1, ex=86400)
         pipe.execute()
+    for job_id, lid, key in payloads:
+        drop_payload_if_finished(rt, job_id or 0, lid, key)
     return {"cancelled": sorted(cancelled), "cancelling": sorted(stopping)}
 
 

@@ -33,7 +33,11 @@ def payload_key(kind: str = "launch") -> str:
 
 def pack(value: Any, limit_bytes: int) -> bytes:
     """Pickle, maybe gzip, and frame a value; refuse it above `limit_bytes` stored."""
-    body = cloudpickle.dumps(value)
+    return frame(cloudpickle.dumps(value), limit_bytes)
+
+
+def frame(body: bytes, limit_bytes: int) -> bytes:
+    """Maybe gzip, then frame already pickled bytes; refuse them above `limit_bytes`."""
     flags = 0
     if len(body) > GZIP_ABOVE_BYTES:
         body = gzip.compress(body, compresslevel=1)
@@ -41,13 +45,18 @@ def pack(value: Any, limit_bytes: int) -> bytes:
     data = _HEADER.pack(MAGIC, flags, hashlib.sha256(body).digest()) + body
     if len(data) > limit_bytes:
         raise PayloadTooLarge(
-            f"payload is {len(data):,} bytes after compression, over the limit of "
-            f"{limit_bytes:,}; pass large data by path or raise GPUQ_MAX_PAYLOAD_BYTES")
+            f"{len(data):,} bytes after compression, over the limit of {limit_bytes:,}; "
+            "pass large data by path instead")
     return data
 
 
 def unpack(data: bytes) -> Any:
     """The value framed by `pack`; PayloadError when it is not intact."""
+    return cloudpickle.loads(unframe(data))
+
+
+def unframe(data: bytes) -> bytes:
+    """The pickled bytes inside a frame; PayloadError when it is not intact."""
     if len(data) < _HEADER.size:
         raise PayloadError("payload is truncated: shorter than its header")
     magic, flags, digest = _HEADER.unpack_from(data)
@@ -58,7 +67,7 @@ def unpack(data: bytes) -> Any:
         raise PayloadError("payload is corrupted: its checksum does not match")
     if flags & 1:
         body = gzip.decompress(body)
-    return cloudpickle.loads(body)
+    return body
 
 
 def store(r: redis.Redis, value: Any, ttl_s: int, limit_bytes: int, kind: str = "launch"
@@ -67,6 +76,10 @@ def store(r: redis.Redis, value: Any, ttl_s: int, limit_bytes: int, kind: str = 
     key = payload_key(kind)
     r.set(key, pack(value, limit_bytes), ex=ttl_s)
     return key
+
+
+def result_key(job_id: int) -> str:
+    return f"gpuq:result:{job_id}"
 
 
 def load(r: redis.Redis, key: str) -> Any:

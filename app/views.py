@@ -39,6 +39,15 @@ def queue_table(rows: list[dict[str, Any]], total: int) -> None:
     console.print(table)
 
 
+def launch_lines(launches: list[dict[str, Any]]) -> None:
+    """`launch 3 sweep: 10000 jobs  succeeded=9990 failed=2 running=8  python train.py`"""
+    for launch in launches:
+        counts = " ".join(f"[{STATE_STYLE.get(k, '')}]{k.lower()}={v}[/]"
+                          for k, v in sorted(launch["counts"].items()))
+        console.print(f"launch {launch['id']} {launch['name'] or ''}: {launch['num_jobs']} jobs"
+                      f"  {counts}  [dim]{launch['command']}[/]", highlight=False)
+
+
 def status_table(status: dict[str, Any]) -> None:
     table = Table(title="GPUs", title_justify="left")
     for column in ("host", "gpu", "name", "memory", "util", "worker", "job", "foreign use"):

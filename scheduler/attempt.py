@@ -14,9 +14,11 @@ from sqlmodel import col
 from app import keys
 from app.jobs import move, note, transition
 from app.models import Job
+from app.ops import drop_payload_if_finished
+from app.payloads import PayloadError
 from app.runtime import Runtime
 from app.states import JobState
-from scheduler import executor
+from scheduler import calls, executor
 from scheduler.allocator import Dispatcher, holder, refresh, release
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,13 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
         f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
     if job.preflight and not _preflight(rt, job, env, path):
         return JobState.FAILED_PRECHECK.value
+    try:
+        command = calls.resolve_command(rt, job)
+    except PayloadError as e:
+        with rt.session() as session:
+            transition(session, JobState.FAILED_PRECHECK, str(e), [col(Job.id) == job_id],
+                       {"ended_at": time.time()}, only_from=[JobState.STARTING])
+        return JobState.FAILED_PRECHECK.value
     with rt.session() as session:
         started = transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
                              {"started_at": time.time(), "host": host},
@@ -68,7 +77,7 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
         return "skipped (cancelled)"
     try:
         outcome = _runner(rt, job)(
-            job, env, path, grace_s=settings.kill_grace_s,
+            job, command, env, path, grace_s=settings.kill_grace_s,
             cancel_requested=lambda: bool(rt.redis.exists(keys.cancel(job_id))),
             on_start=lambda pid: _record_pid(rt, job_id, pid),
             heartbeat=lambda: refresh(rt.redis, host, gpu_ids, holder(job_id, attempt),
@@ -80,7 +89,11 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
             move(session, job_id, JobState.FAILED, f"could not start: {e}",
                  {"ended_at": time.time()})
         return "failed to start"
-    return _record_outcome(rt, job, outcome)
+    failure = calls.collect_result(rt, job) if job.kind == "function" else None
+    state = _record_outcome(rt, job, outcome, failure)
+    if JobState(state).terminal:
+        drop_payload_if_finished(rt, job_id, job.launch_id, job.payload_key)
+    return state
 
 
 def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
@@ -116,7 +129,9 @@ def _record_pid(rt: Runtime, job_id: int, pid: int) -> None:
             job.pid = pid
 
 
-def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome) -> str:
+def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
+                    failure: str | None = None) -> str:
+    """Record how the attempt ended; `failure` explains a function job's failure."""
     assert job.id is not None
     now = time.time()
     with rt.session() as session:
@@ -130,19 +145,23 @@ def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome) -> str:
             rt.redis.delete(keys.cancel(job.id))
             transition(session, JobState.CANCELLED, "cancelled by user", where, ended)
             return JobState.CANCELLED.value
-        if outcome.exit_code == 0:
+        if outcome.exit_code == 0 and failure is None:
             transition(session, JobState.SUCCEEDED, None, where, ended)
             return JobState.SUCCEEDED.value
+        if outcome.exit_code == 0:  # the call returned, but its result cannot be kept
+            transition(session, JobState.FAILED, failure, where, ended)
+            return JobState.FAILED.value
         free_restart = outcome.exit_code in current.recover_exit_codes
         if free_restart or current.restart_count < current.max_restarts:
-            reason = f"exit code {outcome.exit_code}; restarting"
+            reason = f"{failure or f'exit code {outcome.exit_code}'}; restarting"
             spent = 0 if free_restart else 1
             moved = transition(session, JobState.RECOVERING, reason, where,
                                {**ended, "restart_count": current.restart_count + spent})
             if moved:
                 transition(session, JobState.PENDING, "restart", where)
                 return JobState.RECOVERING.value
-        transition(session, JobState.FAILED, f"exit code {outcome.exit_code}", where, ended)
+        transition(session, JobState.FAILED, failure or f"exit code {outcome.exit_code}", where,
+                   ended)
         return JobState.FAILED.value
 
 

@@ -48,12 +48,12 @@ def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: st
     return env
 
 
-def shell_script(job: Job) -> str:
+def shell_script(job: Job, command: str) -> str:
     """The bash script that runs the command, activating a conda env when one is named."""
     if not job.conda_env:
-        return job.command
+        return command
     return (f'eval "$(conda shell.bash hook)" && conda activate {shlex.quote(job.conda_env)} '
-            f"&& {job.command}")
+            f"&& {command}")
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
@@ -96,14 +96,14 @@ def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def run(job: Job, env: dict[str, str], log_path: Path, *, grace_s: float,
+def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         cancel_requested: Callable[[], bool], on_start: Callable[[int], None],
         heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
     """Run the job to its end, or until `cancel_requested` says stop."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            ["bash", "-c", shell_script(job)], stdin=subprocess.DEVNULL, stdout=log,
+            ["bash", "-c", shell_script(job, command)], stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )

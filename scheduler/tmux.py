@@ -26,16 +26,19 @@ def tmux_command(socket: Path, *args: str) -> list[str]:
     return ["tmux", "-S", str(socket), *args]
 
 
-def _script(job: Job, env: dict[str, str], log_path: Path, exit_path: Path) -> str:
+def _script(job: Job, command: str, env: dict[str, str], log_path: Path, exit_path: Path
+            ) -> str:
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()
                         if k.isidentifier())
     workdir = f"cd {shlex.quote(job.workdir)}\n" if job.workdir else ""
+    script = shlex.quote(shell_script(job, command))
     return (f"{exports}\n{workdir}"
-            f"bash -c {shlex.quote(shell_script(job))} 2>&1 | tee -a {shlex.quote(str(log_path))}\n"
+            f"bash -c {script} 2>&1 | tee -a {shlex.quote(str(log_path))}\n"
             f"echo ${{PIPESTATUS[0]}} > {shlex.quote(str(exit_path))}\n")
 
 
-def run(job: Job, env: dict[str, str], log_path: Path, *, socket: Path, grace_s: float,
+def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
+        grace_s: float,
         cancel_requested: Callable[[], bool], on_start: Callable[[int], None],
         heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
     """Run the job in `tmux new-session -d` and wait for it like the direct executor."""
@@ -43,7 +46,7 @@ def run(job: Job, env: dict[str, str], log_path: Path, *, socket: Path, grace_s:
     script_path = log_path.with_suffix(".tmux.sh")
     exit_path = log_path.with_suffix(".exit")
     exit_path.unlink(missing_ok=True)
-    script_path.write_text(_script(job, env, log_path, exit_path))
+    script_path.write_text(_script(job, command, env, log_path, exit_path))
     # -P prints the pane's pid as the session is made: a short job may be gone a moment later.
     pane_pid = int(subprocess.run(
         tmux_command(socket, "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name,

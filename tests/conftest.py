@@ -191,6 +191,7 @@ def stack_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB,
                     hostname=host, fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
                     monitor_interval_s=0.5, visibility_timeout_s=2, cpu_slots=1,
+                    max_result_bytes=1_000_000,
                     preflight_commands=PREFLIGHT_FAKES, _env_file=None)
 
 

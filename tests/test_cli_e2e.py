@@ -149,3 +149,15 @@ def test_attach_to_a_job_not_started_with_tmux_names_the_fix(stack, stack_settin
     result = gpuq(stack_settings, "attach", job_id)
     assert result.returncode == 2
     assert f"job {job_id} was not started with --tmux; read it with `gpuq logs`" in result.stderr
+
+
+def test_launch_summary_lines_and_rank_substitution(stack, stack_settings):
+    out = json.loads(gpuq(stack_settings, "launch", "-n", "3", "--name", "ranked", "--json",
+                          "--", "echo", "rank={rank}/{num_jobs}").stdout)
+    assert gpuq(stack_settings, "wait", "--launch", str(out["launch_id"]),
+                "--timeout", "60").returncode == 0
+    assert "rank=2/3" in gpuq(stack_settings, "logs", str(out["job_ids"][2])).stdout
+    summary = gpuq(stack_settings, "launches").stdout
+    assert f"launch {out['launch_id']} ranked: 3 jobs  succeeded=3" in summary
+    table = gpuq(stack_settings, "queue", "--launch", str(out["launch_id"])).stdout
+    assert f"launch {out['launch_id']} ranked" in table and "3 of 3 jobs" in table

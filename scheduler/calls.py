@@ -1,0 +1,82 @@
+"""From a job row to the command that runs: its launch's payload, per-rank arguments,
+and Python-function calls through the universal runner; then the function's result."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from adapters import runner
+from app import payloads
+from app.models import Job
+from app.runtime import Runtime
+
+
+def run_dir(rt: Runtime, job_id: int) -> Path:
+    return rt.settings.home / "run" / str(job_id)
+
+
+def resolve_command(rt: Runtime, job: Job) -> str:
+    """The shell command of this replica; raises PayloadError when its payload is unusable."""
+    if job.payload_key is None:
+        return _substitute(job.command, job)
+    payload = payloads.load(rt.redis, job.payload_key)
+    if payload["kind"] == "function":
+        return _function_command(rt, job, payload)
+    command = payload["command"]
+    rank_args = payload.get("rank_args")
+    if rank_args is not None:
+        command = f"{command} {shlex.join(str(a) for a in rank_args[job.rank])}"
+    return _substitute(command, job)
+
+
+def _substitute(command: str, job: Job) -> str:
+    """`{rank}` and `{num_jobs}` in a command become this replica's values."""
+    return command.replace("{rank}", str(job.rank)).replace("{num_jobs}", str(job.num_jobs))
+
+
+def _function_command(rt: Runtime, job: Job, payload: dict[str, Any]) -> str:
+    """Write this replica's call where the runner reads it; return the runner's command.
+
+    The call stays pickled bytes here: the worker never unpickles user code."""
+    assert job.id is not None
+    directory = run_dir(rt, job.id)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = {"call": payload["call"]}
+    items = payload.get("items")
+    if items is not None:
+        spec["item"] = items[job.rank]
+    (directory / "call.pkl").write_bytes(cloudpickle.dumps(spec))
+    (directory / "result.pkl").unlink(missing_ok=True)
+    # The worker's interpreter runs the call: it has cloudpickle and gpuq installed.
+    return (f"{shlex.quote(sys.executable)} -m adapters.runner "
+            f"--payload-file {shlex.quote(str(directory / 'call.pkl'))} "
+            f"--result-file {shlex.quote(str(directory / 'result.pkl'))}")
+
+
+def collect_result(rt: Runtime, job: Job) -> str | None:
+    """Store a function job's envelope for `result()`; return why the job failed, if it did."""
+    assert job.id is not None
+    directory = run_dir(rt, job.id)
+    path = directory / "result.pkl"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    limit = rt.settings.max_result_bytes
+    if len(data) > limit:
+        return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES ({limit:,}); "
+                "return a path to large data instead")
+    rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62),
+                 ex=rt.settings.keep_result_s)
+    envelope = runner.read_envelope_status(data)
+    if envelope["ok"]:
+        return None
+    return f"raised {envelope['type']}: {envelope['message']}"
