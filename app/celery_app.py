@@ -32,8 +32,9 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
         task_acks_late=False,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost every job three extra broker messages; Flower switches them on
+        # over the control channel while it runs (its `enable_events` broadcast).
+        worker_send_task_events=False,
         worker_hijack_root_logger=False,
         beat_schedule={
             "dispatch": {

@@ -259,7 +259,17 @@ class LaunchHandle:
         return counts
 
     def wait(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        return self.client.wait(self.job_ids, timeout_s)
+        """Block until every replica has ended (polling one count per state); return rows."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        terminal = {s.value for s in JobState if s.terminal}
+        while sum(n for state, n in self.counts().items() if state in terminal) < len(
+                self.job_ids):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"launch {self.id} still running after {timeout_s}s")
+            time.sleep(POLL_S)
+        rows: list[dict[str, Any]] = self.client.call(
+            "queue", launch_id=self.id, limit=max(1, len(self.job_ids)))["jobs"]
+        return rows
 
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", launch_id=self.id)

@@ -25,6 +25,7 @@ class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_dispatch", "state", "priority", "id"),
+        Index("ix_jobs_dispatch_cpu", "state", "gpus", "priority", "id"),
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
     )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import ColumnElement, func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app import keys
 from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
@@ -70,7 +70,7 @@ def _kick_dispatch(rt: Runtime) -> None:
     from scheduler.allocator import Dispatcher
 
     try:
-        Dispatcher(rt).dispatch()
+        Dispatcher(rt).dispatch(max_passes=2)
     except (redis.RedisError, OSError) as e:
         log.warning("stored, but not routed yet (%s); the periodic dispatch will route it", e)
 
@@ -88,8 +88,20 @@ def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False) -> 
         if not allow_duplicate:
             refuse_duplicate(session, job_spec)
         _, ids = create_jobs(session, job_spec, 1, launch=False)
+        _fail_if_too_big(rt, session, job_spec, col(Job.id).in_(ids))
     _kick_dispatch(rt)
     return {"job_ids": ids, "launch_id": None}
+
+
+def _fail_if_too_big(rt: Runtime, session: Session, spec: JobSpec,
+                     where: ColumnElement[bool]) -> None:
+    """Jobs no registered host can ever hold end FAILED_NO_RESOURCE at once."""
+    from scheduler.allocator import largest_host, no_resource_reason
+
+    largest = largest_host(rt.redis)
+    if spec.backend == "local" and largest is not None and spec.gpus > largest:
+        transition(session, JobState.FAILED_NO_RESOURCE, no_resource_reason(spec.gpus, largest),
+                   [where], only_from=[JobState.PENDING])
 
 
 def _check_preflight(rt: Runtime, spec: JobSpec) -> None:
@@ -127,6 +139,7 @@ def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int) -> dict[str, Any]:
     rt.check_broker()  # refuse before storing anything when the broker is unreachable
     with rt.session() as session:
         launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True)
+        _fail_if_too_big(rt, session, job_spec, col(Job.launch_id) == launch_id)
     _kick_dispatch(rt)
     return {"job_ids": ids, "launch_id": launch_id}
 

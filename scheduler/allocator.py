@@ -12,12 +12,14 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import redis
-from sqlmodel import col, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlmodel import col
 
 from app import keys
-from app.celery_app import CPU_QUEUE, gpu_queue
+from app.celery_app import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
 from app.jobs import transition
 from app.models import Job
 from app.runtime import Runtime
@@ -57,7 +59,8 @@ end
 return 1
 """
 
-DISPATCH_BATCH = 1000
+DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass
+SCAN_CHUNK = 64  # PENDING GPU jobs read at a time, until the free GPUs are spoken for
 
 
 def holder(job_id: int, attempt: int) -> str:
@@ -66,18 +69,26 @@ def holder(job_id: int, attempt: int) -> str:
     return f"{job_id}.{attempt}"
 
 
+def _script(r: redis.Redis, source: str) -> Any:
+    """The script registered on this client (sent by SHA after the first call)."""
+    scripts: dict[str, Any] = r.__dict__.setdefault("_gpuq_scripts", {})
+    if source not in scripts:
+        scripts[source] = r.register_script(source)
+    return scripts[source]
+
+
 def reserve(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> bool:
     hold_keys = [keys.hold(host, i) for i in gpu_ids]
     alive_keys = [keys.alive(host, i) for i in gpu_ids]
-    return bool(r.eval(_RESERVE, len(gpu_ids) * 2, *hold_keys, *alive_keys, token, ttl_s))
+    return bool(_script(r, _RESERVE)(keys=[*hold_keys, *alive_keys], args=[token, ttl_s]))
 
 
 def release(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> int:
-    return int(r.eval(_RELEASE, len(gpu_ids), *[keys.hold(host, i) for i in gpu_ids], token))
+    return int(_script(r, _RELEASE)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token]))
 
 
 def refresh(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> None:
-    r.eval(_REFRESH, len(gpu_ids), *[keys.hold(host, i) for i in gpu_ids], token, ttl_s)
+    _script(r, _REFRESH)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token, ttl_s])
 
 
 @dataclass
@@ -114,7 +125,7 @@ def _foreign(reading: bytes | None) -> bool:
     return reading is not None and bool(json.loads(reading).get("foreign"))
 
 
-def _pick(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]
+def _pick(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]
           ) -> tuple[HostView, list[int]] | None:
     """Best fit: the host with the fewest usable free GPUs that still holds the job."""
     options = []
@@ -129,7 +140,7 @@ def _pick(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]
     return host, gpus
 
 
-def _earmark(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> None:
+def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> None:
     """Set free GPUs aside for a job that cannot start yet, so smaller jobs behind it do
     not take them one by one forever (no starvation of multi-GPU jobs)."""
     fitting = [h for h in hosts if h.capacity >= job.gpus]
@@ -141,15 +152,51 @@ def _earmark(job: Job, hosts: list[HostView], earmarked: set[tuple[str, int]]) -
     earmarked.update((host.name, i) for i in usable[: job.gpus])
 
 
+def no_resource_reason(gpus: int, largest: int) -> str:
+    return f"asks for {gpus} GPUs; the largest registered host has {largest}"
+
+
+def largest_host(r: redis.Redis) -> int | None:
+    """GPUs of the largest registered host, None while no host has registered."""
+    hosts = [h.decode() for h in r.smembers(keys.HOSTS)]  # type: ignore[union-attr]
+    sizes = [int(r.hlen(keys.host_gpus(h))) for h in hosts]  # type: ignore[arg-type]
+    return max(sizes) if sizes else None
+
+
+class Candidate(NamedTuple):
+    """The few columns of a PENDING job that placing it needs."""
+
+    id: int
+    gpus: int
+    allowed_gpu_ids: list[int] | None
+    attempt: int
+    priority: int
+
+
+CandidateQuery = Select[int | None, int, list[int] | None, int, int]
+
+
+def _candidates(*where: ColumnElement[bool]) -> CandidateQuery:
+    """PENDING local jobs matching `where`, highest priority first, then oldest."""
+    return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
+                   col(Job.priority))
+            .where(col(Job.state) == JobState.PENDING.value, col(Job.backend) == "local", *where)
+            .order_by(col(Job.priority).desc(), col(Job.id)))
+
+
 class Dispatcher:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def dispatch(self) -> int:
-        """Run passes while work keeps arriving; return how many jobs were routed."""
+    def dispatch(self, max_passes: int | None = None) -> int:
+        """Run passes while work keeps arriving; return how many jobs were routed.
+
+        Servers (workers, beat) pass no limit and serve every request that arrives while
+        they hold the lock. A client passes a small `max_passes` so that its call returns;
+        a request left over is then handed to the control queue."""
         r = self.rt.redis
         lock = r.lock(keys.DISPATCH_LOCK, timeout=60)
-        routed = 0
+        routed, passes = 0, 0
         while True:
             if not lock.acquire(blocking=False):
                 r.set(keys.DISPATCH_DIRTY, 1)
@@ -158,40 +205,73 @@ class Dispatcher:
                 while True:
                     r.delete(keys.DISPATCH_DIRTY)
                     routed += self._pass()
+                    passes += 1
                     if not r.exists(keys.DISPATCH_DIRTY):
                         break
+                    if max_passes is not None and passes >= max_passes:
+                        self._hand_over()
+                        return routed
             finally:
                 lock.release()
             # A request may have come between our last check and the release.
             if not r.exists(keys.DISPATCH_DIRTY):
                 return routed
 
+    def _hand_over(self) -> None:
+        interval = self.rt.settings.dispatch_interval_s
+        self.rt.celery.send_task("gpuq.dispatch", queue=CONTROL_QUEUE, expires=interval)
+
     def _pass(self) -> int:
         hosts = read_hosts(self.rt.redis)
-        with self.rt.session() as session:
-            pending = list(session.exec(
-                select(Job).where(Job.state == JobState.PENDING.value, col(Job.backend) == "local")
-                .order_by(col(Job.priority).desc(), col(Job.id)).limit(DISPATCH_BATCH)
-            ))
         largest = max((h.capacity for h in hosts), default=0)
+        routed = self._start_cpu_jobs()
         earmarked: set[tuple[str, int]] = set()
-        routed = 0
-        for job in pending:
-            if job.gpus == 0:
-                routed += self._start(job, None, [])
-            elif hosts and job.gpus > largest:
-                self._no_resource(job, largest)
-            elif (choice := _pick(job, hosts, earmarked)) is not None:
-                host, gpus = choice
-                if self._start(job, host.name, gpus):
-                    host.free = [i for i in host.free if i not in gpus]
-                    routed += 1
-            else:
-                _earmark(job, hosts, earmarked)
+
+        def usable() -> int:
+            return sum(1 for h in hosts for i in h.free if (h.name, i) not in earmarked)
+
+        after: Candidate | None = None
+        while usable() > 0:
+            chunk = self._pending_gpu_jobs(after)
+            if not chunk:
+                break
+            for job in chunk:
+                if job.gpus > largest:
+                    self._no_resource(job, largest)
+                elif (choice := _pick(job, hosts, earmarked)) is not None:
+                    host, gpus = choice
+                    if self._start(job, host.name, gpus):
+                        host.free = [i for i in host.free if i not in gpus]
+                        routed += 1
+                else:
+                    _earmark(job, hosts, earmarked)
+                if usable() == 0:
+                    break
+            after = chunk[-1]
         return routed
 
-    def _start(self, job: Job, host: str | None, gpus: list[int]) -> int:
-        assert job.id is not None
+    def _pending_gpu_jobs(self, after: Candidate | None) -> list[Candidate]:
+        """The next PENDING GPU jobs by priority, then id (keyset paging)."""
+        where = [col(Job.gpus) > 0]
+        if after is not None:
+            where.append(or_(col(Job.priority) < after.priority, and_(
+                col(Job.priority) == after.priority, col(Job.id) > after.id)))
+        query = _candidates(*where).limit(SCAN_CHUNK)
+        with self.rt.session() as session:
+            return [Candidate(*row) for row in session.execute(query)]
+
+    def _start_cpu_jobs(self) -> int:
+        query = _candidates(col(Job.gpus) == 0).limit(DISPATCH_BATCH)
+        with self.rt.session() as session:
+            jobs = [Candidate(*row) for row in session.execute(query)]
+        return sum(self._start(job, None, []) for job in jobs)
+
+    def _no_resource(self, job: Candidate, largest: int) -> None:
+        with self.rt.session() as session:
+            transition(session, JobState.FAILED_NO_RESOURCE, no_resource_reason(job.gpus, largest),
+                       [col(Job.id) == job.id], only_from=[JobState.PENDING])
+
+    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> int:
         r, ttl = self.rt.redis, self.rt.settings.reservation_ttl_s
         attempt = job.attempt + 1
         token = holder(job.id, attempt)
@@ -209,9 +289,3 @@ class Dispatcher:
         self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
         return 1
-
-    def _no_resource(self, job: Job, largest: int) -> None:
-        reason = f"asks for {job.gpus} GPUs; the largest registered host has {largest}"
-        with self.rt.session() as session:
-            transition(session, JobState.FAILED_NO_RESOURCE, reason, [col(Job.id) == job.id],
-                       only_from=[JobState.PENDING])

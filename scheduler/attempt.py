@@ -69,17 +69,11 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
             transition(session, JobState.FAILED_PRECHECK, str(e), [col(Job.id) == job_id],
                        {"ended_at": time.time()}, only_from=[JobState.STARTING])
         return JobState.FAILED_PRECHECK.value
-    with rt.session() as session:
-        started = transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
-                             {"started_at": time.time(), "host": host},
-                             only_from=[JobState.STARTING])
-    if not started:  # cancelled between the read and the move
-        return "skipped (cancelled)"
     try:
         outcome = _runner(rt, job)(
             job, command, env, path, grace_s=settings.kill_grace_s,
             cancel_requested=lambda: bool(rt.redis.exists(keys.cancel(job_id))),
-            on_start=lambda pid: _record_pid(rt, job_id, pid),
+            on_start=lambda pid: _mark_running(rt, job_id, host, pid),
             heartbeat=lambda: refresh(rt.redis, host, gpu_ids, holder(job_id, attempt),
                                       settings.reservation_ttl_s),
             heartbeat_s=settings.heartbeat_s,
@@ -122,11 +116,13 @@ def _preflight(rt: Runtime, job: Job, env: dict[str, str], path: Path) -> bool:
     return True
 
 
-def _record_pid(rt: Runtime, job_id: int, pid: int) -> None:
+def _mark_running(rt: Runtime, job_id: int, host: str, pid: int) -> bool:
+    """STARTING -> RUNNING with its process id, in one write; False if it was cancelled
+    meanwhile (the executor then stops the process it just started)."""
     with rt.session() as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            job.pid = pid
+        return bool(transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
+                               {"started_at": time.time(), "host": host, "pid": pid},
+                               only_from=[JobState.STARTING]))
 
 
 def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
@@ -141,27 +137,30 @@ def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
         ended = {"exit_code": outcome.exit_code, "ended_at": now, "runtime_s": runtime_s,
                  "pid": None}
         where = [col(Job.id) == job.id]
+        source = [JobState(current.state)]  # one UPDATE, not one per possible source
         if outcome.cancelled or current.state == JobState.CANCELLING.value:
             rt.redis.delete(keys.cancel(job.id))
-            transition(session, JobState.CANCELLED, "cancelled by user", where, ended)
+            transition(session, JobState.CANCELLED, "cancelled by user", where, ended, source)
             return JobState.CANCELLED.value
         if outcome.exit_code == 0 and failure is None:
-            transition(session, JobState.SUCCEEDED, None, where, ended)
+            transition(session, JobState.SUCCEEDED, None, where, ended, source)
             return JobState.SUCCEEDED.value
         if outcome.exit_code == 0:  # the call returned, but its result cannot be kept
-            transition(session, JobState.FAILED, failure, where, ended)
+            transition(session, JobState.FAILED, failure, where, ended, source)
             return JobState.FAILED.value
         free_restart = outcome.exit_code in current.recover_exit_codes
         if free_restart or current.restart_count < current.max_restarts:
             reason = f"{failure or f'exit code {outcome.exit_code}'}; restarting"
             spent = 0 if free_restart else 1
             moved = transition(session, JobState.RECOVERING, reason, where,
-                               {**ended, "restart_count": current.restart_count + spent})
+                               {**ended, "restart_count": current.restart_count + spent},
+                               source)
             if moved:
-                transition(session, JobState.PENDING, "restart", where)
+                transition(session, JobState.PENDING, "restart", where,
+                           only_from=[JobState.RECOVERING])
                 return JobState.RECOVERING.value
         transition(session, JobState.FAILED, failure or f"exit code {outcome.exit_code}", where,
-                   ended)
+                   ended, source)
         return JobState.FAILED.value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def resolve_command(rt: Runtime, job: Job) -> str:
     """The shell command of this replica; raises PayloadError when its payload is unusable."""
     if job.payload_key is None:
         return _substitute(job.command, job)
-    payload = payloads.load(rt.redis, job.payload_key)
+    payload = _load_cached(rt, job.payload_key)
     if payload["kind"] == "function":
         return _function_command(rt, job, payload)
     command = payload["command"]
@@ -33,6 +34,23 @@ def resolve_command(rt: Runtime, job: Job) -> str:
     if rank_args is not None:
         command = f"{command} {shlex.join(str(a) for a in rank_args[job.rank])}"
     return _substitute(command, job)
+
+
+_CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()
+CACHED_PAYLOADS = 4
+
+
+def _load_cached(rt: Runtime, key: str) -> dict[str, Any]:
+    """A launch's payload, read once per worker: its replicas come to the same GPU in turn.
+    Payloads never change under their key, so a cached copy is never stale."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    payload: dict[str, Any] = payloads.load(rt.redis, key)
+    _CACHE[key] = payload
+    while len(_CACHE) > CACHED_PAYLOADS:
+        _CACHE.popitem(last=False)
+    return payload
 
 
 def _substitute(command: str, job: Job) -> str:

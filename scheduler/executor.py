@@ -97,9 +97,11 @@ def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
 
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
-        cancel_requested: Callable[[], bool], on_start: Callable[[int], None],
+        cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
         heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
-    """Run the job to its end, or until `cancel_requested` says stop."""
+    """Run the job to its end, or until `cancel_requested` says stop.
+
+    `on_start(pid)` records the start and says whether the job is still wanted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -107,7 +109,9 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
             stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )
-    on_start(proc.pid)
+    if not on_start(proc.pid):  # cancelled while it was starting
+        stop_group(proc, 0)
+        return Outcome(proc.returncode, cancelled=True)
     next_beat = time.monotonic() + heartbeat_s
     while True:
         try:

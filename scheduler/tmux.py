@@ -39,7 +39,7 @@ def _script(job: Job, command: str, env: dict[str, str], log_path: Path, exit_pa
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
         grace_s: float,
-        cancel_requested: Callable[[], bool], on_start: Callable[[int], None],
+        cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
         heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
     """Run the job in `tmux new-session -d` and wait for it like the direct executor."""
     name = session_name(job.id)
@@ -52,10 +52,10 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: 
         tmux_command(socket, "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name,
                      "-x", "200", "-y", "50", f"bash {shlex.quote(str(script_path))}"),
         check=True, capture_output=True, text=True).stdout.strip())
-    on_start(pane_pid)
+    wanted = on_start(pane_pid)
     next_beat = time.monotonic() + heartbeat_s
     while not exit_path.exists() and _alive(socket, name):
-        if cancel_requested():
+        if not wanted or cancel_requested():
             stop_pane_group(pane_pid, grace_s)
             subprocess.run(tmux_command(socket, "kill-session", "-t", name),
                            capture_output=True)

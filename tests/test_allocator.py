@@ -99,7 +99,7 @@ def test_job_bigger_than_every_host_fails_at_once(rt, local):
     Dispatcher(rt).dispatch()
     row = job.row()
     assert row["status"] == "FAILED_NO_RESOURCE"
-    assert "largest registered host has 2" in row["reason"]
+    assert "asks for 3 GPUs; the largest registered host has 2" in row["reason"]
 
 
 def test_waiting_multi_gpu_job_is_not_passed_by_smaller_ones(rt, local):
