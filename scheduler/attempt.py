@@ -168,6 +168,6 @@ def _release(rt: Runtime, job_id: int, attempt: int) -> None:
     """Hand the job's GPUs back and let the dispatcher give them out again."""
     with rt.session() as session:
         job = session.get(Job, job_id)
-    if job is not None and job.host and job.gpu_ids:
+    if job is not None and job.host and job.gpu_ids and job.attempt == attempt:
         release(rt.redis, job.host, job.gpu_ids, holder(job_id, attempt))
     Dispatcher(rt).dispatch()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import select
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -56,6 +59,22 @@ def shell_script(job: Job, command: str) -> str:
             f"&& {command}")
 
 
+_SHELL_SYNTAX = re.compile(r"[|&;<>()$`\\*?\[\]#~{}!\n]")
+
+
+def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
+    """The process to start: the command itself when it is a plain program with arguments
+    (saving a shell per job), else `bash -c` for anything that needs a shell."""
+    if not job.conda_env and not _SHELL_SYNTAX.search(command):
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = []
+        if words and "=" not in words[0] and shutil.which(words[0], path=env.get("PATH")):
+            return words
+    return ["bash", "-c", shell_script(job, command)]
+
+
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     """SIGTERM the whole process group, then SIGKILL it if it outlives the grace period."""
     with contextlib.suppress(ProcessLookupError):
@@ -96,6 +115,33 @@ def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+class _ExitWaiter:
+    """Waits for a process's exit sleeping in the kernel (pidfd), not polling; Popen's own
+    polling wait is the fallback where pidfd is missing."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self.fd = os.pidfd_open(proc.pid)
+            self.poller = select.poll()
+            self.poller.register(self.fd, select.POLLIN)
+
+    def exited(self, timeout_s: float) -> bool:
+        if self.fd is not None:
+            return bool(self.poller.poll(timeout_s * 1000))
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
         heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
@@ -105,7 +151,7 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            ["bash", "-c", shell_script(job, command)], stdin=subprocess.DEVNULL, stdout=log,
+            argv_for(job, command, env), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )
@@ -113,18 +159,18 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
         stop_group(proc, 0)
         return Outcome(proc.returncode, cancelled=True)
     next_beat = time.monotonic() + heartbeat_s
-    while True:
-        try:
-            code = proc.wait(timeout=POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if cancel_requested():
-            stop_group(proc, grace_s)
-            return Outcome(proc.returncode, cancelled=True)
-        if time.monotonic() >= next_beat:
-            heartbeat()
-            next_beat = time.monotonic() + heartbeat_s
+    waiter = _ExitWaiter(proc)
+    try:
+        while not waiter.exited(POLL_S):
+            if cancel_requested():
+                stop_group(proc, grace_s)
+                return Outcome(proc.returncode, cancelled=True)
+            if time.monotonic() >= next_beat:
+                heartbeat()
+                next_beat = time.monotonic() + heartbeat_s
+    finally:
+        waiter.close()
+    code = proc.wait()
     # The leader exited; stop anything it left behind in its group before the GPUs go back.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
