@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import TYPE_CHECKING
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 CONTROL_QUEUE = "control"
 CPU_QUEUE = "cpu"
@@ -16,6 +19,9 @@ def gpu_queue(host: str, index: int) -> str:
 
 
 def create_celery(settings: Settings, redis_url: str) -> Celery:
+    # Imported here: CLI commands that only read the database never pay for Celery.
+    from celery import Celery
+
     app = Celery("gpuq", broker=redis_url, backend=redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",

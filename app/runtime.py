@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import redis
-from celery import Celery
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -16,6 +15,10 @@ from app.db import make_engine
 from app.embedded_redis import resolve_redis_url
 from app.errors import BrokerUnavailable
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
 
 
 class Runtime:
@@ -30,6 +33,8 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
+        import redis  # here: commands that only read the database never load it
+
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
                                       health_check_interval=30)
         try:

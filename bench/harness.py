@@ -1,0 +1,102 @@
+"""Shared set-up for the benchmarks: a private home, the embedded Redis, SQLite, and real
+worker processes, all started here and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.client import Client
+from app.embedded_redis import EmbeddedRedis
+from app.settings import Settings
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    client: Client
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
+        env.update(self.settings.as_environment(), PATH=f"{BIN}:{os.environ['PATH']}",
+                   PYTHONPATH=str(ROOT), **extra)
+        return env
+
+    def start(self, *argv: str, **extra_env: str) -> None:
+        log = open(self.settings.home / f"{Path(argv[0]).name}-{len(self.procs)}.log", "wb")  # noqa: SIM115 (handed to the child)
+        self.procs.append(subprocess.Popen(list(argv), env=self.env(**extra_env), stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+        log.close()
+
+    def wait_gpus(self, count: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            hosts = self.client.call("status")["hosts"]
+            if sum(h["workers_alive"] for h in hosts) >= count:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("GPU workers did not come up")
+
+
+@contextmanager
+def bench_stack(gpus: int = 0, control: bool = False) -> Iterator[Bench]:
+    """A private stack: embedded Redis and SQLite, `gpus` fake GPUs with their workers."""
+    home = Path(tempfile.mkdtemp(prefix="gpuq-bench-"))
+    settings = Settings(home=home, fake_gpus=gpus, cpu_slots=0, hostname="bench",
+                        log_level="ERROR", _env_file=None)
+    server = EmbeddedRedis(settings)
+    settings = settings.model_copy(update={"redis_url": server.start()})
+    bench = Bench(settings, Client(settings))
+    try:
+        if gpus:
+            bench.start(str(BIN / "gpuq"), "worker")
+            bench.wait_gpus(gpus)
+        if control:
+            bench.start(str(BIN / "gpuq"), "control-worker")
+            time.sleep(3)
+        yield bench
+    finally:
+        bench.client.close()
+        for proc in bench.procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in bench.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
+
+
+def median_time(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name: str, figure: str, target: str, baseline: str, ratio: float,
+           met: bool) -> None:
+    verdict = "meets target" if met else "MISSES target"
+    print(f"{name}: {figure} (target {target}, {verdict}); baseline: {baseline}; "
+          f"ratio {ratio:.1f}x", flush=True)
+
+
+def used_memory(bench: Bench) -> int:
+    return int(bench.client.rt.redis.info("memory")["used_memory"])
