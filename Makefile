@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test test-e2e lint bench clean
+.PHONY: install demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+bench: install
+	@for b in bulk_launch throughput operations cancel latency; do \
+		$(BIN)/python -m bench.$$b || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check .

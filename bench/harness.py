@@ -92,10 +92,10 @@ def median_time(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
 
 
 def report(name: str, figure: str, target: str, baseline: str, ratio: float,
-           met: bool) -> None:
+           met: bool, ratio_means: str = "faster than the baseline") -> None:
     verdict = "meets target" if met else "MISSES target"
     print(f"{name}: {figure} (target {target}, {verdict}); baseline: {baseline}; "
-          f"ratio {ratio:.1f}x", flush=True)
+          f"ratio {ratio:.1f}x {ratio_means}", flush=True)
 
 
 def used_memory(bench: Bench) -> int:

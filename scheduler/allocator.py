@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlmodel import col
 
 from app import keys
-from app.celery_app import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
+from app.celery_app import CPU_QUEUE, gpu_queue
 from app.jobs import transition
 from app.models import Job
 from app.runtime import Runtime
@@ -193,7 +193,8 @@ class Dispatcher:
 
         Servers (workers, beat) pass no limit and serve every request that arrives while
         they hold the lock. A client passes a small `max_passes` so that its call returns;
-        a request left over is then handed to the control queue."""
+        a request left over stays flagged, and the GPU workers' heartbeat threads, which
+        look at the flag twice a second, serve it."""
         r = self.rt.redis
         lock = r.lock(keys.DISPATCH_LOCK, timeout=60)
         routed, passes = 0, 0
@@ -209,17 +210,12 @@ class Dispatcher:
                     if not r.exists(keys.DISPATCH_DIRTY):
                         break
                     if max_passes is not None and passes >= max_passes:
-                        self._hand_over()
                         return routed
             finally:
                 lock.release()
             # A request may have come between our last check and the release.
             if not r.exists(keys.DISPATCH_DIRTY):
                 return routed
-
-    def _hand_over(self) -> None:
-        interval = self.rt.settings.dispatch_interval_s
-        self.rt.celery.send_task("gpuq.dispatch", queue=CONTROL_QUEUE, expires=interval)
 
     def _pass(self) -> int:
         hosts = read_hosts(self.rt.redis)

@@ -17,6 +17,8 @@ from scheduler.monitor import GpuProvider, detect_provider, is_busy
 
 log = logging.getLogger(__name__)
 
+DISPATCH_CHECK_S = 0.5
+
 
 class Heartbeat:
     def __init__(self, rt: Runtime, gpu_index: int, provider: GpuProvider | None = None) -> None:
@@ -69,10 +71,17 @@ class Heartbeat:
             Dispatcher(self.rt).dispatch()
 
     def _loop(self) -> None:
-        while not self._stop.wait(min(self.rt.settings.heartbeat_s,
-                                      self.rt.settings.monitor_interval_s)):
+        next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
+                                           self.rt.settings.monitor_interval_s)
+        while not self._stop.wait(DISPATCH_CHECK_S):
             try:
-                self.beat()
+                # A dispatch request nobody served yet (its caller had to return): serve it.
+                if self.rt.redis.exists(keys.DISPATCH_DIRTY):
+                    Dispatcher(self.rt).dispatch()
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
+                                                       self.rt.settings.monitor_interval_s)
             except redis.RedisError as e:  # the broker is away; keep trying
                 log.warning("heartbeat failed: %s", e)
 

@@ -137,3 +137,13 @@ def test_oversize_result_fails_the_job_with_a_clear_reason(client: Client, stack
     assert job.wait(timeout_s=60) == "FAILED"
     assert "over GPUQ_MAX_RESULT_BYTES (1,000,000)" in job.row()["reason"]
     assert client.rt.redis.get(payloads.result_key(job.id)) is None
+
+
+def rank_and_size(scale: int) -> tuple[int, int]:
+    return int(os.environ["GPUQ_JOB_RANK"]) * scale, int(os.environ["GPUQ_NUM_JOBS"])
+
+
+def test_launch_of_a_function_gives_every_replica_its_rank(client: Client):
+    handle = client.launch(rank_and_size, 4, 10)
+    assert sorted(job.result(timeout_s=60) for job in handle.jobs) == [
+        (0, 4), (10, 4), (20, 4), (30, 4)]

@@ -119,3 +119,28 @@ def test_gpu_held_by_gpuq_is_never_called_foreign(rt, local):
     provider.set_foreign_use(0, 30_000, 90)  # the job's own use shows up
     beat.publish_reading()
     assert json.loads(rt.redis.get(keys.reading(rt.settings.hostname, 0)))["foreign"] is False
+
+
+def test_a_dispatch_request_left_by_a_client_is_served_by_a_heartbeat(rt, local):
+    """A client's dispatch returns after a bounded number of passes; what it leaves
+    flagged is picked up by a GPU worker's heartbeat thread, with no control worker."""
+    import time
+
+    provider = FakeProvider(1)
+    register_host(rt, provider, rt.settings.hostname)
+    beat = Heartbeat(rt, 0, provider)
+    beat.beat()
+    rt.redis.set(keys.hold(rt.settings.hostname, 0), "other.1", ex=60)  # the GPU is busy
+    job = local.submit("echo waiting")
+    assert job.status == "PENDING"
+    rt.redis.delete(keys.hold(rt.settings.hostname, 0))
+    rt.redis.set(keys.DISPATCH_DIRTY, 1)  # GPU free, but nobody ran a pass since
+    beat._thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while job.status == "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.status == "STARTING"
+    finally:
+        beat._stop.set()
+        beat._thread.join()
