@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -100,23 +101,42 @@ class HostView:
     free: list[int] = field(default_factory=list)
 
 
+INVENTORY_TTL_S = 1.0  # hosts and their GPU lists change rarely: re-read once a second
+
+
+def _inventory(r: redis.Redis) -> list[tuple[str, list[int]]]:
+    """Registered hosts and their GPU indices, cached on the client for a second."""
+    cached = r.__dict__.get("_gpuq_inventory")
+    if cached is not None and time.monotonic() - cached[0] < INVENTORY_TTL_S:
+        return list(cached[1])
+    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
+    pipe = r.pipeline(transaction=False)
+    for host in hosts:
+        pipe.hkeys(keys.host_gpus(host))
+    inventory = [(host, sorted(int(i) for i in indices))
+                 for host, indices in zip(hosts, pipe.execute(), strict=True) if indices]
+    r.__dict__["_gpuq_inventory"] = (time.monotonic(), inventory)
+    return inventory
+
+
 def read_hosts(r: redis.Redis) -> list[HostView]:
     """Registered hosts with their free GPUs: worker alive, not held by a job, and not
     used by processes outside gpuq according to the latest monitor reading."""
-    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
-    views = []
-    for host in hosts:
-        indices = sorted(int(i) for i in r.hkeys(keys.host_gpus(host)))  # type: ignore[union-attr]
-        if not indices:
-            continue
-        pipe = r.pipeline(transaction=False)
+    inventory = _inventory(r)
+    pipe = r.pipeline(transaction=False)
+    for host, indices in inventory:
         for i in indices:
             pipe.exists(keys.alive(host, i))
             pipe.exists(keys.hold(host, i))
             pipe.get(keys.reading(host, i))
-        flags = pipe.execute()
-        free = [i for n, i in enumerate(indices)
-                if flags[3 * n] and not flags[3 * n + 1] and not _foreign(flags[3 * n + 2])]
+    flags = iter(pipe.execute())
+    views = []
+    for host, indices in inventory:
+        free = []
+        for i in indices:
+            alive, held, reading = next(flags), next(flags), next(flags)
+            if alive and not held and not _foreign(reading):
+                free.append(i)
         views.append(HostView(host, len(indices), free))
     return views
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlmodel import col
+from sqlmodel import col, select
 
 from app import keys
 from app.jobs import move, note, transition
@@ -167,7 +167,8 @@ def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
 def _release(rt: Runtime, job_id: int, attempt: int) -> None:
     """Hand the job's GPUs back and let the dispatcher give them out again."""
     with rt.session() as session:
-        job = session.get(Job, job_id)
-    if job is not None and job.host and job.gpu_ids and job.attempt == attempt:
-        release(rt.redis, job.host, job.gpu_ids, holder(job_id, attempt))
+        placed = session.exec(select(Job.host, Job.gpu_ids).where(
+            col(Job.id) == job_id, col(Job.attempt) == attempt)).first()
+    if placed is not None and placed[0] and placed[1]:
+        release(rt.redis, placed[0], placed[1], holder(job_id, attempt))
     Dispatcher(rt).dispatch()

@@ -93,14 +93,14 @@ def stop_pane_group(pgid: int, grace_s: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_exists(pgid):
+    while time.monotonic() < deadline and group_exists(pgid):
         time.sleep(POLL_S)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     _wait_group_gone(pgid)
 
 
-def _group_exists(pgid: int) -> bool:
+def group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -111,7 +111,7 @@ def _group_exists(pgid: int) -> bool:
 def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
     """Killed orphans are reaped by init a moment later; report a job stopped only then."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _group_exists(pgid):
+    while time.monotonic() < deadline and group_exists(pgid):
         time.sleep(0.01)
 
 

@@ -49,6 +49,26 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+def until(predicate, timeout_s: float = 30, poll_s: float = 0.1):  # type: ignore[no-untyped-def]
+    """The first truthy value of `predicate()`, polled until `timeout_s`; else fail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"condition not reached in {timeout_s}s")
+
+
+def clean_servers(redis_url: str) -> None:
+    """An empty Redis database and empty tables (when the database is an external one)."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    if EXTERNAL_DB:
+        _reset_database(EXTERNAL_DB)
+
+
 def _reset_database(url: str) -> None:
     from app.db import make_engine
 
@@ -75,11 +95,7 @@ def _fresh_external_schema() -> None:
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str) -> Iterator[Settings]:
     """Settings for one test: its own home, a clean Redis and a clean database."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    if EXTERNAL_DB:
-        _reset_database(EXTERNAL_DB)
+    clean_servers(redis_url)
     yield Settings(home=tmp_path / "home", redis_url=redis_url, database_url=EXTERNAL_DB,
                    hostname="testhost", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
                    _env_file=None)
@@ -178,11 +194,7 @@ def processes_with(marker: str) -> list[int]:
 def stack_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                    redis_url: str) -> Settings:
     """Module-wide settings for end-to-end tests that share one running stack."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    if EXTERNAL_DB:
-        _reset_database(EXTERNAL_DB)
+    clean_servers(redis_url)
     home = tmp_path_factory.mktemp("stack-home")
     # A visibility timeout far shorter than the jobs: proves no job is redelivered and
     # run twice when it outlives it.

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from app.embedded_redis import find_embedded
 from app.settings import Settings
-from tests.conftest import ROOT, processes_with, server_env
+from tests.conftest import ROOT, processes_with, server_env, until
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -101,15 +100,6 @@ def test_config_masks_secrets(tmp_path):
     assert "topsecret" not in shown and "****" in shown
 
 
-def _wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return False
-
-
 def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path):
     home = tmp_path / "up-home"
     settings = Settings(home=home, hostname="uphost", fake_gpus=2, heartbeat_s=1,
@@ -125,8 +115,7 @@ def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path)
                                     text=True, timeout=60)
             return json.loads(result.stdout) if result.returncode == 0 else {"hosts": []}
 
-        assert _wait_for(lambda: sum(h["workers_alive"] for h in status()["hosts"]) == 2, 90), \
-            (tmp_path / "up.log").read_text()[-3000:]
+        until(lambda: sum(h["workers_alive"] for h in status()["hosts"]) == 2, 90)
         job = subprocess.run([GPUQ, "submit", "--", "echo", "up-ok"], env=env,
                              capture_output=True, text=True, timeout=60).stdout.strip()
         waited = subprocess.run([GPUQ, "wait", job, "--timeout", "60"], env=env, timeout=90)
@@ -135,12 +124,12 @@ def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path)
         worker = processes_with("-n gpu0@uphost")
         assert len(worker) == 1
         os.kill(worker[0], signal.SIGKILL)
-        assert _wait_for(lambda: processes_with("-n gpu0@uphost") not in ([], worker), 30), \
+        assert until(lambda: processes_with("-n gpu0@uphost") not in ([], worker), 30), \
             "the killed GPU worker came back"
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(timeout=60)
-    assert _wait_for(lambda: not processes_with(str(home)) and not processes_with("@uphost"), 10)
+    assert until(lambda: not processes_with(str(home)) and not processes_with("@uphost"), 10)
     assert find_embedded(settings) is None, "the embedded Redis was stopped"
 
 

@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from app.client import Client
 from app.runtime import Runtime
 from app.settings import Settings
-from tests.conftest import EXTERNAL_DB, Stack, _reset_database
+from tests.conftest import EXTERNAL_DB, Stack, clean_servers
 
 pytestmark = pytest.mark.e2e
 HOSTS = ("hosta", "hostb")
@@ -25,11 +24,7 @@ JOBS = 240
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory: pytest.TempPathFactory, redis_url: str
               ) -> Iterator[Settings]:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    if EXTERNAL_DB:
-        _reset_database(EXTERNAL_DB)
+    clean_servers(redis_url)
     home = tmp_path_factory.mktemp("two-hosts")
     base = Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB, fake_gpus=4,
                     heartbeat_s=1, cpu_slots=0, hostname="client", _env_file=None)

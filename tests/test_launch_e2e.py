@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from app import payloads
 from app.client import Client
 from app.errors import PayloadTooLarge
+from tests.conftest import until
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def test_payload_is_deleted_when_the_launch_finishes(client: Client):
     ttl = client.rt.redis.ttl(key)
     assert ttl > 13 * 86400, "the payload outlives any launch"
     handle.wait(timeout_s=60)
-    _until(lambda: not client.rt.redis.exists(key))
+    until(lambda: not client.rt.redis.exists(key))
 
 
 def _payload_key(client: Client, launch_id: int) -> str:
@@ -77,15 +77,6 @@ def _payload_key(client: Client, launch_id: int) -> str:
         launch = session.get(Launch, launch_id)
         assert launch is not None and launch.payload_key
         return launch.payload_key
-
-
-def _until(predicate, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_function_job_returns_its_value(client: Client):

@@ -10,26 +10,10 @@ from pathlib import Path
 import pytest
 
 from app.client import Client
+from scheduler.executor import group_exists
+from tests.conftest import until
 
 pytestmark = pytest.mark.e2e
-
-
-def _until(predicate, timeout_s: float = 30, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError("condition not reached in time")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_successful_job_records_exit_code_times_and_output(client: Client, stack_settings):
@@ -78,14 +62,14 @@ def test_user_env_and_workdir_reach_the_job(client: Client, tmp_path: Path):
 
 def test_cancelled_pending_job_never_starts(client: Client, tmp_path: Path):
     blockers = [client.submit(f"sleep 30 # {n}") for n in range(2)]
-    _until(lambda: all(b.status == "RUNNING" for b in blockers))
+    until(lambda: all(b.status == "RUNNING" for b in blockers))
     marker = tmp_path / "ran"
     waiting = client.submit(f"touch {marker}")
     assert waiting.status == "PENDING"
     assert waiting.cancel() == {"cancelled": [waiting.id], "cancelling": []}
     for b in blockers:
         b.cancel()
-    _until(lambda: all(b.done() for b in blockers))
+    until(lambda: all(b.done() for b in blockers))
     follower = client.submit("true")  # the GPUs went round again after the blockers
     assert follower.wait(timeout_s=30) == "SUCCEEDED"
     assert waiting.status == "CANCELLED"
@@ -95,12 +79,12 @@ def test_cancelled_pending_job_never_starts(client: Client, tmp_path: Path):
 def test_cancelled_running_job_loses_its_whole_process_group(client: Client):
     # The child ignores SIGTERM, so only the SIGKILL after the grace period ends it.
     job = client.submit(["bash", "-c", "trap '' TERM; sleep 300 & echo started; wait"])
-    _until(lambda: "started" in job.logs())
+    until(lambda: "started" in job.logs())
     pgid = client.call("job", job_id=job.id)["pid"]
-    assert _group_alive(pgid)
+    assert group_exists(pgid)
     assert job.cancel() == {"cancelled": [], "cancelling": [job.id]}
     assert job.wait(timeout_s=30) == "CANCELLED"
-    assert not _group_alive(pgid)
+    assert not group_exists(pgid)
     events = [e["to"] for e in client.call("job", job_id=job.id)["events"]]
     assert events == ["PENDING", "STARTING", "RUNNING", "CANCELLING", "CANCELLED"]
 
@@ -190,12 +174,12 @@ def test_sigkilled_worker_job_is_restarted_or_lost_and_its_gpu_freed(client: Cli
                                                                      stack_settings,
                                                                      max_restarts, final):
     job = client.submit(f"sleep 300 # restarts {max_restarts}", max_restarts=max_restarts)
-    _until(lambda: job.status == "RUNNING")
+    until(lambda: job.status == "RUNNING")
     first = client.call("job", job_id=job.id)
     os.kill(_gpu_worker_pid(stack_settings.hostname, first["gpu_ids"][0]), 9)
     # The supervisor starts the worker again; it stops the orphaned job and settles it.
-    _until(lambda: not _group_alive(first["pid"]), timeout_s=60)
-    row = _until(lambda: (r := job.row())["status"] == final and
+    until(lambda: not group_exists(first["pid"]), timeout_s=60)
+    row = until(lambda: (r := job.row())["status"] == final and
                  (final == "LOST" or r["restart_count"] == 1) and r, timeout_s=60)
     states = [e["to"] for e in client.call("job", job_id=job.id)["events"]]
     if final == "LOST":

@@ -14,19 +14,9 @@ from app.client import Client
 from app.errors import InvalidJobSpec
 from scheduler.monitor import write_fake_foreign_use
 from scheduler.tmux import session_name, tmux_command
-from tests.conftest import server_env
+from tests.conftest import server_env, until
 
 pytestmark = pytest.mark.e2e
-
-
-def _until(predicate, timeout_s: float = 30, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError("condition not reached in time")
 
 
 def _events(client: Client, job_id: int) -> list[tuple[str, str | None]]:
@@ -36,7 +26,7 @@ def _events(client: Client, job_id: int) -> list[tuple[str, str | None]]:
 def test_higher_priority_starts_first_then_fifo(client: Client, tmp_path: Path):
     gate, order = tmp_path / "gate", tmp_path / "order"
     blocker = client.submit(f"while [ ! -f {gate} ]; do sleep 0.05; done", gpus=2)
-    _until(lambda: blocker.status == "RUNNING")
+    until(lambda: blocker.status == "RUNNING")
     queued = [client.submit(f"echo {label} >> {order}", gpus=2, priority=priority)
               for label, priority in [("low-a", 0), ("low-b", 0), ("high", 5)]]
     gate.touch()
@@ -47,7 +37,7 @@ def test_higher_priority_starts_first_then_fifo(client: Client, tmp_path: Path):
 def test_waiting_two_gpu_job_is_not_starved_by_one_gpu_jobs(client: Client, tmp_path: Path):
     gate = tmp_path / "gate"
     holder = client.submit(f"while [ ! -f {gate} ]; do sleep 0.05; done")
-    _until(lambda: holder.status == "RUNNING")
+    until(lambda: holder.status == "RUNNING")
     big = client.submit("echo big", gpus=2)
     smalls = [client.submit(f"echo small {n}") for n in range(4)]
     time.sleep(1.0)  # a free GPU sits idle for the big job rather than going to a small one
@@ -62,13 +52,13 @@ def test_gpu_busy_with_foreign_processes_is_skipped(client: Client, stack_settin
     home = stack_settings.home
     write_fake_foreign_use(home, 1, 40_000, 95)
     try:
-        _until(lambda: client.call("status")["hosts"][0]["gpus"][1]["reading"]["foreign"])
+        until(lambda: client.call("status")["hosts"][0]["gpus"][1]["reading"]["foreign"])
         jobs = [client.submit(f"echo where {n}") for n in range(3)]
         rows = client.wait([j.id for j in jobs], timeout_s=60)
         assert [r["gpu_ids"] for r in rows] == [[0], [0], [0]]
     finally:
         write_fake_foreign_use(home, 1, 0, 0)
-    _until(lambda: not client.call("status")["hosts"][0]["gpus"][1]["reading"]["foreign"])
+    until(lambda: not client.call("status")["hosts"][0]["gpus"][1]["reading"]["foreign"])
 
 
 def test_recovering_exit_code_restarts_without_spending_the_budget(client: Client,
@@ -117,7 +107,7 @@ def test_unknown_preflight_is_refused(client: Client):
 def test_tmux_job_is_attachable_logged_and_cancellable(client: Client, stack_settings):
     socket = stack_settings.tmux_socket
     job = client.submit(["bash", "-c", "echo hello-from-tmux; sleep 60"], tmux=True)
-    _until(lambda: "hello-from-tmux" in job.logs())
+    until(lambda: "hello-from-tmux" in job.logs())
     pane = subprocess.run(tmux_command(socket, "capture-pane", "-p", "-t", session_name(job.id)),
                           capture_output=True, text=True, check=True).stdout
     assert "hello-from-tmux" in pane

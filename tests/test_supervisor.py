@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 
 from app.supervisor import Program, Supervisor, read_procfile
-
-
-def _wait(predicate, timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.conftest import until
 
 
 def test_dead_process_is_restarted_and_the_others_keep_running(tmp_path):
@@ -26,7 +17,7 @@ def test_dead_process_is_restarted_and_the_others_keep_running(tmp_path):
     sup.start()
     steady_pid = sup.children[1].proc.pid
     try:
-        assert _wait(lambda: (sup.poll() or True) and starts.exists()
+        until(lambda: (sup.poll() or True) and starts.exists()
                      and len(starts.read_text().split()) >= 3)
         assert sup.children[0].restarts >= 2
         assert sup.children[0].backoff_s > 0.5, "repeated crashes back off"
