@@ -1,12 +1,21 @@
-"""The universal runner: `python -m adapters.runner --payload-file F --result-file R`.
+"""The universal runner: `python -m adapters.runner [--payload-file F] [--result-file R]`.
 
-It unpickles a function call, runs it, and writes a success-or-error envelope. It needs
-only the standard library and cloudpickle, so it runs wherever the job runs. SIGTERM ends
-it with the conventional exit code 143 after writing an error envelope.
+It reads a payload, runs the function call or shell command it holds, and writes a
+success-or-error envelope. It needs only the standard library and cloudpickle (and a
+backend's SDK where its payload lives there), so it runs wherever the job runs: on a GPU
+worker, in a Slurm allocation, in a Batch or Kubernetes container. SIGTERM ends it with the
+conventional exit code 143 (after stopping a command's process group).
 
-Payload file (cloudpickled dict): {"call": <cloudpickled {"fn", "args", "kwargs"}>,
-"item": <cloudpickled first argument, for map>} or "items" (one per rank, picked by
-GPUQ_JOB_RANK).
+Where the payload comes from: `--payload-file`, else GPUQ_PAYLOAD (base64, for small
+payloads passed inline), else GPUQ_PAYLOAD_FILE (a path on a shared filesystem).
+Where the envelope goes: `--result-file`, else GPUQ_RESULT_DIR/<rank>.pkl.
+The rank: GPUQ_JOB_RANK, else the backend's array index (SLURM_ARRAY_TASK_ID,
+AWS_BATCH_JOB_ARRAY_INDEX, JOB_COMPLETION_INDEX) plus GPUQ_RANK_OFFSET (an array split in
+parts), exported as GPUQ_JOB_RANK for the job.
+
+Payload (cloudpickled dict): {"call": <cloudpickled {"fn", "args", "kwargs"}>, "item":
+<cloudpickled first argument, for map>} or "items" (one per rank); or {"command": "...",
+"rank_args": [[...], ...] or None} for a shell command.
 
 Envelope (cloudpickled dict): {"ok": True, "value": <cloudpickled value>} or {"ok": False,
 "type": "...", "message": "...", "traceback": "...", "exception": <cloudpickled exception,
@@ -17,9 +26,12 @@ can learn whether a job succeeded without importing the user's modules.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -46,6 +58,50 @@ def _write(path: Path, envelope: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(cloudpickle.dumps(envelope))
     tmp.replace(path)  # the reader never sees half an envelope
+
+
+ARRAY_INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "AWS_BATCH_JOB_ARRAY_INDEX",
+                         "JOB_COMPLETION_INDEX")
+
+
+def rank_from_environment(env: dict[str, str]) -> int:
+    """This replica's rank: gpuq's own variable, or the backend's array index."""
+    if env.get("GPUQ_JOB_RANK"):
+        return int(env["GPUQ_JOB_RANK"])
+    for name in ARRAY_INDEX_VARIABLES:
+        if env.get(name):
+            return int(env[name]) + int(env.get("GPUQ_RANK_OFFSET", "0"))
+    return 0
+
+
+def read_payload(payload_file: Path | None, env: dict[str, str]) -> dict[str, Any]:
+    if payload_file is not None:
+        data = payload_file.read_bytes()
+    elif env.get("GPUQ_PAYLOAD"):
+        data = base64.b64decode(env["GPUQ_PAYLOAD"])
+    elif env.get("GPUQ_PAYLOAD_FILE"):
+        data = Path(env["GPUQ_PAYLOAD_FILE"]).read_bytes()
+    else:
+        raise SystemExit("no payload: pass --payload-file, GPUQ_PAYLOAD or GPUQ_PAYLOAD_FILE")
+    spec: dict[str, Any] = cloudpickle.loads(data)
+    return spec
+
+
+def run_command(spec: dict[str, Any], rank: int, num_jobs: str) -> int:
+    """Run a command payload for this rank in its own process group; return its code."""
+    command = spec["command"].replace("{rank}", str(rank)).replace("{num_jobs}", num_jobs)
+    rank_args = spec.get("rank_args")
+    if rank_args is not None:
+        command = f"{command} {shlex.join(str(a) for a in rank_args[rank])}"
+    proc = subprocess.Popen(["bash", "-c", command], start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    code = proc.wait()
+    return EXIT_TERMINATED if code == -signal.SIGTERM else (128 - code if code < 0 else code)
 
 
 def call(spec: dict[str, Any]) -> Any:
@@ -76,12 +132,22 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapters.runner")
-    parser.add_argument("--payload-file", type=Path, required=True)
-    parser.add_argument("--result-file", type=Path, required=True)
+    parser.add_argument("--payload-file", type=Path)
+    parser.add_argument("--result-file", type=Path)
     options = parser.parse_args(argv)
+    env = dict(os.environ)
+    rank = rank_from_environment(env)
+    os.environ["GPUQ_JOB_RANK"] = str(rank)
+    spec = read_payload(options.payload_file, env)
+    if "command" in spec:
+        return run_command(spec, rank, env.get("GPUQ_NUM_JOBS", "1"))
+    if options.result_file is None:
+        if not env.get("GPUQ_RESULT_DIR"):
+            raise SystemExit("no result destination: pass --result-file or GPUQ_RESULT_DIR")
+        options.result_file = Path(env["GPUQ_RESULT_DIR"]) / f"{rank}.pkl"
+        options.result_file.parent.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        spec = cloudpickle.loads(options.payload_file.read_bytes())
         value = call(spec)
     except Terminated as e:
         _write(options.result_file, _error_envelope(e))
