@@ -73,9 +73,10 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
 def _spec_options(gpus: int, name: str | None, priority: int, env: list[str],
                   workdir: str | None, venv: str | None, conda_env: str | None,
                   max_restarts: int, recover_on_exit_codes: str | None,
-                  gpu_ids: str | None, preflight: str | None, tmux: bool) -> dict[str, Any]:
+                  gpu_ids: str | None, preflight: str | None, tmux: bool,
+                  backend: str) -> dict[str, Any]:
     return {
-        "preflight": preflight, "tmux": tmux,
+        "preflight": preflight, "tmux": tmux, "backend": backend,
         "gpus": gpus, "name": name, "priority": priority, "env": _parse_env(env),
         "workdir": str(Path(workdir).resolve()) if workdir else None, "venv": venv,
         "conda_env": conda_env, "max_restarts": max_restarts,
@@ -98,6 +99,8 @@ GpuIdsOpt = typer.Option(None, "--gpu-ids", help="Only these GPU indices, e.g. 0
 PreflightOpt = typer.Option(None, "--preflight",
                             help="A check to run on the job's GPUs first, e.g. nccl.")
 TmuxOpt = typer.Option(False, "--tmux", help="Run in a tmux session (`gpuq attach ID`).")
+BackendOpt = typer.Option("local", "--backend",
+                          help="local (this cluster's GPU workers) or a batch backend: process.")
 CommandArg = typer.Argument(..., help="The command, after `--`.")
 
 
@@ -108,13 +111,14 @@ def submit(command: list[str] = CommandArg, gpus: int = GpusOpt, name: str | Non
            conda_env: str | None = CondaOpt, max_restarts: int = RestartsOpt,
            recover_on_exit_codes: str | None = RecoverOpt, gpu_ids: str | None = GpuIdsOpt,
            preflight: str | None = PreflightOpt, tmux: bool = TmuxOpt,
+           backend: str = BackendOpt,
            allow_duplicate: bool = typer.Option(
                False, "--allow-duplicate",
                help="Queue it even when an identical job is pending or running."),
            as_json: bool = JsonOpt) -> None:
     """Queue one job and print its id. An identical job not yet ended is refused."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
-                            recover_on_exit_codes, gpu_ids, preflight, tmux)
+                            recover_on_exit_codes, gpu_ids, preflight, tmux, backend)
     handle = _client().submit(command, allow_duplicate=allow_duplicate, **options)
     _print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
 
@@ -127,12 +131,12 @@ def launch(command: list[str] = CommandArg,
            venv: str | None = VenvOpt, conda_env: str | None = CondaOpt,
            max_restarts: int = RestartsOpt, recover_on_exit_codes: str | None = RecoverOpt,
            gpu_ids: str | None = GpuIdsOpt, preflight: str | None = PreflightOpt,
-           tmux: bool = TmuxOpt,
+           tmux: bool = TmuxOpt, backend: str = BackendOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
            as_json: bool = JsonOpt) -> None:
     """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
-                            recover_on_exit_codes, gpu_ids, preflight, tmux)
+                            recover_on_exit_codes, gpu_ids, preflight, tmux, backend)
     client = _client()
     handle = client.launch(command, num_jobs, **options)
     if as_json:

@@ -17,7 +17,8 @@ from app.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFo
 from app.models import Job, JobEvent, Launch, event_row
 from app.states import TERMINAL, JobState, sources_of
 
-BACKENDS = ("local",)
+# local: this host's GPU workers; the others are batch adapters (adapters/).
+BACKENDS = ("local", "process")
 
 
 class JobSpec(BaseModel):
@@ -190,6 +191,7 @@ def job_row(job: Job, now: float | None = None) -> dict[str, Any]:
         "num_jobs": job.num_jobs, "status": job.state, "reason": job.reason,
         "command": job.command, "exit_code": job.exit_code, "gpus": job.gpus,
         "gpu_ids": job.gpu_ids, "host": job.host, "priority": job.priority,
+        "backend": job.backend, "backend_id": job.backend_id,
         "submitted_at": iso(job.submitted_at), "started_at": iso(job.started_at),
         "ended_at": iso(job.ended_at), "restart_count": job.restart_count,
         "duration_s": round(job.runtime_s + (end - job.started_at), 3)

@@ -46,6 +46,8 @@ class Job(SQLModel, table=True):
     allowed_gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
     priority: int = 0
     backend: str = "local"
+    backend_id: str | None = None  # the job's id at its batch backend
+    dispatched_at: float | None = None  # when it last left PENDING
     preflight: str | None = None
     tmux: bool = False  # run in a detached tmux session (`gpuq attach ID`)
     origin: str | None = None  # the jobs file a job came from

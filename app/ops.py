@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, func
 from sqlmodel import Session, col, select
 
 from app import keys
+from app.celery_app import CONTROL_QUEUE
 from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
 from app.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
 from app.models import Job, JobEvent, Launch
@@ -62,6 +63,11 @@ def drop_payload_if_finished(rt: Runtime, job_id: int, launch_id: int | None,
     return True
 
 
+def _kick_batch(rt: Runtime, backend: str) -> None:
+    """Ask the control worker to submit a batch backend's new jobs now."""
+    rt.celery.send_task(f"gpuq.batch.{backend}", args=["sync-now"], queue=CONTROL_QUEUE)
+
+
 def _kick_dispatch(rt: Runtime) -> None:
     """Route what can start now. The jobs are stored already: a broker hiccup here must not
     report them as refused, so it is logged and the periodic pass routes them later."""
@@ -89,8 +95,15 @@ def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False) -> 
             refuse_duplicate(session, job_spec)
         _, ids = create_jobs(session, job_spec, 1, launch=False)
         _fail_if_too_big(rt, session, job_spec, col(Job.id).in_(ids))
-    _kick_dispatch(rt)
+    _route(rt, job_spec.backend)
     return {"job_ids": ids, "launch_id": None}
+
+
+def _route(rt: Runtime, backend: str) -> None:
+    if backend == "local":
+        _kick_dispatch(rt)
+    else:
+        _kick_batch(rt, backend)
 
 
 def _fail_if_too_big(rt: Runtime, session: Session, spec: JobSpec,
@@ -140,7 +153,7 @@ def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int) -> dict[str, Any]:
     with rt.session() as session:
         launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True)
         _fail_if_too_big(rt, session, job_spec, col(Job.launch_id) == launch_id)
-    _kick_dispatch(rt)
+    _route(rt, job_spec.backend)
     return {"job_ids": ids, "launch_id": launch_id}
 
 
@@ -239,12 +252,17 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
             get_jobs(session, ids)  # unknown ids: refuse before changing anything
         if launch_id is not None and session.get(Launch, launch_id) is None:
             raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
-        cancelled = transition(session, JobState.CANCELLED, "cancelled by user", where,
-                               {"ended_at": time.time()},
-                               only_from=[JobState.PENDING, JobState.STARTING,
-                                          JobState.RECOVERING])
+        gpu_queue_job = col(Job.backend) == "local"
+        ended = {"ended_at": time.time()}
+        cancelled = transition(session, JobState.CANCELLED, "cancelled by user", where, ended,
+                               only_from=[JobState.PENDING, JobState.RECOVERING])
+        cancelled += transition(session, JobState.CANCELLED, "cancelled by user",
+                                [*where, gpu_queue_job], ended, only_from=[JobState.STARTING])
+        # Running jobs, and batch jobs already at their backend, are stopped where they run.
         stopping = transition(session, JobState.CANCELLING, "cancel requested", where,
                               only_from=[JobState.RUNNING])
+        stopping += transition(session, JobState.CANCELLING, "cancel requested",
+                               [*where, ~gpu_queue_job], only_from=[JobState.STARTING])
         already = list(session.scalars(select(Job.id).where(
             *where, col(Job.state) == JobState.CANCELLING.value)))
         payloads = session.exec(

@@ -43,9 +43,10 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
         {S.STARTING, S.CANCELLED, S.FAILED_PRECHECK, S.FAILED_NO_RESOURCE, S.UNKNOWN}
     ),
     # STARTING -> PENDING: the reservation or the message was lost before the process started.
+    # STARTING -> CANCELLING: a batch job already at its backend is cancelled there.
     S.STARTING: frozenset(
-        {S.RUNNING, S.PENDING, S.CANCELLED, S.FAILED, S.FAILED_PRECHECK, S.RECOVERING, S.LOST,
-         S.UNKNOWN}
+        {S.RUNNING, S.PENDING, S.CANCELLING, S.CANCELLED, S.FAILED, S.FAILED_PRECHECK,
+         S.RECOVERING, S.LOST, S.UNKNOWN}
     ),
     S.RUNNING: frozenset(
         {S.SUCCEEDED, S.FAILED, S.CANCELLING, S.RECOVERING, S.LOST, S.UNKNOWN}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from app.states import TERMINAL
 
@@ -33,8 +34,9 @@ def queue_table(rows: list[dict[str, Any]], total: int) -> None:
         style = STATE_STYLE.get(row["status"], "")
         gpus = (",".join(map(str, row["gpu_ids"])) if row["gpu_ids"] else str(row["gpus"]))
         duration = f"{row['duration_s']:.1f}s" if row["duration_s"] is not None else "-"
-        table.add_row(str(row["id"]), row["name"] or "-", f"[{style}]{row['status']}[/]",
-                      gpus, row["host"] or "-", _short_time(row["submitted_at"]), duration,
+        table.add_row(str(row["id"]), row["name"] or "-", Text(row["status"], style=style),
+                      gpus, row["host"] or row.get("backend") or "-",
+                      _short_time(row["submitted_at"]), duration,
                       str(row["restart_count"]))
     console.print(table)
 
@@ -42,7 +44,7 @@ def queue_table(rows: list[dict[str, Any]], total: int) -> None:
 def launch_lines(launches: list[dict[str, Any]]) -> None:
     """`launch 3 sweep: 10000 jobs  succeeded=9990 failed=2 running=8  python train.py`"""
     for launch in launches:
-        counts = " ".join(f"[{STATE_STYLE.get(k, '')}]{k.lower()}={v}[/]"
+        counts = " ".join(f"[{STATE_STYLE.get(k, 'default')}]{k.lower()}={v}[/]"
                           for k, v in sorted(launch["counts"].items()))
         console.print(f"launch {launch['id']} {launch['name'] or ''}: {launch['num_jobs']} jobs"
                       f"  {counts}  [dim]{launch['command']}[/]", highlight=False)

@@ -295,7 +295,8 @@ class Dispatcher:
             return 0
         with self.rt.session() as session:
             moved = transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
-                               {"host": host, "gpu_ids": gpus, "attempt": attempt},
+                               {"host": host, "gpu_ids": gpus, "attempt": attempt,
+                                "dispatched_at": time.time()},
                                only_from=[JobState.PENDING])
         if not moved:  # cancelled meanwhile
             if host is not None:

@@ -13,7 +13,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from app.runtime import Runtime
 from app.settings import Settings
-from tasks import control, run
+from tasks import batch, control, run
 
 settings = Settings()
 logging.basicConfig(level=settings.log_level.upper(),
@@ -22,6 +22,7 @@ runtime = Runtime(settings)
 celery = runtime.celery
 control.register(celery, runtime)
 run.register(celery, runtime)
+batch.register(celery, runtime)
 
 _heartbeat: Any = None
 

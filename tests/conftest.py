@@ -211,7 +211,7 @@ def stack_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 def stack(stack_settings: Settings) -> Iterator[Stack]:
     running = Stack(stack_settings, stack_settings.home)
     stack_settings.home.mkdir(parents=True, exist_ok=True)
-    running.start("worker", "control-worker")
+    running.start("worker", "control-worker", "beat")
     rt = Runtime(stack_settings)
     try:
         running.wait_ready(rt, gpus=2)

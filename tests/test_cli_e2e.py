@@ -150,3 +150,21 @@ def test_launch_summary_lines_and_rank_substitution(stack, stack_settings):
     assert f"launch {out['launch_id']} ranked: 3 jobs  succeeded=3" in summary
     table = gpuq(stack_settings, "queue", "--launch", str(out["launch_id"])).stdout
     assert f"launch {out['launch_id']} ranked" in table and "3 of 3 jobs" in table
+
+
+def test_submit_to_a_batch_backend_through_the_control_worker(stack, stack_settings):
+    submitted = gpuq(stack_settings, "submit", "--backend", "process", "--", "hostname")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    waited = gpuq(stack_settings, "wait", job_id, "--timeout", "60")
+    assert waited.returncode == 0, waited.stderr
+    row = json.loads(gpuq(stack_settings, "queue", "--json", "--limit", "200").stdout)
+    job = next(r for r in row["jobs"] if r["id"] == int(job_id))
+    assert job["backend"] == "process" and job["backend_id"]
+    assert os.uname().nodename in gpuq(stack_settings, "logs", job_id).stdout
+
+
+def test_unknown_backend_names_the_choices(stack, stack_settings):
+    result = gpuq(stack_settings, "submit", "--backend", "mainframe", "--", "true")
+    assert result.returncode == 2
+    assert "unknown backend 'mainframe'; choose one of local, process" in result.stderr

@@ -1,0 +1,255 @@
+"""The batch adapter contract: a Celery Task subclass per backend.
+
+A backend implements three calls and nothing else:
+
+    submit(submission) -> backend ids    one job, or a whole launch as one array
+    poll(backend_ids) -> {id: Status}    one batched call for every live job
+    cancel(backend_ids)
+
+The base owns the rest: packing the payload (inline below `inline_limit_bytes`, else a file
+in the backend's store), the concurrency limit, batched polling with backoff, mapping
+backend states onto job states, routing function results and errors into the job record,
+failing jobs stuck pending (with the backend's reason), and turning a job the backend no
+longer knows into LOST after a grace period. One `sync` pass does all of it; beat runs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cloudpickle
+from celery import Task
+from sqlmodel import col, select
+
+from app import payloads
+from app.jobs import transition
+from app.models import Job
+from app.runtime import Runtime
+from app.states import JobState
+
+MISSING_KEY = "gpuq:batch:missing"  # hash: backend id -> when it was first not found
+
+
+@dataclass
+class Status:
+    """What a backend says of one job."""
+
+    state: str  # pending | running | succeeded | failed | cancelled | missing
+    reason: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class Submission:
+    """Replicas of one launch (or one job) to submit together, as an array where the
+    backend has arrays. `env` is what every replica's runner needs beyond its rank."""
+
+    jobs: list[Job]
+    env: dict[str, str]
+    gpus: int
+    name: str
+    workdir: str | None = None
+    log_dir: Path = field(default_factory=Path)
+
+
+class BatchAdapter(Task):  # type: ignore[misc]
+    """Base of every batch backend; subclasses set `backend_name` (not `backend`, which is
+    Celery's result backend on every Task) and the three calls."""
+
+    backend_name: ClassVar[str] = ""
+    max_concurrent_jobs: int = 1000
+    inline_limit_bytes: int = 32 * 1024
+    pending_timeout_s: float = 3600.0
+    vanished_grace_s: float = 60.0
+    rt: Runtime
+
+    # -- the contract -----------------------------------------------------------------
+    def submit(self, submission: Submission) -> list[str]:
+        raise NotImplementedError
+
+    def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
+        raise NotImplementedError
+
+    def cancel(self, backend_ids: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def payload_env(self, key: str, data: bytes) -> dict[str, str]:
+        """Where a payload too large to pass inline goes: a file in gpuq's home by default
+        (a shared filesystem on a cluster); object-store backends override this."""
+        path = self.rt.settings.home / "batch" / "payloads" / key.replace(":", "_")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return {"GPUQ_PAYLOAD_FILE": str(path)}
+
+    def read_result(self, job: Job) -> bytes | None:
+        """The envelope a function job's runner wrote, if any."""
+        path = self.result_dir(job) / f"{job.rank}.pkl"
+        return path.read_bytes() if path.exists() else None
+
+    # -- the base's work ----------------------------------------------------------------
+    poll_interval_s: float = 2.0
+    max_poll_interval_s: float = 60.0
+
+    def run(self, action: str = "sync") -> dict[str, int]:
+        """`sync` when its backed-off turn has come (beat); `sync-now` at once (a submit)."""
+        if action not in ("sync", "sync-now"):
+            raise ValueError(f"unknown action {action!r}; use 'sync' or 'sync-now'")
+        key = f"gpuq:batch:{self.backend_name}:poll"
+        r = self.rt.redis
+        stored: list[Any] = list(r.hmget(key, "next_at", "interval_s"))  # type: ignore[arg-type]
+        next_at = float(stored[0] or 0)
+        interval = float(stored[1] or self.poll_interval_s)
+        if action == "sync" and time.time() < next_at:
+            return {"skipped": 1}
+        done = self.sync()
+        # Nothing changed: poll less often, up to a ceiling; any change resets the pace.
+        interval = (self.poll_interval_s if any(done.values())
+                    else min(interval * 2, self.max_poll_interval_s))
+        r.hset(key, mapping={"next_at": time.time() + interval, "interval_s": interval})
+        return done
+
+    def result_dir(self, job: Job) -> Path:
+        return self.rt.settings.home / "batch" / "results" / str(job.launch_id or f"j{job.id}")
+
+    def sync(self) -> dict[str, int]:
+        """Cancel what was asked, poll what lives, submit what waits (within the limit)."""
+        cancelled = self._cancel_requested()
+        moved = self._poll_live()
+        submitted = self._submit_pending()
+        return {"cancelled": cancelled, "moved": moved, "submitted": submitted}
+
+    def _jobs(self, *states: JobState) -> list[Job]:
+        with self.rt.session() as session:
+            return list(session.exec(select(Job).where(
+                col(Job.backend) == self.backend_name,
+                col(Job.state).in_([s.value for s in states])).order_by(col(Job.id))))
+
+    def _cancel_requested(self) -> int:
+        jobs = [j for j in self._jobs(JobState.CANCELLING) if j.backend_id]
+        if jobs:
+            self.cancel([j.backend_id for j in jobs if j.backend_id])
+        return len(jobs)
+
+    def _poll_live(self) -> int:
+        live = [j for j in self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
+                if j.backend_id]
+        if not live:
+            return 0
+        statuses = self.poll([j.backend_id for j in live if j.backend_id])
+        moved = 0
+        for job in live:
+            assert job.backend_id is not None
+            status = statuses.get(job.backend_id, Status("missing"))
+            moved += self._apply(job, status)
+        return moved
+
+    def _apply(self, job: Job, status: Status) -> int:
+        """Move one job as its backend status says; return 1 if it moved."""
+        assert job.id is not None and job.backend_id is not None
+        now = time.time()
+        where = [col(Job.id) == job.id]
+        r = self.rt.redis
+        if status.state != "missing":
+            r.hdel(MISSING_KEY, job.backend_id)
+        with self.rt.session() as session:
+            if status.state == "pending":
+                waited = now - (job.dispatched_at or now)
+                if job.state == JobState.STARTING.value and waited > self.pending_timeout_s:
+                    self.cancel([job.backend_id])
+                    reason = f"pending on {self.backend_name} for {waited:.0f}s: {status.reason}"
+                    return len(transition(session, JobState.FAILED, reason, where,
+                                          {"ended_at": now}))
+                return 0
+            if status.state == "running":
+                return len(transition(session, JobState.RUNNING, None, where,
+                                      {"started_at": now}, only_from=[JobState.STARTING]))
+            if status.state == "missing":
+                r.hsetnx(MISSING_KEY, job.backend_id, now)
+                first = float(r.hget(MISSING_KEY, job.backend_id) or now)  # type: ignore[arg-type]
+                if now - first < self.vanished_grace_s:
+                    return 0
+                r.hdel(MISSING_KEY, job.backend_id)
+                reason = f"{self.backend_name} no longer knows job {job.backend_id}"
+                return len(transition(session, JobState.LOST, reason, where, {"ended_at": now}))
+        return self._finish(job, status, now)
+
+    def _finish(self, job: Job, status: Status, now: float) -> int:
+        assert job.id is not None
+        failure = self._route_result(job) if job.kind == "function" else None
+        ended = {"ended_at": now, "exit_code": status.exit_code,
+                 "started_at": job.started_at or now}
+        where = [col(Job.id) == job.id]
+        with self.rt.session() as session:
+            if job.state == JobState.STARTING.value and status.state == "succeeded":
+                # It ran and ended between two polls: record that it ran.
+                transition(session, JobState.RUNNING, None, where, {"started_at": now},
+                           only_from=[JobState.STARTING])
+            if status.state == "cancelled" or job.state == JobState.CANCELLING.value:
+                target, reason = JobState.CANCELLED, status.reason or "cancelled by user"
+            elif status.state == "succeeded" and failure is None:
+                target, reason = JobState.SUCCEEDED, None
+            else:
+                target = JobState.FAILED
+                reason = failure or status.reason or f"exit code {status.exit_code}"
+            return len(transition(session, target, reason, where, ended))
+
+    def _route_result(self, job: Job) -> str | None:
+        """Store a function job's envelope for `result()`; return why it failed, if it did."""
+        assert job.id is not None
+        data = self.read_result(job)
+        if data is None:
+            return None
+        if len(data) > self.rt.settings.max_result_bytes:
+            return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES "
+                    f"({self.rt.settings.max_result_bytes:,})")
+        self.rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62),
+                          ex=self.rt.settings.keep_result_s)
+        envelope = cloudpickle.loads(data)
+        return None if envelope["ok"] else f"raised {envelope['type']}: {envelope['message']}"
+
+    def _submit_pending(self) -> int:
+        live = len(self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING))
+        room = self.max_concurrent_jobs - live
+        if room <= 0:
+            return 0
+        pending = self._jobs(JobState.PENDING)[:room]
+        groups: dict[object, list[Job]] = {}
+        for job in pending:
+            groups.setdefault(job.launch_id or ("job", job.id), []).append(job)
+        return sum(self._submit_group(jobs) for jobs in groups.values())
+
+    def _submit_group(self, jobs: list[Job]) -> int:
+        first = jobs[0]
+        data = self._payload_bytes(first)
+        env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
+               "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id),
+               "GPUQ_RESULT_DIR": str(self.result_dir(first))}
+        if len(data) <= self.inline_limit_bytes:
+            env["GPUQ_PAYLOAD"] = base64.b64encode(data).decode()
+        else:
+            env.update(self.payload_env(first.payload_key or f"job-{first.id}", data))
+        submission = Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
+                                first.workdir, self.rt.settings.logs_dir)
+        ids = self.submit(submission)
+        with self.rt.session() as session:
+            for job, backend_id in zip(jobs, ids, strict=True):
+                transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
+                           {"backend_id": backend_id, "attempt": job.attempt + 1,
+                            "dispatched_at": time.time()},
+                           only_from=[JobState.PENDING])
+        return len(ids)
+
+    def _payload_bytes(self, job: Job) -> bytes:
+        """The runner's payload: the launch's stored payload, or the job's own command."""
+        spec: dict[str, Any]
+        if job.payload_key is not None:
+            spec = payloads.load(self.rt.redis, job.payload_key)
+        else:
+            spec = {"command": job.command, "rank_args": None}
+        return bytes(cloudpickle.dumps(spec))
+

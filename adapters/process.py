@@ -1,0 +1,80 @@
+"""The reference batch backend: each replica is a runner process on this host.
+
+It is the contract's executable specification and the fake the contract tests run: no
+queueing of its own (every submitted job starts), a job's state read from its process
+and the exit-code file its wrapper writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapters.base import BatchAdapter, Status, Submission
+
+
+class ProcessAdapter(BatchAdapter):
+    backend_name = "process"
+    name = "gpuq.batch.process"
+
+    def _state_dir(self) -> Path:
+        path = self.rt.settings.home / "batch" / "process"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def submit(self, submission: Submission) -> list[str]:
+        ids = []
+        submission.log_dir.mkdir(parents=True, exist_ok=True)
+        for job in submission.jobs:
+            base = self._state_dir() / f"job-{job.id}-{job.attempt + 1}"
+            env = {**os.environ, **submission.env, "GPUQ_JOB_ID": str(job.id),
+                   "GPUQ_JOB_RANK": str(job.rank)}
+            runner = shlex.join([sys.executable, "-m", "adapters.runner"])
+            # The wrapper keeps the exit code where poll() finds it after the process is gone;
+            # it runs in the background of a shell that exits at once, so that the job is
+            # nobody's child (no zombies) while its process group keeps the shell's id.
+            script = f"({runner}; echo $? > {shlex.quote(str(base))}.exit) &"
+            with open(submission.log_dir / f"{job.id}.log", "ab") as log:
+                proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=submission.workdir or None, start_new_session=True)
+            proc.wait()
+            Path(f"{base}.pgid").write_text(str(proc.pid))
+            ids.append(str(base))
+        return ids
+
+    def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
+        return {backend_id: self._status(backend_id) for backend_id in backend_ids}
+
+    def _status(self, backend_id: str) -> Status:
+        exit_file, pgid_file = Path(f"{backend_id}.exit"), Path(f"{backend_id}.pgid")
+        if exit_file.exists():
+            code = int(exit_file.read_text().strip() or 1)
+            if Path(f"{backend_id}.cancel").exists():
+                return Status("cancelled", "cancelled by user", code)
+            return Status("succeeded" if code == 0 else "failed", None, code)
+        if pgid_file.exists() and _group_alive(int(pgid_file.read_text())):
+            return Status("running")
+        if Path(f"{backend_id}.cancel").exists():  # the SIGTERM took the wrapper with it
+            return Status("cancelled", "cancelled by user", 143)
+        return Status("missing")
+
+    def cancel(self, backend_ids: Sequence[str]) -> None:
+        for backend_id in backend_ids:
+            Path(f"{backend_id}.cancel").touch()
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+                os.killpg(int(Path(f"{backend_id}.pgid").read_text()), signal.SIGTERM)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

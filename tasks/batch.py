@@ -1,0 +1,21 @@
+"""`gpuq.batch.<backend>`: each batch adapter is a Celery task; beat runs its sync."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.celery_app import CONTROL_QUEUE
+from app.runtime import Runtime
+
+
+def register(celery: Celery, rt: Runtime) -> None:
+    from adapters import ADAPTERS
+
+    for backend, cls in ADAPTERS.items():
+        adapter = cls()
+        adapter.rt = rt
+        celery.register_task(adapter)
+        celery.conf.beat_schedule[f"batch-{backend}"] = {
+            "task": adapter.name, "schedule": adapter.poll_interval_s, "args": ["sync"],
+            "options": {"queue": CONTROL_QUEUE, "expires": adapter.poll_interval_s},
+        }
