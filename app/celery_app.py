@@ -43,6 +43,11 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
         beat_schedule={
+            "reconcile": {
+                "task": "gpuq.reconcile",
+                "schedule": settings.reconcile_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.reconcile_interval_s},
+            },
             "dispatch": {
                 "task": "gpuq.dispatch",
                 "schedule": settings.dispatch_interval_s,

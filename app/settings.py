@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         16 * 2**20, gt=0, description="Largest result a function job may return."
     )
     keep_result_s: int = Field(7 * 86400, gt=0, description="How long results are kept.")
+    reconcile_interval_s: float = Field(
+        10.0, gt=0, description="Period of the repair pass for lost messages and dead workers."
+    )
     cpu_slots: int = Field(2, ge=0, description="Concurrent 0-GPU jobs per host.")
     op_timeout_s: float = Field(
         30.0, gt=0, description="How long a remote operation may take before the client gives up."

@@ -42,7 +42,7 @@ def recover_orphans(rt: Runtime, gpu_index: int) -> list[int]:
         if job.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(job.pid, signal.SIGKILL)
-        _settle(rt, job)
+        settle(rt, job)
         release(rt.redis, host, job.gpu_ids or [], holder(job.id, job.attempt))
         settled.append(job.id)
     if settled:
@@ -51,7 +51,8 @@ def recover_orphans(rt: Runtime, gpu_index: int) -> list[int]:
     return settled
 
 
-def _settle(rt: Runtime, job: Job) -> None:
+def settle(rt: Runtime, job: Job) -> None:
+    """Apply the restart policy to a job whose worker died: restart it or call it LOST."""
     now = time.time()
     where = [col(Job.id) == job.id]
     runtime_s = job.runtime_s + now - (job.started_at or now)

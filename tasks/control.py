@@ -20,6 +20,12 @@ def register(celery: Celery, rt: Runtime) -> None:
         except GpuqError as e:
             return {"ok": False, "code": e.code, "message": str(e)}
 
+    @celery.task(name="gpuq.reconcile", ignore_result=True)
+    def reconcile() -> dict[str, list[int]]:
+        from scheduler.reconcile import reconcile as repair
+
+        return repair(rt)
+
     @celery.task(name="gpuq.dispatch", ignore_result=True)
     def dispatch() -> int:
         from scheduler.allocator import Dispatcher
