@@ -86,6 +86,10 @@ class BatchAdapter(Task):  # type: ignore[misc]
         path.write_bytes(data)
         return {"GPUQ_PAYLOAD_FILE": str(path)}
 
+    def result_env(self, job: Job) -> dict[str, str]:
+        """Where the runner writes envelopes: a directory by default."""
+        return {"GPUQ_RESULT_DIR": str(self.result_dir(job))}
+
     def read_result(self, job: Job) -> bytes | None:
         """The envelope a function job's runner wrote, if any."""
         path = self.result_dir(job) / f"{job.rank}.pkl"
@@ -228,7 +232,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         data = self._payload_bytes(first)
         env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
                "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id),
-               "GPUQ_RESULT_DIR": str(self.result_dir(first))}
+               **self.result_env(first)}
         if len(data) <= self.inline_limit_bytes:
             env["GPUQ_PAYLOAD"] = base64.b64encode(data).decode()
         else:

@@ -7,8 +7,10 @@ worker, in a Slurm allocation, in a Batch or Kubernetes container. SIGTERM ends 
 conventional exit code 143 (after stopping a command's process group).
 
 Where the payload comes from: `--payload-file`, else GPUQ_PAYLOAD (base64, for small
-payloads passed inline), else GPUQ_PAYLOAD_FILE (a path on a shared filesystem).
-Where the envelope goes: `--result-file`, else GPUQ_RESULT_DIR/<rank>.pkl.
+payloads passed inline), else GPUQ_PAYLOAD_FILE (a path on a shared filesystem), else
+GPUQ_PAYLOAD_URI (s3://bucket/key, read with boto3).
+Where the envelope goes: `--result-file`, else GPUQ_RESULT_URI/<rank>.pkl (s3://), else
+GPUQ_RESULT_DIR/<rank>.pkl.
 The rank: GPUQ_JOB_RANK, else the backend's array index (SLURM_ARRAY_TASK_ID,
 AWS_BATCH_JOB_ARRAY_INDEX, JOB_COMPLETION_INDEX) plus GPUQ_RANK_OFFSET (an array split in
 parts), exported as GPUQ_JOB_RANK for the job.
@@ -54,9 +56,14 @@ def _error_envelope(exc: BaseException) -> dict[str, Any]:
     return envelope
 
 
-def _write(path: Path, envelope: dict[str, Any]) -> None:
+def _write(path: Path | str, envelope: dict[str, Any]) -> None:
+    data = cloudpickle.dumps(envelope)
+    if isinstance(path, str):  # s3://bucket/key
+        bucket, key = _s3_location(path)
+        _s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(cloudpickle.dumps(envelope))
+    tmp.write_bytes(data)
     tmp.replace(path)  # the reader never sees half an envelope
 
 
@@ -81,10 +88,28 @@ def read_payload(payload_file: Path | None, env: dict[str, str]) -> dict[str, An
         data = base64.b64decode(env["GPUQ_PAYLOAD"])
     elif env.get("GPUQ_PAYLOAD_FILE"):
         data = Path(env["GPUQ_PAYLOAD_FILE"]).read_bytes()
+    elif env.get("GPUQ_PAYLOAD_URI"):
+        bucket, key = _s3_location(env["GPUQ_PAYLOAD_URI"])
+        data = _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
     else:
-        raise SystemExit("no payload: pass --payload-file, GPUQ_PAYLOAD or GPUQ_PAYLOAD_FILE")
+        raise SystemExit("no payload: pass --payload-file, GPUQ_PAYLOAD, GPUQ_PAYLOAD_FILE or "
+                         "GPUQ_PAYLOAD_URI")
     spec: dict[str, Any] = cloudpickle.loads(data)
     return spec
+
+
+def _s3() -> Any:
+    """An S3 client (boto3, present in a Batch image); AWS_ENDPOINT_URL is honoured."""
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise SystemExit(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
 
 
 def run_command(spec: dict[str, Any], rank: int, num_jobs: str) -> int:
@@ -141,25 +166,31 @@ def main(argv: list[str] | None = None) -> int:
     spec = read_payload(options.payload_file, env)
     if "command" in spec:
         return run_command(spec, rank, env.get("GPUQ_NUM_JOBS", "1"))
-    if options.result_file is None:
-        if not env.get("GPUQ_RESULT_DIR"):
-            raise SystemExit("no result destination: pass --result-file or GPUQ_RESULT_DIR")
-        options.result_file = Path(env["GPUQ_RESULT_DIR"]) / f"{rank}.pkl"
-        options.result_file.parent.mkdir(parents=True, exist_ok=True)
+    result: Path | str
+    if options.result_file is not None:
+        result = options.result_file
+    elif env.get("GPUQ_RESULT_URI"):
+        result = f"{env['GPUQ_RESULT_URI'].rstrip('/')}/{rank}.pkl"
+    elif env.get("GPUQ_RESULT_DIR"):
+        result = Path(env["GPUQ_RESULT_DIR"]) / f"{rank}.pkl"
+        result.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        raise SystemExit("no result destination: pass --result-file, GPUQ_RESULT_DIR or "
+                         "GPUQ_RESULT_URI")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         value = call(spec)
     except Terminated as e:
-        _write(options.result_file, _error_envelope(e))
+        _write(result, _error_envelope(e))
         return EXIT_TERMINATED
     except BaseException as e:
         traceback.print_exc()
-        _write(options.result_file, _error_envelope(e))
+        _write(result, _error_envelope(e))
         return EXIT_ERROR
     try:
-        _write(options.result_file, {"ok": True, "value": cloudpickle.dumps(value)})
+        _write(result, {"ok": True, "value": cloudpickle.dumps(value)})
     except Exception as e:  # the value does not pickle: say so rather than lose it silently
-        _write(options.result_file, _error_envelope(e))
+        _write(result, _error_envelope(e))
         return EXIT_ERROR
     return 0
 

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
         16 * 2**20, gt=0, description="Largest result a function job may return."
     )
     keep_result_s: int = Field(7 * 86400, gt=0, description="How long results are kept.")
+    aws_batch_queue: str | None = Field(None, description="AWS Batch job queue for --backend "
+                                        "aws_batch.")
+    aws_batch_job_definition: str = Field(
+        "gpuq", description="AWS Batch job definition; its image must have gpuq installed.")
+    aws_s3_bucket: str | None = Field(
+        None, description="S3 bucket for aws_batch payloads over the inline limit and results.")
+    aws_region: str = Field("us-east-1", description="AWS region of the Batch queue and bucket.")
+    aws_endpoint_url: str | None = Field(
+        None, description="Another AWS endpoint (a moto or LocalStack server, say).")
     reconcile_interval_s: float = Field(
         10.0, gt=0, description="Period of the repair pass for lost messages and dead workers."
     )

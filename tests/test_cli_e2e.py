@@ -167,4 +167,4 @@ def test_submit_to_a_batch_backend_through_the_control_worker(stack, stack_setti
 def test_unknown_backend_names_the_choices(stack, stack_settings):
     result = gpuq(stack_settings, "submit", "--backend", "mainframe", "--", "true")
     assert result.returncode == 2
-    assert "unknown backend 'mainframe'; choose one of local, process" in result.stderr
+    assert "unknown backend 'mainframe'; choose one of local, process, aws_batch" in result.stderr

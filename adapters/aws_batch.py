@@ -1,0 +1,120 @@
+"""AWS Batch: jobs and array jobs through boto3; large payloads and results in S3."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+from adapters.base import BatchAdapter, Status, Submission
+from app.errors import GpuqError
+from app.models import Job
+
+MAX_ARRAY = 10_000  # AWS Batch array sizes are 2..10,000
+DESCRIBE_CHUNK = 100  # describe_jobs takes at most 100 ids
+CANCEL_REASON = "gpuq: cancelled by user"
+WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
+
+
+class AwsBatchAdapter(BatchAdapter):
+    backend_name = "aws_batch"
+    name = "gpuq.batch.aws_batch"
+
+    def _client(self, service: str) -> Any:
+        import boto3
+
+        settings = self.rt.settings
+        return boto3.client(service, region_name=settings.aws_region,
+                            endpoint_url=settings.aws_endpoint_url)
+
+    @cached_property
+    def batch(self) -> Any:
+        return self._client("batch")
+
+    @cached_property
+    def s3(self) -> Any:
+        return self._client("s3")
+
+    def _bucket(self) -> str:
+        if not self.rt.settings.aws_s3_bucket:
+            raise GpuqError("set GPUQ_AWS_S3_BUCKET: aws_batch keeps large payloads and "
+                            "results there")
+        return self.rt.settings.aws_s3_bucket
+
+    def _queue(self) -> str:
+        if not self.rt.settings.aws_batch_queue:
+            raise GpuqError("set GPUQ_AWS_BATCH_QUEUE to the Batch job queue to submit to")
+        return self.rt.settings.aws_batch_queue
+
+    def _result_prefix(self, job: Job) -> str:
+        return f"gpuq/results/{job.launch_id or f'j{job.id}'}"
+
+    def result_env(self, job: Job) -> dict[str, str]:
+        return {"GPUQ_RESULT_URI": f"s3://{self._bucket()}/{self._result_prefix(job)}"}
+
+    def payload_env(self, key: str, data: bytes) -> dict[str, str]:
+        object_key = f"gpuq/payloads/{key.replace(':', '_')}"
+        self.s3.put_object(Bucket=self._bucket(), Key=object_key, Body=data)
+        return {"GPUQ_PAYLOAD_URI": f"s3://{self._bucket()}/{object_key}"}
+
+    def read_result(self, job: Job) -> bytes | None:
+        try:
+            answer = self.s3.get_object(Bucket=self._bucket(),
+                                        Key=f"{self._result_prefix(job)}/{job.rank}.pkl")
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        data: bytes = answer["Body"].read()
+        return data
+
+    def submit(self, submission: Submission) -> list[str]:
+        """One job, or arrays of up to 10,000 replicas (a larger launch is split, each part
+        told its first rank through GPUQ_RANK_OFFSET)."""
+        jobs = sorted(submission.jobs, key=lambda j: j.rank)
+        overrides: dict[str, Any] = {}
+        if submission.gpus:
+            overrides["resourceRequirements"] = [{"type": "GPU", "value": str(submission.gpus)}]
+        ids: list[str] = []
+        for start in range(0, len(jobs), MAX_ARRAY):
+            part = jobs[start:start + MAX_ARRAY]
+            env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
+            if len(part) == 1:
+                env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
+            request: dict[str, Any] = {
+                "jobName": submission.name[:128], "jobQueue": self._queue(),
+                "jobDefinition": self.rt.settings.aws_batch_job_definition,
+                "containerOverrides": {
+                    **overrides,
+                    "environment": [{"name": k, "value": v} for k, v in env.items()]},
+            }
+            if len(part) > 1:
+                request["arrayProperties"] = {"size": len(part)}
+            parent = self.batch.submit_job(**request)["jobId"]
+            ids.extend([parent] if len(part) == 1 else
+                       [f"{parent}:{index}" for index in range(len(part))])
+        return ids
+
+    def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
+        statuses: dict[str, Status] = {}
+        for start in range(0, len(backend_ids), DESCRIBE_CHUNK):
+            answer = self.batch.describe_jobs(jobs=list(backend_ids[start:start + DESCRIBE_CHUNK]))
+            for job in answer["jobs"]:
+                statuses[job["jobId"]] = _status(job)
+        return statuses
+
+    def cancel(self, backend_ids: Sequence[str]) -> None:
+        for backend_id in backend_ids:
+            self.batch.terminate_job(jobId=backend_id, reason=CANCEL_REASON)
+
+
+def _status(job: dict[str, Any]) -> Status:
+    state, reason = job["status"], job.get("statusReason")
+    exit_code = (job.get("container") or {}).get("exitCode")
+    if state in WAITING:
+        return Status("pending", f"{state}: {reason}" if reason else state)
+    if state == "RUNNING":
+        return Status("running")
+    if reason == CANCEL_REASON:
+        return Status("cancelled", reason, exit_code)
+    if state == "SUCCEEDED":
+        return Status("succeeded", None, exit_code or 0)
+    return Status("failed", reason or "failed on AWS Batch", exit_code)

@@ -1,0 +1,167 @@
+"""AWS Batch against a moto server on 127.0.0.1 (Batch without Docker, and S3). Moto runs
+no containers, so each test runs the universal runner itself, with the environment a Batch
+container would get, as a container would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from adapters.aws_batch import AwsBatchAdapter
+from app.client import Client
+from app.runtime import Runtime
+from app.states import JobState
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _moto_server(fail: bool) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, **({"MOTO_SIMPLE_BATCH_FAIL_AFTER": "0"} if fail else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+    config = urllib.request.Request(f"{url}/moto-api/config", method="POST",
+                                    data=json.dumps({"batch": {"use_docker": False}}).encode(),
+                                    headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(config, timeout=5).close()
+    return proc, url
+
+
+def _provision(url: str) -> None:
+    import boto3
+
+    kw = {"endpoint_url": url, "region_name": "us-east-1",
+          "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    role = boto3.client("iam", **kw).create_role(
+        RoleName="gpuq-batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    batch = boto3.client("batch", **kw)
+    env = batch.create_compute_environment(computeEnvironmentName="gpuq-ce", type="UNMANAGED",
+                                           state="ENABLED", serviceRole=role)
+    batch.create_job_queue(jobQueueName="gpuq-queue", state="ENABLED", priority=1,
+                           computeEnvironmentOrder=[{
+                               "order": 1, "computeEnvironment": env["computeEnvironmentArn"]}])
+    batch.register_job_definition(jobDefinitionName="gpuq", type="container",
+                                  containerProperties={
+                                      "image": "gpuq", "vcpus": 1, "memory": 512,
+                                      "command": ["python", "-m", "adapters.runner"]})
+    boto3.client("s3", **kw).create_bucket(Bucket="gpuq-bucket")
+
+
+@pytest.fixture(params=[False, True], ids=["moto-succeeds", "moto-fails"])
+def aws(request, settings, monkeypatch) -> Iterator[tuple[AwsBatchAdapter, Client, str]]:
+    proc, url = _moto_server(fail=request.param)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    try:
+        _provision(url)
+        aws_settings = settings.model_copy(update={
+            "aws_batch_queue": "gpuq-queue", "aws_s3_bucket": "gpuq-bucket",
+            "aws_endpoint_url": url})
+        rt = Runtime(aws_settings)
+        adapter = AwsBatchAdapter()
+        adapter.rt = rt
+        client = Client(aws_settings)
+        yield adapter, client, "fails" if request.param else "succeeds"
+        client.close()
+        rt.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _run_containers(adapter: AwsBatchAdapter, backend_ids: list[str]) -> list[int]:
+    """What Batch would do: start each job's container, i.e. its runner, with its env."""
+    codes = []
+    for job in adapter.batch.describe_jobs(jobs=backend_ids)["jobs"]:
+        env = {e["name"]: e["value"] for e in job["container"]["environment"]}
+        if ":" in job["jobId"]:
+            env["AWS_BATCH_JOB_ARRAY_INDEX"] = job["jobId"].rsplit(":", 1)[1]
+        env.update(CREDENTIALS, AWS_ENDPOINT_URL=adapter.rt.settings.aws_endpoint_url or "",
+                   PYTHONPATH=str(ROOT), PATH=os.environ["PATH"])
+        codes.append(subprocess.run([sys.executable, "-m", "adapters.runner"], env=env,
+                                    timeout=60).returncode)
+    return codes
+
+
+def cube(x: int) -> int:
+    return x**3
+
+
+def test_function_launch_runs_as_an_array_and_routes_results(aws):
+    adapter, client, mode = aws
+    handle = client.map(cube, [1, 2, 3, 4], backend="aws_batch")
+    adapter.sync()
+    rows = sorted(client.rows(handle.job_ids), key=lambda r: r["rank"])
+    backend_ids = [r["backend_id"] for r in rows]
+    parent = backend_ids[0].split(":")[0]
+    assert backend_ids == [f"{parent}:{i}" for i in range(4)], "one array job, rank = index"
+    assert _run_containers(adapter, backend_ids) == [0, 0, 0, 0]
+    adapter.sync()
+    rows = client.rows(handle.job_ids)
+    if mode == "succeeds":
+        assert {r["status"] for r in rows} == {"SUCCEEDED"}
+        assert [job.result(timeout_s=5) for job in handle.jobs] == [1, 8, 27, 64]
+    else:  # moto's failure mode: Batch reports every job FAILED
+        assert {r["status"] for r in rows} == {"FAILED"}
+
+
+def test_large_payloads_travel_through_s3(aws):
+    adapter, client, mode = aws
+    adapter.inline_limit_bytes = 16
+    job = client.submit(cube, 5, backend="aws_batch")
+    adapter.sync()
+    row = client.rows([job.id])[0]
+    container_env = adapter.batch.describe_jobs(jobs=[row["backend_id"]])["jobs"][0][
+        "container"]["environment"]
+    names = {e["name"] for e in container_env}
+    assert "GPUQ_PAYLOAD_URI" in names and "GPUQ_PAYLOAD" not in names
+    _run_containers(adapter, [row["backend_id"]])
+    adapter.sync()
+    if mode == "succeeds":
+        assert job.result(timeout_s=5) == 125
+
+
+def test_cancel_terminates_the_batch_job(aws):
+    adapter, client, _ = aws
+    job = client.submit("sleep 600", backend="aws_batch")
+    adapter.sync()
+    assert job.cancel() == {"cancelled": [], "cancelling": [job.id]}
+    adapter.sync()
+    row = client.rows([job.id])[0]
+    assert row["status"] == JobState.CANCELLED.value
+    described = adapter.batch.describe_jobs(jobs=[row["backend_id"]])["jobs"][0]
+    assert described["statusReason"] == "gpuq: cancelled by user"
+
+
+def test_missing_queue_setting_names_the_fix(settings, local):
+    adapter = AwsBatchAdapter()
+    adapter.rt = Runtime(settings)
+    local.submit("true", backend="aws_batch")
+    with pytest.raises(Exception, match="GPUQ_AWS"):
+        adapter.sync()
+    adapter.rt.close()
