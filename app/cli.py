@@ -204,6 +204,8 @@ def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> N
     offset = 0
     while True:
         out = client.call("logs", job_id=job_id, offset=offset)
+        if out.get("where") and not offset:
+            typer.echo(f"job {job_id}'s output is kept in {out['where']}", err=True)
         sys.stdout.write(out["text"])
         sys.stdout.flush()
         offset = out["offset"]

@@ -281,9 +281,11 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
 
 @operation
 def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
-    """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from."""
+    """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from.
+    A job whose backend keeps its output elsewhere gets a `where` naming the place."""
     with rt.session() as session:
-        state = get_jobs(session, [job_id])[0].state
+        job = get_jobs(session, [job_id])[0]
+    state = job.state
     path = rt.settings.logs_dir / f"{job_id}.log"
     try:
         with open(path, "rb") as f:
@@ -291,8 +293,12 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
             data = f.read(LOG_CHUNK_BYTES)
     except FileNotFoundError:
         data = b""
+    where = None
+    if job.backend == "aws_batch":
+        where = (f"CloudWatch Logs, group /aws/batch/job, stream of AWS Batch job "
+                 f"{job.backend_id or '(not submitted yet)'}")
     return {"text": data.decode(errors="replace"), "offset": offset + len(data),
-            "status": state}
+            "status": state, "where": where}
 
 
 @operation

@@ -156,6 +156,7 @@ def test_cancel_terminates_the_batch_job(aws):
     assert row["status"] == JobState.CANCELLED.value
     described = adapter.batch.describe_jobs(jobs=[row["backend_id"]])["jobs"][0]
     assert described["statusReason"] == "gpuq: cancelled by user"
+    assert row["backend_id"] in client.call("logs", job_id=job.id)["where"]
 
 
 def test_missing_queue_setting_names_the_fix(settings, local):
