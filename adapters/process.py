@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission
+from scheduler.executor import group_exists
 
 
 class ProcessAdapter(BatchAdapter):
@@ -59,7 +60,7 @@ class ProcessAdapter(BatchAdapter):
             if Path(f"{backend_id}.cancel").exists():
                 return Status("cancelled", "cancelled by user", code)
             return Status("succeeded" if code == 0 else "failed", None, code)
-        if pgid_file.exists() and _group_alive(int(pgid_file.read_text())):
+        if pgid_file.exists() and group_exists(int(pgid_file.read_text())):
             return Status("running")
         if Path(f"{backend_id}.cancel").exists():  # the SIGTERM took the wrapper with it
             return Status("cancelled", "cancelled by user", 143)
@@ -71,10 +72,3 @@ class ProcessAdapter(BatchAdapter):
             with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
                 os.killpg(int(Path(f"{backend_id}.pgid").read_text()), signal.SIGTERM)
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
