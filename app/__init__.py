@@ -1,0 +1,1 @@
+"""gpuq's core: settings, models, states, the operations layer, client and CLI."""
