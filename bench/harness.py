@@ -4,7 +4,6 @@ worker processes, all started here and stopped at the end."""
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from app.client import Client
 from app.embedded_redis import EmbeddedRedis
 from app.settings import Settings
+from app.supervisor import stop_groups
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +70,7 @@ def bench_stack(gpus: int = 0, control: bool = False) -> Iterator[Bench]:
         yield bench
     finally:
         bench.client.close()
-        for proc in bench.procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in bench.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_groups(bench.procs, grace_s=30)
         server.stop()
 
 

@@ -21,6 +21,7 @@ from app.embedded_redis import EmbeddedRedis
 from app.ops import call_local
 from app.runtime import Runtime
 from app.settings import Settings
+from app.supervisor import stop_groups
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXTERNAL_REDIS = os.environ.get("GPUQ_REDIS_URL")
@@ -160,15 +161,7 @@ class Stack:
     def stop(self) -> None:
         import signal
 
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_groups(self.procs, grace_s=20)
         # Celery workers run in sessions of their own: none may outlive its stack and take
         # the next test module's messages.
         for pid in processes_with(f"@{self.settings.hostname}"):
