@@ -100,7 +100,8 @@ PreflightOpt = typer.Option(None, "--preflight",
                             help="A check to run on the job's GPUs first, e.g. nccl.")
 TmuxOpt = typer.Option(False, "--tmux", help="Run in a tmux session (`gpuq attach ID`).")
 BackendOpt = typer.Option("local", "--backend",
-                          help="local (this cluster's GPU workers) or a batch backend: process.")
+                          help="local (this cluster's GPU workers) or a batch backend: "
+                          "slurm, aws_batch, kubernetes, process.")
 CommandArg = typer.Argument(..., help="The command, after `--`.")
 
 

@@ -18,7 +18,7 @@ from app.models import Job, JobEvent, Launch, event_row
 from app.states import TERMINAL, JobState, sources_of
 
 # local: this host's GPU workers; the others are batch adapters (adapters/).
-BACKENDS = ("local", "process", "aws_batch")
+BACKENDS = ("local", "process", "slurm", "aws_batch", "kubernetes")
 
 
 class JobSpec(BaseModel):

@@ -84,6 +84,25 @@ class Settings(BaseSettings):
     aws_region: str = Field("us-east-1", description="AWS region of the Batch queue and bucket.")
     aws_endpoint_url: str | None = Field(
         None, description="Another AWS endpoint (a moto or LocalStack server, say).")
+    slurm_partition: str | None = Field(
+        None, description="Slurm partition for --backend slurm (the cluster's default if unset).")
+    slurm_account: str | None = Field(None, description="Slurm account to charge, if any.")
+    slurm_time_limit: str | None = Field(
+        None, description="Slurm time limit per job (sbatch --time, e.g. 1-00:00:00).")
+    slurm_gpu_option: str = Field(
+        "gpus", description="How Slurm jobs ask for GPUs: 'gpus' (--gpus=N) or 'gres' "
+        "(--gres=gpu:N), as the cluster is configured.")
+    slurm_shared_dir: Path | None = Field(
+        None, description="A directory every Slurm node sees, for payloads, results and "
+        "output files (gpuq's home if unset).")
+    k8s_namespace: str = Field("default", description="Kubernetes namespace for --backend "
+                               "kubernetes.")
+    k8s_image: str = Field("gpuq:latest", description="Container image of Kubernetes jobs; "
+                           "it must have gpuq installed.")
+    k8s_api_url: str | None = Field(
+        None, description="Kubernetes API server; unset means in-cluster config or kubeconfig.")
+    k8s_context: str | None = Field(None, description="kubeconfig context to use, if not "
+                                    "the current one.")
     reconcile_interval_s: float = Field(
         10.0, gt=0, description="Period of the repair pass for lost messages and dead workers."
     )
