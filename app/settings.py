@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     )
     flower_address: str = Field("127.0.0.1", description="Address Flower binds to.")
     flower_port: int = Field(5555, description="Port Flower listens on.")
+    dashboard_address: str = Field(
+        "127.0.0.1", description="Address the dashboard binds to; beyond loopback it needs "
+        "GPUQ_DASHBOARD_TOKEN.")
+    dashboard_port: int = Field(5556, ge=0, le=65535, description="Port the dashboard "
+                                "listens on.")
+    dashboard_token: str | None = Field(
+        None, description="Token the dashboard asks for (Bearer header, or ?token= once in a "
+        "browser); required when it binds beyond loopback.")
     jobs_file: Path | None = Field(
         None, description="A jobs file that `gpuq up` watches (one job per line)."
     )
@@ -176,6 +184,8 @@ class Settings(BaseSettings):
         for key, value in values.items():
             if isinstance(value, str):
                 values[key] = mask_url(value)
+        if self.dashboard_token:
+            values["dashboard_token"] = SECRET_MASK
         return values
 
 
