@@ -183,15 +183,35 @@ def _filters(status: str | None, launch_id: int | None, name: str | None,
     return where
 
 
+# Columns a page of the queue may be sorted by; `-name` sorts descending.
+SORT_KEYS: dict[str, Any] = {
+    "id": Job.id, "name": Job.name, "status": Job.state, "gpus": Job.gpus, "host": Job.host,
+    "priority": Job.priority, "submitted": Job.submitted_at, "rank": Job.rank,
+    "restarts": Job.restart_count, "exit_code": Job.exit_code,
+}
+
+
+def _order(sort: str | None, launch_id: int | None) -> list[Any]:
+    if not sort:
+        return [col(Job.rank), col(Job.id)] if launch_id is not None else [col(Job.id).desc()]
+    key = sort.removeprefix("-")
+    if key not in SORT_KEYS:
+        raise InvalidJobSpec(f"unknown sort {sort!r}; choose one of {', '.join(SORT_KEYS)} "
+                             "(prefix - for descending)")
+    column, by_id = col(SORT_KEYS[key]), col(Job.id)
+    return [column.desc(), by_id.desc()] if sort.startswith("-") else [column, by_id]
+
+
 @operation
 def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
           name: str | None = None, ids: list[int] | None = None, limit: int = 50,
-          offset: int = 0) -> dict[str, Any]:
-    """A page of jobs (newest first; by rank within a launch) and the total that match."""
+          offset: int = 0, sort: str | None = None) -> dict[str, Any]:
+    """A page of jobs (newest first; by rank within a launch; or by `sort`) and the total
+    that match."""
     if not 0 < limit <= MAX_PAGE:
         raise InvalidJobSpec(f"--limit must be between 1 and {MAX_PAGE}")
     where = _filters(status, launch_id, name, ids)
-    order = [col(Job.rank), col(Job.id)] if launch_id is not None else [col(Job.id).desc()]
+    order = _order(sort, launch_id)
     now = time.time()
     with rt.session() as session:
         total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
