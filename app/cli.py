@@ -343,6 +343,20 @@ def flower_cmd() -> None:
     _exec_celery(flower_command)
 
 
+@cli.command()
+def dashboard(address: str | None = typer.Option(None, "--address",
+                                                 help="Bind here (GPUQ_DASHBOARD_ADDRESS)."),
+              port: int | None = typer.Option(None, "--port",
+                                              help="Listen here (GPUQ_DASHBOARD_PORT).")) -> None:
+    """Serve the web dashboard and its JSON API, on 127.0.0.1 unless told otherwise."""
+    from app.dashboard import serve
+
+    settings = _settings()
+    changes = {k: v for k, v in (("dashboard_address", address), ("dashboard_port", port))
+               if v is not None}
+    serve(settings.model_copy(update=changes))
+
+
 def main() -> None:
     try:
         cli()

@@ -1,0 +1,62 @@
+"""The dashboard's web app: the JSON API, the pages, and gpuq's errors as HTTP answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from app import errors
+from app.client import Client
+from app.dashboard import api, pages
+from app.dashboard.auth import token_middleware
+from app.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+HTTP_STATUS: dict[type[errors.GpuqError], int] = {
+    errors.JobNotFound: 404, errors.LaunchNotFound: 404, errors.DuplicateJob: 409,
+    errors.PayloadTooLarge: 413, errors.BrokerUnavailable: 503,
+    errors.DatabaseUnavailable: 503, errors.OperationTimeout: 503,
+}
+
+
+def http_status(error: errors.GpuqError) -> int:
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 400
+
+
+def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
+    """The dashboard over `client` (by default one on `settings` and its transport)."""
+    own = client or Client(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if client is None:
+            own.close()
+
+    app = FastAPI(title="gpuq dashboard", version="1", lifespan=lifespan,
+                  description="Jobs, launches, GPUs and logs over gpuq's operations layer.")
+    app.state.client = own
+    app.state.settings = settings
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.dashboard_token:
+        app.middleware("http")(token_middleware(settings.dashboard_token))
+
+    @app.exception_handler(errors.GpuqError)
+    async def refused(request: Request, error: errors.GpuqError) -> Response:
+        status = http_status(error)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"code": error.code, "message": str(error)}, status_code=status)
+        return pages.templates.TemplateResponse(request, "error.html", {"error": error},
+                                                status_code=status)
+
+    return app

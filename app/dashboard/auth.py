@@ -1,0 +1,61 @@
+"""Who may use the dashboard: anyone on loopback, or whoever shows the token."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Awaitable, Callable
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from app.errors import GpuqError
+from app.settings import Settings
+
+COOKIE = "gpuq_dashboard_token"
+
+
+class TokenRequired(GpuqError):
+    code = "token_required"
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse to serve beyond loopback without a token: jobs run commands on GPU hosts."""
+    if not is_loopback(settings.dashboard_address) and not settings.dashboard_token:
+        raise TokenRequired(
+            f"the dashboard would listen on {settings.dashboard_address}, beyond this host, "
+            "with no token: set GPUQ_DASHBOARD_TOKEN, or keep GPUQ_DASHBOARD_ADDRESS=127.0.0.1")
+
+
+def token_middleware(token: str) -> Callable[
+        [Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    """Accept `Authorization: Bearer TOKEN`, the cookie, or `?token=` (which sets the
+    cookie and redirects to the same page without it, so it leaves the address bar)."""
+    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                    ) -> Response:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(given, token):
+            return await call_next(request)
+        if secrets.compare_digest(request.cookies.get(COOKIE, ""), token):
+            return await call_next(request)
+        if secrets.compare_digest(request.query_params.get("token", ""), token):
+            params = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            target = request.url.replace_query_params(**dict(params)) if params else \
+                request.url.remove_query_params("token")
+            response = RedirectResponse(str(target), status_code=303)
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+            return response
+        return JSONResponse({"code": "unauthorized", "message": "this dashboard needs its "
+                             "token: open it as /?token=TOKEN or send Authorization: Bearer "
+                             "TOKEN (GPUQ_DASHBOARD_TOKEN)"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    return check
