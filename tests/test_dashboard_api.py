@@ -107,8 +107,10 @@ def test_submit_refuses_duplicates_and_bad_specs(api, local):
     assert again.json()["message"].startswith(f"an identical job {job_id} is already")
     assert api.post("/api/jobs", json={"command": "echo once", "gpus": 0,
                                        "allow_duplicate": True}).status_code == 201
-    blank = api.post("/api/jobs", json={"command": "   "})
-    assert (blank.status_code, blank.json()["code"]) == (400, "invalid_job_spec")
+    unknown = api.post("/api/jobs", json={"command": "x", "preflight": "vibes"})
+    assert (unknown.status_code, unknown.json()["code"]) == (400, "invalid_job_spec")
+    assert "unknown preflight 'vibes'; choose one of nccl" in unknown.json()["message"]
+    assert api.post("/api/jobs", json={"command": "   "}).status_code == 422
     assert api.post("/api/jobs", json={"command": "x", "gpus": -1}).status_code == 422
     assert api.post("/api/jobs", json={"command": "x", "payload_key": "k"}).status_code == 422
     assert api.post("/api/jobs", json={"command": "x\u0000"}).status_code == 422

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
-from app.jobs import JobSpec
+from app.jobs import BACKENDS, JobSpec
 
 # Limits that keep ids and offsets inside every database's integer columns.
 MAX_ID = 2**31 - 1
@@ -133,9 +141,26 @@ class Submitted(BaseModel):
     launch_id: int | None
 
 
+# Text a database column can hold (PostgreSQL refuses NUL), and a command that is not blank.
+Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+Command = Annotated[str, StringConstraints(pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
+TEXT_TYPES: dict[str, Any] = {
+    "command": Command, "name": Text | None, "workdir": Text | None, "venv": Text | None,
+    "conda_env": Text | None, "preflight": Text | None, "env": dict[Text, Text],
+    "backend": Literal[BACKENDS],
+}
+
+
 def _user_fields() -> dict[str, Any]:
-    return {name: (field.annotation, field) for name, field in JobSpec.model_fields.items()
-            if name not in INTERNAL_SPEC_FIELDS}
+    fields: dict[str, Any] = {}
+    for name, field in JobSpec.model_fields.items():
+        if name in INTERNAL_SPEC_FIELDS:
+            continue
+        annotation = TEXT_TYPES.get(name, field.annotation)
+        extra = {"json_schema_extra": {"additionalProperties": False}} if name == "env" else {}
+        fields[name] = (annotation,
+                        FieldInfo.merge_field_infos(field, annotation=annotation, **extra))
+    return fields
 
 
 # The fields and limits of JobSpec, one source of truth; JobSpec.parse checks the rest.
@@ -145,8 +170,6 @@ _JobOptionsBase: Any = create_model("_JobOptionsBase", __config__=ConfigDict(ext
 
 def _check_text(value: Any) -> None:
     if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError("text may not contain NUL characters")
         value.encode()  # a lone surrogate cannot be stored
     elif isinstance(value, dict):
         for key, item in value.items():
