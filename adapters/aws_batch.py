@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
-from adapters.base import BatchAdapter, Status, Submission
+from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
 from app.errors import GpuqError
 from app.models import Job
+from app.settings import Settings
 
 MAX_ARRAY = 10_000  # AWS Batch array sizes are 2..10,000
 DESCRIBE_CHUNK = 100  # describe_jobs takes at most 100 ids
@@ -46,6 +48,11 @@ class AwsBatchAdapter(BatchAdapter):
             raise GpuqError("set GPUQ_AWS_BATCH_QUEUE to the Batch job queue to submit to")
         return self.rt.settings.aws_batch_queue
 
+    @classmethod
+    def output(cls, settings: Settings, job: Job) -> tuple[Path | None, str | None]:
+        return None, (f"CloudWatch Logs, group /aws/batch/job, stream of AWS Batch job "
+                      f"{job.backend_id or '(not submitted yet)'}")
+
     def _result_prefix(self, job: Job) -> str:
         return f"gpuq/results/{job.launch_id or f'j{job.id}'}"
 
@@ -69,13 +76,11 @@ class AwsBatchAdapter(BatchAdapter):
     def submit(self, submission: Submission) -> list[str]:
         """One job, or arrays of up to 10,000 replicas (a larger launch is split, each part
         told its first rank through GPUQ_RANK_OFFSET)."""
-        jobs = sorted(submission.jobs, key=lambda j: j.rank)
         overrides: dict[str, Any] = {}
         if submission.gpus:
             overrides["resourceRequirements"] = [{"type": "GPU", "value": str(submission.gpus)}]
         ids: list[str] = []
-        for start in range(0, len(jobs), MAX_ARRAY):
-            part = jobs[start:start + MAX_ARRAY]
+        for part in contiguous_parts(submission.jobs, MAX_ARRAY):
             env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
             if len(part) == 1:
                 env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))

@@ -16,6 +16,7 @@ longer knows into LOST after a grace period. One `sync` pass does all of it; bea
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,14 +25,17 @@ from typing import Any, ClassVar
 
 import cloudpickle
 from celery import Task
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 
 from app import payloads
+from app.errors import GpuqError
 from app.jobs import transition
 from app.models import Job
 from app.runtime import Runtime
+from app.settings import Settings
 from app.states import JobState
 
+log = logging.getLogger(__name__)
 MISSING_KEY = "gpuq:batch:missing"  # hash: backend id -> when it was first not found
 
 
@@ -42,6 +46,19 @@ class Status:
     state: str  # pending | running | succeeded | failed | cancelled | missing
     reason: str | None = None
     exit_code: int | None = None
+
+
+def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
+    """Jobs in runs of consecutive ranks of at most `limit`: each run is one array whose
+    index i is rank `run[0].rank + i` (the runner adds GPUQ_RANK_OFFSET)."""
+    parts: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: j.rank):
+        last = parts[-1] if parts else None
+        if last and job.rank == last[-1].rank + 1 and len(last) < limit:
+            last.append(job)
+        else:
+            parts.append([job])
+    return parts
 
 
 @dataclass
@@ -78,10 +95,21 @@ class BatchAdapter(Task):  # type: ignore[misc]
     def cancel(self, backend_ids: Sequence[str]) -> None:
         raise NotImplementedError
 
+    @classmethod
+    def store_dir(cls, settings: Settings) -> Path:
+        """Where payloads, results and output files live when they are files: a directory
+        that the backend's nodes see (gpuq's home by default)."""
+        return settings.home / "batch"
+
+    @classmethod
+    def output(cls, settings: Settings, job: Job) -> tuple[Path | None, str | None]:
+        """Where a job's output is: a file gpuq can read, or else words saying where."""
+        return settings.logs_dir / f"{job.id}.log", None
+
     def payload_env(self, key: str, data: bytes) -> dict[str, str]:
-        """Where a payload too large to pass inline goes: a file in gpuq's home by default
-        (a shared filesystem on a cluster); object-store backends override this."""
-        path = self.rt.settings.home / "batch" / "payloads" / key.replace(":", "_")
+        """Where a payload too large to pass inline goes: a file in the store directory;
+        object-store backends override this."""
+        path = self.store_dir(self.rt.settings) / "payloads" / key.replace(":", "_")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return {"GPUQ_PAYLOAD_FILE": str(path)}
@@ -118,7 +146,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return done
 
     def result_dir(self, job: Job) -> Path:
-        return self.rt.settings.home / "batch" / "results" / str(job.launch_id or f"j{job.id}")
+        return (self.store_dir(self.rt.settings) / "results"
+                / str(job.launch_id or f"j{job.id}"))
 
     def sync(self) -> dict[str, int]:
         """Cancel what was asked, poll what lives, submit what waits (within the limit)."""
@@ -225,7 +254,23 @@ class BatchAdapter(Task):  # type: ignore[misc]
         groups: dict[object, list[Job]] = {}
         for job in pending:
             groups.setdefault(job.launch_id or ("job", job.id), []).append(job)
-        return sum(self._submit_group(jobs) for jobs in groups.values())
+        submitted = 0
+        for jobs in groups.values():
+            try:
+                submitted += self._submit_group(jobs)
+            except GpuqError as e:
+                # The backend refused or could not be reached: the jobs stay PENDING, to be
+                # tried again next pass, and say why in the queue.
+                log.warning("%s did not take jobs %s: %s", self.backend_name,
+                            [j.id for j in jobs], e)
+                reason = f"not yet submitted to {self.backend_name}: {e}"
+                with self.rt.session() as session:
+                    session.execute(update(Job).where(
+                        col(Job.id).in_([j.id for j in jobs]),
+                        col(Job.reason).is_distinct_from(reason),
+                        col(Job.state) == JobState.PENDING.value).values(reason=reason))
+                    session.commit()
+        return submitted
 
     def _submit_group(self, jobs: list[Job]) -> int:
         first = jobs[0]

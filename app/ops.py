@@ -7,10 +7,12 @@ local mode, or run by the control worker as the `gpuq.op` task in remote mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, func
@@ -306,17 +308,17 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
     state = job.state
-    path = rt.settings.logs_dir / f"{job_id}.log"
-    try:
-        with open(path, "rb") as f:
+    path: Path | None = rt.settings.logs_dir / f"{job_id}.log"
+    where = None
+    if job.backend != "local":
+        from adapters import ADAPTERS
+
+        path, where = ADAPTERS[job.backend].output(rt.settings, job)
+    data = b""
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
             f.seek(offset)
             data = f.read(LOG_CHUNK_BYTES)
-    except FileNotFoundError:
-        data = b""
-    where = None
-    if job.backend == "aws_batch":
-        where = (f"CloudWatch Logs, group /aws/batch/job, stream of AWS Batch job "
-                 f"{job.backend_id or '(not submitted yet)'}")
     return {"text": data.decode(errors="replace"), "offset": offset + len(data),
             "status": state, "where": where}
 

@@ -26,16 +26,24 @@ def _short_time(iso: str | None) -> str:
     return iso[11:19] if iso else "-"
 
 
+def _where(row: dict[str, Any]) -> str:
+    """The host of a local job; the backend and its id for a batch job."""
+    if row.get("backend", "local") == "local":
+        return row["host"] or "-"
+    return f"{row['backend']} {row['backend_id'] or '(not submitted)'}"
+
+
 def queue_table(rows: list[dict[str, Any]], total: int) -> None:
     table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
-    for column in ("id", "name", "status", "gpus", "host", "submitted", "duration", "restarts"):
-        table.add_column(column, justify="right" if column in ("id", "restarts") else "left")
+    for column in ("id", "name", "status", "gpus", "where", "submitted", "duration", "restarts"):
+        table.add_column(column, justify="right" if column in ("id", "restarts") else "left",
+                         overflow="fold")
     for row in rows:
         style = STATE_STYLE.get(row["status"], "")
         gpus = (",".join(map(str, row["gpu_ids"])) if row["gpu_ids"] else str(row["gpus"]))
         duration = f"{row['duration_s']:.1f}s" if row["duration_s"] is not None else "-"
         table.add_row(str(row["id"]), row["name"] or "-", Text(row["status"], style=style),
-                      gpus, row["host"] or row.get("backend") or "-",
+                      gpus, _where(row),
                       _short_time(row["submitted_at"]), duration,
                       str(row["restart_count"]))
     console.print(table)

@@ -3,30 +3,53 @@ runner processes). Each test drives the adapter's sync pass as beat would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from sqlmodel import col, update
 
 from adapters import ADAPTERS, BatchAdapter, Status
 from app.client import Client
+from app.models import Job
 from app.runtime import Runtime
 from app.states import JobState
 from scheduler.executor import group_exists
-from tests.conftest import until
+from tests.conftest import IN_CI, until
+from tests.k8s_cluster import cluster_runtime
 
 pytestmark = pytest.mark.e2e
 
 
+def slurm_missing() -> str | None:
+    """Why the single-node Slurm of deploy/slurm/ cannot be used here, if it cannot."""
+    if not shutil.which("sbatch"):
+        return "no Slurm here: run deploy/slurm/setup.sh as root"
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False)
+    if "UP" not in ping.stdout:
+        return f"Slurm is installed but its controller is not up: {ping.stdout.strip()}"
+    return None
+
+
 # The contract suite drives real processes; AWS Batch is tested against moto on its own.
-@pytest.fixture(params=["process"])
+@pytest.fixture(params=["process", "slurm", "kubernetes"])
 def adapter(request: pytest.FixtureRequest, rt: Runtime) -> Iterator[BatchAdapter]:
-    instance = ADAPTERS[request.param]()
-    instance.rt = rt
-    instance.vanished_grace_s = 0.5
-    yield instance
+    if request.param == "slurm" and (why := slurm_missing()):
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    with contextlib.ExitStack() as stack:
+        if request.param == "kubernetes":  # kmock and a controller running the pods
+            _, rt = stack.enter_context(cluster_runtime(rt.settings))
+        instance = ADAPTERS[request.param]()
+        instance.rt = rt
+        instance.vanished_grace_s = 0.5
+        yield instance
 
 
 def drive(adapter: BatchAdapter, client: Client, ids: Sequence[int], timeout_s: float = 60
@@ -58,7 +81,10 @@ def test_command_jobs_succeed_or_fail_with_their_exit_code(adapter, local):
     assert (rows[ok.id]["status"], rows[ok.id]["exit_code"]) == ("SUCCEEDED", 0)
     assert (rows[bad.id]["status"], rows[bad.id]["exit_code"]) == ("FAILED", 9)
     assert rows[ok.id]["backend"] == adapter.backend_name and rows[ok.id]["backend_id"]
-    assert "hello from 0" in ok.logs()
+    if adapter.backend_name == "kubernetes":  # output stays with the pod
+        assert "kubectl logs" in local.call("logs", job_id=ok.id)["where"]
+    else:
+        assert "hello from 0" in ok.logs()
 
 
 def test_a_launch_runs_every_rank_once(adapter, local, tmp_path: Path):
@@ -88,7 +114,9 @@ def test_payloads_on_both_sides_of_the_inline_threshold(adapter, local, inline_l
     handle = local.map(square, [1, 2, 3], backend=adapter.backend_name)
     drive(adapter, local, handle.job_ids)
     assert [job.result(timeout_s=5) for job in handle.jobs] == [1, 4, 9]
-    stored = list((adapter.rt.settings.home / "batch" / "payloads").glob("*"))
+    stored = list((adapter.store_dir(adapter.rt.settings) / "payloads").glob("*"))
+    if adapter.backend_name == "kubernetes":  # a ConfigMap the pods mount
+        stored = adapter.core.list_namespaced_config_map("default").items
     assert bool(stored) is (inline_limit == 64), "large payloads go to the backend's store"
 
 
@@ -126,6 +154,16 @@ def _vanish(adapter: BatchAdapter, backend_id: str) -> None:
         os.killpg(pgid, 9)
         until(lambda: not group_exists(pgid))
         Path(f"{backend_id}.exit").unlink(missing_ok=True)
+    elif adapter.backend_name == "kubernetes":
+        namespace, name, _ = backend_id.split("/")
+        adapter.batch.delete_namespaced_job(name, namespace)
+    elif adapter.backend_name == "slurm":
+        # Slurm forgets a job MinJobAge after it ends: stand in a job id it never issued.
+        adapter.cancel([backend_id])
+        with adapter.rt.session() as session:
+            session.execute(update(Job).where(col(Job.backend_id) == backend_id)
+                            .values(backend_id="999999999"))
+            session.commit()
 
 
 class StuckAdapter(ADAPTERS["process"]):  # type: ignore[misc, valid-type]

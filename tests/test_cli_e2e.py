@@ -13,7 +13,8 @@ import pytest
 
 from app.embedded_redis import find_embedded
 from app.settings import Settings
-from tests.conftest import ROOT, processes_with, server_env, until
+from tests.conftest import IN_CI, ROOT, processes_with, server_env, until
+from tests.test_adapters import slurm_missing
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -152,19 +153,29 @@ def test_launch_summary_lines_and_rank_substitution(stack, stack_settings):
     assert f"launch {out['launch_id']} ranked" in table and "3 of 3 jobs" in table
 
 
-def test_submit_to_a_batch_backend_through_the_control_worker(stack, stack_settings):
-    submitted = gpuq(stack_settings, "submit", "--backend", "process", "--", "hostname")
+@pytest.mark.parametrize("backend", ["process", "slurm"])
+def test_submit_to_a_batch_backend_through_the_control_worker(stack, stack_settings, backend):
+    if backend == "slurm" and (why := slurm_missing()):
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    submitted = gpuq(stack_settings, "submit", "--backend", backend, "--", "hostname")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     waited = gpuq(stack_settings, "wait", job_id, "--timeout", "60")
     assert waited.returncode == 0, waited.stderr
     row = json.loads(gpuq(stack_settings, "queue", "--json", "--limit", "200").stdout)
     job = next(r for r in row["jobs"] if r["id"] == int(job_id))
-    assert job["backend"] == "process" and job["backend_id"]
+    assert job["backend"] == backend and job["backend_id"]
+    table = gpuq(stack_settings, "queue").stdout
+    assert f"{backend} " in table
+    if backend == "slurm":
+        assert f"slurm {job['backend_id']}" in table
     assert os.uname().nodename in gpuq(stack_settings, "logs", job_id).stdout
 
 
 def test_unknown_backend_names_the_choices(stack, stack_settings):
     result = gpuq(stack_settings, "submit", "--backend", "mainframe", "--", "true")
     assert result.returncode == 2
-    assert "unknown backend 'mainframe'; choose one of local, process, aws_batch" in result.stderr
+    assert ("unknown backend 'mainframe'; choose one of local, process, slurm, aws_batch, "
+            "kubernetes") in result.stderr
