@@ -293,15 +293,17 @@ def config() -> None:
 
 
 @cli.command()
-def up(procfile: Path = typer.Option(Path("Procfile"), help="Processes to run."),
+def up(procfile: Path | None = typer.Option(
+           None, help="Processes to run [default: deploy/Procfile.dev]."),
        flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower."),
        jobs_file: Path | None = typer.Option(None, "--jobs-file",
                                              help="Watch this jobs file too.")) -> None:
     """Run the whole stack in the foreground until Ctrl-C."""
-    from app.stack import run_stack
+    from app.stack import default_procfile, run_stack
 
     settings = _settings()
-    run_stack(settings, procfile, flower, jobs_file or settings.jobs_file)
+    run_stack(settings, procfile or default_procfile(), flower,
+              jobs_file or settings.jobs_file)
 
 
 @cli.command()
@@ -336,11 +338,26 @@ def beat() -> None:
 
 
 @cli.command("flower")
-def flower_cmd() -> None:
-    """Run Flower (Celery monitoring), bound to 127.0.0.1 unless GPUQ_FLOWER_ADDRESS says."""
-    from app.stack import flower_command
+def flower_cmd(port: int | None = typer.Option(
+        None, "--port", help="Listen here [default: $PORT if set (a Procfile's web "
+        "process), else GPUQ_FLOWER_PORT].")) -> None:
+    """Run Flower (Celery monitoring), bound to 127.0.0.1 unless GPUQ_FLOWER_ADDRESS says;
+    beyond loopback only with GPUQ_FLOWER_BASIC_AUTH."""
+    import shlex
 
-    _exec_celery(flower_command)
+    from app.stack import check_flower_bind, flower_command, flower_environment
+
+    settings = _settings()
+    if port is None and os.environ.get("PORT"):
+        try:
+            port = int(os.environ["PORT"])
+        except ValueError:
+            raise GpuqError(f"PORT must be a port number, got {os.environ['PORT']!r}") from None
+    if port is not None:
+        settings = settings.model_copy(update={"flower_port": port})
+    check_flower_bind(settings)
+    argv = shlex.split(flower_command(settings))
+    os.execve(argv[0], argv, flower_environment(settings, os.environ))
 
 
 @cli.command()

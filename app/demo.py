@@ -46,7 +46,7 @@ def main() -> int:
     console.print(f"[bold]gpuq demo[/]: starting the stack (log: {log_path})")
     with open(log_path, "ab") as log:
         stack = subprocess.Popen([str(Path(sys.executable).parent / "gpuq"), "up",
-                                  "--procfile", str(root / "Procfile")],
+                                  "--procfile", str(root / "deploy" / "Procfile.dev")],
                                  env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     client = Client(settings)

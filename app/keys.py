@@ -31,3 +31,11 @@ def cancel(job_id: int) -> str:
 def reading(host: str, index: int) -> str:
     """Latest monitor reading of one GPU (JSON), published by its worker."""
     return f"{PREFIX}:reading:{host}:{index}"
+
+
+RESTARTS = f"{PREFIX}:restarts"  # sorted set: "host/program" -> time of its latest exit
+
+
+def restarts(host: str, program: str) -> str:
+    """Hash: exits of one supervised program on one host (code, backoff, recent times)."""
+    return f"{PREFIX}:restarts:{host}/{program}"

@@ -23,6 +23,7 @@ from app.celery_app import CONTROL_QUEUE
 from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
 from app.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
 from app.models import Job, JobEvent, Launch
+from app.restarts import recent_exits
 from app.runtime import Runtime
 from app.states import TERMINAL, JobState
 
@@ -325,7 +326,9 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
 
 @operation
 def status(rt: Runtime) -> dict[str, Any]:
-    """Hosts and their GPUs (alive, held by which job) and job counts per state."""
+    """Hosts and their GPUs (alive, held by which job), job counts per state, workers whose
+    heartbeat stopped, recent exits of supervised programs (crash loops), and the
+    addresses of Flower and the dashboard."""
     r = rt.redis
     hosts = []
     for host in sorted(h.decode() for h in r.smembers(keys.HOSTS)):  # type: ignore[union-attr]
@@ -343,5 +346,11 @@ def status(rt: Runtime) -> dict[str, Any]:
                       "workers_alive": sum(g["alive"] for g in gpus)})
     with rt.session() as session:
         counts = dict(session.exec(select(Job.state, func.count()).group_by(Job.state)).all())
-    return {"hosts": hosts, "counts": counts}
+    s = rt.settings
+    return {"hosts": hosts, "counts": counts,
+            "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
+                              for g in h["gpus"] if not g["alive"]],
+            "programs": recent_exits(r),
+            "flower": f"http://{s.flower_address}:{s.flower_port}",
+            "dashboard": f"http://{s.dashboard_address}:{s.dashboard_port}"}
 

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     )
     flower_address: str = Field("127.0.0.1", description="Address Flower binds to.")
     flower_port: int = Field(5555, description="Port Flower listens on.")
+    flower_basic_auth: str | None = Field(
+        None, description="user:password that Flower asks for (several comma-separated); "
+        "required when GPUQ_FLOWER_ADDRESS is beyond loopback.")
     dashboard_address: str = Field(
         "127.0.0.1", description="Address the dashboard binds to; beyond loopback it needs "
         "GPUQ_DASHBOARD_TOKEN.")
@@ -139,6 +142,16 @@ class Settings(BaseSettings):
     def _known_transport(cls, value: str) -> str:
         if value not in ("local", "remote"):
             raise ValueError("GPUQ_TRANSPORT must be 'local' or 'remote'")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_colon_password(cls, value: str | None) -> str | None:
+        if value is not None and not all(
+                user and password for user, _, password in
+                (pair.partition(":") for pair in value.split(","))):
+            raise ValueError("GPUQ_FLOWER_BASIC_AUTH takes user:password (comma-separate "
+                             "several pairs)")
         return value
 
     @field_validator("hostname")
@@ -186,6 +199,8 @@ class Settings(BaseSettings):
                 values[key] = mask_url(value)
         if self.dashboard_token:
             values["dashboard_token"] = SECRET_MASK
+        if self.flower_basic_auth:
+            values["flower_basic_auth"] = SECRET_MASK
         return values
 
 

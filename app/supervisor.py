@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +50,12 @@ class Supervisor:
     """Starts programs in their own process groups and restarts those that exit."""
 
     def __init__(self, programs: list[Program], base_env: Mapping[str, str] | None = None,
-                 stop_grace_s: float = 10.0) -> None:
+                 stop_grace_s: float = 10.0,
+                 on_exit: Callable[[str, int, float], None] | None = None) -> None:
         self.children = [_Child(p) for p in programs]
+        # Told (program name, exit code, seconds until the restart) of every exit, so
+        # that a crash loop is reported rather than hidden by the restarts.
+        self.on_exit = on_exit
         self.base_env = dict(base_env if base_env is not None else os.environ)
         self.stop_grace_s = stop_grace_s
         self._stopping = False
@@ -82,6 +86,8 @@ class Supervisor:
                 child.restarts += 1
                 log.warning("%s exited with %s after %.1fs; restarting in %.1fs",
                             child.program.name, code, lived, child.backoff_s)
+                if self.on_exit is not None:
+                    self.on_exit(child.program.name, code, child.backoff_s)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 self._spawn(child)
 

@@ -75,6 +75,22 @@ def status_table(status: dict[str, Any]) -> None:
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())) or "no jobs"
     console.print(f"jobs: {counts}")
+    if status.get("stale_workers"):
+        console.print(f"[red]stale workers[/] (no heartbeat): "
+                      f"{', '.join(status['stale_workers'])}", highlight=False)
+    for program in status.get("programs", []):
+        console.print(program_line(program), highlight=False)
+    if "flower" in status:
+        console.print(f"flower: {status['flower']}  dashboard: {status['dashboard']}",
+                      highlight=False)
+
+
+def program_line(p: dict[str, Any]) -> str:
+    """`crash loop: uphost/gpu exited 5 times in 5 min, last exit code 3, retry in 8s`"""
+    label = "[red]crash loop[/]" if p["crash_loop"] else "[yellow]restarted[/]"
+    return (f"{label}: {p['host']}/{p['program']} exited {p['exits_in_window']} times in "
+            f"{p['window_s'] / 60:.0f} min ({p['exits']} in all), last exit code "
+            f"{p['exit_code']}, retry in {p['backoff_s']:.0f}s")
 
 
 def progress(client: Client, launch_id: int, total: int, poll_s: float = 0.3) -> dict[str, int]:

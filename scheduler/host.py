@@ -8,6 +8,7 @@ import sys
 
 from app import keys
 from app.celery_app import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
+from app.restarts import RestartLog
 from app.runtime import Runtime
 from app.settings import Settings
 from app.supervisor import Program, Supervisor
@@ -67,4 +68,5 @@ def run_host_workers(settings: Settings) -> None:
     rt = Runtime(settings)
     count = register_host(rt, detect_provider(settings), settings.hostname)
     log.info("host %s: %d GPU workers", settings.hostname, count)
-    Supervisor(gpu_worker_programs(settings, count)).run_forever()
+    Supervisor(gpu_worker_programs(settings, count),
+               on_exit=RestartLog(lambda: rt.redis, settings.hostname)).run_forever()
