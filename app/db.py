@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel, create_engine
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from app import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from app.errors import DatabaseUnavailable
 from app.settings import Settings, mask_url
+
+log = logging.getLogger(__name__)
+
+# A worker's writes wait out a database that is away for a while (a restart, a failover)
+# instead of failing the job whose outcome they record.
+riding_out_outages = retry(
+    retry=retry_if_exception_type(OperationalError),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    stop=stop_after_delay(120),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

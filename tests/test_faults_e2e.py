@@ -1,0 +1,263 @@
+"""Faults a long-running deployment meets, each injected into a real stack: the broker
+restarted under 500 queued jobs, the broker gone for 10 s while jobs run, the control
+worker killed in the middle of a launch, the database away for a few seconds. After each,
+every job has run exactly once and none is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url
+
+from app.client import Client
+from app.embedded_redis import EmbeddedRedis
+from app.errors import GpuqError
+from app.runtime import Runtime
+from app.settings import Settings
+from app.states import JobState
+from tests.conftest import EXTERNAL_DB, Stack, _reset_database, until
+
+pytestmark = pytest.mark.e2e
+
+
+class FaultyStack(Stack):
+    """A stack on an embedded Redis of its own, which the tests stop and start again."""
+
+    def __init__(self, settings: Settings, server: EmbeddedRedis,
+                 proxy: PausableProxy | None) -> None:
+        super().__init__(settings, settings.home)
+        self.server = server
+        self.proxy = proxy
+
+    def broker_down(self) -> None:
+        self.server.stop()
+
+    def broker_up(self) -> None:
+        url = self.server.start()
+        assert url == self.settings.redis_url, "the broker must come back on its address"
+
+    def restart(self, command: str) -> None:
+        """SIGKILL the process group running `gpuq <command>` and start it again."""
+        for proc in list(self.procs):
+            if proc.args[-1] == command:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                self.procs.remove(proc)
+        self.start(command)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyStack]:
+    home = tmp_path_factory.mktemp("faults-home")
+    server = EmbeddedRedis(Settings(home=home, _env_file=None))
+    url = server.start()
+    proxy, database_url = None, EXTERNAL_DB
+    if EXTERNAL_DB:
+        _reset_database(EXTERNAL_DB)
+        # The stack reaches PostgreSQL through a proxy the database test can cut.
+        parsed = make_url(EXTERNAL_DB)
+        proxy = PausableProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+        database_url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False)
+    settings = Settings(home=home, redis_url=url, database_url=database_url,
+                        hostname="e2e-faults", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
+                        monitor_interval_s=0.5, cpu_slots=2, op_timeout_s=5,
+                        reconcile_interval_s=2, _env_file=None)
+    stack = FaultyStack(settings, server, proxy)
+    stack.start("worker", "control-worker", "beat")
+    rt = Runtime(settings)
+    try:
+        stack.wait_ready(rt, gpus=2)
+        yield stack
+    finally:
+        rt.close()
+        stack.stop()
+        server.stop()
+        if proxy is not None:
+            proxy.down()
+
+
+@pytest.fixture
+def client(faulty: FaultyStack) -> Iterator[Client]:
+    c = Client(faulty.settings, "local")
+    yield c
+    c.close()
+
+
+def wait_all(client: Client, ids: list[int], timeout_s: float) -> list[dict]:
+    """Rows of `ids` once every one has ended; fail with the stragglers otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [row for start in range(0, len(ids), 500)
+                for row in client.rows(ids[start:start + 500])]
+        if all(JobState(r["status"]).terminal for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            left = Counter(r["status"] for r in rows if not JobState(r["status"]).terminal)
+            raise AssertionError(f"not ended after {timeout_s}s: {dict(left)}")
+        time.sleep(0.5)
+
+
+def runs_of(out: Path) -> Counter[int]:
+    """How many times each job ran: every run appends its job id to `out`."""
+    return Counter(int(line) for line in out.read_text().split()) if out.exists() else Counter()
+
+
+def test_redis_restart_under_500_queued_jobs_runs_each_exactly_once(faulty, client,
+                                                                    tmp_path: Path):
+    out = tmp_path / "runs"
+    handle = client.launch(f"echo $GPUQ_JOB_ID >> {out}", num_jobs=500, gpus=1,
+                           name="restart-under-load")
+    until(lambda: len(runs_of(out)) >= 20, timeout_s=60)
+    faulty.broker_down()
+    ran_before = len(runs_of(out))
+    faulty.broker_up()
+    rows = wait_all(client, handle.job_ids, timeout_s=300)
+    assert Counter(r["status"] for r in rows) == {"SUCCEEDED": 500}
+    runs = runs_of(out)
+    assert set(runs) == set(handle.job_ids), "every job ran"
+    assert max(runs.values()) == 1, f"ran twice: {[j for j, n in runs.items() if n > 1]}"
+    assert ran_before < 500, "the restart came while jobs were still queued"
+
+
+def test_broker_gone_for_10s_while_jobs_run(faulty, client, tmp_path: Path):
+    out = tmp_path / "runs"
+    command = f"sleep 3; echo $GPUQ_JOB_ID >> {out}"
+    jobs = [client.submit(f"{command} #{i}", gpus=1, name=f"outage-{i}") for i in range(2)]
+    jobs.append(client.submit(command, gpus=0, name="outage-cpu"))
+    until(lambda: all(j.status == "RUNNING" for j in jobs), timeout_s=60)
+    faulty.broker_down()
+    time.sleep(10)  # the jobs end while the broker is away
+    faulty.broker_up()
+    rows = wait_all(client, [j.id for j in jobs], timeout_s=120)
+    assert [r["status"] for r in rows] == ["SUCCEEDED"] * 3
+    assert runs_of(out) == Counter({j.id: 1 for j in jobs})
+    # Their GPUs were handed back: two more 1-GPU jobs run.
+    after = [client.submit(f"true #{i}", gpus=1, name=f"after-outage-{i}") for i in range(2)]
+    rows = wait_all(client, [j.id for j in after], timeout_s=60)
+    assert [r["status"] for r in rows] == ["SUCCEEDED"] * 2
+
+
+def test_control_worker_killed_mid_launch_leaves_no_replica_missing(faulty, client):
+    remote = Client(faulty.settings, "remote")
+    killer = threading.Timer(0.3, faulty.restart, args=["control-worker"])
+    killer.start()
+    try:
+        remote.launch("true", num_jobs=30_000, name="killed-mid-launch")
+        outcome = "completed"
+    except GpuqError as e:
+        outcome = f"reported: {e}"
+    finally:
+        killer.join()
+        remote.close()
+    # Whatever the caller was told, the queue holds the whole launch or none of it.
+    launches = [launch for launch in client.call("launches")["launches"]
+                if launch["name"] == "killed-mid-launch"]
+    for launch in launches:
+        assert sum(launch["counts"].values()) == launch["num_jobs"] == 30_000, launch
+    if outcome == "completed":
+        assert len(launches) == 1
+    else:
+        assert "control" in outcome.lower() or "answer" in outcome.lower(), outcome
+    # The restarted control worker serves remote operations again.
+    remote = Client(faulty.settings, "remote")
+    try:
+        until(lambda: _answers(remote), timeout_s=60)
+    finally:
+        remote.close()
+    if launches:
+        client.call("cancel", launch_id=launches[0]["id"])
+
+
+def _answers(remote: Client) -> bool:
+    try:
+        remote.call("status")
+    except GpuqError:
+        return False
+    return True
+
+
+class PausableProxy:
+    """A TCP forwarder to the database that can be taken away and brought back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = _free_port()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def database_away(faulty: FaultyStack, seconds: float) -> None:
+    """Take the database away for `seconds`. SQLite: another process holds its write lock;
+    PostgreSQL: every connection through the stack's proxy is cut and new ones refused."""
+    if faulty.proxy is None:
+        db = sqlite3.connect(faulty.settings.home / "gpuq.db", isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        time.sleep(seconds)
+        db.execute("ROLLBACK")
+        db.close()
+        return
+    faulty.proxy.down()
+    time.sleep(seconds)
+    faulty.proxy.up()
+
+
+def test_database_away_for_seconds_is_waited_out_not_failed(faulty, client, tmp_path: Path):
+    out = tmp_path / "runs"
+    jobs = [client.submit(f"sleep 2; echo $GPUQ_JOB_ID >> {out} #{i}", gpus=1,
+                          name=f"db-{i}") for i in range(2)]
+    until(lambda: all(j.status == "RUNNING" for j in jobs), timeout_s=60)
+    database_away(faulty, 5)  # the jobs end while it is away
+    rows = wait_all(client, [j.id for j in jobs], timeout_s=120)
+    assert [r["status"] for r in rows] == ["SUCCEEDED"] * 2
+    assert runs_of(out) == Counter({j.id: 1 for j in jobs})
