@@ -240,7 +240,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         if len(data) > self.rt.settings.max_result_bytes:
             return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES "
                     f"({self.rt.settings.max_result_bytes:,})")
-        self.rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62),
+        self.rt.redis.set(payloads.result_key(job.id),
+                          payloads.frame(data, 2**62, self.rt.settings.secret),
                           ex=self.rt.settings.keep_result_s)
         envelope = cloudpickle.loads(data)
         return None if envelope["ok"] else f"raised {envelope['type']}: {envelope['message']}"
@@ -297,7 +298,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         """The runner's payload: the launch's stored payload, or the job's own command."""
         spec: dict[str, Any]
         if job.payload_key is not None:
-            spec = payloads.load(self.rt.redis, job.payload_key)
+            spec = payloads.load(self.rt.redis, job.payload_key, self.rt.settings.secret,
+                                 self.rt.settings.max_payload_bytes)
         else:
             spec = {"command": job.command, "rank_args": None}
         return bytes(cloudpickle.dumps(spec))

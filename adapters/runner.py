@@ -17,7 +17,8 @@ parts), exported as GPUQ_JOB_RANK for the job.
 
 Payload (cloudpickled dict): {"call": <cloudpickled {"fn", "args", "kwargs"}>, "item":
 <cloudpickled first argument, for map>} or "items" (one per rank); or {"command": "...",
-"rank_args": [[...], ...] or None} for a shell command.
+"rank_args": [[...], ...] or None} for a shell command. Either may hold "secrets": {name:
+value}, variables exported to the job and kept out of its recorded environment.
 
 Envelope (cloudpickled dict): {"ok": True, "value": <cloudpickled value>} or {"ok": False,
 "type": "...", "message": "...", "traceback": "...", "exception": <cloudpickled exception,
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = rank_from_environment(env)
     os.environ["GPUQ_JOB_RANK"] = str(rank)
     spec = read_payload(options.payload_file, env)
+    # Secret variables travel in the payload, never in the job's recorded environment.
+    os.environ.update(spec.get("secrets") or {})
     if "command" in spec:
         return run_command(spec, rank, env.get("GPUQ_NUM_JOBS", "1"))
     result: Path | str

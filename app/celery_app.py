@@ -22,7 +22,12 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
     # Imported here: CLI commands that only read the database never pay for Celery.
     from celery import Celery
 
+    from app.security import redis_ssl_options
+
     app = Celery("gpuq", broker=redis_url, backend=redis_url, set_as_current=False)
+    ssl_options = redis_ssl_options(redis_url)
+    if ssl_options is not None:  # rediss://: Celery wants the TLS options spelt out
+        app.conf.update(broker_use_ssl=ssl_options, redis_backend_use_ssl=ssl_options)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -55,6 +55,23 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
+    """--secret NAME=VALUE, or --secret NAME to take the value from gpuq's own environment
+    (which keeps it out of the shell's history and the process list)."""
+    secrets = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise GpuqError(f"--secret {key}: no such variable in this environment; pass "
+                                "--secret NAME=VALUE or export NAME first")
+            value = os.environ[key]
+        if not key:
+            raise GpuqError(f"--secret takes NAME=VALUE or NAME, got {pair!r}")
+        secrets[key] = value
+    return secrets or None
+
+
 def _parse_ints(text: str | None, option: str) -> list[int] | None:
     if not text:
         return None
@@ -89,6 +106,8 @@ GpusOpt = typer.Option(1, "--gpus", help="GPUs the job needs (0 for none).")
 NameOpt = typer.Option(None, "--name", help="A name to find the job by.")
 PriorityOpt = typer.Option(0, "--priority", help="Higher starts first.")
 EnvOpt = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable).")
+SecretOpt = typer.Option([], "--secret", help="NAME=VALUE (or NAME, from this environment) "
+                         "for the job's environment, kept out of the job table and logs.")
 WorkdirOpt = typer.Option(None, "--workdir", help="Directory the command runs in.")
 VenvOpt = typer.Option(None, "--venv", help="A virtualenv to activate.")
 CondaOpt = typer.Option(None, "--conda-env", help="A conda env to activate.")
@@ -112,7 +131,7 @@ def submit(command: list[str] = CommandArg, gpus: int = GpusOpt, name: str | Non
            conda_env: str | None = CondaOpt, max_restarts: int = RestartsOpt,
            recover_on_exit_codes: str | None = RecoverOpt, gpu_ids: str | None = GpuIdsOpt,
            preflight: str | None = PreflightOpt, tmux: bool = TmuxOpt,
-           backend: str = BackendOpt,
+           backend: str = BackendOpt, secret: list[str] = SecretOpt,
            allow_duplicate: bool = typer.Option(
                False, "--allow-duplicate",
                help="Queue it even when an identical job is pending or running."),
@@ -120,7 +139,8 @@ def submit(command: list[str] = CommandArg, gpus: int = GpusOpt, name: str | Non
     """Queue one job and print its id. An identical job not yet ended is refused."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
                             recover_on_exit_codes, gpu_ids, preflight, tmux, backend)
-    handle = _client().submit(command, allow_duplicate=allow_duplicate, **options)
+    handle = _client().submit(command, allow_duplicate=allow_duplicate,
+                              secrets=_parse_secrets(secret), **options)
     _print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
 
 
@@ -132,14 +152,14 @@ def launch(command: list[str] = CommandArg,
            venv: str | None = VenvOpt, conda_env: str | None = CondaOpt,
            max_restarts: int = RestartsOpt, recover_on_exit_codes: str | None = RecoverOpt,
            gpu_ids: str | None = GpuIdsOpt, preflight: str | None = PreflightOpt,
-           tmux: bool = TmuxOpt, backend: str = BackendOpt,
+           tmux: bool = TmuxOpt, backend: str = BackendOpt, secret: list[str] = SecretOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
            as_json: bool = JsonOpt) -> None:
     """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
                             recover_on_exit_codes, gpu_ids, preflight, tmux, backend)
     client = _client()
-    handle = client.launch(command, num_jobs, **options)
+    handle = client.launch(command, num_jobs, secrets=_parse_secrets(secret), **options)
     if as_json:
         _print_json({"launch_id": handle.id, "job_ids": handle.job_ids})
     else:

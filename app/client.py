@@ -16,6 +16,7 @@ from typing import Any
 from app.celery_app import CONTROL_QUEUE
 from app.errors import (
     GpuqError,
+    InvalidJobSpec,
     OperationTimeout,
     PayloadTooLarge,
     RemoteError,
@@ -64,38 +65,51 @@ class Client:
         return value
 
     def submit(self, command: str | Sequence[str] | Callable[..., Any], *args: Any,
-               allow_duplicate: bool = False, **options: Any) -> JobHandle:
+               allow_duplicate: bool = False, secrets: dict[str, str] | None = None,
+               **options: Any) -> JobHandle:
         """Queue one job: a shell command, or a Python callable with `args`.
 
-        Options are JobSpec fields (gpus, name, priority, env, ...). A command identical to
-        one not yet ended raises DuplicateJob, unless allow_duplicate."""
+        Options are JobSpec fields (gpus, name, priority, env, ...). `secrets` are
+        environment variables that reach the job but are kept out of the job table, the
+        broker's messages and gpuq's logs (they travel in the job's stored payload). A
+        command identical to one not yet ended raises DuplicateJob, unless allow_duplicate
+        (a job with secrets has a payload of its own, so it is never a duplicate)."""
+        hidden = _secrets(secrets)
         if callable(command):
-            payload = {"kind": "function", "call": _pickled_call(command, args)}
+            payload = {"kind": "function", "call": _pickled_call(command, args), **hidden}
             spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
             out = self._with_payload(payload, lambda key: self.call(
                 "submit", spec={**spec, "payload_key": key}, allow_duplicate=True))
             return JobHandle(self, out["job_ids"][0])
         if args:
             raise GpuqError("arguments after a shell command belong in the command itself")
-        out = self.call("submit", spec=_spec(command, options), allow_duplicate=allow_duplicate)
+        spec = _spec(command, options)
+        if hidden:
+            payload = {"kind": "command", "command": spec["command"], "rank_args": None,
+                       **hidden}
+            out = self._with_payload(payload, lambda key: self.call(
+                "submit", spec={**spec, "payload_key": key}, allow_duplicate=allow_duplicate))
+        else:
+            out = self.call("submit", spec=spec, allow_duplicate=allow_duplicate)
         return JobHandle(self, out["job_ids"][0])
 
     def launch(self, command: str | Sequence[str] | Callable[..., Any],
                num_jobs: int | None = None, *args: Any,
-               rank_args: Sequence[Sequence[Any]] | None = None, **options: Any
-               ) -> LaunchHandle:
+               rank_args: Sequence[Sequence[Any]] | None = None,
+               secrets: dict[str, str] | None = None, **options: Any) -> LaunchHandle:
         """Queue N replicas of one command or function call, stored once; each replica
         sees its GPUQ_JOB_RANK and GPUQ_NUM_JOBS.
 
         `{rank}` and `{num_jobs}` in a command are replaced per replica; `rank_args`
         gives each replica its own arguments (N defaults to their number). A function is
-        called with `args` in every replica."""
+        called with `args` in every replica. `secrets` as for `submit`."""
+        hidden = _secrets(secrets)
         if callable(command):
             if num_jobs is None:
                 raise GpuqError("say how many replicas: launch(fn, num_jobs, *args)")
             spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
             out = self._with_payload(
-                {"kind": "function", "call": _pickled_call(command, args)},
+                {"kind": "function", "call": _pickled_call(command, args), **hidden},
                 lambda key: self.call("launch", spec={**spec, "payload_key": key},
                                       num_jobs=num_jobs))
             return LaunchHandle(self, out["launch_id"], out["job_ids"])
@@ -110,21 +124,23 @@ class Client:
             raise GpuqError("say how many replicas: num_jobs=N or rank_args=[...]")
         spec = _spec(command, options)
         payload = {"kind": "command", "command": spec["command"],
-                   "rank_args": [list(a) for a in rank_args] if rank_args is not None else None}
+                   "rank_args": [list(a) for a in rank_args] if rank_args is not None else None,
+                   **hidden}
         out = self._with_payload(payload, lambda key: self.call(
             "launch", spec={**spec, "payload_key": key}, num_jobs=num_jobs))
         return LaunchHandle(self, out["launch_id"], out["job_ids"])
 
-    def map(self, fn: Callable[..., Any], items: Iterable[Any], **options: Any
-            ) -> LaunchHandle:
+    def map(self, fn: Callable[..., Any], items: Iterable[Any],
+            secrets: dict[str, str] | None = None, **options: Any) -> LaunchHandle:
         """A launch of `fn(item)` for each item: replica r calls it on the r-th item."""
         import cloudpickle
 
+        hidden = _secrets(secrets)
         values = list(items)
         if not values:
             raise GpuqError("map() needs at least one item")
         payload = {"kind": "function", "call": _pickled_call(fn, ()),
-                   "items": [cloudpickle.dumps(v) for v in values]}
+                   "items": [cloudpickle.dumps(v) for v in values], **hidden}
         spec = {**_spec(_describe(fn), _function_options(options)), "kind": "function"}
         out = self._with_payload(payload, lambda key: self.call(
             "launch", spec={**spec, "payload_key": key}, num_jobs=len(values)))
@@ -139,7 +155,7 @@ class Client:
         settings = self.settings
         try:
             key = payloads.store(self.rt.redis, payload, settings.payload_ttl_s,
-                                 settings.max_payload_bytes)
+                                 settings.max_payload_bytes, secret=settings.secret)
         except PayloadTooLarge as e:
             raise PayloadTooLarge(f"payload refused: {e} (GPUQ_MAX_PAYLOAD_BYTES)") from None
         try:
@@ -191,6 +207,19 @@ def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
     import cloudpickle  # only function jobs need it: the CLI starts faster without
 
     return bytes(cloudpickle.dumps({"fn": fn, "args": args, "kwargs": {}}))
+
+
+def _secrets(secrets: dict[str, str] | None) -> dict[str, Any]:
+    """The payload entry of secret variables, checked like any environment variable."""
+    if not secrets:
+        return {}
+    for name, value in secrets.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidJobSpec("secrets are names and values, both strings")
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise InvalidJobSpec(f"bad secret name {name!r}: a variable name is not empty and "
+                                 "holds no '=' or NUL (and its value no NUL)")
+    return {"secrets": dict(secrets)}
 
 
 def _function_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +279,7 @@ class JobHandle:
             reason = self.row()["reason"]
             raise GpuqError(f"job {self.id} ended {status} without a result"
                             + (f": {reason}" if reason else ""))
-        envelope = payloads.unpack(bytes(data))  # type: ignore[arg-type]
+        envelope = payloads.unpack(bytes(data), self.client.settings.secret)  # type: ignore[arg-type]
         if envelope["ok"]:
             return cloudpickle.loads(envelope["value"])
         error = _rebuild(envelope.get("exception"))

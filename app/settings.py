@@ -130,6 +130,15 @@ class Settings(BaseSettings):
         None, description="A jobs file that `gpuq up` watches (one job per line)."
     )
     log_level: str = Field("WARNING", description="Log level of gpuq's processes.")
+    secret: str | None = Field(
+        None, description="Shared secret: every stored payload and result carries an "
+        "HMAC-SHA256 with it, and workers refuse one that does not verify. Unset: anyone who "
+        "can write to Redis can run code on the workers.")
+    embedded_redis_bind: str = Field(
+        "127.0.0.1", description="Address the embedded Redis binds to; beyond loopback it "
+        "needs GPUQ_EMBEDDED_REDIS_PASSWORD and GPUQ_SECRET.")
+    embedded_redis_password: str | None = Field(
+        None, description="Password of the embedded Redis (requirepass).")
 
     @field_validator("home")
     @classmethod
@@ -199,6 +208,9 @@ class Settings(BaseSettings):
                 values[key] = mask_url(value)
         if self.dashboard_token:
             values["dashboard_token"] = SECRET_MASK
+        for name in ("secret", "embedded_redis_password"):
+            if getattr(self, name):
+                values[name] = SECRET_MASK
         if self.flower_basic_auth:
             values["flower_basic_auth"] = SECRET_MASK
         return values

@@ -36,6 +36,14 @@ def resolve_command(rt: Runtime, job: Job) -> str:
     return _substitute(command, job)
 
 
+def job_secrets(rt: Runtime, job: Job) -> dict[str, str]:
+    """The secret environment variables of a job: they travel in its payload only."""
+    if job.payload_key is None:
+        return {}
+    secrets: dict[str, str] = _load_cached(rt, job.payload_key).get("secrets") or {}
+    return secrets
+
+
 _CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()
 CACHED_PAYLOADS = 4
 
@@ -46,7 +54,8 @@ def _load_cached(rt: Runtime, key: str) -> dict[str, Any]:
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    payload: dict[str, Any] = payloads.load(rt.redis, key)
+    payload: dict[str, Any] = payloads.load(rt.redis, key, rt.settings.secret,
+                                            rt.settings.max_payload_bytes)
     _CACHE[key] = payload
     while len(_CACHE) > CACHED_PAYLOADS:
         _CACHE.popitem(last=False)
@@ -92,7 +101,7 @@ def collect_result(rt: Runtime, job: Job) -> str | None:
     if len(data) > limit:
         return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES ({limit:,}); "
                 "return a path to large data instead")
-    rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62),
+    rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62, rt.settings.secret),
                  ex=rt.settings.keep_result_s)
     envelope = runner.read_envelope_status(data)
     if envelope["ok"]:

@@ -65,6 +65,9 @@ def register_host(rt: Runtime, provider: GpuProvider, host: str, limit: int | No
 
 
 def run_host_workers(settings: Settings) -> None:
+    from app.security import warn_without_secret
+
+    warn_without_secret(settings)  # once for the host, not once per GPU worker
     rt = Runtime(settings)
     count = register_host(rt, detect_provider(settings), settings.hostname)
     log.info("host %s: %d GPU workers", settings.hostname, count)

@@ -9,11 +9,17 @@ import logging
 import os
 from typing import Any
 
+from celery.app import trace as celery_trace
 from celery.signals import worker_ready, worker_shutdown
 
 from app.runtime import Runtime
 from app.settings import Settings
 from tasks import batch, control, run
+
+# Celery logs what each task returned; an operation's answer may be a job's own output (the
+# `logs` operation), which may print the job's secrets. Log that a task succeeded, not what
+# it returned.
+celery_trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 settings = Settings()
 logging.basicConfig(level=settings.log_level.upper(),
@@ -38,6 +44,15 @@ def _start_heartbeat(**_: Any) -> None:
 
     _heartbeat = Heartbeat(runtime, int(gpu))
     _heartbeat.start()
+
+
+@worker_ready.connect
+def _warn_without_secret(sender: Any = None, **_: Any) -> None:
+    """The control worker says it once; a host's GPU workers leave it to `gpuq worker`."""
+    if str(getattr(sender, "hostname", "")).startswith("control@"):
+        from app.security import warn_without_secret
+
+        warn_without_secret(settings)
 
 
 @worker_shutdown.connect
