@@ -129,3 +129,21 @@ def test_up_reports_a_crash_loop_in_status_with_the_exit_code(settings, tmp_path
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(timeout=60)
 
+
+
+def test_dashboard_shows_a_crash_loop_in_its_status_api_and_gpu_page(settings, rt, local):
+    from fastapi.testclient import TestClient
+
+    from app.dashboard import create_app
+
+    for i in range(CRASH_LOOP_EXITS):
+        record_exit(rt.redis, "testhost", "gpu", 3, 2.0 ** i)
+
+    with TestClient(create_app(settings, local)) as http:
+        status = http.get("/api/status").json()
+        page = http.get("/partials/gpus").text
+
+    [program] = status["programs"]
+    assert program["crash_loop"] and program["program"] == "gpu"
+    assert status["flower"] == "http://127.0.0.1:5555"
+    assert "crash loop" in page and "testhost/gpu exited 3 times" in page

@@ -119,9 +119,26 @@ class Host(BaseModel):
     stale: bool = Field(description="Some of its GPU workers stopped sending heartbeats.")
 
 
+class ProgramExits(BaseModel):
+    host: str
+    program: str = Field(description="A program of `gpuq up` or `gpuq worker` that exited.")
+    exits: int
+    exits_in_window: int = Field(description="Exits within the last window_s seconds.")
+    window_s: float
+    exit_code: int = Field(description="Its last exit code (negative: killed by that signal).")
+    last_exit_at: float
+    backoff_s: float = Field(description="Wait before its next restart.")
+    crash_loop: bool
+
+
 class Status(BaseModel):
     hosts: list[Host]
     counts: dict[str, int] = Field(description="Jobs per state.")
+    stale_workers: list[str] = Field([], description="host/gpuN whose heartbeat stopped.")
+    programs: list[ProgramExits] = Field([], description="Supervised programs that exited "
+                                         "lately; crash_loop marks those that keep dying.")
+    flower: str | None = Field(None, description="Where Flower listens.")
+    dashboard: str | None = Field(None, description="Where the dashboard listens.")
 
 
 class Logs(BaseModel):
