@@ -60,6 +60,12 @@ class OperationTimeout(GpuqError):
     code = "operation_timeout"
 
 
+class InvalidArguments(GpuqError):
+    """An operation was called with arguments it does not take."""
+
+    code = "invalid_arguments"
+
+
 ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
     cls.code: cls
     for cls in (
@@ -75,6 +81,7 @@ ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
         DatabaseUnavailable,
         UnknownOperation,
         OperationTimeout,
+        InvalidArguments,
     )
 }
 

@@ -19,6 +19,8 @@ from app.states import TERMINAL, JobState, sources_of
 
 # local: this host's GPU workers; the others are batch adapters (adapters/).
 BACKENDS = ("local", "process", "slurm", "aws_batch", "kubernetes")
+# One launch is one INSERT and one transaction: a bound keeps a typo from filling the table.
+MAX_JOBS_PER_LAUNCH = 100_000
 
 
 class JobSpec(BaseModel):
@@ -44,11 +46,29 @@ class JobSpec(BaseModel):
     kind: str = "command"
     payload_key: str | None = None
 
-    @field_validator("command")
+    @field_validator("command", mode="before")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: object) -> object:
+        # Before the length check, so that an empty command gets the message with the fix.
+        if isinstance(value, str) and not value.strip():
             raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
+        return value
+
+    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # A NUL cannot be stored by PostgreSQL nor passed to a process.
+        if value is not None and "\0" in value:
+            raise ValueError("holds a NUL character, which no command or path may hold")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _environment_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not name or "=" in name or "\0" in name or "\0" in text:
+                raise ValueError(f"bad variable {name!r}: a name is not empty and holds no "
+                                 "'=' or NUL, and a value holds no NUL")
         return value
 
     @field_validator("kind")
@@ -88,8 +108,9 @@ class JobSpec(BaseModel):
 def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool) -> tuple[
         int | None, list[int]]:
     """Insert `num_jobs` PENDING rows in one statement; return (launch id, job ids)."""
-    if num_jobs < 1:
-        raise InvalidJobSpec("--num-jobs must be at least 1")
+    if not 1 <= num_jobs <= MAX_JOBS_PER_LAUNCH:
+        raise InvalidJobSpec(f"--num-jobs must be between 1 and {MAX_JOBS_PER_LAUNCH:,}; "
+                             "split a larger sweep into several launches")
     now = time.time()
     launch_id = None
     if launch:

@@ -8,19 +8,23 @@ local mode, or run by the control worker as the `gpuq.op` task in remote mode.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import time
+import typing
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from sqlalchemy import ColumnElement, func
 from sqlmodel import Session, col, select
 
 from app import keys
 from app.celery_app import CONTROL_QUEUE
-from app.errors import InvalidJobSpec, LaunchNotFound, UnknownOperation
+from app.errors import InvalidArguments, InvalidJobSpec, LaunchNotFound, UnknownOperation
 from app.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
 from app.models import Job, JobEvent, Launch
 from app.restarts import recent_exits
@@ -41,14 +45,42 @@ def operation(fn: Operation) -> Operation:
     return fn
 
 
-def call_local(rt: Runtime, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    try:
-        fn = OPERATIONS[name]
-    except KeyError:
+def call_local(rt: Runtime, name: object, kwargs: object) -> dict[str, Any]:
+    """Run an operation on arguments that may come from the network: an unknown name or
+    arguments the operation does not take are refused before anything runs."""
+    if not isinstance(name, str) or name not in OPERATIONS:
         raise UnknownOperation(
-            f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}"
-        ) from None
-    return fn(rt, **kwargs)
+            f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}")
+    if not isinstance(kwargs, dict):
+        raise InvalidArguments(f"operation {name!r} takes an object of named arguments, not "
+                               f"{type(kwargs).__name__}; it takes {_described(name)}")
+    model = _arguments(name)
+    try:
+        checked = model.model_validate(kwargs)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: "
+                             f"{err['msg']}" for err in e.errors())
+        raise InvalidArguments(f"operation {name!r}: {problems}; it takes "
+                               f"{_described(name)}") from None
+    return OPERATIONS[name](rt, **{field: getattr(checked, field)
+                                   for field in model.model_fields})
+
+
+@cache
+def _arguments(name: str) -> type[BaseModel]:
+    """A model of an operation's keyword arguments, from its signature."""
+    fn = OPERATIONS[name]
+    hints = typing.get_type_hints(fn)
+    fields: dict[str, Any] = {
+        p.name: (hints[p.name], ... if p.default is inspect.Parameter.empty else p.default)
+        for p in list(inspect.signature(fn).parameters.values())[1:]}
+    return create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _described(name: str) -> str:
+    params = list(inspect.signature(OPERATIONS[name]).parameters.values())[1:]
+    return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}="
+                     f"{p.default!r}" for p in params) or "no arguments"
 
 
 def drop_payload_if_finished(rt: Runtime, job_id: int, launch_id: int | None,
@@ -213,6 +245,8 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
     that match."""
     if not 0 < limit <= MAX_PAGE:
         raise InvalidJobSpec(f"--limit must be between 1 and {MAX_PAGE}")
+    if offset < 0:
+        raise InvalidArguments("offset counts rows to skip: 0 or more")
     where = _filters(status, launch_id, name, ids)
     order = _order(sort, launch_id)
     now = time.time()
@@ -306,6 +340,8 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
 def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
     """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from.
     A job whose backend keeps its output elsewhere gets a `where` naming the place."""
+    if offset < 0:
+        raise InvalidArguments("offset is a byte position in the log: 0 or more")
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
     state = job.state

@@ -13,7 +13,7 @@ from app.runtime import Runtime
 
 def register(celery: Celery, rt: Runtime) -> None:
     @celery.task(name="gpuq.op", ignore_result=False)
-    def op(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def op(name: object = None, kwargs: object = None) -> dict[str, Any]:
         # Errors travel as an envelope, not as a pickled exception: JSON only on the broker.
         try:
             return {"ok": True, "value": call_local(rt, name, kwargs)}
