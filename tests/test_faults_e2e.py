@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from app.runtime import Runtime
 from app.settings import Settings
 from app.states import JobState
 from tests.conftest import EXTERNAL_DB, Stack, _reset_database, until
+from tests.netutil import PausableProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -186,55 +186,6 @@ def _answers(remote: Client) -> bool:
     except GpuqError:
         return False
     return True
-
-
-class PausableProxy:
-    """A TCP forwarder to the database that can be taken away and brought back."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = _free_port()
-        self._conns: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.up()
-
-    def up(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
-
-    def down(self) -> None:
-        assert self._listener is not None
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        self._conns.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def database_away(faulty: FaultyStack, seconds: float) -> None:
