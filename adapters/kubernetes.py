@@ -7,9 +7,9 @@ decides on retries. Polling is one Job list and one Pod list per namespace, by l
 
 Payloads above the inline limit go in a ConfigMap (binaryData, at most 1 MiB) mounted
 read-only into the pods and owned by the Job, so that it is collected with it. Results
-go to GPUQ_RESULT_DIR in gpuq's home, which the pods must see at the same path (a shared
-volume in the image's pod defaults); a function job whose runner cannot write there ends
-without a result.
+go to GPUQ_RESULT_DIR in gpuq's store directory, which GPUQ_K8S_STORE_CLAIM (a ReadWriteMany
+claim) mounts into every pod at the same path; a function job whose runner cannot write
+there ends without a result.
 
 Cancelling every live index of a Job deletes the Job (foreground, with its pods).
 Cancelling only some deletes those indexes' pods: with a per-index backoff of 0 the Job
@@ -124,11 +124,19 @@ class KubernetesAdapter(BatchAdapter):
         pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
         if submission.gpus:
             container["resources"] = {"limits": {"nvidia.com/gpu": str(submission.gpus)}}
+        if submission.workdir:
+            container["workingDir"] = submission.workdir
+        volumes: list[dict[str, Any]] = []
+        mounts: list[dict[str, Any]] = []
         if PAYLOAD_CONFIGMAP in env:
-            pod["volumes"] = [{"name": "payload",
-                               "configMap": {"name": env[PAYLOAD_CONFIGMAP]}}]
-            container["volumeMounts"] = [{"name": "payload", "mountPath": PAYLOAD_MOUNT,
-                                          "readOnly": True}]
+            volumes.append({"name": "payload", "configMap": {"name": env[PAYLOAD_CONFIGMAP]}})
+            mounts.append({"name": "payload", "mountPath": PAYLOAD_MOUNT, "readOnly": True})
+        if claim := self.rt.settings.k8s_store_claim:
+            volumes.append({"name": "gpuq-store", "persistentVolumeClaim": {"claimName": claim}})
+            mounts.append({"name": "gpuq-store",
+                           "mountPath": str(self.store_dir(self.rt.settings))})
+        if volumes:
+            pod["volumes"], container["volumeMounts"] = volumes, mounts
         return {
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, "labels": labels,

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         None, description="Kubernetes API server; unset means in-cluster config or kubeconfig.")
     k8s_context: str | None = Field(None, description="kubeconfig context to use, if not "
                                     "the current one.")
+    k8s_store_claim: str | None = Field(
+        None, description="A PersistentVolumeClaim (ReadWriteMany) that every Kubernetes job "
+        "mounts at gpuq's store directory, so that function results come back.")
     reconcile_interval_s: float = Field(
         10.0, gt=0, description="Period of the repair pass for lost messages and dead workers."
     )

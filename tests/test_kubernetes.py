@@ -208,3 +208,21 @@ def test_no_cluster_configuration_names_the_setting(settings, monkeypatch, tmp_p
             adapter.poll(["default/gpuq-1/0"])
     finally:
         adapter.rt.close()
+
+
+def test_the_store_claim_and_workdir_reach_every_pod(k8s, local):
+    cluster, adapter = k8s
+    cluster.schedulable = False
+    adapter.rt.settings.k8s_store_claim = "gpuq-store"
+    local.submit("python train.py", backend="kubernetes", workdir="/workspace")
+    adapter.sync()
+    [job] = cluster.jobs()
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "gpuq-store",
+                               "persistentVolumeClaim": {"claimName": "gpuq-store"}}]
+    [container] = pod["containers"]
+    store = str(adapter.store_dir(adapter.rt.settings))
+    assert container["volumeMounts"] == [{"name": "gpuq-store", "mountPath": store}]
+    assert container["workingDir"] == "/workspace"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["GPUQ_RESULT_DIR"].startswith(store), "results land on the claim"

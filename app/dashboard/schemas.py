@@ -161,9 +161,10 @@ class Submitted(BaseModel):
 # Text a database column can hold (PostgreSQL refuses NUL), and a command that is not blank.
 Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 Command = Annotated[str, StringConstraints(pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[^=\x00]+$")]
 TEXT_TYPES: dict[str, Any] = {
     "command": Command, "name": Text | None, "workdir": Text | None, "venv": Text | None,
-    "conda_env": Text | None, "preflight": Text | None, "env": dict[Text, Text],
+    "conda_env": Text | None, "preflight": Text | None, "env": dict[EnvName, Text],
     "backend": Literal[BACKENDS],
 }
 
