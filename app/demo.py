@@ -1,8 +1,10 @@
 """`make demo`: start the embedded stack, run a small sweep with a progress bar, show the
-queue, stop everything that was started. Exits 0 when every job succeeded."""
+queue, stop everything that was started (`make demo KEEP=1` keeps it up for the dashboard
+until Ctrl-C). Exits 0 when every job succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,7 +39,8 @@ def _wait_for_workers(client: Client, timeout_s: float = 120) -> int:
     raise SystemExit("the GPU workers did not come up; see the log under GPUQ_HOME")
 
 
-def main() -> int:
+def main(keep: bool = False) -> int:
+    """Run the demo; with `keep` (`make demo KEEP=1`) leave the stack up until Ctrl-C."""
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[1]
@@ -52,7 +55,8 @@ def main() -> int:
     client = Client(settings)
     try:
         gpus = _wait_for_workers(client)
-        console.print(f"{gpus} GPU workers up; Flower at "
+        console.print(f"{gpus} GPU workers up; dashboard at "
+                      f"http://{settings.dashboard_address}:{settings.dashboard_port}, Flower at "
                       f"http://{settings.flower_address}:{settings.flower_port}")
         sweep = client.launch(["python", "-c", TRAIN], num_jobs=8, name="demo-sweep")
         pair = client.submit(["bash", "-c", "echo two GPUs: $CUDA_VISIBLE_DEVICES"], gpus=2,
@@ -64,6 +68,10 @@ def main() -> int:
         console.print(f"[dim]log of job {sweep.job_ids[-1]}:[/]\n{sweep.jobs[-1].logs()}")
         ok = counts.get("SUCCEEDED") == len(sweep.job_ids) and pair.status == "SUCCEEDED"
         console.print("[green]all jobs succeeded[/]" if ok else "[red]some jobs failed[/]")
+        if keep:
+            console.print("the stack stays up for the dashboard; Ctrl-C stops it")
+            with contextlib.suppress(KeyboardInterrupt):
+                stack.wait()
         return 0 if ok else 1
     finally:
         client.close()
@@ -73,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(keep="--keep" in sys.argv[1:]))
