@@ -39,7 +39,7 @@ def flower_command(settings: Settings) -> str:
 def check_flower_bind(settings: Settings) -> None:
     """Refuse to serve Flower beyond loopback without a password: it can revoke tasks and
     shows every task's arguments."""
-    from app.dashboard.auth import is_loopback
+    from app.security import is_loopback
 
     if not is_loopback(settings.flower_address) and not settings.flower_basic_auth:
         raise FlowerAuthRequired(

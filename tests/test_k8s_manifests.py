@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from app.dashboard.auth import is_loopback
+from app.security import is_loopback
 from app.settings import Settings
 from tests.conftest import ROOT
 from tests.test_deploy_files import gpuq_subcommands

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -10,6 +9,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.errors import GpuqError
+from app.security import is_loopback
 from app.settings import Settings
 
 COOKIE = "gpuq_dashboard_token"
@@ -17,15 +17,6 @@ COOKIE = "gpuq_dashboard_token"
 
 class TokenRequired(GpuqError):
     code = "token_required"
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(settings: Settings) -> None:
