@@ -30,7 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from adapters.base import BatchAdapter, Status, Submission
+from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
 from app.errors import GpuqError, PayloadTooLarge
 from app.models import Job
 from app.settings import Settings
@@ -43,6 +43,7 @@ PAYLOAD_MOUNT = "/var/run/gpuq/payload"
 CONFIGMAP_MAX_BYTES = 1024 * 1024 - 4096  # a ConfigMap holds 1 MiB; leave room for metadata
 FINISHED_TTL_S = 24 * 3600  # long past the slowest poll, so ended Jobs are read first
 CANCELLED_TTL_S = 7 * 24 * 3600
+MAX_COMPLETIONS = 100_000  # Indexed Jobs allow up to 10^5 completions
 
 
 class KubernetesAdapter(BatchAdapter):
@@ -87,15 +88,8 @@ class KubernetesAdapter(BatchAdapter):
     def submit(self, submission: Submission) -> list[str]:
         """One Indexed Job per run of consecutive ranks (a whole launch, normally)."""
         namespace = self.rt.settings.k8s_namespace
-        jobs = sorted(submission.jobs, key=lambda j: j.rank)
-        parts = [[jobs[0]]]
-        for job in jobs[1:]:
-            if job.rank == parts[-1][-1].rank + 1:
-                parts[-1].append(job)
-            else:
-                parts.append([job])
         ids, owners = [], []
-        for part in parts:
+        for part in contiguous_parts(submission.jobs, MAX_COMPLETIONS):
             env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
             if len(part) == 1:
                 env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))

@@ -26,6 +26,7 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 class State:
     verbose = False
+    context: typer.Context | None = None  # the command line's; closes what commands open
 
 
 def _settings() -> Settings:
@@ -36,9 +37,13 @@ def _settings() -> Settings:
 
 
 def _client(transport: str | None = None) -> Client:
+    """A client closed with the command, whether it ends well or with an error."""
     from app.client import Client
 
-    return Client(_settings(), transport)
+    client = Client(_settings(), transport)
+    if State.context is not None:
+        State.context.call_on_close(client.close)
+    return client
 
 
 def _print_json(value: Any) -> None:
@@ -82,9 +87,11 @@ def _parse_ints(text: str | None, option: str) -> list[int] | None:
 
 
 @cli.callback()
-def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
+def main_options(context: typer.Context,
+                 verbose: bool = typer.Option(False, "--verbose", "-v",
                                               help="Show ids, hints and tracebacks.")) -> None:
     State.verbose = verbose
+    State.context = context
 
 
 def _spec_options(gpus: int, name: str | None, priority: int, env: list[str],
