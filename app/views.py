@@ -37,7 +37,8 @@ def queue_table(rows: list[dict[str, Any]], total: int) -> None:
     table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
     for column in ("id", "name", "status", "gpus", "where", "submitted", "duration", "restarts"):
         table.add_column(column, justify="right" if column in ("id", "restarts") else "left",
-                         overflow="fold")
+                         overflow="fold" if column == "where" else "ellipsis",
+                         no_wrap=column in ("id", "status"))
     for row in rows:
         style = STATE_STYLE.get(row["status"], "")
         gpus = (",".join(map(str, row["gpu_ids"])) if row["gpu_ids"] else str(row["gpus"]))
