@@ -161,6 +161,7 @@ def test_control_worker_killed_mid_launch_leaves_no_replica_missing(faulty, clie
     finally:
         killer.join()
         remote.close()
+    print(f"control worker killed mid-launch: {outcome}")  # shown with pytest -s
     # Whatever the caller was told, the queue holds the whole launch or none of it.
     launches = [launch for launch in client.call("launches")["launches"]
                 if launch["name"] == "killed-mid-launch"]
