@@ -143,6 +143,18 @@ class Stack:
                 stderr=subprocess.STDOUT, start_new_session=True, cwd=self.log_dir))
             log.close()
 
+    @contextlib.contextmanager
+    def up(self, gpus: int) -> Iterator[Stack]:
+        """A whole stack (GPU worker, control worker, beat), ready, then stopped."""
+        self.start("worker", "control-worker", "beat")
+        rt = Runtime(self.settings)
+        try:
+            self.wait_ready(rt, gpus=gpus)
+            yield self
+        finally:
+            rt.close()
+            self.stop()
+
     def wait_ready(self, rt: Runtime, gpus: int, timeout_s: float = 60,
                    control: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
@@ -202,16 +214,9 @@ def stack_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 @pytest.fixture(scope="module")
 def stack(stack_settings: Settings) -> Iterator[Stack]:
-    running = Stack(stack_settings, stack_settings.home)
     stack_settings.home.mkdir(parents=True, exist_ok=True)
-    running.start("worker", "control-worker", "beat")
-    rt = Runtime(stack_settings)
-    try:
-        running.wait_ready(rt, gpus=2)
+    with Stack(stack_settings, stack_settings.home).up(gpus=2) as running:
         yield running
-    finally:
-        rt.close()
-        running.stop()
 
 
 @pytest.fixture
