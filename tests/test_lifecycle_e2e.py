@@ -79,7 +79,8 @@ def test_cancelled_pending_job_never_starts(client: Client, tmp_path: Path):
 def test_cancelled_running_job_loses_its_whole_process_group(client: Client):
     # The child ignores SIGTERM, so only the SIGKILL after the grace period ends it.
     job = client.submit(["bash", "-c", "trap '' TERM; sleep 300 & echo started; wait"])
-    until(lambda: "started" in job.logs())
+    # The log can show output before the worker has recorded the pid and RUNNING.
+    until(lambda: "started" in job.logs() and job.status == "RUNNING")
     pgid = client.call("job", job_id=job.id)["pid"]
     assert group_exists(pgid)
     assert job.cancel() == {"cancelled": [], "cancelling": [job.id]}
