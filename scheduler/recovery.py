@@ -54,16 +54,21 @@ def recover_orphans(rt: Runtime, gpu_index: int) -> list[int]:
 def settle(rt: Runtime, job: Job) -> None:
     """Apply the restart policy to a job whose worker died: restart it or call it LOST."""
     now = time.time()
-    where = [col(Job.id) == job.id]
+    # The attempt pins the move to what the caller saw: a second reconciler, or a worker
+    # settling its orphans at the same moment, finds the job moved on and changes nothing.
+    where = [col(Job.id) == job.id, col(Job.attempt) == job.attempt]
+    live = [JobState.RUNNING]
     runtime_s = job.runtime_s + now - (job.started_at or now)
     ended = {"ended_at": now, "runtime_s": runtime_s, "pid": None}
     reason = "its worker died"
     with rt.session() as session:
         if job.state == JobState.CANCELLING.value:
-            transition(session, JobState.CANCELLED, "cancelled; its worker died", where, ended)
+            transition(session, JobState.CANCELLED, "cancelled; its worker died", where, ended,
+                       only_from=[JobState.CANCELLING])
         elif job.restart_count < job.max_restarts:
             if transition(session, JobState.RECOVERING, f"{reason}; restarting", where,
-                          {**ended, "restart_count": job.restart_count + 1}):
+                          {**ended, "restart_count": job.restart_count + 1}, only_from=live):
                 transition(session, JobState.PENDING, "restart", where)
         else:
-            transition(session, JobState.LOST, f"{reason}; no restart left", where, ended)
+            transition(session, JobState.LOST, f"{reason}; no restart left", where, ended,
+                       only_from=live)

@@ -15,6 +15,7 @@ from scheduler.attempt import run_attempt
 from scheduler.host import register_host
 from scheduler.monitor import FakeProvider
 from scheduler.reconcile import reconcile
+from scheduler.recovery import settle
 
 
 def _bring_up(rt, count: int = 1) -> None:
@@ -84,3 +85,22 @@ def test_healthy_running_job_is_left_alone(rt, local):
         session.commit()
     assert reconcile(rt) == {"requeued": [], "settled": []}
     assert job.status == "RUNNING"
+
+
+def test_reconcilers_on_several_hosts_at_once_settle_a_job_once(rt, local):
+    # Given a job whose worker died, seen by two reconcilers before either acts
+    job_id = _running_on_dead_worker(rt, local, max_restarts=3)
+    with Session(rt.engine) as session:
+        snapshot = session.get(Job, job_id)
+        session.expunge(snapshot)
+    # When both settle it, one after the other, from what they saw
+    settle(rt, snapshot)
+    rt.redis.set(keys.alive("h", 0), 1, ex=60)  # the host is back: the restart starts
+    Dispatcher(rt).dispatch()
+    assert local.rows([job_id])[0]["status"] == "STARTING"
+    settle(rt, snapshot)
+    # Then it restarted once, not twice
+    row = local.call("job", job_id=job_id)
+    assert row["restart_count"] == 1
+    assert [e["to"] for e in row["events"]].count("RECOVERING") == 1
+
