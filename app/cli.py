@@ -98,7 +98,7 @@ def _spec_options(gpus: int, name: str | None, priority: int, env: list[str],
                   workdir: str | None, venv: str | None, conda_env: str | None,
                   max_restarts: int, recover_on_exit_codes: str | None,
                   gpu_ids: str | None, preflight: str | None, tmux: bool,
-                  backend: str) -> dict[str, Any]:
+                  backend: str, after: list[str]) -> dict[str, Any]:
     return {
         "preflight": preflight, "tmux": tmux, "backend": backend,
         "gpus": gpus, "name": name, "priority": priority, "env": _parse_env(env),
@@ -106,6 +106,7 @@ def _spec_options(gpus: int, name: str | None, priority: int, env: list[str],
         "conda_env": conda_env, "max_restarts": max_restarts,
         "recover_exit_codes": _parse_ints(recover_on_exit_codes, "--recover-on-exit-codes"),
         "allowed_gpu_ids": _parse_ints(gpu_ids, "--gpu-ids"),
+        "after": [i for text in after for i in _parse_ints(text, "--after") or []],
     }
 
 
@@ -128,6 +129,8 @@ TmuxOpt = typer.Option(False, "--tmux", help="Run in a tmux session (`gpuq attac
 BackendOpt = typer.Option("local", "--backend",
                           help="local (this cluster's GPU workers) or a batch backend: "
                           "slurm, aws_batch, kubernetes, process.")
+AfterOpt = typer.Option([], "--after", help="Start only once these jobs have SUCCEEDED, "
+                        "e.g. 12,13 (repeatable); cancelled if one of them does not.")
 CommandArg = typer.Argument(..., help="The command, after `--`.")
 
 
@@ -139,13 +142,14 @@ def submit(command: list[str] = CommandArg, gpus: int = GpusOpt, name: str | Non
            recover_on_exit_codes: str | None = RecoverOpt, gpu_ids: str | None = GpuIdsOpt,
            preflight: str | None = PreflightOpt, tmux: bool = TmuxOpt,
            backend: str = BackendOpt, secret: list[str] = SecretOpt,
+           after: list[str] = AfterOpt,
            allow_duplicate: bool = typer.Option(
                False, "--allow-duplicate",
                help="Queue it even when an identical job is pending or running."),
            as_json: bool = JsonOpt) -> None:
     """Queue one job and print its id. An identical job not yet ended is refused."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
-                            recover_on_exit_codes, gpu_ids, preflight, tmux, backend)
+                            recover_on_exit_codes, gpu_ids, preflight, tmux, backend, after)
     handle = _client().submit(command, allow_duplicate=allow_duplicate,
                               secrets=_parse_secrets(secret), **options)
     _print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
@@ -160,11 +164,12 @@ def launch(command: list[str] = CommandArg,
            max_restarts: int = RestartsOpt, recover_on_exit_codes: str | None = RecoverOpt,
            gpu_ids: str | None = GpuIdsOpt, preflight: str | None = PreflightOpt,
            tmux: bool = TmuxOpt, backend: str = BackendOpt, secret: list[str] = SecretOpt,
+           after: list[str] = AfterOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
            as_json: bool = JsonOpt) -> None:
     """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
     options = _spec_options(gpus, name, priority, env, workdir, venv, conda_env, max_restarts,
-                            recover_on_exit_codes, gpu_ids, preflight, tmux, backend)
+                            recover_on_exit_codes, gpu_ids, preflight, tmux, backend, after)
     client = _client()
     handle = client.launch(command, num_jobs, secrets=_parse_secrets(secret), **options)
     if as_json:

@@ -7,12 +7,20 @@ import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import ColumnElement, insert, update
 from sqlmodel import Session, col, select
 
+from app import dependencies
 from app.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.models import Job, JobEvent, Launch, event_row
 from app.states import TERMINAL, JobState, sources_of
@@ -45,6 +53,9 @@ class JobSpec(BaseModel):
     origin: str | None = None
     kind: str = "command"
     payload_key: str | None = None
+    # Jobs that must SUCCEED first (ids fit every database's integer column).
+    after: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(default_factory=list,
+                                                                    max_length=1000)
 
     @field_validator("command", mode="before")
     @classmethod
@@ -85,6 +96,20 @@ class JobSpec(BaseModel):
             raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
         return value
 
+    @field_validator("after")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _dependencies_stay_local(self) -> JobSpec:
+        # A batch job is handed to its backend at once; nothing would hold it back there.
+        if self.after and self.backend != "local":
+            raise ValueError(f"the {self.backend} backend takes no dependencies (--after); "
+                             "submit the job when the ones it needs have ended, or run it "
+                             "on the local backend")
+        return self
+
     @classmethod
     def parse(cls, data: dict[str, Any]) -> JobSpec:
         """Validate user input, turning pydantic's report into one InvalidJobSpec line."""
@@ -119,12 +144,17 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
         session.add(row)
         session.flush()
         launch_id = row.id
+    waiting = bool(spec.after) and dependencies.must_wait(session, spec.after)
     base = spec.model_dump()
     base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
-                submitted_at=now, launch_id=launch_id, num_jobs=num_jobs)
+                submitted_at=now, launch_id=launch_id, num_jobs=num_jobs,
+                after=spec.after or None, waiting=waiting,
+                reason=f"after jobs {', '.join(map(str, spec.after))}" if waiting else None)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
     ids = [i for i in session.scalars(
         insert(Job).returning(col(Job.id), sort_by_parameter_order=True), rows) if i is not None]
+    if spec.after:
+        dependencies.record(session, ids, spec.after)
     session.execute(insert(JobEvent), [
         event_row(job_id, now, None, JobState.PENDING.value, "submitted") for job_id in ids
     ])
@@ -166,7 +196,18 @@ def transition(session: Session, target: JobState, reason: str | None,
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:
         session.execute(insert(JobEvent), events)
+        if target.terminal:
+            _settle_dependents(session, moved, target)
     return moved
+
+
+def _settle_dependents(session: Session, ended: list[int], state: JobState) -> None:
+    """Release the jobs waiting on `ended`, or cancel them when they can never start."""
+    which = f"job {ended[0]}" if len(ended) == 1 else "a job"
+    for doomed in dependencies.chunks(dependencies.settle_dependents(session, ended, state)):
+        transition(session, JobState.CANCELLED, f"{which} it runs after ended {state.value}",
+                   [col(Job.id).in_(doomed)], {"ended_at": time.time(), "waiting": False},
+                   only_from=[JobState.PENDING])
 
 
 def note(session: Session, job_id: int, reason: str) -> None:

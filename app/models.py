@@ -24,7 +24,7 @@ class Launch(SQLModel, table=True):
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_dispatch", "state", "priority", "id"),
+        Index("ix_jobs_dispatch", "state", "waiting", "priority", "id"),
         Index("ix_jobs_dispatch_cpu", "state", "gpus", "priority", "id"),
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
@@ -51,6 +51,8 @@ class Job(SQLModel, table=True):
     preflight: str | None = None
     tmux: bool = False  # run in a detached tmux session (`gpuq attach ID`)
     origin: str | None = None  # the jobs file a job came from
+    after: list[int] | None = Field(default=None, sa_column=Column(JSON))  # runs after these
+    waiting: bool = False  # PENDING until every job of `after` has SUCCEEDED
     max_restarts: int = 0
     recover_exit_codes: list[int] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
@@ -68,6 +70,15 @@ class Job(SQLModel, table=True):
     started_at: float | None = None
     ended_at: float | None = None
     runtime_s: float = 0.0
+
+
+class JobDependency(SQLModel, table=True):
+    """Job `job_id` may start only once job `after_id` has SUCCEEDED."""
+
+    __tablename__ = "job_dependencies"
+
+    job_id: int = Field(foreign_key="jobs.id", primary_key=True)
+    after_id: int = Field(foreign_key="jobs.id", primary_key=True, index=True)
 
 
 class JobEvent(SQLModel, table=True):

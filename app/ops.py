@@ -100,7 +100,8 @@ def drop_payload_if_finished(rt: Runtime, job_id: int, launch_id: int | None,
 
 def _kick_batch(rt: Runtime, backend: str) -> None:
     """Ask the control worker to submit a batch backend's new jobs now."""
-    rt.celery.send_task(f"gpuq.batch.{backend}", args=["sync-now"], queue=CONTROL_QUEUE)
+    rt.celery.send_task(f"gpuq.batch.{backend}", args=["sync-now"], queue=CONTROL_QUEUE,
+                        ignore_result=True)
 
 
 def _kick_dispatch(rt: Runtime) -> None:
@@ -270,6 +271,7 @@ def job(rt: Runtime, job_id: int) -> dict[str, Any]:
         row["pid"] = found.pid
         row["tmux"] = found.tmux
         row["preflight"] = found.preflight
+        row["after"] = found.after
         row["events"] = [{"at": e.at, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
     return row

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import redis
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, false, or_, select
 from sqlmodel import col
 
 from app import keys
@@ -197,10 +197,12 @@ CandidateQuery = Select[int | None, int, list[int] | None, int, int]
 
 
 def _candidates(*where: ColumnElement[bool]) -> CandidateQuery:
-    """PENDING local jobs matching `where`, highest priority first, then oldest."""
+    """PENDING local jobs matching `where` that wait for no other job, highest priority
+    first, then oldest."""
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
                    col(Job.priority))
-            .where(col(Job.state) == JobState.PENDING.value, col(Job.backend) == "local", *where)
+            .where(col(Job.state) == JobState.PENDING.value, col(Job.waiting) == false(),
+                   col(Job.backend) == "local", *where)
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
 
@@ -303,6 +305,9 @@ class Dispatcher:
                 release(r, host, gpus, token)
             return 0
         queue = gpu_queue(host, gpus[0]) if host is not None else CPU_QUEUE
-        self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue)
+        # Nobody waits on this message's result: without ignore_result, Celery subscribes
+        # to a result channel per message sent, and a long-lived dispatcher keeps them all.
+        self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue,
+                                 ignore_result=True)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
         return 1

@@ -28,7 +28,8 @@ from app.jobs import JobSpec
 log = logging.getLogger(__name__)
 
 INT_OPTIONS = {"gpus", "priority", "max_restarts"}
-LIST_OPTIONS = {"gpu_ids": "allowed_gpu_ids", "recover_on_exit_codes": "recover_exit_codes"}
+LIST_OPTIONS = {"gpu_ids": "allowed_gpu_ids", "recover_on_exit_codes": "recover_exit_codes",
+                "after": "after"}
 TEXT_OPTIONS = {"name", "workdir", "venv", "conda_env", "preflight"}
 KNOWN = sorted(INT_OPTIONS | set(LIST_OPTIONS) | TEXT_OPTIONS | {"env.KEY"})
 

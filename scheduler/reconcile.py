@@ -7,6 +7,8 @@ message or a dead worker left behind. Idempotent, so several hosts may run it at
   attempt number.
 - A 0-GPU job STARTING for longer than the reservation TTL whose message is not on the
   CPU queue: the same.
+- A job waiting on others that have all ended (a submission raced their ending): it is
+  released, or cancelled when one of them did not succeed.
 - A job RUNNING whose reservation has expired and whose GPU worker is not alive: its
   worker died with its host (a restarted worker settles its own orphans itself), so it
   goes RECOVERING then PENDING while restarts remain, else LOST.
@@ -20,7 +22,7 @@ import time
 
 from sqlmodel import col, select
 
-from app import keys
+from app import dependencies, keys
 from app.celery_app import CPU_QUEUE
 from app.jobs import transition
 from app.models import Job
@@ -78,9 +80,22 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
 
             settle(rt, job)
             settled.append(job.id)
-    if requeued or settled:
+    released = _settle_stranded_dependents(rt)
+    if requeued or settled or released:
         log.warning("reconcile: requeued %s, settled %s", requeued, settled)
         from scheduler.allocator import Dispatcher
 
         Dispatcher(rt).dispatch()
     return {"requeued": requeued, "settled": settled}
+
+
+def _settle_stranded_dependents(rt: Runtime) -> int:
+    """Release or cancel waiting jobs whose dependencies all ended unseen; return how many."""
+    with rt.session() as session:
+        ready, doomed = dependencies.stranded(session)
+        dependencies.release_ready(session, ready)
+        for chunk in dependencies.chunks(doomed):
+            transition(session, JobState.CANCELLED, "a job it runs after did not succeed",
+                       [col(Job.id).in_(chunk)], {"ended_at": time.time(), "waiting": False},
+                       only_from=[JobState.PENDING])
+    return len(ready) + len(doomed)

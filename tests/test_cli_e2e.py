@@ -179,3 +179,23 @@ def test_unknown_backend_names_the_choices(stack, stack_settings):
     assert result.returncode == 2
     assert ("unknown backend 'mainframe'; choose one of local, process, slurm, aws_batch, "
             "kubernetes") in result.stderr
+
+
+def test_cli_job_after_another_starts_once_it_has_succeeded(stack, stack_settings):
+    first = gpuq(stack_settings, "submit", "--name", "dep-first", "--", "sleep", "2")
+    assert first.returncode == 0, first.stderr
+    after = gpuq(stack_settings, "submit", "--after", first.stdout.strip(), "--gpus", "1",
+                 "--", "echo", "after")
+    assert after.returncode == 0, after.stderr
+    waited = gpuq(stack_settings, "wait", after.stdout.strip(), "--timeout", "60")
+    assert waited.returncode == 0, waited.stderr
+    rows = {r["id"]: r for r in json.loads(
+        gpuq(stack_settings, "queue", "--json", "--limit", "500").stdout)["jobs"]}
+    before, then = rows[int(first.stdout)], rows[int(after.stdout)]
+    assert then["started_at"] >= before["ended_at"], (before, then)
+    # A job after one that failed is refused, naming the fix
+    failed = gpuq(stack_settings, "submit", "--", "exit", "5").stdout.strip()
+    gpuq(stack_settings, "wait", failed, "--timeout", "60")
+    refused = gpuq(stack_settings, "submit", "--after", failed, "--", "true")
+    assert refused.returncode == 2
+    assert f"job {failed} ended FAILED" in refused.stderr and f"drop {failed}" in refused.stderr

@@ -74,6 +74,7 @@ class JobDetail(JobRow):
     pid: int | None
     tmux: bool
     preflight: str | None
+    after: list[int] | None = Field(description="Jobs that must SUCCEED before it starts.")
     events: list[Event]
 
 
