@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel, create_engine
 from tenacity import (
@@ -17,7 +17,7 @@ from tenacity import (
 )
 
 from app import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from app.errors import DatabaseUnavailable
+from app.errors import DatabaseUnavailable, SchemaOutdated
 from app.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     try:
         _create_tables(engine)
+        _check_columns(engine, mask_url(url))
     except OperationalError as e:
         raise DatabaseUnavailable(
             f"cannot reach the database at {mask_url(url)}: {e.orig}; "
@@ -75,3 +76,17 @@ def _create_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(text("SELECT 1"))
     SQLModel.metadata.create_all(engine)
+
+
+def _check_columns(engine: Engine, where: str) -> None:
+    """Refuse, naming the fix, a database whose tables an older gpuq made: create_all adds
+    missing tables but never missing columns, and every query would fail on them later."""
+    inspector = inspect(engine)
+    missing = [f"{table.name}.{column.name}" for table in SQLModel.metadata.sorted_tables
+               for have in [{c["name"] for c in inspector.get_columns(table.name)}]
+               for column in table.columns if column.name not in have]
+    if missing:
+        raise SchemaOutdated(
+            f"the database at {where} was made by an older gpuq and lacks {', '.join(missing)}; "
+            "finish or export its jobs, then move it aside (SQLite: GPUQ_HOME/gpuq.db) or point "
+            "GPUQ_DATABASE_URL at a new database")

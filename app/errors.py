@@ -52,6 +52,10 @@ class DatabaseUnavailable(GpuqError):
     code = "database_unavailable"
 
 
+class SchemaOutdated(DatabaseUnavailable):
+    code = "schema_outdated"
+
+
 class UnknownOperation(GpuqError):
     code = "unknown_operation"
 
@@ -79,6 +83,7 @@ ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
         IllegalTransition,
         BrokerUnavailable,
         DatabaseUnavailable,
+        SchemaOutdated,
         UnknownOperation,
         OperationTimeout,
         InvalidArguments,

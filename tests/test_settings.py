@@ -67,3 +67,4 @@ def test_env_example_documents_every_setting():
     text = (ROOT / "deploy" / ".env.example").read_text()
     missing = [name for name in Settings.model_fields if f"GPUQ_{name.upper()}=" not in text]
     assert missing == []
+
