@@ -28,8 +28,11 @@ REDIS_RETRIES = 20
 class Runtime:
     """Lazily opened database engine, Redis client and Celery app of one process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, wait_for_broker: bool = False) -> None:
+        """`wait_for_broker`: servers ride out a broker that is away from the first contact
+        on; a command (the default) says at once that it is away."""
         self.settings = settings
+        self.wait_for_broker = wait_for_broker
 
     @cached_property
     def redis_url(self) -> str:
@@ -43,13 +46,13 @@ class Runtime:
 
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
                                       health_check_interval=30)
+        riding_out = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=REDIS_RETRIES)
         try:
-            # The first contact fails fast, so that a command says at once that Redis is
+            # A command's first contact fails fast, so that it says at once that Redis is
             # away; after that, calls ride out a restart or a short outage of the broker.
-            client.set_retry(Retry(NoBackoff(), 0))
+            client.set_retry(riding_out if self.wait_for_broker else Retry(NoBackoff(), 0))
             client.ping()
-            client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.05),
-                                   retries=REDIS_RETRIES))
+            client.set_retry(riding_out)
         except redis.AuthenticationError as e:
             raise BrokerUnavailable(
                 f"Redis at {mask_url(self.redis_url)} refused gpuq: {e}; put its password in "

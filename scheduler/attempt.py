@@ -8,11 +8,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlmodel import col, select
 
 from app import keys
 from app.db import riding_out_outages
+from app.errors import BrokerUnavailable
 from app.jobs import move, note, transition
 from app.models import Job
 from app.ops import drop_payload_if_finished
@@ -23,6 +25,7 @@ from scheduler import calls, executor
 from scheduler.allocator import Dispatcher, holder, refresh, release
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def log_path(rt: Runtime, job_id: int) -> Path:
@@ -80,10 +83,12 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     try:
         outcome = _runner(rt, job)(
             job, command, env, path, grace_s=settings.kill_grace_s,
-            cancel_requested=lambda: bool(rt.redis.exists(keys.cancel(job_id))),
+            cancel_requested=_outliving_outages(
+                lambda: bool(rt.redis.exists(keys.cancel(job_id))), False, job_id),
             on_start=lambda pid: _mark_running(rt, job_id, host, pid),
-            heartbeat=lambda: refresh(rt.redis, host, gpu_ids, holder(job_id, attempt),
-                                      settings.reservation_ttl_s),
+            heartbeat=_outliving_outages(
+                lambda: refresh(rt.redis, host, gpu_ids, holder(job_id, attempt),
+                                settings.reservation_ttl_s), None, job_id),
             heartbeat_s=settings.heartbeat_s,
         )
     except OSError as e:
@@ -96,6 +101,25 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     if JobState(state).terminal:
         drop_payload_if_finished(rt, job_id, job.launch_id, job.payload_key)
     return state
+
+
+def _outliving_outages(call: Callable[[], T], fallback: T, job_id: int) -> Callable[[], T]:
+    """A call the watch loop makes every round, answering `fallback` while Redis is away.
+
+    The job's process does not need the broker: an outage longer than the client's own
+    reconnecting must not end the watch (and fail a job that is running fine). The loop
+    asks again on its next round; a reservation not refreshed meanwhile is taken back by
+    the reconciler only when the worker's heartbeat has stopped too."""
+    import redis
+
+    def guarded() -> T:
+        try:
+            return call()
+        except (redis.RedisError, OSError, BrokerUnavailable) as e:
+            log.warning("job %s: Redis is away (%s); the job runs on", job_id, e)
+            return fallback
+
+    return guarded
 
 
 def _refuse_payload(rt: Runtime, job_id: int, error: PayloadError) -> str:

@@ -68,7 +68,7 @@ def run_host_workers(settings: Settings) -> None:
     from app.security import warn_without_secret
 
     warn_without_secret(settings)  # once for the host, not once per GPU worker
-    rt = Runtime(settings)
+    rt = Runtime(settings, wait_for_broker=True)
     count = register_host(rt, detect_provider(settings), settings.hostname)
     log.info("host %s: %d GPU workers", settings.hostname, count)
     Supervisor(gpu_worker_programs(settings, count),

@@ -24,7 +24,7 @@ celery_trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 settings = Settings()
 logging.basicConfig(level=settings.log_level.upper(),
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-runtime = Runtime(settings)
+runtime = Runtime(settings, wait_for_broker=True)
 celery = runtime.celery
 control.register(celery, runtime)
 run.register(celery, runtime)

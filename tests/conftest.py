@@ -85,9 +85,10 @@ def _fresh_external_schema() -> None:
     """Tables left by an older run may lack today's columns: start from the current ones."""
     if not EXTERNAL_DB:
         return
-    from app.db import make_engine
+    from sqlmodel import create_engine
 
-    engine = make_engine(Settings(database_url=EXTERNAL_DB, _env_file=None))
+    # A plain engine: gpuq's own refuses a database whose tables lack today's columns.
+    engine = create_engine(EXTERNAL_DB)
     SQLModel.metadata.drop_all(engine)
     SQLModel.metadata.create_all(engine)
     engine.dispose()
