@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from app import payloads
+from app import keys, payloads
 from app.cli import cli
 from app.errors import GpuqError, InvalidArguments, InvalidJobSpec, UnknownOperation
-from app.models import Job, JobEvent, Launch
+from app.models import Job, JobDependency, JobEvent, Launch
 from app.ops import OPERATIONS, call_local
 from app.payloads import PayloadError
 from scheduler.jobsfile import KNOWN, JobsFileError, JobsFileWatcher, parse_line
@@ -29,9 +29,12 @@ def snapshot(rt) -> tuple[Any, ...]:
     """Everything accepted so far: rows of every table and every Redis key with its value."""
     with rt.session() as session:
         rows = tuple(tuple(sorted(o.model_dump().items(), key=str))
-                     for table in (Job, JobEvent, Launch) for o in session.exec(select(table)))
+                     for table in (Job, JobEvent, Launch, JobDependency) for o in session.exec(select(table)))
     r = rt.redis
-    return rows, {k: r.dump(k) for k in sorted(r.keys("*"))}
+    # Heartbeats and GPU readings come and go on their own while any worker runs.
+    telemetry = (keys.alive("", 0).split(":")[:2], keys.reading("", 0).split(":")[:2])
+    return rows, {k: r.dump(k) for k in sorted(r.keys("*"))
+                  if k.decode().split(":")[:2] not in telemetry}
 
 
 @pytest.fixture
