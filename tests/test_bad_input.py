@@ -29,7 +29,8 @@ def snapshot(rt) -> tuple[Any, ...]:
     """Everything accepted so far: rows of every table and every Redis key with its value."""
     with rt.session() as session:
         rows = tuple(tuple(sorted(o.model_dump().items(), key=str))
-                     for table in (Job, JobEvent, Launch, JobDependency) for o in session.exec(select(table)))
+                     for table in (Job, JobEvent, Launch, JobDependency)
+                     for o in session.exec(select(table)))
     r = rt.redis
     # Heartbeats and GPU readings come and go on their own while any worker runs.
     telemetry = (keys.alive("", 0).split(":")[:2], keys.reading("", 0).split(":")[:2])
