@@ -43,7 +43,7 @@ end
 return 1
 """
 
-# Release or refresh only the reservations this job still holds.
+# Release only the reservations this job still holds.
 _RELEASE = """
 local released = 0
 for i = 1, #KEYS do
@@ -53,9 +53,16 @@ for i = 1, #KEYS do
 end
 return released
 """
+# Refresh a running job's reservations; take back one that expired while Redis was away
+# (the job never stopped using the GPU), but never one another job holds now.
 _REFRESH = """
 for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  elseif not holder then
+    redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+  end
 end
 return 1
 """

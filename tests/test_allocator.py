@@ -10,7 +10,7 @@ import time
 from app import keys
 from app.celery_app import gpu_queue
 from app.runtime import Runtime
-from scheduler.allocator import Dispatcher, release, reserve
+from scheduler.allocator import Dispatcher, refresh, release, reserve
 from scheduler.host import register_host
 from scheduler.monitor import FakeProvider
 
@@ -131,3 +131,14 @@ def test_a_reservation_nobody_refreshes_expires_and_the_gpu_is_handed_out(rt, lo
     time.sleep(1.2)
     Dispatcher(rt).dispatch()
     assert job.row()["gpu_ids"] == [0]
+
+
+def test_a_running_jobs_refresh_takes_back_a_reservation_lost_in_an_outage(rt):
+    _bring_up(rt, "h", 2)
+    assert reserve(rt.redis, "h", [0, 1], "7.1", 60)
+    rt.redis.delete(keys.hold("h", 0))  # expired while Redis was away
+    rt.redis.set(keys.hold("h", 1), "8.1")  # and another job was handed GPU 1 meanwhile
+    refresh(rt.redis, "h", [0, 1], "7.1", 60)
+    assert rt.redis.get(keys.hold("h", 0)) == b"7.1"
+    assert 0 < rt.redis.ttl(keys.hold("h", 0)) <= 60
+    assert rt.redis.get(keys.hold("h", 1)) == b"8.1", "never taken from another job"
