@@ -31,6 +31,13 @@ BACKENDS = ("local", "process", "slurm", "aws_batch", "kubernetes")
 MAX_JOBS_PER_LAUNCH = 100_000
 
 
+def check_dependencies_allowed(backend: str, after: Sequence[int]) -> None:
+    """Batch jobs are handed to their backend at once: nothing would hold one back there."""
+    if after and backend != "local":
+        raise ValueError(f"the {backend} backend takes no dependencies (--after); submit the "
+                         "job when the ones it needs have ended, or run it on the local backend")
+
+
 class JobSpec(BaseModel):
     """What a user asks for; validated before anything is stored."""
 
@@ -103,11 +110,7 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _dependencies_stay_local(self) -> JobSpec:
-        # A batch job is handed to its backend at once; nothing would hold it back there.
-        if self.after and self.backend != "local":
-            raise ValueError(f"the {self.backend} backend takes no dependencies (--after); "
-                             "submit the job when the ones it needs have ended, or run it "
-                             "on the local backend")
+        check_dependencies_allowed(self.backend, self.after)
         return self
 
     @classmethod

@@ -11,10 +11,11 @@ from scheduler.jobsfile import JobsFileError, JobsFileWatcher, parse_line
 
 
 def test_a_line_with_options_becomes_a_job_spec():
-    spec = parse_line("gpus=2 priority=5 name='sweep a' env.LR=3e-4 gpu_ids=0,3 "
+    spec = parse_line("gpus=2 priority=5 name='sweep a' env.LR=3e-4 gpu_ids=0,3 after=4,9 "
                       "-- python train.py --lr 3e-4", 1)
     assert spec == {"command": "python train.py --lr 3e-4", "gpus": 2, "priority": 5,
-                    "name": "sweep a", "env": {"LR": "3e-4"}, "allowed_gpu_ids": [0, 3]}
+                    "name": "sweep a", "env": {"LR": "3e-4"}, "allowed_gpu_ids": [0, 3],
+                    "after": [4, 9]}
 
 
 def test_a_plain_line_is_the_command_and_comments_are_skipped():
@@ -47,8 +48,8 @@ def test_rereads_submit_only_new_lines_and_skip_bad_ones(local, tmp_path):
     watcher = JobsFileWatcher(path, _submit_many(local))
     first = watcher.poll()
     assert first is not None and len(first.submitted) == 1
-    assert first.errors == ["line 3: unknown option 'bogus'; known: conda_env, env.KEY, gpu_ids, "
-                            "gpus, max_restarts, name, preflight, priority, "
+    assert first.errors == ["line 3: unknown option 'bogus'; known: after, conda_env, env.KEY, "
+                            "gpu_ids, gpus, max_restarts, name, preflight, priority, "
                             "recover_on_exit_codes, venv, workdir"]
     assert watcher.poll() is None, "unchanged file: not read again"
 

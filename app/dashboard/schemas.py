@@ -14,7 +14,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from app.jobs import BACKENDS, JobSpec
+from app.jobs import BACKENDS, JobSpec, check_dependencies_allowed
 
 # Limits that keep ids and offsets inside every database's integer columns.
 MAX_ID = 2**31 - 1
@@ -208,6 +208,8 @@ class JobOptions(_JobOptionsBase):  # type: ignore[misc]
             _check_text(self.model_dump())
         except UnicodeEncodeError:
             raise ValueError("text must be valid Unicode") from None
+        fields = self.model_dump(include={"backend", "after"})  # fields copied from JobSpec
+        check_dependencies_allowed(fields["backend"], fields["after"])
         return self
 
 
