@@ -11,7 +11,8 @@ from app.errors import SchemaOutdated
 from app.settings import Settings
 
 
-def test_a_database_an_older_gpuq_made_is_refused_naming_the_fix(tmp_path):
+def test_a_database_an_older_gpuq_made_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPUQ_DATABASE_URL", raising=False)  # this test's own SQLite file
     # Given a SQLite database whose jobs table lacks columns this version needs
     home = tmp_path / "home"
     home.mkdir()
