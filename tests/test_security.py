@@ -23,7 +23,8 @@ from app.payloads import PayloadError, PayloadNotAuthentic
 from app.runtime import Runtime
 from app.security import NO_SECRET_WARNING, redis_ssl_options
 from app.settings import Settings
-from tests.conftest import EXTERNAL_DB, PREFLIGHT_FAKES, Stack, server_env, until
+from tests.conftest import EXTERNAL_DB, IN_CI, PREFLIGHT_FAKES, Stack, server_env, until
+from tests.netutil import free_port
 
 SECRET = "correct horse battery staple"
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -279,6 +280,64 @@ def test_a_rediss_url_gives_celery_its_tls_options():
     assert app.conf.broker_use_ssl == app.conf.redis_backend_use_ssl == redis_ssl_options(url)
     client = redis.Redis.from_url(url)
     assert client.connection_pool.connection_class is redis.SSLConnection
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path):
+    """A Redis that speaks only TLS, with a self-signed certificate for 127.0.0.1; its URL
+    names the certificate as the CA to trust."""
+    import shutil
+
+    missing = [tool for tool in ("redis-server", "openssl") if not shutil.which(tool)]
+    if missing:
+        why = f"a TLS Redis needs {' and '.join(missing)} (Debian: redis-server, openssl)"
+        pytest.fail(why) if IN_CI else pytest.skip(why)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",
+         str(cert), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    try:
+        until(lambda: _answers_ping(url), timeout_s=10)
+        yield url, port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _answers_ping(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def test_a_rediss_url_reaches_a_tls_redis_for_gpuq_and_celery(tls_redis, tmp_path):
+    url, port = tls_redis
+    rt = Runtime(Settings(home=tmp_path / "c", redis_url=url, _env_file=None))
+    try:
+        assert rt.redis.ping()
+        rt.celery.send_task("gpuq.dispatch", queue="tls-probe", ignore_result=True)
+        assert rt.redis.llen("tls-probe") == 1, "Celery's broker connection spoke TLS"
+        rt.celery.backend.set("gpuq-probe", b"1")
+        assert rt.redis.get("gpuq-probe") == b"1", "so did its result backend"
+    finally:
+        rt.close()
+    # The same server refuses a plain connection: the URL's scheme is what turned TLS on.
+    plain = Runtime(Settings(home=tmp_path / "p", redis_url=f"redis://127.0.0.1:{port}/0",
+                             _env_file=None))
+    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
+        plain.check_broker()
+    plain.close()
 
 
 def test_config_masks_the_secret_and_the_embedded_password():
