@@ -10,6 +10,7 @@ repairs any that a race between a submission and an ending left waiting.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, update
 from sqlmodel import Session, col, select
@@ -20,11 +21,12 @@ from app.states import JobState
 
 # Bound the ids bound into one statement (SQLite allows 32,766 variables).
 CHUNK = 10_000
+T = TypeVar("T")
 
 
-def chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
-    for start in range(0, len(ids), CHUNK):
-        yield ids[start:start + CHUNK]
+def chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start:start + CHUNK]
 
 
 def must_wait(session: Session, after: Sequence[int]) -> bool:
@@ -48,9 +50,10 @@ def must_wait(session: Session, after: Sequence[int]) -> bool:
 
 def record(session: Session, job_ids: Sequence[int], after: Sequence[int]) -> None:
     """Store the edges of new jobs (one row per job and job it runs after)."""
-    edges = [{"job_id": job_id, "after_id": a} for job_id in job_ids for a in after]
-    for start in range(0, len(edges), CHUNK):
-        session.execute(insert(JobDependency), edges[start:start + CHUNK])
+    edges: list[dict[str, Any]] = [{"job_id": job_id, "after_id": a}
+                                   for job_id in job_ids for a in after]
+    for chunk in chunks(edges):
+        session.execute(insert(JobDependency), list(chunk))
 
 
 def _dependents(session: Session, ended: Sequence[int]) -> set[int]:
