@@ -207,10 +207,15 @@ def transition(session: Session, target: JobState, reason: str | None,
 def _settle_dependents(session: Session, ended: list[int], state: JobState) -> None:
     """Release the jobs waiting on `ended`, or cancel them when they can never start."""
     which = f"job {ended[0]}" if len(ended) == 1 else "a job"
-    for doomed in dependencies.chunks(dependencies.settle_dependents(session, ended, state)):
-        transition(session, JobState.CANCELLED, f"{which} it runs after ended {state.value}",
-                   [col(Job.id).in_(doomed)], {"ended_at": time.time(), "waiting": False},
-                   only_from=[JobState.PENDING])
+    cancel_waiting(session, dependencies.settle_dependents(session, ended, state),
+                   f"{which} it runs after ended {state.value}")
+
+
+def cancel_waiting(session: Session, job_ids: Sequence[int], reason: str) -> None:
+    """Cancel jobs still waiting on others that will never all succeed."""
+    for chunk in dependencies.chunks(job_ids):
+        transition(session, JobState.CANCELLED, reason, [col(Job.id).in_(chunk)],
+                   {"ended_at": time.time(), "waiting": False}, only_from=[JobState.PENDING])
 
 
 def note(session: Session, job_id: int, reason: str) -> None:

@@ -24,7 +24,7 @@ from sqlmodel import col, select
 
 from app import dependencies, keys
 from app.celery_app import CPU_QUEUE
-from app.jobs import transition
+from app.jobs import cancel_waiting, transition
 from app.models import Job
 from app.runtime import Runtime
 from app.states import JobState
@@ -94,8 +94,5 @@ def _settle_stranded_dependents(rt: Runtime) -> int:
     with rt.session() as session:
         ready, doomed = dependencies.stranded(session)
         dependencies.release_ready(session, ready)
-        for chunk in dependencies.chunks(doomed):
-            transition(session, JobState.CANCELLED, "a job it runs after did not succeed",
-                       [col(Job.id).in_(chunk)], {"ended_at": time.time(), "waiting": False},
-                       only_from=[JobState.PENDING])
+        cancel_waiting(session, doomed, "a job it runs after did not succeed")
     return len(ready) + len(doomed)

@@ -128,3 +128,14 @@ def test_reconcile_releases_a_job_whose_dependency_ended_unseen(rt, local, host)
     # When reconciliation runs, then the job is released and routed
     reconcile(rt)
     assert second.status == "STARTING"
+
+
+def test_reconcile_cancels_a_job_whose_dependency_failed_unseen(rt, local, host):
+    first = local.submit("sleep 100 # first, fails unseen")
+    second = local.submit("true # second, never", after=[first.id])
+    with Session(rt.engine) as session:
+        session.execute(update(Job).where(col(Job.id) == first.id).values(state="FAILED"))
+        session.commit()
+    reconcile(rt)
+    row = second.row()
+    assert (row["status"], row["reason"]) == ("CANCELLED", "a job it runs after did not succeed")
