@@ -115,14 +115,21 @@ def test_batch_backends_refuse_dependencies_naming_the_fix(local, backend):
         local.submit("true", backend=backend, after=[1])
 
 
+def _after_a_job_that_ends_unseen(rt, local, state: str):
+    """A job waiting on another that then ends `state` without the transition that settles
+    its dependents (as when a submission races the ending); return the waiting job."""
+    first = local.submit(f"sleep 100 # first, ends {state} unseen")
+    second = local.submit(f"true # after one that ends {state}", after=[first.id])
+    with Session(rt.engine) as session:
+        session.execute(update(Job).where(col(Job.id) == first.id).values(state=state))
+        session.commit()
+    return second
+
+
 def test_reconcile_releases_a_job_whose_dependency_ended_unseen(rt, local, host):
     # Given a waiting job whose dependency ended without the transition that settles it
     # (a submission that raced the ending)
-    first = local.submit("sleep 100 # first")
-    second = local.submit("true # second", after=[first.id])
-    with Session(rt.engine) as session:
-        session.execute(update(Job).where(col(Job.id) == first.id).values(state="SUCCEEDED"))
-        session.commit()
+    second = _after_a_job_that_ends_unseen(rt, local, "SUCCEEDED")
     host.dispatch()
     assert second.status == "PENDING"
     # When reconciliation runs, then the job is released and routed
@@ -131,11 +138,7 @@ def test_reconcile_releases_a_job_whose_dependency_ended_unseen(rt, local, host)
 
 
 def test_reconcile_cancels_a_job_whose_dependency_failed_unseen(rt, local, host):
-    first = local.submit("sleep 100 # first, fails unseen")
-    second = local.submit("true # second, never", after=[first.id])
-    with Session(rt.engine) as session:
-        session.execute(update(Job).where(col(Job.id) == first.id).values(state="FAILED"))
-        session.commit()
+    second = _after_a_job_that_ends_unseen(rt, local, "FAILED")
     reconcile(rt)
     row = second.row()
     assert (row["status"], row["reason"]) == ("CANCELLED", "a job it runs after did not succeed")
