@@ -148,10 +148,10 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
         session.flush()
         launch_id = row.id
     waiting = bool(spec.after) and dependencies.must_wait(session, spec.after)
-    base = spec.model_dump()
+    base = spec.model_dump(exclude={"after"})  # its edges go to job_dependencies
     base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
                 submitted_at=now, launch_id=launch_id, num_jobs=num_jobs,
-                after=spec.after or None, waiting=waiting,
+                waiting=waiting,
                 reason=f"after jobs {', '.join(map(str, spec.after))}" if waiting else None)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
     ids = [i for i in session.scalars(

@@ -51,7 +51,6 @@ class Job(SQLModel, table=True):
     preflight: str | None = None
     tmux: bool = False  # run in a detached tmux session (`gpuq attach ID`)
     origin: str | None = None  # the jobs file a job came from
-    after: list[int] | None = Field(default=None, sa_column=Column(JSON))  # runs after these
     waiting: bool = False  # PENDING until every job of `after` has SUCCEEDED
     max_restarts: int = 0
     recover_exit_codes: list[int] = Field(

@@ -26,7 +26,7 @@ from app import keys
 from app.celery_app import CONTROL_QUEUE
 from app.errors import InvalidArguments, InvalidJobSpec, LaunchNotFound, UnknownOperation
 from app.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
-from app.models import Job, JobEvent, Launch
+from app.models import Job, JobDependency, JobEvent, Launch
 from app.restarts import recent_exits
 from app.runtime import Runtime
 from app.states import TERMINAL, JobState
@@ -271,7 +271,8 @@ def job(rt: Runtime, job_id: int) -> dict[str, Any]:
         row["pid"] = found.pid
         row["tmux"] = found.tmux
         row["preflight"] = found.preflight
-        row["after"] = found.after
+        row["after"] = sorted(session.scalars(select(JobDependency.after_id).where(
+            JobDependency.job_id == job_id))) or None
         row["events"] = [{"at": e.at, "from": e.from_state, "to": e.to_state,
                           "reason": e.reason} for e in events]
     return row

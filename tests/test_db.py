@@ -22,5 +22,5 @@ def test_a_database_an_older_gpuq_made_is_refused_naming_the_fix(tmp_path, monke
     settings = Settings(home=home, _env_file=None)
     # When gpuq opens it, then it says what is missing and how to go on
     with pytest.raises(SchemaOutdated, match=r"made by an older gpuq and lacks jobs\.name.*"
-                       r"jobs\.after.*move it aside"):
+                       r"jobs\.waiting.*move it aside"):
         make_engine(settings)
