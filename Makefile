@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m app.demo $(if $(KEEP),--keep)
+	$(BIN)/python -m app.cli.demo $(if $(KEEP),--keep)
 
 test: install
 	$(BIN)/pytest

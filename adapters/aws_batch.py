@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
-from app.errors import GpuqError
-from app.models import Job
-from app.settings import Settings
+from app.core.errors import GpuqError
+from app.core.settings import Settings
+from app.store.models import Job
 
 MAX_ARRAY = 10_000  # AWS Batch array sizes are 2..10,000
 DESCRIBE_CHUNK = 100  # describe_jobs takes at most 100 ids

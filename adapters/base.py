@@ -27,13 +27,13 @@ import cloudpickle
 from celery import Task
 from sqlmodel import col, select, update
 
-from app import payloads
-from app.errors import GpuqError
-from app.jobs import transition
-from app.models import Job
+from app.core import payloads
+from app.core.errors import GpuqError
+from app.core.settings import Settings
+from app.core.states import JobState
 from app.runtime import Runtime
-from app.settings import Settings
-from app.states import JobState
+from app.store.jobs import transition
+from app.store.models import Job
 
 log = logging.getLogger(__name__)
 MISSING_KEY = "gpuq:batch:missing"  # hash: backend id -> when it was first not found

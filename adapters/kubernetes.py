@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
-from app.errors import GpuqError, PayloadTooLarge
-from app.models import Job
-from app.settings import Settings
+from app.core.errors import GpuqError, PayloadTooLarge
+from app.core.settings import Settings
+from app.store.models import Job
 
 MANAGED = "app.kubernetes.io/managed-by"
 SELECTOR = f"{MANAGED}=gpuq"

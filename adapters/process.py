@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission
-from scheduler.executor import group_exists
+from app.core.procgroup import group_exists
 
 
 class ProcessAdapter(BatchAdapter):

@@ -17,9 +17,9 @@ from functools import cached_property
 from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
-from app.errors import GpuqError
-from app.models import Job
-from app.settings import Settings
+from app.core.errors import GpuqError
+from app.core.settings import Settings
+from app.store.models import Job
 
 WAITING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
            "RESV_DEL_HOLD"}

@@ -1,1 +1,1 @@
-"""gpuq's core: settings, models, states, the operations layer, client and CLI."""
+"""gpuq: a GPU job queue on Celery and Redis."""

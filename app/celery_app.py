@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -22,7 +22,7 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
     # Imported here: CLI commands that only read the database never pay for Celery.
     from celery import Celery
 
-    from app.security import redis_ssl_options
+    from app.core.security import redis_ssl_options
 
     app = Celery("gpuq", broker=redis_url, backend=redis_url, set_as_current=False)
     ssl_options = redis_ssl_options(redis_url)

@@ -11,10 +11,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.celery_app import create_celery
-from app.db import make_engine
-from app.embedded_redis import resolve_redis_url
-from app.errors import BrokerUnavailable
-from app.settings import Settings, mask_url
+from app.core.errors import BrokerUnavailable
+from app.core.settings import Settings, mask_url
+from app.store.db import make_engine
+from app.store.embedded_redis import resolve_redis_url
 
 if TYPE_CHECKING:
     import redis

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.client import Client
-from app.embedded_redis import EmbeddedRedis
-from app.settings import Settings
-from app.supervisor import stop_groups
+from app.core.procgroup import stop_groups
+from app.core.settings import Settings
+from app.store.embedded_redis import EmbeddedRedis
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]

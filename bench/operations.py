@@ -11,14 +11,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from app.ops import call_local
+from app.ops.registry import call_local
 from bench.harness import BIN, bench_stack, median_time, report
 
 JOBS = 10_000
 BASELINE_CODE = (
     "import celery, kombu, redis, sqlalchemy, sqlmodel, pydantic_settings, cloudpickle; "
-    "from app.settings import Settings; from app.runtime import Runtime; "
-    "from app.ops import call_local; call_local(Runtime(Settings()), 'queue', {'limit': 50})"
+    "from app.core.settings import Settings; from app.runtime import Runtime; "
+    "from app.ops.registry import call_local; "
+    "call_local(Runtime(Settings()), 'queue', {'limit': 50})"
 )
 
 

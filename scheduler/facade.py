@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from app.client import Client
-from app.embedded_redis import EmbeddedRedis
-from app.errors import GpuqError
+from app.core.errors import GpuqError
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
-from app.supervisor import Supervisor
-from scheduler.allocator import Dispatcher
-from scheduler.host import gpu_worker_programs, register_host
+from app.stack.host import gpu_worker_programs, register_host
+from app.stack.supervisor import Supervisor
+from app.store.embedded_redis import EmbeddedRedis
+from scheduler.dispatch.allocator import Dispatcher
 from scheduler.jobsfile import JobsFileWatcher
-from scheduler.monitor import detect_provider
+from scheduler.worker.monitor import detect_provider
 
 POLL_S = 0.5
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import InvalidJobSpec
-from app.jobs import JobSpec
+from app.core.errors import InvalidJobSpec
+from app.store.jobs import JobSpec
 
 log = logging.getLogger(__name__)
 

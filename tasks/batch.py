@@ -9,9 +9,9 @@ from app.runtime import Runtime
 
 
 def register(celery: Celery, rt: Runtime) -> None:
-    from adapters import ADAPTERS
+    from app.core.backends import adapter_classes
 
-    for backend, cls in ADAPTERS.items():
+    for backend, cls in adapter_classes().items():
         adapter = cls()
         adapter.rt = rt
         celery.register_task(adapter)

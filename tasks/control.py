@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import Celery
 
-from app.errors import GpuqError
-from app.ops import call_local
+from app.core.errors import GpuqError
+from app.ops.registry import call_local
 from app.runtime import Runtime
 
 
@@ -22,12 +22,12 @@ def register(celery: Celery, rt: Runtime) -> None:
 
     @celery.task(name="gpuq.reconcile", ignore_result=True)
     def reconcile() -> dict[str, list[int]]:
-        from scheduler.reconcile import reconcile as repair
+        from scheduler.dispatch.reconcile import reconcile as repair
 
         return repair(rt)
 
     @celery.task(name="gpuq.dispatch", ignore_result=True)
     def dispatch() -> int:
-        from scheduler.allocator import Dispatcher
+        from scheduler.dispatch.allocator import Dispatcher
 
         return Dispatcher(rt).dispatch()

@@ -10,6 +10,6 @@ from app.runtime import Runtime
 def register(celery: Celery, rt: Runtime) -> None:
     @celery.task(name="gpuq.run", ignore_result=True)
     def run(job_id: int, attempt: int) -> str:
-        from scheduler.attempt import run_attempt
+        from scheduler.worker.attempt import run_attempt
 
         return run_attempt(rt, job_id, attempt)

@@ -12,8 +12,8 @@ from typing import Any
 from celery.app import trace as celery_trace
 from celery.signals import worker_ready, worker_shutdown
 
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
 from tasks import batch, control, run
 
 # Celery logs what each task returned; an operation's answer may be a job's own output (the
@@ -40,7 +40,7 @@ def _start_heartbeat(**_: Any) -> None:
     gpu = os.environ.get("GPUQ_WORKER_GPU")
     if gpu is None:
         return
-    from scheduler.heartbeat import Heartbeat
+    from scheduler.worker.heartbeat import Heartbeat
 
     _heartbeat = Heartbeat(runtime, int(gpu))
     _heartbeat.start()
@@ -50,7 +50,7 @@ def _start_heartbeat(**_: Any) -> None:
 def _warn_without_secret(sender: Any = None, **_: Any) -> None:
     """The control worker says it once; a host's GPU workers leave it to `gpuq worker`."""
     if str(getattr(sender, "hostname", "")).startswith("control@"):
-        from app.security import warn_without_secret
+        from app.core.security import warn_without_secret
 
         warn_without_secret(settings)
 

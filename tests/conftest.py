@@ -17,11 +17,11 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from app.client import Client
-from app.embedded_redis import EmbeddedRedis
-from app.ops import call_local
+from app.core.procgroup import stop_groups
+from app.core.settings import Settings
+from app.ops.registry import call_local
 from app.runtime import Runtime
-from app.settings import Settings
-from app.supervisor import stop_groups
+from app.store.embedded_redis import EmbeddedRedis
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXTERNAL_REDIS = os.environ.get("GPUQ_REDIS_URL")
@@ -71,7 +71,7 @@ def clean_servers(redis_url: str) -> None:
 
 
 def _reset_database(url: str) -> None:
-    from app.db import make_engine
+    from app.store.db import make_engine
 
     engine = make_engine(Settings(database_url=url, _env_file=None))
     with engine.begin() as conn:

@@ -28,8 +28,8 @@ from typing import Any
 import kmock
 from kubernetes import client
 
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
 from tests.conftest import ROOT
 
 JOB_NAME, INDEX = "batch.kubernetes.io/job-name", "batch.kubernetes.io/job-completion-index"

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, update
 
-from adapters import ADAPTERS, BatchAdapter, Status
+from adapters.base import BatchAdapter, Status
 from app.client import Client
-from app.models import Job
+from app.core.backends import adapter_classes
+from app.core.procgroup import group_exists
+from app.core.states import JobState
 from app.runtime import Runtime
-from app.states import JobState
-from scheduler.executor import group_exists
+from app.store.models import Job
 from tests.conftest import IN_CI, until
 from tests.k8s_cluster import cluster_runtime
 
@@ -46,7 +47,7 @@ def adapter(request: pytest.FixtureRequest, rt: Runtime) -> Iterator[BatchAdapte
     with contextlib.ExitStack() as stack:
         if request.param == "kubernetes":  # kmock and a controller running the pods
             _, rt = stack.enter_context(cluster_runtime(rt.settings))
-        instance = ADAPTERS[request.param]()
+        instance = adapter_classes()[request.param]()
         instance.rt = rt
         instance.vanished_grace_s = 0.5
         yield instance
@@ -166,7 +167,7 @@ def _vanish(adapter: BatchAdapter, backend_id: str) -> None:
             session.commit()
 
 
-class StuckAdapter(ADAPTERS["process"]):  # type: ignore[misc, valid-type]
+class StuckAdapter(adapter_classes()["process"]):  # type: ignore[misc, valid-type]
     """A backend that accepts jobs and never schedules them."""
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:

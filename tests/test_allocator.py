@@ -7,12 +7,12 @@ import json
 import threading
 import time
 
-from app import keys
 from app.celery_app import gpu_queue
+from app.core import keys
 from app.runtime import Runtime
-from scheduler.allocator import Dispatcher, refresh, release, reserve
-from scheduler.host import register_host
-from scheduler.monitor import FakeProvider
+from app.stack.host import register_host
+from scheduler.dispatch.allocator import Dispatcher, refresh, release, reserve
+from scheduler.worker.monitor import FakeProvider
 
 
 def _bring_up(rt: Runtime, host: str, count: int) -> None:

@@ -11,10 +11,10 @@ import pytest
 
 from app import runtime as runtime_module
 from app.client import Client
-from app.embedded_redis import EmbeddedRedis
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
-from scheduler.attempt import run_attempt
+from app.store.embedded_redis import EmbeddedRedis
+from scheduler.worker.attempt import run_attempt
 from tests.conftest import EXTERNAL_DB, _reset_database, until
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from adapters.aws_batch import AwsBatchAdapter
 from app.client import Client
+from app.core.states import JobState
 from app.runtime import Runtime
-from app.states import JobState
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from app import keys, payloads
-from app.cli import cli
-from app.errors import GpuqError, InvalidArguments, InvalidJobSpec, UnknownOperation
-from app.models import Job, JobDependency, JobEvent, Launch
-from app.ops import OPERATIONS, call_local
-from app.payloads import PayloadError
+from app.cli.main import cli
+from app.core import keys, payloads
+from app.core.errors import GpuqError, InvalidArguments, InvalidJobSpec, UnknownOperation
+from app.core.payloads import PayloadError
+from app.ops.registry import OPERATIONS, call_local
+from app.store.models import Job, JobDependency, JobEvent, Launch
 from scheduler.jobsfile import KNOWN, JobsFileError, JobsFileWatcher, parse_line
 
 FIXTURES = [HealthCheck.function_scoped_fixture]
@@ -276,7 +276,7 @@ def test_a_payload_over_the_limit_is_refused_before_anything_is_queued(accepted,
     import os
 
     from app.client import Client
-    from app.errors import PayloadTooLarge
+    from app.core.errors import PayloadTooLarge
 
     small = Client(settings.model_copy(update={"max_payload_bytes": 10_000}), "local")
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.embedded_redis import find_embedded
-from app.settings import Settings
+from app.core.settings import Settings
+from app.store.embedded_redis import find_embedded
 from tests.conftest import IN_CI, ROOT, processes_with, server_env, until
 from tests.test_adapters import slurm_missing
 

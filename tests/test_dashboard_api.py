@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app import keys
+from app.core import keys
+from app.core.settings import Settings
 from app.dashboard import TokenRequired, check_bind, create_app
-from app.ops import call_local
-from app.settings import Settings
-from app.supervisor import read_procfile
-from scheduler.host import register_host
-from scheduler.monitor import FakeProvider
+from app.ops.registry import call_local
+from app.stack.host import register_host
+from app.stack.supervisor import read_procfile
+from scheduler.worker.monitor import FakeProvider
 from tests.conftest import ROOT, server_env
 
 

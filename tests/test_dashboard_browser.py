@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from app.client import Client
-from app.settings import Settings
-from app.supervisor import stop_groups
-from scheduler.monitor import write_fake_foreign_use
+from app.core.procgroup import stop_groups
+from app.core.settings import Settings
+from scheduler.worker.monitor import write_fake_foreign_use
 from tests.conftest import IN_CI, server_env, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

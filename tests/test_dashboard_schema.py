@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from app.core.settings import Settings
 from app.dashboard import create_app
-from app.settings import Settings
 
 # Following a log streams until its job ends: test_dashboard_api covers it.
 UNFUZZED = {"/api/jobs/{job_id}/logs/stream"}

@@ -6,9 +6,9 @@ import sqlite3
 
 import pytest
 
-from app.db import make_engine
-from app.errors import SchemaOutdated
-from app.settings import Settings
+from app.core.errors import SchemaOutdated
+from app.core.settings import Settings
+from app.store.db import make_engine
 
 
 def test_a_database_an_older_gpuq_made_is_refused_naming_the_fix(tmp_path, monkeypatch):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session, col, update
 
-from app import keys
-from app.errors import InvalidJobSpec, JobNotFound
-from app.models import Job
-from scheduler.allocator import Dispatcher
-from scheduler.attempt import run_attempt
-from scheduler.host import register_host
-from scheduler.monitor import FakeProvider
-from scheduler.reconcile import reconcile
+from app.core import keys
+from app.core.errors import InvalidJobSpec, JobNotFound
+from app.stack.host import register_host
+from app.store.models import Job
+from scheduler.dispatch.allocator import Dispatcher
+from scheduler.dispatch.reconcile import reconcile
+from scheduler.worker.attempt import run_attempt
+from scheduler.worker.monitor import FakeProvider
 
 
 @pytest.fixture

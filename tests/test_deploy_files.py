@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import Settings
-from app.stack import default_procfile
-from app.supervisor import read_procfile
+from app.core.settings import Settings
+from app.stack.supervisor import read_procfile
+from app.stack.up import default_procfile
 from tests.conftest import IN_CI, ROOT
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from app.embedded_redis import EmbeddedRedis, find_embedded, resolve_redis_url
-from app.errors import BrokerUnavailable
-from app.settings import Settings
+from app.core.errors import BrokerUnavailable
+from app.core.settings import Settings
+from app.store.embedded_redis import EmbeddedRedis, find_embedded, resolve_redis_url
 
 
 def test_embedded_server_is_reused_configured_and_stopped(tmp_path):

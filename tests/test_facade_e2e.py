@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.settings import Settings
+from app.core.settings import Settings
 from scheduler import GPUJobScheduler
 
 pytestmark = pytest.mark.e2e
@@ -36,6 +36,6 @@ def test_facade_runs_added_jobs_and_jobs_file_lines(tmp_path):
         assert client.job(from_file[0]["id"]).wait(timeout_s=60) == "SUCCEEDED"
     finally:
         scheduler.stop()
-    from app.embedded_redis import find_embedded
+    from app.store.embedded_redis import find_embedded
 
     assert find_embedded(scheduler.settings) is None, "the embedded broker was stopped"

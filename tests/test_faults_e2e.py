@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import make_url
 
 from app.client import Client
-from app.embedded_redis import EmbeddedRedis
-from app.errors import GpuqError
-from app.settings import Settings
-from app.states import JobState
+from app.core.errors import GpuqError
+from app.core.settings import Settings
+from app.core.states import JobState
+from app.store.embedded_redis import EmbeddedRedis
 from tests.conftest import EXTERNAL_DB, Stack, _reset_database, until
 from tests.netutil import PausableProxy
 

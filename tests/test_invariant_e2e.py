@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from app.client import Client
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
 from tests.conftest import EXTERNAL_DB, Stack, clean_servers
 
 pytestmark = pytest.mark.e2e

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from app.security import is_loopback
-from app.settings import Settings
+from app.core.security import is_loopback
+from app.core.settings import Settings
 from tests.conftest import ROOT
 from tests.test_deploy_files import gpuq_subcommands
 

@@ -11,7 +11,7 @@ import cloudpickle
 import pytest
 
 from adapters.kubernetes import KubernetesAdapter
-from app.errors import GpuqError
+from app.core.errors import GpuqError
 from app.runtime import Runtime
 from tests.conftest import until
 from tests.k8s_cluster import Cluster, cluster_runtime

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app import payloads
 from app.client import Client
-from app.errors import PayloadTooLarge
+from app.core import payloads
+from app.core.errors import PayloadTooLarge
 from tests.conftest import until
 
 pytestmark = pytest.mark.e2e
@@ -71,7 +71,7 @@ def test_payload_is_deleted_when_the_launch_finishes(client: Client):
 def _payload_key(client: Client, launch_id: int) -> str:
     from sqlmodel import Session
 
-    from app.models import Launch
+    from app.store.models import Launch
 
     with Session(client.rt.engine) as session:
         launch = session.get(Launch, launch_id)

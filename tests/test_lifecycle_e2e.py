@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.client import Client
-from scheduler.executor import group_exists
+from app.core.procgroup import group_exists
 from tests.conftest import until
 
 pytestmark = pytest.mark.e2e
@@ -153,7 +153,7 @@ def _drop_live_durations(*answers: dict) -> None:
 
 
 def test_remote_errors_keep_their_type(remote_client: Client):
-    from app.errors import JobNotFound
+    from app.core.errors import JobNotFound
 
     with pytest.raises(JobNotFound, match="no job with id 424242"):
         remote_client.call("logs", job_id=424242)

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from app import keys
-from app.settings import Settings
-from scheduler.allocator import Dispatcher
-from scheduler.heartbeat import Heartbeat
-from scheduler.host import register_host
-from scheduler.monitor import (
+from app.core import keys
+from app.core.settings import Settings
+from app.stack.host import register_host
+from scheduler.dispatch.allocator import Dispatcher
+from scheduler.worker.heartbeat import Heartbeat
+from scheduler.worker.monitor import (
     FakeProvider,
     GpuReading,
     NvmlProvider,
@@ -28,7 +28,7 @@ from scheduler.monitor import (
 def test_without_a_driver_the_fake_provider_is_used_with_one_log_line(tmp_path, caplog):
     # This machine has no NVIDIA library: the real nvmlInit fails and we fall back.
     settings = Settings(home=tmp_path, fake_gpus=None, _env_file=None)
-    with caplog.at_level(logging.WARNING, logger="scheduler.monitor"):
+    with caplog.at_level(logging.WARNING, logger="scheduler.worker.monitor"):
         provider = detect_provider(settings)
     assert provider.kind == "fake" and len(provider.readings()) == 4
     lines = [r.getMessage() for r in caplog.records]
@@ -65,7 +65,7 @@ def test_nvml_readings_come_from_the_driver_calls(monkeypatch, caplog):
     for name, fn in calls.items():
         monkeypatch.setattr(pynvml, name, fn)
     provider = NvmlProvider()
-    with caplog.at_level(logging.WARNING, logger="scheduler.monitor"):
+    with caplog.at_level(logging.WARNING, logger="scheduler.worker.monitor"):
         readings = provider.readings()
         provider.readings()
     assert readings == [

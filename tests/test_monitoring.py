@@ -13,9 +13,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from app import keys
-from app.ops import call_local
-from app.restarts import CRASH_LOOP_EXITS, WINDOW_S, recent_exits, record_exit
+from app.core import keys
+from app.ops.registry import call_local
+from app.store.exits import CRASH_LOOP_EXITS, WINDOW_S, recent_exits, record_exit
 from tests.conftest import server_env, until
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")

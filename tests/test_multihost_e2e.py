@@ -20,9 +20,9 @@ from sqlalchemy import make_url
 from sqlmodel import col, select
 
 from app.client import Client
-from app.models import Job
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.settings import Settings
+from app.store.models import Job
 from tests.conftest import (
     EXTERNAL_DB,
     Stack,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import (
+from app.core.errors import (
     DuplicateJob,
     GpuqError,
     InvalidJobSpec,
@@ -12,7 +12,7 @@ from app.errors import (
     LaunchNotFound,
     UnknownOperation,
 )
-from app.ops import OPERATIONS, call_local
+from app.ops.registry import OPERATIONS, call_local
 
 
 def test_registry_holds_every_operation():

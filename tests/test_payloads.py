@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from app import payloads
-from app.errors import PayloadTooLarge
-from app.payloads import PayloadError
+from app.core import payloads
+from app.core.errors import PayloadTooLarge
+from app.core.payloads import PayloadError
 
 
 def test_small_and_large_payloads_round_trip_and_large_ones_are_gzipped():

@@ -7,15 +7,15 @@ import time
 
 from sqlmodel import Session, col, update
 
-from app import keys
 from app.celery_app import CPU_QUEUE, gpu_queue
-from app.models import Job
-from scheduler.allocator import Dispatcher
-from scheduler.attempt import run_attempt
-from scheduler.host import register_host
-from scheduler.monitor import FakeProvider
-from scheduler.reconcile import reconcile
-from scheduler.recovery import settle
+from app.core import keys
+from app.stack.host import register_host
+from app.store.models import Job
+from scheduler.dispatch.allocator import Dispatcher
+from scheduler.dispatch.reconcile import reconcile
+from scheduler.worker.attempt import run_attempt
+from scheduler.worker.monitor import FakeProvider
+from scheduler.worker.recovery import settle
 
 
 def _bring_up(rt, count: int = 1) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from app.client import Client
-from app.errors import InvalidJobSpec
-from scheduler.monitor import write_fake_foreign_use
-from scheduler.tmux import session_name, tmux_command
+from app.core.errors import InvalidJobSpec
+from scheduler.worker.monitor import write_fake_foreign_use
+from scheduler.worker.tmux import session_name, tmux_command
 from tests.conftest import server_env, until
 
 pytestmark = pytest.mark.e2e

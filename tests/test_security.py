@@ -14,15 +14,15 @@ import redis
 from celery.signals import before_task_publish
 from sqlmodel import select
 
-from app import payloads
 from app.celery_app import create_celery
-from app.embedded_redis import EmbeddedRedis, EmbeddedRedisExposed
-from app.errors import BrokerUnavailable
-from app.models import Job, JobEvent
-from app.payloads import PayloadError, PayloadNotAuthentic
+from app.core import payloads
+from app.core.errors import BrokerUnavailable
+from app.core.payloads import PayloadError, PayloadNotAuthentic
+from app.core.security import NO_SECRET_WARNING, redis_ssl_options
+from app.core.settings import Settings
 from app.runtime import Runtime
-from app.security import NO_SECRET_WARNING, redis_ssl_options
-from app.settings import Settings
+from app.store.embedded_redis import EmbeddedRedis, EmbeddedRedisExposed
+from app.store.models import Job, JobEvent
 from tests.conftest import EXTERNAL_DB, IN_CI, PREFLIGHT_FAKES, Stack, server_env, until
 from tests.netutil import free_port
 
@@ -349,8 +349,7 @@ def test_config_masks_the_secret_and_the_embedded_password():
 @pytest.mark.e2e
 def test_without_a_secret_each_worker_says_once_that_redis_writers_can_run_code(
         stack_settings, tmp_path):
-    from app import keys
-
+    from app.core import keys
     plain = stack_settings.model_copy(update={"hostname": "nosecret", "secret": None,
                                               "home": tmp_path / "home"})
     started = Stack(plain, tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, mask_url
+from app.core.settings import Settings, mask_url
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ def slurm(rt: Runtime) -> Iterator[SlurmAdapter]:
 
 
 def rt_rows(rt: Runtime) -> list[dict]:
-    from app.ops import call_local
+    from app.ops.registry import call_local
 
     return call_local(rt, "queue", {"limit": 1000})["jobs"]  # type: ignore[no-any-return]
 

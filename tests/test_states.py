@@ -8,12 +8,12 @@ import time
 import pytest
 from sqlmodel import Session, col, select
 
-from app.db import make_engine
-from app.errors import IllegalTransition
-from app.jobs import move
-from app.models import Job, JobEvent
-from app.settings import Settings
-from app.states import ALLOWED, TERMINAL, JobState
+from app.core.errors import IllegalTransition
+from app.core.settings import Settings
+from app.core.states import ALLOWED, TERMINAL, JobState
+from app.store.db import make_engine
+from app.store.jobs import move
+from app.store.models import Job, JobEvent
 
 PAIRS = list(itertools.product(JobState, JobState))
 

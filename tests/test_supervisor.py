@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from app.supervisor import Program, Supervisor, read_procfile
+from app.stack.supervisor import Program, Supervisor, read_procfile
 from tests.conftest import until
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from app import views
-from app.states import JobState
+from app.cli import render as views
+from app.core.states import JobState
 
 
 def test_queue_table_and_launch_lines_render_every_state(monkeypatch):

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app.client import Client
+from app.core.states import JobState
 from app.dashboard import present
 from app.dashboard.schemas import (
     MAX_ID,
@@ -27,8 +28,7 @@ from app.dashboard.schemas import (
     SubmitRequest,
     Submitted,
 )
-from app.ops import MAX_PAGE, SORT_KEYS
-from app.states import JobState
+from app.ops.registry import MAX_PAGE, SORT_KEYS
 
 # Refusals every route may answer with (app.dashboard.app.HTTP_STATUS).
 REFUSALS: dict[int | str, dict[str, Any]] = {

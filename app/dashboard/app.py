@@ -10,11 +10,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from app import errors
 from app.client import Client
+from app.core import errors
+from app.core.settings import Settings
 from app.dashboard import api, pages
 from app.dashboard.auth import token_middleware
-from app.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS: dict[type[errors.GpuqError], int] = {

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from app.errors import GpuqError
-from app.security import is_loopback
-from app.settings import Settings
+from app.core.errors import GpuqError
+from app.core.security import is_loopback
+from app.core.settings import Settings
 
 COOKIE = "gpuq_dashboard_token"
 

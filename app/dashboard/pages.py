@@ -12,10 +12,10 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from app.client import Client
+from app.core.states import JobState
 from app.dashboard import present
 from app.dashboard.schemas import MAX_ID
-from app.ops import MAX_PAGE, SORT_KEYS
-from app.states import JobState
+from app.ops.registry import MAX_PAGE, SORT_KEYS
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.globals.update(bar_segments=present.bar_segments, memory_pct=present.memory_pct)

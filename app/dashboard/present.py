@@ -6,8 +6,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from app.settings import SECRET_MASK, mask_url
-from app.states import TERMINAL, JobState
+from app.core.settings import SECRET_MASK, mask_url
+from app.core.states import TERMINAL, JobState
 
 # Variable names whose values are secrets by convention.
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|PWD|CREDENTIAL|AUTH|COOKIE|PRIVATE|(^|_)KEY($|_)",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from app.core.settings import Settings
 from app.dashboard.auth import check_bind
-from app.settings import Settings
 
 
 def serve(settings: Settings) -> None:

@@ -1,0 +1,1 @@
+"""`gpuq`, the command line."""

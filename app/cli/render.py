@@ -1,0 +1,111 @@
+"""Rich tables and progress bars for the CLI."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from app.core.states import TERMINAL
+
+if TYPE_CHECKING:
+    from app.client import Client
+
+console = Console()
+
+STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "PENDING": "yellow",
+               "CANCELLED": "magenta", "LOST": "red", "FAILED_NO_RESOURCE": "red",
+               "FAILED_PRECHECK": "red"}
+
+
+def _short_time(iso: str | None) -> str:
+    return iso[11:19] if iso else "-"
+
+
+def _where(row: dict[str, Any]) -> str:
+    """The host of a local job; the backend and its id for a batch job."""
+    if row.get("backend", "local") == "local":
+        return row["host"] or "-"
+    return f"{row['backend']} {row['backend_id'] or '(not submitted)'}"
+
+
+def queue_table(rows: list[dict[str, Any]], total: int) -> None:
+    table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
+    for column in ("id", "name", "status", "gpus", "where", "submitted", "duration", "restarts"):
+        table.add_column(column, justify="right" if column in ("id", "restarts") else "left",
+                         overflow="fold" if column == "where" else "ellipsis",
+                         no_wrap=column in ("id", "status"))
+    for row in rows:
+        style = STATE_STYLE.get(row["status"], "")
+        gpus = (",".join(map(str, row["gpu_ids"])) if row["gpu_ids"] else str(row["gpus"]))
+        duration = f"{row['duration_s']:.1f}s" if row["duration_s"] is not None else "-"
+        table.add_row(str(row["id"]), row["name"] or "-", Text(row["status"], style=style),
+                      gpus, _where(row),
+                      _short_time(row["submitted_at"]), duration,
+                      str(row["restart_count"]))
+    console.print(table)
+
+
+def launch_lines(launches: list[dict[str, Any]]) -> None:
+    """`launch 3 sweep: 10000 jobs  succeeded=9990 failed=2 running=8  python train.py`"""
+    for launch in launches:
+        counts = " ".join(f"[{STATE_STYLE.get(k, 'default')}]{k.lower()}={v}[/]"
+                          for k, v in sorted(launch["counts"].items()))
+        console.print(f"launch {launch['id']} {launch['name'] or ''}: {launch['num_jobs']} jobs"
+                      f"  {counts}  [dim]{launch['command']}[/]", highlight=False)
+
+
+def status_table(status: dict[str, Any]) -> None:
+    table = Table(title="GPUs", title_justify="left")
+    for column in ("host", "gpu", "name", "memory", "util", "worker", "job", "foreign use"):
+        table.add_column(column)
+    for host in status["hosts"]:
+        for gpu in host["gpus"]:
+            reading = gpu.get("reading") or {}
+            memory = (f"{reading['memory_used_mb']}/{reading['memory_total_mb']} MiB"
+                      if reading else "-")
+            util = f"{reading['utilization_pct']}%" if reading else "-"
+            foreign = "[red]busy[/]" if reading.get("foreign") else "-"
+            table.add_row(host["host"], str(gpu["index"]), gpu.get("name", "-"), memory, util,
+                          "[green]up[/]" if gpu["alive"] else "[red]down[/]",
+                          str(gpu["job_id"] or "-"), foreign)
+    console.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())) or "no jobs"
+    console.print(f"jobs: {counts}")
+    if status.get("stale_workers"):
+        console.print(f"[red]stale workers[/] (no heartbeat): "
+                      f"{', '.join(status['stale_workers'])}", highlight=False)
+    for program in status.get("programs", []):
+        console.print(program_line(program), highlight=False)
+    if "flower" in status:
+        console.print(f"flower: {status['flower']}  dashboard: {status['dashboard']}",
+                      highlight=False)
+
+
+def program_line(p: dict[str, Any]) -> str:
+    """`crash loop: uphost/gpu exited 5 times in 5 min, last exit code 3, retry in 8s`"""
+    label = "[red]crash loop[/]" if p["crash_loop"] else "[yellow]restarted[/]"
+    return (f"{label}: {p['host']}/{p['program']} exited {p['exits_in_window']} times in "
+            f"{p['window_s'] / 60:.0f} min ({p['exits']} in all), last exit code "
+            f"{p['exit_code']}, retry in {p['backoff_s']:.0f}s")
+
+
+def progress(client: Client, launch_id: int, total: int, poll_s: float = 0.3) -> dict[str, int]:
+    """A progress bar over a launch until every replica ends; return the final counts."""
+    columns = (TextColumn("launch {task.fields[launch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[summary]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("launch", total=total, launch=launch_id, summary="")
+        while True:
+            counts: dict[str, int] = client.call("launches", launch_id=launch_id)[
+                "launches"][0]["counts"]
+            done = sum(n for state, n in counts.items() if state in {s.value for s in TERMINAL})
+            summary = " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
+            bar.update(task, completed=done, summary=summary)
+            if done >= total:
+                return counts
+            time.sleep(poll_s)

@@ -1,0 +1,325 @@
+"""The Python client: submit and launch jobs, get future-like handles back.
+
+    client = Client()
+    job = client.submit("python train.py --lr 3e-4", gpus=1)
+    job.wait(); print(job.status, job.logs())
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from app.celery_app import CONTROL_QUEUE
+from app.core.errors import (
+    GpuqError,
+    InvalidJobSpec,
+    OperationTimeout,
+    PayloadTooLarge,
+    RemoteError,
+    error_from_envelope,
+)
+from app.core.settings import Settings
+from app.core.states import JobState
+from app.ops.registry import call_local
+from app.runtime import Runtime
+
+POLL_S = 0.2
+
+
+class Client:
+    """Entry point of the API; `transport` is 'local' (in process) or 'remote' (broker)."""
+
+    def __init__(self, settings: Settings | None = None, transport: str | None = None) -> None:
+        self.settings = settings or Settings()
+        self.transport = transport or self.settings.transport
+        if self.transport not in ("local", "remote"):
+            raise GpuqError(f"unknown transport {self.transport!r}; use 'local' or 'remote'")
+        self.rt = Runtime(self.settings)
+
+    def call(self, op: str, /, **kwargs: Any) -> dict[str, Any]:
+        """Run one operation of the operations layer over this client's transport."""
+        if self.transport == "local":
+            return call_local(self.rt, op, kwargs)
+        return self._call_remote(op, kwargs)
+
+    def _call_remote(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        result = self.rt.celery.send_task("gpuq.op", args=[name, kwargs], queue=CONTROL_QUEUE)
+        try:
+            envelope = result.get(timeout=self.settings.op_timeout_s)
+        except CeleryTimeout:
+            raise OperationTimeout(
+                f"no control worker answered {name!r} within {self.settings.op_timeout_s}s; "
+                "start one with `gpuq up` or `gpuq control-worker`"
+            ) from None
+        finally:
+            result.forget()
+        if not envelope["ok"]:
+            raise error_from_envelope(envelope["code"], envelope["message"])
+        value: dict[str, Any] = envelope["value"]
+        return value
+
+    def submit(self, command: str | Sequence[str] | Callable[..., Any], *args: Any,
+               allow_duplicate: bool = False, secrets: dict[str, str] | None = None,
+               **options: Any) -> JobHandle:
+        """Queue one job: a shell command, or a Python callable with `args`.
+
+        Options are JobSpec fields (gpus, name, priority, env, ...). `secrets` are
+        environment variables that reach the job but are kept out of the job table, the
+        broker's messages and gpuq's logs (they travel in the job's stored payload). A
+        command identical to one not yet ended raises DuplicateJob, unless allow_duplicate
+        (a job with secrets has a payload of its own, so it is never a duplicate)."""
+        hidden = _secrets(secrets)
+        if callable(command):
+            payload = {"kind": "function", "call": _pickled_call(command, args), **hidden}
+            spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
+            out = self._with_payload(payload, lambda key: self.call(
+                "submit", spec={**spec, "payload_key": key}, allow_duplicate=True))
+            return JobHandle(self, out["job_ids"][0])
+        if args:
+            raise GpuqError("arguments after a shell command belong in the command itself")
+        spec = _spec(command, options)
+        if hidden:
+            payload = {"kind": "command", "command": spec["command"], "rank_args": None,
+                       **hidden}
+            out = self._with_payload(payload, lambda key: self.call(
+                "submit", spec={**spec, "payload_key": key}, allow_duplicate=allow_duplicate))
+        else:
+            out = self.call("submit", spec=spec, allow_duplicate=allow_duplicate)
+        return JobHandle(self, out["job_ids"][0])
+
+    def launch(self, command: str | Sequence[str] | Callable[..., Any],
+               num_jobs: int | None = None, *args: Any,
+               rank_args: Sequence[Sequence[Any]] | None = None,
+               secrets: dict[str, str] | None = None, **options: Any) -> LaunchHandle:
+        """Queue N replicas of one command or function call, stored once; each replica
+        sees its GPUQ_JOB_RANK and GPUQ_NUM_JOBS.
+
+        `{rank}` and `{num_jobs}` in a command are replaced per replica; `rank_args`
+        gives each replica its own arguments (N defaults to their number). A function is
+        called with `args` in every replica. `secrets` as for `submit`."""
+        hidden = _secrets(secrets)
+        if callable(command):
+            if num_jobs is None:
+                raise GpuqError("say how many replicas: launch(fn, num_jobs, *args)")
+            spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
+            out = self._with_payload(
+                {"kind": "function", "call": _pickled_call(command, args), **hidden},
+                lambda key: self.call("launch", spec={**spec, "payload_key": key},
+                                      num_jobs=num_jobs))
+            return LaunchHandle(self, out["launch_id"], out["job_ids"])
+        if args:
+            raise GpuqError("arguments after a shell command belong in the command itself")
+        if rank_args is not None:
+            num_jobs = len(rank_args) if num_jobs is None else num_jobs
+            if num_jobs != len(rank_args):
+                raise GpuqError(f"{len(rank_args)} argument sets for {num_jobs} replicas: "
+                                "give one set per replica")
+        if num_jobs is None:
+            raise GpuqError("say how many replicas: num_jobs=N or rank_args=[...]")
+        spec = _spec(command, options)
+        payload = {"kind": "command", "command": spec["command"],
+                   "rank_args": [list(a) for a in rank_args] if rank_args is not None else None,
+                   **hidden}
+        out = self._with_payload(payload, lambda key: self.call(
+            "launch", spec={**spec, "payload_key": key}, num_jobs=num_jobs))
+        return LaunchHandle(self, out["launch_id"], out["job_ids"])
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any],
+            secrets: dict[str, str] | None = None, **options: Any) -> LaunchHandle:
+        """A launch of `fn(item)` for each item: replica r calls it on the r-th item."""
+        import cloudpickle
+
+        hidden = _secrets(secrets)
+        values = list(items)
+        if not values:
+            raise GpuqError("map() needs at least one item")
+        payload = {"kind": "function", "call": _pickled_call(fn, ()),
+                   "items": [cloudpickle.dumps(v) for v in values], **hidden}
+        spec = {**_spec(_describe(fn), _function_options(options)), "kind": "function"}
+        out = self._with_payload(payload, lambda key: self.call(
+            "launch", spec={**spec, "payload_key": key}, num_jobs=len(values)))
+        return LaunchHandle(self, out["launch_id"], out["job_ids"])
+
+    def _with_payload(self, payload: dict[str, Any],
+                      enqueue: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """Store the payload once (refused above the size limit before anything is
+        queued), then queue; a refused queueing takes its payload with it."""
+        from app.core import payloads
+        settings = self.settings
+        try:
+            key = payloads.store(self.rt.redis, payload, settings.payload_ttl_s,
+                                 settings.max_payload_bytes, secret=settings.secret)
+        except PayloadTooLarge as e:
+            raise PayloadTooLarge(f"payload refused: {e} (GPUQ_MAX_PAYLOAD_BYTES)") from None
+        try:
+            return enqueue(key)
+        except BaseException:
+            self.rt.redis.delete(key)
+            raise
+
+    def job(self, job_id: int) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def rows(self, job_ids: Sequence[int]) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = self.call("queue", ids=list(job_ids),
+                                               limit=max(1, len(job_ids)))["jobs"]
+        return jobs
+
+    def wait(self, job_ids: Sequence[int], timeout_s: float | None = None
+             ) -> list[dict[str, Any]]:
+        """Block until every job is in a terminal state; return their rows."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            rows = self.rows(job_ids)
+            if all(JobState(r["status"]).terminal for r in rows):
+                return rows
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"jobs still running after {timeout_s}s")
+            time.sleep(POLL_S)
+
+    def close(self) -> None:
+        self.rt.close()
+
+
+def _rebuild(pickled: bytes | None) -> BaseException | None:
+    """The remote exception, when it unpickles here."""
+    if pickled is None:
+        return None
+    import cloudpickle
+
+    try:
+        error = cloudpickle.loads(pickled)
+    except Exception:
+        return None
+    return error if isinstance(error, BaseException) else None
+
+
+def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """The call as bytes of its own: only the job's process unpickles it, where the
+    function's modules can be imported (the worker itself never runs user code)."""
+    import cloudpickle  # only function jobs need it: the CLI starts faster without
+
+    return bytes(cloudpickle.dumps({"fn": fn, "args": args, "kwargs": {}}))
+
+
+def _secrets(secrets: dict[str, str] | None) -> dict[str, Any]:
+    """The payload entry of secret variables, checked like any environment variable."""
+    if not secrets:
+        return {}
+    for name, value in secrets.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidJobSpec("secrets are names and values, both strings")
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise InvalidJobSpec(f"bad secret name {name!r}: a variable name is not empty and "
+                                 "holds no '=' or NUL (and its value no NUL)")
+    return {"secrets": dict(secrets)}
+
+
+def _function_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A function job runs where it was submitted from unless told otherwise, so that
+    functions of the caller's own modules import there."""
+    return {"workdir": os.getcwd(), **options}
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"python: {getattr(fn, '__module__', '?')}.{name}(...)"
+
+
+def _spec(command: str | Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
+    text = command if isinstance(command, str) else shlex.join(command)
+    return {"command": text, **{k: v for k, v in options.items() if v is not None}}
+
+
+class JobHandle:
+    """A submitted job, in the manner of a future."""
+
+    def __init__(self, client: Client, job_id: int) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id})"
+
+    def row(self) -> dict[str, Any]:
+        return self.client.rows([self.id])[0]
+
+    @property
+    def status(self) -> str:
+        return str(self.row()["status"])
+
+    def done(self) -> bool:
+        return JobState(self.status).terminal
+
+    def wait(self, timeout_s: float | None = None) -> str:
+        """Block until the job ends; return its final status."""
+        return str(self.client.wait([self.id], timeout_s)[0]["status"])
+
+    def logs(self) -> str:
+        text: str = self.client.call("logs", job_id=self.id)["text"]
+        return text
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Wait for a function job; return its value or raise its exception, whose notes
+        carry the remote traceback."""
+        import cloudpickle
+
+        from app.core import payloads
+        status = self.wait(timeout_s)
+        data = self.client.rt.redis.get(payloads.result_key(self.id))
+        if data is None:
+            reason = self.row()["reason"]
+            raise GpuqError(f"job {self.id} ended {status} without a result"
+                            + (f": {reason}" if reason else ""))
+        envelope = payloads.unpack(bytes(data), self.client.settings.secret)  # type: ignore[arg-type]
+        if envelope["ok"]:
+            return cloudpickle.loads(envelope["value"])
+        error = _rebuild(envelope.get("exception"))
+        if error is not None:
+            error.add_note(f"remote traceback (job {self.id}):\n{envelope['traceback']}")
+            raise error
+        raise RemoteError(f"job {self.id} raised {envelope['type']}: {envelope['message']}\n"
+                          f"{envelope['traceback']}")
+
+    def cancel(self) -> dict[str, Any]:
+        return self.client.call("cancel", ids=[self.id])
+
+
+class LaunchHandle:
+    """The N replicas of one launch."""
+
+    def __init__(self, client: Client, launch_id: int, job_ids: list[int]) -> None:
+        self.client = client
+        self.id = launch_id
+        self.job_ids = job_ids
+
+    @property
+    def jobs(self) -> list[JobHandle]:
+        return [JobHandle(self.client, i) for i in self.job_ids]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = self.client.call("launches", launch_id=self.id)[
+            "launches"][0]["counts"]
+        return counts
+
+    def wait(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Block until every replica has ended (polling one count per state); return rows."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        terminal = {s.value for s in JobState if s.terminal}
+        while sum(n for state, n in self.counts().items() if state in terminal) < len(
+                self.job_ids):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"launch {self.id} still running after {timeout_s}s")
+            time.sleep(POLL_S)
+        rows: list[dict[str, Any]] = self.client.call(
+            "queue", launch_id=self.id, limit=max(1, len(self.job_ids)))["jobs"]
+        return rows
+
+    def cancel(self) -> dict[str, Any]:
+        return self.client.call("cancel", launch_id=self.id)

@@ -1,0 +1,63 @@
+"""Who may talk to gpuq: the start-up warning without a shared secret, loopback checks, and
+TLS options for `rediss://` broker URLs."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from app.core.settings import Settings
+
+log = logging.getLogger("gpuq.security")
+
+NO_SECRET_WARNING = (
+    "GPUQ_SECRET is not set: payloads in Redis are not authenticated, so anyone who can write "
+    "to this Redis can run code on the workers. Set the same GPUQ_SECRET on every client and "
+    "worker.")
+
+
+def warn_without_secret(settings: Settings) -> bool:
+    """Say once, as a worker starts, that without a secret Redis is the only door; True
+    when it was said."""
+    if settings.secret:
+        return False
+    log.warning(NO_SECRET_WARNING)
+    return True
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`; False for every other address or name."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+              "none": ssl.CERT_NONE, "cert_required": ssl.CERT_REQUIRED,
+              "cert_optional": ssl.CERT_OPTIONAL, "cert_none": ssl.CERT_NONE}
+_SSL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def redis_ssl_options(url: str) -> dict[str, Any] | None:
+    """Celery's `broker_use_ssl` / `redis_backend_use_ssl` for a `rediss://` URL (None for
+    plain `redis://`): certificates are verified unless the URL's `ssl_cert_reqs` says
+    otherwise; `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` are taken from it too."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    wanted = query.get("ssl_cert_reqs", "required").lower()
+    if wanted not in _CERT_REQS:
+        from app.core.errors import GpuqError
+
+        raise GpuqError(f"ssl_cert_reqs={wanted!r} in GPUQ_REDIS_URL; use required, optional "
+                        "or none")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[wanted]}
+    options.update({name: query[name] for name in _SSL_FILES if name in query})
+    return options

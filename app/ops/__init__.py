@@ -1,0 +1,1 @@
+"""The operations layer: plain functions in one registry, called locally or over Celery."""

@@ -1,0 +1,1 @@
+"""Process supervision on one host: `gpuq up` and `gpuq worker`, server side only."""

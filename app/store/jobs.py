@@ -1,0 +1,269 @@
+"""The job store: validated specs, bulk creation, and the one transition function."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy import ColumnElement, insert, update
+from sqlmodel import Session, col, select
+
+from app.core.backends import BACKENDS
+from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
+from app.core.states import TERMINAL, JobState, sources_of
+from app.store import dependencies
+from app.store.models import Job, JobEvent, Launch, event_row
+
+# local: this host's GPU workers; the others are batch adapters (adapters/).
+# One launch is one INSERT and one transaction: a bound keeps a typo from filling the table.
+MAX_JOBS_PER_LAUNCH = 100_000
+
+
+def check_dependencies_allowed(backend: str, after: Sequence[int]) -> None:
+    """Batch jobs are handed to their backend at once: nothing would hold one back there."""
+    if after and backend != "local":
+        raise ValueError(f"the {backend} backend takes no dependencies (--after); submit the "
+                         "job when the ones it needs have ended, or run it on the local backend")
+
+
+class JobSpec(BaseModel):
+    """What a user asks for; validated before anything is stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(min_length=1)
+    gpus: int = Field(1, ge=0, le=64)
+    name: str | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    venv: str | None = None
+    conda_env: str | None = None
+    max_restarts: int = Field(0, ge=0, le=1000)
+    recover_exit_codes: list[int] = Field(default_factory=list)
+    allowed_gpu_ids: list[int] | None = None
+    backend: str = "local"
+    preflight: str | None = None
+    tmux: bool = False
+    origin: str | None = None
+    kind: str = "command"
+    payload_key: str | None = None
+    # Jobs that must SUCCEED first (ids fit every database's integer column).
+    after: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(default_factory=list,
+                                                                    max_length=1000)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _not_blank(cls, value: object) -> object:
+        # Before the length check, so that an empty command gets the message with the fix.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
+        return value
+
+    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # A NUL cannot be stored by PostgreSQL nor passed to a process.
+        if value is not None and "\0" in value:
+            raise ValueError("holds a NUL character, which no command or path may hold")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _environment_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not name or "=" in name or "\0" in name or "\0" in text:
+                raise ValueError(f"bad variable {name!r}: a name is not empty and holds no "
+                                 "'=' or NUL, and a value holds no NUL")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in ("command", "function"):
+            raise ValueError("kind is 'command' or 'function'")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("after")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _dependencies_stay_local(self) -> JobSpec:
+        check_dependencies_allowed(self.backend, self.after)
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> JobSpec:
+        """Validate user input, turning pydantic's report into one InvalidJobSpec line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise InvalidJobSpec(f"invalid job: {problems}") from e
+
+    def content_hash(self) -> str:
+        """Hash of what makes two jobs the same work (for duplicate prevention)."""
+        key = self.model_dump(include={"command", "env", "gpus", "workdir", "backend",
+                                       "venv", "conda_env", "allowed_gpu_ids", "preflight",
+                                       "kind", "payload_key"})
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool) -> tuple[
+        int | None, list[int]]:
+    """Insert `num_jobs` PENDING rows in one statement; return (launch id, job ids)."""
+    if not 1 <= num_jobs <= MAX_JOBS_PER_LAUNCH:
+        raise InvalidJobSpec(f"--num-jobs must be between 1 and {MAX_JOBS_PER_LAUNCH:,}; "
+                             "split a larger sweep into several launches")
+    now = time.time()
+    launch_id = None
+    if launch:
+        row = Launch(name=spec.name, num_jobs=num_jobs, command=spec.command, created_at=now,
+                     payload_key=spec.payload_key)
+        session.add(row)
+        session.flush()
+        launch_id = row.id
+    waiting = bool(spec.after) and dependencies.must_wait(session, spec.after)
+    base = spec.model_dump(exclude={"after"})  # its edges go to job_dependencies
+    base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
+                submitted_at=now, launch_id=launch_id, num_jobs=num_jobs,
+                waiting=waiting,
+                reason=f"after jobs {', '.join(map(str, spec.after))}" if waiting else None)
+    rows = [{**base, "rank": rank} for rank in range(num_jobs)]
+    ids = [i for i in session.scalars(
+        insert(Job).returning(col(Job.id), sort_by_parameter_order=True), rows) if i is not None]
+    if spec.after:
+        dependencies.record(session, ids, spec.after)
+    session.execute(insert(JobEvent), [
+        event_row(job_id, now, None, JobState.PENDING.value, "submitted") for job_id in ids
+    ])
+    return launch_id, ids
+
+
+def refuse_duplicate(session: Session, spec: JobSpec) -> None:
+    """Refuse a job identical to one not yet ended; the database is the only memory."""
+    found = session.exec(
+        select(Job.id, Job.state).where(
+            col(Job.content_hash) == spec.content_hash(), col(Job.launch_id).is_(None),
+            col(Job.state).not_in([s.value for s in TERMINAL]))
+        .order_by(col(Job.id)).limit(1)).first()
+    if found is not None:
+        job_id, state = found
+        raise DuplicateJob(f"an identical job {job_id} is already {state}; "
+                           "pass --allow-duplicate to queue another")
+
+
+def transition(session: Session, target: JobState, reason: str | None,
+               where: Sequence[ColumnElement[bool]], values: dict[str, Any] | None = None,
+               only_from: Sequence[JobState] | None = None) -> list[int]:
+    """Move every job matching `where` whose state allows it to `target`; log each move.
+
+    Jobs in states that cannot reach `target` are left as they are; the ids that moved are
+    returned so that the caller can tell.
+    """
+    now = time.time()
+    moved: list[int] = []
+    events: list[dict[str, Any]] = []
+    for source in sources_of(target):
+        if only_from is not None and source not in only_from:
+            continue
+        stmt = (update(Job).where(*where, col(Job.state) == source.value)
+                .values(state=target.value, reason=reason, **(values or {}))
+                .returning(col(Job.id)))
+        ids = [i for i in session.scalars(stmt) if i is not None]
+        moved.extend(ids)
+        events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
+    if events:
+        session.execute(insert(JobEvent), events)
+        if target.terminal:
+            _settle_dependents(session, moved, target)
+    return moved
+
+
+def _settle_dependents(session: Session, ended: list[int], state: JobState) -> None:
+    """Release the jobs waiting on `ended`, or cancel them when they can never start."""
+    which = f"job {ended[0]}" if len(ended) == 1 else "a job"
+    cancel_waiting(session, dependencies.settle_dependents(session, ended, state),
+                   f"{which} it runs after ended {state.value}")
+
+
+def cancel_waiting(session: Session, job_ids: Sequence[int], reason: str) -> None:
+    """Cancel jobs still waiting on others that will never all succeed."""
+    for chunk in dependencies.chunks(job_ids):
+        transition(session, JobState.CANCELLED, reason, [col(Job.id).in_(chunk)],
+                   {"ended_at": time.time(), "waiting": False}, only_from=[JobState.PENDING])
+
+
+def note(session: Session, job_id: int, reason: str) -> None:
+    """Record an event that is not a state change (a skipped preflight, say)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound.for_ids([job_id])
+    session.execute(insert(JobEvent), [event_row(job_id, time.time(), job.state, job.state,
+                                                 reason)])
+
+
+def move(session: Session, job_id: int, target: JobState, reason: str | None = None,
+         values: dict[str, Any] | None = None,
+         only_from: Sequence[JobState] | None = None) -> None:
+    """Move one job or raise IllegalTransition naming its current state."""
+    if transition(session, target, reason, [col(Job.id) == job_id], values, only_from):
+        return
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound.for_ids([job_id])
+    raise IllegalTransition(f"job {job_id} is {job.state}; it cannot become {target.value}")
+
+
+def get_jobs(session: Session, ids: Sequence[int]) -> list[Job]:
+    jobs = list(session.exec(select(Job).where(Job.id.in_(ids))))  # type: ignore[union-attr]
+    missing = sorted(set(ids) - {job.id for job in jobs if job.id is not None})
+    if missing:
+        raise JobNotFound.for_ids(missing)
+    return jobs
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def job_row(job: Job, now: float | None = None) -> dict[str, Any]:
+    """A job as the plain JSON row every read operation returns."""
+    end = job.ended_at or (now if job.started_at else None)
+    return {
+        "id": job.id, "name": job.name, "launch_id": job.launch_id, "rank": job.rank,
+        "num_jobs": job.num_jobs, "status": job.state, "reason": job.reason,
+        "command": job.command, "exit_code": job.exit_code, "gpus": job.gpus,
+        "gpu_ids": job.gpu_ids, "host": job.host, "priority": job.priority,
+        "backend": job.backend, "backend_id": job.backend_id,
+        "submitted_at": iso(job.submitted_at), "started_at": iso(job.started_at),
+        "ended_at": iso(job.ended_at), "restart_count": job.restart_count,
+        "duration_s": round(job.runtime_s + (end - job.started_at), 3)
+        if end and job.started_at else (round(job.runtime_s, 3) or None),
+    }

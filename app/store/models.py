@@ -1,0 +1,97 @@
+"""Database tables: jobs, their events, and launches. Times are UTC epoch seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index
+from sqlmodel import Field, SQLModel
+
+from app.core.states import JobState
+
+
+class Launch(SQLModel, table=True):
+    __tablename__ = "launches"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str | None = None
+    num_jobs: int
+    command: str
+    created_at: float
+    payload_key: str | None = None
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_dispatch", "state", "waiting", "priority", "id"),
+        Index("ix_jobs_dispatch_cpu", "state", "gpus", "priority", "id"),
+        Index("ix_jobs_launch_rank", "launch_id", "rank"),
+        Index("ix_jobs_launch_state", "launch_id", "state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str | None = Field(default=None, index=True)
+    launch_id: int | None = Field(default=None, foreign_key="launches.id")
+    rank: int = 0
+    num_jobs: int = 1
+    command: str  # for a function job, what it calls; the call itself is in the payload
+    kind: str = "command"  # command | function
+    payload_key: str | None = None  # the launch's payload in Redis
+    env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    workdir: str | None = None
+    venv: str | None = None
+    conda_env: str | None = None
+    gpus: int = 1
+    allowed_gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    priority: int = 0
+    backend: str = "local"
+    backend_id: str | None = None  # the job's id at its batch backend
+    dispatched_at: float | None = None  # when it last left PENDING
+    preflight: str | None = None
+    tmux: bool = False  # run in a detached tmux session (`gpuq attach ID`)
+    origin: str | None = None  # the jobs file a job came from
+    waiting: bool = False  # PENDING until every job of `after` has SUCCEEDED
+    max_restarts: int = 0
+    recover_exit_codes: list[int] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    content_hash: str | None = Field(default=None, index=True)
+    state: str = Field(default=JobState.PENDING.value)
+    reason: str | None = None
+    host: str | None = None
+    gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    attempt: int = 0
+    restart_count: int = 0
+    exit_code: int | None = None
+    pid: int | None = None
+    submitted_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    runtime_s: float = 0.0
+
+
+class JobDependency(SQLModel, table=True):
+    """Job `job_id` may start only once job `after_id` has SUCCEEDED."""
+
+    __tablename__ = "job_dependencies"
+
+    job_id: int = Field(foreign_key="jobs.id", primary_key=True)
+    after_id: int = Field(foreign_key="jobs.id", primary_key=True, index=True)
+
+
+class JobEvent(SQLModel, table=True):
+    __tablename__ = "job_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", index=True)
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str | None = None
+
+
+def event_row(job_id: int, at: float, source: str | None, target: str, reason: str | None
+              ) -> dict[str, Any]:
+    return {"job_id": job_id, "at": at, "from_state": source, "to_state": target,
+            "reason": reason}

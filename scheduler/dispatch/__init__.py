@@ -1,0 +1,1 @@
+"""The control plane: allocation, reconciliation, the restart policy."""

@@ -1,0 +1,320 @@
+"""The allocator: atomic GPU reservations in Redis and routing jobs to per-GPU queues.
+
+A dispatch pass walks PENDING jobs by priority (then id, so FIFO within a priority), picks
+GPUs on one host, reserves them all-or-nothing with a Lua script, marks the job STARTING,
+and sends it to the queue of its first GPU. Only one pass runs at a time (a Redis lock);
+a pass requested while another runs sets a flag so that the running one goes round again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import redis
+from sqlalchemy import ColumnElement, Select, and_, false, or_, select
+from sqlmodel import col
+
+from app.celery_app import CPU_QUEUE, gpu_queue
+from app.core import keys
+from app.core.states import JobState
+from app.runtime import Runtime
+from app.store.jobs import transition
+from app.store.models import Job
+
+log = logging.getLogger(__name__)
+
+# All-or-nothing: every GPU must be alive and unheld, then all are held by ARGV[1].
+# KEYS = hold keys followed by the matching alive keys.
+_RESERVE = """
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 or redis.call('EXISTS', KEYS[n + i]) == 0 then
+    return 0
+  end
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+end
+return 1
+"""
+
+# Release only the reservations this job still holds.
+_RELEASE = """
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i]); released = released + 1
+  end
+end
+return released
+"""
+# Refresh a running job's reservations; take back one that expired while Redis was away
+# (the job never stopped using the GPU), but never one another job holds now.
+_REFRESH = """
+for i = 1, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  elseif not holder then
+    redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+  end
+end
+return 1
+"""
+
+DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass
+SCAN_CHUNK = 64  # PENDING GPU jobs read at a time, until the free GPUs are spoken for
+
+
+def holder(job_id: int, attempt: int) -> str:
+    """What a reservation holds: one attempt of one job, so that a stale message of an
+    earlier attempt can never release the GPUs of the current one."""
+    return f"{job_id}.{attempt}"
+
+
+def _script(r: redis.Redis, source: str) -> Any:
+    """The script registered on this client (sent by SHA after the first call)."""
+    scripts: dict[str, Any] = r.__dict__.setdefault("_gpuq_scripts", {})
+    if source not in scripts:
+        scripts[source] = r.register_script(source)
+    return scripts[source]
+
+
+def reserve(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> bool:
+    hold_keys = [keys.hold(host, i) for i in gpu_ids]
+    alive_keys = [keys.alive(host, i) for i in gpu_ids]
+    return bool(_script(r, _RESERVE)(keys=[*hold_keys, *alive_keys], args=[token, ttl_s]))
+
+
+def release(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> int:
+    return int(_script(r, _RELEASE)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token]))
+
+
+def refresh(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> None:
+    _script(r, _REFRESH)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token, ttl_s])
+
+
+@dataclass
+class HostView:
+    """One host's GPUs as the dispatcher sees them during one pass."""
+
+    name: str
+    capacity: int
+    free: list[int] = field(default_factory=list)
+
+
+INVENTORY_TTL_S = 1.0  # hosts and their GPU lists change rarely: re-read once a second
+
+
+def _inventory(r: redis.Redis) -> list[tuple[str, list[int]]]:
+    """Registered hosts and their GPU indices, cached on the client for a second."""
+    cached = r.__dict__.get("_gpuq_inventory")
+    if cached is not None and time.monotonic() - cached[0] < INVENTORY_TTL_S:
+        return list(cached[1])
+    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
+    pipe = r.pipeline(transaction=False)
+    for host in hosts:
+        pipe.hkeys(keys.host_gpus(host))
+    inventory = [(host, sorted(int(i) for i in indices))
+                 for host, indices in zip(hosts, pipe.execute(), strict=True) if indices]
+    r.__dict__["_gpuq_inventory"] = (time.monotonic(), inventory)
+    return inventory
+
+
+def read_hosts(r: redis.Redis) -> list[HostView]:
+    """Registered hosts with their free GPUs: worker alive, not held by a job, and not
+    used by processes outside gpuq according to the latest monitor reading."""
+    inventory = _inventory(r)
+    pipe = r.pipeline(transaction=False)
+    for host, indices in inventory:
+        for i in indices:
+            pipe.exists(keys.alive(host, i))
+            pipe.exists(keys.hold(host, i))
+            pipe.get(keys.reading(host, i))
+    flags = iter(pipe.execute())
+    views = []
+    for host, indices in inventory:
+        free = []
+        for i in indices:
+            alive, held, reading = next(flags), next(flags), next(flags)
+            if alive and not held and not _foreign(reading):
+                free.append(i)
+        views.append(HostView(host, len(indices), free))
+    return views
+
+
+def _foreign(reading: bytes | None) -> bool:
+    return reading is not None and bool(json.loads(reading).get("foreign"))
+
+
+def _pick(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]
+          ) -> tuple[HostView, list[int]] | None:
+    """Best fit: the host with the fewest usable free GPUs that still holds the job."""
+    options = []
+    for host in hosts:
+        usable = [i for i in host.free if (host.name, i) not in earmarked
+                  and (job.allowed_gpu_ids is None or i in job.allowed_gpu_ids)]
+        if len(usable) >= job.gpus:
+            options.append((len(usable), host.name, host, usable[: job.gpus]))
+    if not options:
+        return None
+    _, _, host, gpus = min(options, key=lambda o: (o[0], o[1]))
+    return host, gpus
+
+
+def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> None:
+    """Set free GPUs aside for a job that cannot start yet, so smaller jobs behind it do
+    not take them one by one forever (no starvation of multi-GPU jobs)."""
+    fitting = [h for h in hosts if h.capacity >= job.gpus]
+    if not fitting:
+        return
+    host = max(fitting, key=lambda h: len([i for i in h.free if (h.name, i) not in earmarked]))
+    usable = [i for i in host.free if (host.name, i) not in earmarked
+              and (job.allowed_gpu_ids is None or i in job.allowed_gpu_ids)]
+    earmarked.update((host.name, i) for i in usable[: job.gpus])
+
+
+def no_resource_reason(gpus: int, largest: int) -> str:
+    return f"asks for {gpus} GPUs; the largest registered host has {largest}"
+
+
+def largest_host(r: redis.Redis) -> int | None:
+    """GPUs of the largest registered host, None while no host has registered."""
+    hosts = [h.decode() for h in r.smembers(keys.HOSTS)]  # type: ignore[union-attr]
+    sizes = [int(r.hlen(keys.host_gpus(h))) for h in hosts]  # type: ignore[arg-type]
+    return max(sizes) if sizes else None
+
+
+class Candidate(NamedTuple):
+    """The few columns of a PENDING job that placing it needs."""
+
+    id: int
+    gpus: int
+    allowed_gpu_ids: list[int] | None
+    attempt: int
+    priority: int
+
+
+CandidateQuery = Select[int | None, int, list[int] | None, int, int]
+
+
+def _candidates(*where: ColumnElement[bool]) -> CandidateQuery:
+    """PENDING local jobs matching `where` that wait for no other job, highest priority
+    first, then oldest."""
+    return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
+                   col(Job.priority))
+            .where(col(Job.state) == JobState.PENDING.value, col(Job.waiting) == false(),
+                   col(Job.backend) == "local", *where)
+            .order_by(col(Job.priority).desc(), col(Job.id)))
+
+
+class Dispatcher:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def dispatch(self, max_passes: int | None = None) -> int:
+        """Run passes while work keeps arriving; return how many jobs were routed.
+
+        Servers (workers, beat) pass no limit and serve every request that arrives while
+        they hold the lock. A client passes a small `max_passes` so that its call returns;
+        a request left over stays flagged, and the GPU workers' heartbeat threads, which
+        look at the flag twice a second, serve it."""
+        r = self.rt.redis
+        lock = r.lock(keys.DISPATCH_LOCK, timeout=60)
+        routed, passes = 0, 0
+        while True:
+            if not lock.acquire(blocking=False):
+                r.set(keys.DISPATCH_DIRTY, 1)
+                return routed
+            try:
+                while True:
+                    r.delete(keys.DISPATCH_DIRTY)
+                    routed += self._pass()
+                    passes += 1
+                    if not r.exists(keys.DISPATCH_DIRTY):
+                        break
+                    if max_passes is not None and passes >= max_passes:
+                        return routed
+            finally:
+                lock.release()
+            # A request may have come between our last check and the release.
+            if not r.exists(keys.DISPATCH_DIRTY):
+                return routed
+
+    def _pass(self) -> int:
+        hosts = read_hosts(self.rt.redis)
+        largest = max((h.capacity for h in hosts), default=0)
+        routed = self._start_cpu_jobs()
+        earmarked: set[tuple[str, int]] = set()
+
+        def usable() -> int:
+            return sum(1 for h in hosts for i in h.free if (h.name, i) not in earmarked)
+
+        after: Candidate | None = None
+        while usable() > 0:
+            chunk = self._pending_gpu_jobs(after)
+            if not chunk:
+                break
+            for job in chunk:
+                if job.gpus > largest:
+                    self._no_resource(job, largest)
+                elif (choice := _pick(job, hosts, earmarked)) is not None:
+                    host, gpus = choice
+                    if self._start(job, host.name, gpus):
+                        host.free = [i for i in host.free if i not in gpus]
+                        routed += 1
+                else:
+                    _earmark(job, hosts, earmarked)
+                if usable() == 0:
+                    break
+            after = chunk[-1]
+        return routed
+
+    def _pending_gpu_jobs(self, after: Candidate | None) -> list[Candidate]:
+        """The next PENDING GPU jobs by priority, then id (keyset paging)."""
+        where = [col(Job.gpus) > 0]
+        if after is not None:
+            where.append(or_(col(Job.priority) < after.priority, and_(
+                col(Job.priority) == after.priority, col(Job.id) > after.id)))
+        query = _candidates(*where).limit(SCAN_CHUNK)
+        with self.rt.session() as session:
+            return [Candidate(*row) for row in session.execute(query)]
+
+    def _start_cpu_jobs(self) -> int:
+        query = _candidates(col(Job.gpus) == 0).limit(DISPATCH_BATCH)
+        with self.rt.session() as session:
+            jobs = [Candidate(*row) for row in session.execute(query)]
+        return sum(self._start(job, None, []) for job in jobs)
+
+    def _no_resource(self, job: Candidate, largest: int) -> None:
+        with self.rt.session() as session:
+            transition(session, JobState.FAILED_NO_RESOURCE, no_resource_reason(job.gpus, largest),
+                       [col(Job.id) == job.id], only_from=[JobState.PENDING])
+
+    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> int:
+        r, ttl = self.rt.redis, self.rt.settings.reservation_ttl_s
+        attempt = job.attempt + 1
+        token = holder(job.id, attempt)
+        if host is not None and not reserve(r, host, gpus, token, ttl):
+            return 0
+        with self.rt.session() as session:
+            moved = transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
+                               {"host": host, "gpu_ids": gpus, "attempt": attempt,
+                                "dispatched_at": time.time()},
+                               only_from=[JobState.PENDING])
+        if not moved:  # cancelled meanwhile
+            if host is not None:
+                release(r, host, gpus, token)
+            return 0
+        queue = gpu_queue(host, gpus[0]) if host is not None else CPU_QUEUE
+        # Nobody waits on this message's result: without ignore_result, Celery subscribes
+        # to a result channel per message sent, and a long-lived dispatcher keeps them all.
+        self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue,
+                                 ignore_result=True)
+        log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
+        return 1

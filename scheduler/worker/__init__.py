@@ -1,0 +1,1 @@
+"""One GPU host's worker side: running attempts, heartbeats, the GPU monitor."""

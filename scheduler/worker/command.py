@@ -1,0 +1,109 @@
+"""From a job row to the command that runs: its launch's payload, per-rank arguments,
+and Python-function calls through the universal runner; then the function's result."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from adapters import runner
+from app.core import payloads
+from app.runtime import Runtime
+from app.store.models import Job
+
+
+def run_dir(rt: Runtime, job_id: int) -> Path:
+    return rt.settings.home / "run" / str(job_id)
+
+
+def resolve_command(rt: Runtime, job: Job) -> str:
+    """The shell command of this replica; raises PayloadError when its payload is unusable."""
+    if job.payload_key is None:
+        return _substitute(job.command, job)
+    payload = _load_cached(rt, job.payload_key)
+    if payload["kind"] == "function":
+        return _function_command(rt, job, payload)
+    command = payload["command"]
+    rank_args = payload.get("rank_args")
+    if rank_args is not None:
+        command = f"{command} {shlex.join(str(a) for a in rank_args[job.rank])}"
+    return _substitute(command, job)
+
+
+def job_secrets(rt: Runtime, job: Job) -> dict[str, str]:
+    """The secret environment variables of a job: they travel in its payload only."""
+    if job.payload_key is None:
+        return {}
+    secrets: dict[str, str] = _load_cached(rt, job.payload_key).get("secrets") or {}
+    return secrets
+
+
+_CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()
+CACHED_PAYLOADS = 4
+
+
+def _load_cached(rt: Runtime, key: str) -> dict[str, Any]:
+    """A launch's payload, read once per worker: its replicas come to the same GPU in turn.
+    Payloads never change under their key, so a cached copy is never stale."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    payload: dict[str, Any] = payloads.load(rt.redis, key, rt.settings.secret,
+                                            rt.settings.max_payload_bytes)
+    _CACHE[key] = payload
+    while len(_CACHE) > CACHED_PAYLOADS:
+        _CACHE.popitem(last=False)
+    return payload
+
+
+def _substitute(command: str, job: Job) -> str:
+    """`{rank}` and `{num_jobs}` in a command become this replica's values."""
+    return command.replace("{rank}", str(job.rank)).replace("{num_jobs}", str(job.num_jobs))
+
+
+def _function_command(rt: Runtime, job: Job, payload: dict[str, Any]) -> str:
+    """Write this replica's call where the runner reads it; return the runner's command.
+
+    The call stays pickled bytes here: the worker never unpickles user code."""
+    assert job.id is not None
+    directory = run_dir(rt, job.id)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = {"call": payload["call"]}
+    items = payload.get("items")
+    if items is not None:
+        spec["item"] = items[job.rank]
+    (directory / "call.pkl").write_bytes(cloudpickle.dumps(spec))
+    (directory / "result.pkl").unlink(missing_ok=True)
+    # The worker's interpreter runs the call: it has cloudpickle and gpuq installed.
+    return (f"{shlex.quote(sys.executable)} -m adapters.runner "
+            f"--payload-file {shlex.quote(str(directory / 'call.pkl'))} "
+            f"--result-file {shlex.quote(str(directory / 'result.pkl'))}")
+
+
+def collect_result(rt: Runtime, job: Job) -> str | None:
+    """Store a function job's envelope for `result()`; return why the job failed, if it did."""
+    assert job.id is not None
+    directory = run_dir(rt, job.id)
+    path = directory / "result.pkl"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    limit = rt.settings.max_result_bytes
+    if len(data) > limit:
+        return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES ({limit:,}); "
+                "return a path to large data instead")
+    rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62, rt.settings.secret),
+                 ex=rt.settings.keep_result_s)
+    envelope = runner.read_envelope_status(data)
+    if envelope["ok"]:
+        return None
+    return f"raised {envelope['type']}: {envelope['message']}"

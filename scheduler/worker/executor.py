@@ -1,0 +1,111 @@
+"""Direct execution: a job's command in its own process group, output to its log file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
+from app.store.models import Job
+
+POLL_S = 0.05
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    cancelled: bool
+
+
+def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: str
+                    ) -> dict[str, str]:
+    """The environment a replica sees: the worker's, the user's, then gpuq's own.
+
+    The worker's own GPUQ_* settings are left out: they may hold the broker's or the
+    database's password, and a job that prints its environment would log them."""
+    env = {k: v for k, v in base.items() if not k.startswith("GPUQ_")}
+    env.update(job.env)
+    if job.venv:
+        venv = str(Path(job.venv).expanduser())
+        env["VIRTUAL_ENV"] = venv
+        env["PATH"] = f"{venv}/bin:{env.get('PATH', '')}"
+    env.update(
+        GPUQ_JOB_ID=str(job.id),
+        GPUQ_LAUNCH_ID="" if job.launch_id is None else str(job.launch_id),
+        GPUQ_JOB_RANK=str(job.rank),
+        GPUQ_NUM_JOBS=str(job.num_jobs),
+        GPUQ_RESTART_COUNT=str(job.restart_count),
+        GPUQ_HOST=host,
+        CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids),
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+    )
+    return env
+
+
+def shell_script(job: Job, command: str) -> str:
+    """The bash script that runs the command, activating a conda env when one is named."""
+    if not job.conda_env:
+        return command
+    return (f'eval "$(conda shell.bash hook)" && conda activate {shlex.quote(job.conda_env)} '
+            f"&& {command}")
+
+
+_SHELL_SYNTAX = re.compile(r"[|&;<>()$`\\*?\[\]#~{}!\n]")
+
+
+def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
+    """The process to start: the command itself when it is a plain program with arguments
+    (saving a shell per job), else `bash -c` for anything that needs a shell."""
+    if not job.conda_env and not _SHELL_SYNTAX.search(command):
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = []
+        if words and "=" not in words[0] and shutil.which(words[0], path=env.get("PATH")):
+            return words
+    return ["bash", "-c", shell_script(job, command)]
+
+
+def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
+        cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
+        heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
+    """Run the job to its end, or until `cancel_requested` says stop.
+
+    `on_start(pid)` records the start and says whether the job is still wanted."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv_for(job, command, env), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
+            start_new_session=True,
+        )
+    if not on_start(proc.pid):  # cancelled while it was starting
+        stop_group(proc, 0)
+        return Outcome(proc.returncode, cancelled=True)
+    next_beat = time.monotonic() + heartbeat_s
+    waiter = ExitWaiter(proc)
+    try:
+        while not waiter.exited(POLL_S):
+            if cancel_requested():
+                stop_group(proc, grace_s)
+                return Outcome(proc.returncode, cancelled=True)
+            if time.monotonic() >= next_beat:
+                heartbeat()
+                next_beat = time.monotonic() + heartbeat_s
+    finally:
+        waiter.close()
+    code = proc.wait()
+    # The leader exited; stop anything it left behind in its group before the GPUs go back.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        wait_group_gone(proc.pid)
+    return Outcome(code, cancelled=False)

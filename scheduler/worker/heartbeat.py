@@ -1,0 +1,92 @@
+"""A GPU worker's liveness key and its GPU's readings, refreshed from a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+
+import redis
+
+from app.core import keys
+from app.runtime import Runtime
+from scheduler.dispatch.allocator import Dispatcher
+from scheduler.worker.monitor import GpuProvider, detect_provider, is_busy
+
+log = logging.getLogger(__name__)
+
+DISPATCH_CHECK_S = 0.5
+
+
+class Heartbeat:
+    def __init__(self, rt: Runtime, gpu_index: int, provider: GpuProvider | None = None) -> None:
+        self.rt = rt
+        self.host = rt.settings.hostname
+        self.index = gpu_index
+        self.provider = provider or detect_provider(rt.settings)
+        self.ttl_s = max(3, int(rt.settings.heartbeat_s * 3))
+        self._next_reading = 0.0
+        self._was_foreign = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gpuq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        from scheduler.worker.recovery import recover_orphans
+
+        recover_orphans(self.rt, self.index)
+        self.beat()
+        # The GPU just became available: route whatever waits for it.
+        Dispatcher(self.rt).dispatch()
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.rt.redis.set(keys.alive(self.host, self.index), 1, ex=self.ttl_s)
+        if time.monotonic() >= self._next_reading:
+            self.publish_reading()
+            self._next_reading = time.monotonic() + self.rt.settings.monitor_interval_s
+
+    def publish_reading(self) -> None:
+        """Store this GPU's reading; `foreign` marks use by processes outside gpuq.
+
+        A GPU that gpuq holds is never called foreign: its usage is the job's own. Right
+        after a job ends its memory may still show for one reading; the GPU is then skipped
+        for one interval, the safe side of the mistake."""
+        readings = self.provider.readings()
+        if self.index >= len(readings):
+            return
+        reading = readings[self.index]
+        held = bool(self.rt.redis.exists(keys.hold(self.host, self.index)))
+        foreign = not held and is_busy(reading, self.rt.settings)
+        interval = self.rt.settings.monitor_interval_s
+        self.rt.redis.set(keys.reading(self.host, self.index),
+                          json.dumps({**reading.as_dict(), "foreign": foreign, "at": time.time()}),
+                          ex=max(3, int(interval * 3)))
+        if foreign:
+            # Wake the dispatcher when this clears instead of waiting for the periodic pass.
+            self._was_foreign = True
+        elif self._was_foreign:
+            self._was_foreign = False
+            Dispatcher(self.rt).dispatch()
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
+                                           self.rt.settings.monitor_interval_s)
+        while not self._stop.wait(DISPATCH_CHECK_S):
+            try:
+                # A dispatch request nobody served yet (its caller had to return): serve it.
+                if self.rt.redis.exists(keys.DISPATCH_DIRTY):
+                    Dispatcher(self.rt).dispatch()
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
+                                                       self.rt.settings.monitor_interval_s)
+            except redis.RedisError as e:  # the broker is away; keep trying
+                log.warning("heartbeat failed: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        # If the broker went first, the key expires by itself.
+        with contextlib.suppress(redis.RedisError):
+            self.rt.redis.delete(keys.alive(self.host, self.index))

@@ -1,0 +1,75 @@
+"""Attachable execution: the job runs in a detached tmux session named after it.
+
+`gpuq attach ID` attaches to it on the worker's host; the output still reaches the job's log
+(through tee), and cancel still stops the whole process group of the pane.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from app.core.procgroup import stop_pane_group
+from app.store.models import Job
+from scheduler.worker.executor import POLL_S, Outcome, shell_script
+
+KILLED_EXIT = 137
+
+
+def session_name(job_id: int | None) -> str:
+    return f"gpuq-{job_id}"
+
+
+def tmux_command(socket: Path, *args: str) -> list[str]:
+    return ["tmux", "-S", str(socket), *args]
+
+
+def _script(job: Job, command: str, env: dict[str, str], log_path: Path, exit_path: Path
+            ) -> str:
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()
+                        if k.isidentifier())
+    workdir = f"cd {shlex.quote(job.workdir)}\n" if job.workdir else ""
+    script = shlex.quote(shell_script(job, command))
+    return (f"{exports}\n{workdir}"
+            f"bash -c {script} 2>&1 | tee -a {shlex.quote(str(log_path))}\n"
+            f"echo ${{PIPESTATUS[0]}} > {shlex.quote(str(exit_path))}\n")
+
+
+def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
+        grace_s: float,
+        cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
+        heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
+    """Run the job in `tmux new-session -d` and wait for it like the direct executor."""
+    name = session_name(job.id)
+    script_path = log_path.with_suffix(".tmux.sh")
+    exit_path = log_path.with_suffix(".exit")
+    exit_path.unlink(missing_ok=True)
+    script_path.write_text(_script(job, command, env, log_path, exit_path))
+    # -P prints the pane's pid as the session is made: a short job may be gone a moment later.
+    pane_pid = int(subprocess.run(
+        tmux_command(socket, "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name,
+                     "-x", "200", "-y", "50", f"bash {shlex.quote(str(script_path))}"),
+        check=True, capture_output=True, text=True).stdout.strip())
+    wanted = on_start(pane_pid)
+    next_beat = time.monotonic() + heartbeat_s
+    while not exit_path.exists() and _alive(socket, name):
+        if not wanted or cancel_requested():
+            stop_pane_group(pane_pid, grace_s)
+            subprocess.run(tmux_command(socket, "kill-session", "-t", name),
+                           capture_output=True)
+            return Outcome(KILLED_EXIT, cancelled=True)
+        if time.monotonic() >= next_beat:
+            heartbeat()
+            next_beat = time.monotonic() + heartbeat_s
+        time.sleep(POLL_S)
+    code = int(exit_path.read_text().strip() or KILLED_EXIT) if exit_path.exists() else KILLED_EXIT
+    stop_pane_group(pane_pid, 0)
+    return Outcome(code, cancelled=False)
+
+
+def _alive(socket: Path, name: str) -> bool:
+    return subprocess.run(tmux_command(socket, "has-session", "-t", name),
+                          capture_output=True).returncode == 0
