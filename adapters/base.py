@@ -27,7 +27,7 @@ import cloudpickle
 from celery import Task
 from sqlmodel import col, select, update
 
-from app.core import payloads
+from app.core import keys, payloads
 from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.core.states import JobState
@@ -36,7 +36,6 @@ from app.store.jobs import transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
-MISSING_KEY = "gpuq:batch:missing"  # hash: backend id -> when it was first not found
 
 
 @dataclass
@@ -131,7 +130,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         """`sync` when its backed-off turn has come (beat); `sync-now` at once (a submit)."""
         if action not in ("sync", "sync-now"):
             raise ValueError(f"unknown action {action!r}; use 'sync' or 'sync-now'")
-        key = f"gpuq:batch:{self.backend_name}:poll"
+        key = keys.batch_poll(self.backend_name)
         r = self.rt.redis
         stored: list[Any] = list(r.hmget(key, "next_at", "interval_s"))  # type: ignore[arg-type]
         next_at = float(stored[0] or 0)
@@ -188,7 +187,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         where = [col(Job.id) == job.id]
         r = self.rt.redis
         if status.state != "missing":
-            r.hdel(MISSING_KEY, job.backend_id)
+            r.hdel(keys.BATCH_MISSING, job.backend_id)
         with self.rt.session() as session:
             if status.state == "pending":
                 waited = now - (job.dispatched_at or now)
@@ -202,11 +201,11 @@ class BatchAdapter(Task):  # type: ignore[misc]
                 return len(transition(session, JobState.RUNNING, None, where,
                                       {"started_at": now}, only_from=[JobState.STARTING]))
             if status.state == "missing":
-                r.hsetnx(MISSING_KEY, job.backend_id, now)
-                first = float(r.hget(MISSING_KEY, job.backend_id) or now)  # type: ignore[arg-type]
+                r.hsetnx(keys.BATCH_MISSING, job.backend_id, now)
+                first = float(r.hget(keys.BATCH_MISSING, job.backend_id) or now)  # type: ignore[arg-type]
                 if now - first < self.vanished_grace_s:
                     return 0
-                r.hdel(MISSING_KEY, job.backend_id)
+                r.hdel(keys.BATCH_MISSING, job.backend_id)
                 reason = f"{self.backend_name} no longer knows job {job.backend_id}"
                 return len(transition(session, JobState.LOST, reason, where, {"ended_at": now}))
         return self._finish(job, status, now)
@@ -240,7 +239,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         if len(data) > self.rt.settings.max_result_bytes:
             return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES "
                     f"({self.rt.settings.max_result_bytes:,})")
-        self.rt.redis.set(payloads.result_key(job.id),
+        self.rt.redis.set(keys.result(job.id),
                           payloads.frame(data, 2**62, self.rt.settings.secret),
                           ex=self.rt.settings.keep_result_s)
         envelope = cloudpickle.loads(data)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
+from app.core import keys
 from app.core.errors import GpuqError, PayloadTooLarge
 from app.core.settings import Settings
 from app.store.models import Job
@@ -177,7 +178,7 @@ class KubernetesAdapter(BatchAdapter):
 
         with self.rt.redis.pipeline() as pipe:
             for backend_id in backend_ids:
-                pipe.set(_cancelled_key(backend_id), 1, ex=CANCELLED_TTL_S)
+                pipe.set(keys.batch_cancelled("kubernetes", backend_id), 1, ex=CANCELLED_TTL_S)
             pipe.execute()
         by_job: dict[tuple[str, str], set[int]] = defaultdict(set)
         for backend_id in backend_ids:
@@ -207,7 +208,7 @@ class KubernetesAdapter(BatchAdapter):
     def _cancelled(self, backend_ids: Sequence[str]) -> set[str]:
         if not backend_ids:
             return set()
-        marks = self.rt.redis.mget([_cancelled_key(i) for i in backend_ids])
+        marks = self.rt.redis.mget([keys.batch_cancelled("kubernetes", i) for i in backend_ids])
         return {i for i, mark in zip(backend_ids, marks, strict=True) if mark}
 
 
@@ -289,9 +290,6 @@ def _unique_name(name: str) -> str:
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].rstrip("-")
     return f"{slug or 'gpuq'}-{secrets.token_hex(4)}"
 
-
-def _cancelled_key(backend_id: str) -> str:
-    return f"gpuq:batch:kubernetes:cancelled:{backend_id}"
 
 
 def _json(response: Any) -> dict[str, Any]:

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from app.core.keys import CONTROL_QUEUE
 from app.core.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
-CONTROL_QUEUE = "control"
-CPU_QUEUE = "cpu"
-
-
-def gpu_queue(host: str, index: int) -> str:
-    """The queue of one GPU: routing a job here is its allocation."""
-    return f"gpu.{host}.{index}"
 
 
 def create_celery(settings: Settings, redis_url: str) -> Celery:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import InvalidJobSpec
+from app.core.errors import InvalidJobSpec, JobsFileError
 from app.store.jobs import JobSpec
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,6 @@ LIST_OPTIONS = {"gpu_ids": "allowed_gpu_ids", "recover_on_exit_codes": "recover_
                 "after": "after"}
 TEXT_OPTIONS = {"name", "workdir", "venv", "conda_env", "preflight"}
 KNOWN = sorted(INT_OPTIONS | set(LIST_OPTIONS) | TEXT_OPTIONS | {"env.KEY"})
-
-
-class JobsFileError(InvalidJobSpec):
-    def __init__(self, lineno: int, message: str) -> None:
-        super().__init__(f"line {lineno}: {message}")
-        self.lineno = lineno
 
 
 def _option(spec: dict[str, Any], key: str, value: str, lineno: int) -> None:
@@ -51,9 +45,9 @@ def _option(spec: dict[str, Any], key: str, value: str, lineno: int) -> None:
         elif key in TEXT_OPTIONS:
             spec[key] = value
         else:
-            raise JobsFileError(lineno, f"unknown option {key!r}; known: {', '.join(KNOWN)}")
+            raise JobsFileError(f"unknown option {key!r}; known: {', '.join(KNOWN)}", lineno)
     except ValueError:
-        raise JobsFileError(lineno, f"{key} takes integers, got {value!r}") from None
+        raise JobsFileError(f"{key} takes integers, got {value!r}", lineno) from None
 
 
 def parse_line(text: str, lineno: int) -> dict[str, Any] | None:
@@ -68,16 +62,16 @@ def parse_line(text: str, lineno: int) -> dict[str, Any] | None:
     try:
         words = shlex.split(head)
     except ValueError as e:
-        raise JobsFileError(lineno, f"cannot read the options: {e}") from None
+        raise JobsFileError(f"cannot read the options: {e}", lineno) from None
     for word in words:
         key, eq, value = word.partition("=")
         if not eq:
-            raise JobsFileError(lineno, f"options are key=value before ` -- `, got {word!r}")
+            raise JobsFileError(f"options are key=value before ` -- `, got {word!r}", lineno)
         _option(spec, key, value, lineno)
     try:
         JobSpec.parse(spec)
     except InvalidJobSpec as e:
-        raise JobsFileError(lineno, str(e)) from None
+        raise JobsFileError(str(e), lineno) from None
     return spec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from app.celery_app import CONTROL_QUEUE
+from app.core.keys import CONTROL_QUEUE
 from app.runtime import Runtime
 
 

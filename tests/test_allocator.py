@@ -7,11 +7,12 @@ import json
 import threading
 import time
 
-from app.celery_app import gpu_queue
 from app.core import keys
+from app.core.keys import gpu_queue
 from app.runtime import Runtime
 from app.stack.host import register_host
-from scheduler.dispatch.allocator import Dispatcher, refresh, release, reserve
+from app.store.cluster import refresh, release, reserve
+from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker.monitor import FakeProvider
 
 

@@ -15,12 +15,19 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from app.cli.main import cli
-from app.core import keys, payloads
-from app.core.errors import GpuqError, InvalidArguments, InvalidJobSpec, UnknownOperation
-from app.core.payloads import PayloadError
+from app.core import keys
+from app.core.backends import ADAPTERS, payloads
+from app.core.errors import (
+    GpuqError,
+    InvalidArguments,
+    InvalidJobSpec,
+    JobsFileError,
+    PayloadError,
+    UnknownOperation,
+)
 from app.ops.registry import OPERATIONS, call_local
 from app.store.models import Job, JobDependency, JobEvent, Launch
-from scheduler.jobsfile import KNOWN, JobsFileError, JobsFileWatcher, parse_line
+from scheduler.jobsfile import KNOWN, JobsFileWatcher, parse_line
 
 FIXTURES = [HealthCheck.function_scoped_fixture]
 
@@ -32,11 +39,13 @@ def snapshot(rt) -> tuple[Any, ...]:
                      for table in (Job, JobEvent, Launch, JobDependency)
                      for o in session.exec(select(table)))
     r = rt.redis
-    # Heartbeats, GPU readings and Celery's control bindings come and go on their own
-    # while any worker runs; they hold nothing a user submitted.
+    # Heartbeats, GPU readings, the batch syncs' pace (beat's) and Celery's control
+    # bindings come and go on their own while any worker runs; they hold nothing a user
+    # submitted.
     telemetry = (keys.alive("", 0).split(":")[:2], keys.reading("", 0).split(":")[:2])
+    paces = {keys.batch_poll(backend).encode() for backend in ADAPTERS}
     return rows, {k: r.dump(k) for k in sorted(r.keys("*"))
-                  if k.decode().split(":")[:2] not in telemetry
+                  if k.decode().split(":")[:2] not in telemetry and k not in paces
                   and not k.startswith(b"_kombu.binding")}
 
 

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from scheduler.jobsfile import JobsFileError, JobsFileWatcher, parse_line
+from app.core.errors import JobsFileError
+from scheduler.jobsfile import JobsFileWatcher, parse_line
 
 
 def test_a_line_with_options_becomes_a_job_spec():

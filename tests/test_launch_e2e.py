@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.client import Client
-from app.core import payloads
+from app.core import keys
 from app.core.errors import PayloadTooLarge
 from tests.conftest import until
 
@@ -127,7 +127,7 @@ def test_oversize_result_fails_the_job_with_a_clear_reason(client: Client, stack
     job = client.submit(big_result)
     assert job.wait(timeout_s=60) == "FAILED"
     assert "over GPUQ_MAX_RESULT_BYTES (1,000,000)" in job.row()["reason"]
-    assert client.rt.redis.get(payloads.result_key(job.id)) is None
+    assert client.rt.redis.get(keys.result(job.id)) is None
 
 
 def rank_and_size(scale: int) -> tuple[int, int]:

@@ -7,8 +7,7 @@ import os
 import pytest
 
 from app.core import payloads
-from app.core.errors import PayloadTooLarge
-from app.core.payloads import PayloadError
+from app.core.errors import PayloadError, PayloadTooLarge
 
 
 def test_small_and_large_payloads_round_trip_and_large_ones_are_gzipped():

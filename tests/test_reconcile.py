@@ -7,8 +7,8 @@ import time
 
 from sqlmodel import Session, col, update
 
-from app.celery_app import CPU_QUEUE, gpu_queue
 from app.core import keys
+from app.core.keys import CPU_QUEUE, gpu_queue
 from app.stack.host import register_host
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher

@@ -15,13 +15,17 @@ from celery.signals import before_task_publish
 from sqlmodel import select
 
 from app.celery_app import create_celery
-from app.core import payloads
-from app.core.errors import BrokerUnavailable
-from app.core.payloads import PayloadError, PayloadNotAuthentic
+from app.core import keys, payloads
+from app.core.errors import (
+    BrokerUnavailable,
+    EmbeddedRedisExposed,
+    PayloadError,
+    PayloadNotAuthentic,
+)
 from app.core.security import NO_SECRET_WARNING, redis_ssl_options
 from app.core.settings import Settings
 from app.runtime import Runtime
-from app.store.embedded_redis import EmbeddedRedis, EmbeddedRedisExposed
+from app.store.embedded_redis import EmbeddedRedis
 from app.store.models import Job, JobEvent
 from tests.conftest import EXTERNAL_DB, IN_CI, PREFLIGHT_FAKES, Stack, server_env, until
 from tests.netutil import free_port
@@ -85,7 +89,7 @@ def _attack(kind: str, marker: Path) -> bytes:
 def test_a_worker_refuses_a_payload_that_does_not_verify(client, stack_settings, tmp_path,
                                                          attack):
     marker = tmp_path / "ran"
-    key = payloads.payload_key()
+    key = keys.new_payload()
     client.rt.redis.set(key, _attack(attack, marker), ex=600)
     out = client.call("launch", spec={"command": "forged", "payload_key": key, "gpus": 1},
                       num_jobs=1)
@@ -101,7 +105,7 @@ def test_signed_launches_and_results_work_and_a_tampered_result_is_refused(clien
     assert [r["status"] for r in launched.wait(60)] == ["SUCCEEDED"] * 2
     job = client.submit(sorted, [3, 1, 2], gpus=0)
     assert job.result(60) == [1, 2, 3]
-    key = payloads.result_key(job.id)
+    key = keys.result(job.id)
     stored = bytearray(client.rt.redis.get(key))
     assert stored[4] & payloads.SIGNED, "the worker signs the results it stores"
     stored[-1] ^= 0x01

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from app.celery_app import CONTROL_QUEUE
+from app.core import keys
 from app.core.errors import (
     GpuqError,
     InvalidJobSpec,
@@ -22,6 +22,7 @@ from app.core.errors import (
     RemoteError,
     error_from_envelope,
 )
+from app.core.keys import CONTROL_QUEUE
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.ops.registry import call_local
@@ -272,7 +273,7 @@ class JobHandle:
 
         from app.core import payloads
         status = self.wait(timeout_s)
-        data = self.client.rt.redis.get(payloads.result_key(self.id))
+        data = self.client.rt.redis.get(keys.result(self.id))
         if data is None:
             reason = self.row()["reason"]
             raise GpuqError(f"job {self.id} ended {status} without a result"

@@ -1,16 +1,82 @@
-"""One error base; each error names a fact and, where there is one, the fix."""
+"""One error base; each error names a fact and, where there is one, the fix.
+
+Every class is registered by its `code` as it is defined, so that an error that crossed
+the remote transport as (code, message) comes back as its own class.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+ERRORS_BY_CODE: dict[str, type[GpuqError]] = {}
 
 
 class GpuqError(Exception):
     """Base of every error gpuq raises on purpose."""
 
-    code = "gpuq_error"
+    code: ClassVar[str] = "gpuq_error"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} needs a `code` of its own")
+        if cls.code in ERRORS_BY_CODE:
+            raise TypeError(f"{cls.__name__}: code {cls.code!r} is taken by "
+                            f"{ERRORS_BY_CODE[cls.code].__name__}")
+        ERRORS_BY_CODE[cls.code] = cls
+
+
+ERRORS_BY_CODE[GpuqError.code] = GpuqError
+
+
+# Bad input
 
 
 class InvalidJobSpec(GpuqError):
     code = "invalid_job_spec"
+
+
+class JobsFileError(InvalidJobSpec):
+    """A line of the watched jobs file that cannot be read; `lineno` names it."""
+
+    code = "jobs_file_error"
+
+    def __init__(self, message: str, lineno: int | None = None) -> None:
+        super().__init__(message if lineno is None else f"line {lineno}: {message}")
+        self.lineno = lineno
+
+
+class InvalidArguments(GpuqError):
+    """An operation was called with arguments it does not take."""
+
+    code = "invalid_arguments"
+
+
+class UnknownOperation(GpuqError):
+    code = "unknown_operation"
+
+
+class DuplicateJob(GpuqError):
+    code = "duplicate_job"
+
+
+class PayloadTooLarge(GpuqError):
+    code = "payload_too_large"
+
+
+class PayloadError(GpuqError):
+    """A stored payload that is missing, malformed or of an unknown format."""
+
+    code = "payload_error"
+
+
+class PayloadNotAuthentic(PayloadError):
+    """A payload that does not verify with the shared secret: refused unread."""
+
+    code = "payload_not_authentic"
+
+
+# Things that are not there
 
 
 class JobNotFound(GpuqError):
@@ -22,12 +88,12 @@ class JobNotFound(GpuqError):
         return cls(f"no job with id {shown}; `gpuq queue` lists the jobs there are")
 
 
-class DuplicateJob(GpuqError):
-    code = "duplicate_job"
+class LaunchNotFound(GpuqError):
+    code = "launch_not_found"
 
 
-class PayloadTooLarge(GpuqError):
-    code = "payload_too_large"
+class IllegalTransition(GpuqError):
+    code = "illegal_transition"
 
 
 class RemoteError(GpuqError):
@@ -36,12 +102,7 @@ class RemoteError(GpuqError):
     code = "remote_error"
 
 
-class LaunchNotFound(GpuqError):
-    code = "launch_not_found"
-
-
-class IllegalTransition(GpuqError):
-    code = "illegal_transition"
+# Servers gpuq needs
 
 
 class BrokerUnavailable(GpuqError):
@@ -56,39 +117,29 @@ class SchemaOutdated(DatabaseUnavailable):
     code = "schema_outdated"
 
 
-class UnknownOperation(GpuqError):
-    code = "unknown_operation"
-
-
 class OperationTimeout(GpuqError):
     code = "operation_timeout"
 
 
-class InvalidArguments(GpuqError):
-    """An operation was called with arguments it does not take."""
-
-    code = "invalid_arguments"
+# Refusals to serve beyond this host unprotected
 
 
-ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
-    cls.code: cls
-    for cls in (
-        GpuqError,
-        InvalidJobSpec,
-        DuplicateJob,
-        JobNotFound,
-        PayloadTooLarge,
-        RemoteError,
-        LaunchNotFound,
-        IllegalTransition,
-        BrokerUnavailable,
-        DatabaseUnavailable,
-        SchemaOutdated,
-        UnknownOperation,
-        OperationTimeout,
-        InvalidArguments,
-    )
-}
+class EmbeddedRedisExposed(GpuqError):
+    """The embedded Redis would listen beyond this host without a password."""
+
+    code = "embedded_redis_exposed"
+
+
+class FlowerAuthRequired(GpuqError):
+    """Flower would listen beyond this host without a password."""
+
+    code = "flower_auth_required"
+
+
+class TokenRequired(GpuqError):
+    """The dashboard would listen beyond this host without a token."""
+
+    code = "token_required"
 
 
 def error_from_envelope(code: str, message: str) -> GpuqError:

@@ -1,11 +1,31 @@
-"""Redis key names shared by the client, the dispatcher and the workers."""
+"""Every Redis key and Celery queue name gpuq uses, in one place.
+
+Redis holds caches and hints (the database is the truth): a key here can be lost and is
+rebuilt or waited out; see docs/architecture.md for who writes each.
+"""
 
 from __future__ import annotations
 
+import secrets
+
 PREFIX = "gpuq"
-HOSTS = f"{PREFIX}:hosts"  # set of host names that registered GPUs
+
+# -- Celery queues ----------------------------------------------------------------------
+CONTROL_QUEUE = "control"  # operations, dispatch, reconcile, batch syncs
+CPU_QUEUE = "cpu"  # 0-GPU jobs, on every host's thread-pool worker
+
+
+def gpu_queue(host: str, index: int) -> str:
+    """The queue of one GPU: routing a job here is its allocation."""
+    return f"gpu.{host}.{index}"
+
+
+# -- dispatch ---------------------------------------------------------------------------
 DISPATCH_LOCK = f"{PREFIX}:dispatch:lock"
-DISPATCH_DIRTY = f"{PREFIX}:dispatch:dirty"
+DISPATCH_DIRTY = f"{PREFIX}:dispatch:dirty"  # a pass was asked for while one ran
+
+# -- the cluster's live state (owned by app/store/cluster.py) ---------------------------
+HOSTS = f"{PREFIX}:hosts"  # set of host names that registered GPUs
 
 
 def host_gpus(host: str) -> str:
@@ -23,11 +43,6 @@ def hold(host: str, index: int) -> str:
     return f"{PREFIX}:hold:{host}:{index}"
 
 
-def cancel(job_id: int) -> str:
-    """Set when a running job must be stopped; its worker polls it."""
-    return f"{PREFIX}:cancel:{job_id}"
-
-
 def reading(host: str, index: int) -> str:
     """Latest monitor reading of one GPU (JSON), published by its worker."""
     return f"{PREFIX}:reading:{host}:{index}"
@@ -39,3 +54,35 @@ RESTARTS = f"{PREFIX}:restarts"  # sorted set: "host/program" -> time of its lat
 def restarts(host: str, program: str) -> str:
     """Hash: exits of one supervised program on one host (code, backoff, recent times)."""
     return f"{PREFIX}:restarts:{host}/{program}"
+
+
+# -- jobs -------------------------------------------------------------------------------
+
+
+def cancel(job_id: int) -> str:
+    """Set when a running job must be stopped; its worker polls it."""
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def new_payload(kind: str = "launch") -> str:
+    """A fresh key for one stored payload (claim check), unguessable."""
+    return f"{PREFIX}:payload:{kind}:{secrets.token_hex(8)}"
+
+
+def result(job_id: int) -> str:
+    """The framed result (or error envelope) of a Python-function job."""
+    return f"{PREFIX}:result:{job_id}"
+
+
+# -- batch backends ---------------------------------------------------------------------
+BATCH_MISSING = f"{PREFIX}:batch:missing"  # hash: backend id -> when first not found
+
+
+def batch_poll(backend: str) -> str:
+    """Hash: when a backend's next backed-off sync is due, and its current interval."""
+    return f"{PREFIX}:batch:{backend}:poll"
+
+
+def batch_cancelled(backend: str, backend_id: str) -> str:
+    """Set when gpuq cancelled a backend job, so that its end reads CANCELLED."""
+    return f"{PREFIX}:batch:{backend}:cancelled:{backend_id}"

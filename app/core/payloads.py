@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import struct
 import zlib
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from app.core.errors import GpuqError, PayloadTooLarge
+from app.core import keys
+from app.core.errors import PayloadError, PayloadNotAuthentic, PayloadTooLarge
 
 if TYPE_CHECKING:
     import redis
@@ -33,25 +33,12 @@ SIGNED = 2  # the digest is an HMAC with the shared secret, not a plain SHA-256
 SECRET_SETTING = "GPUQ_SECRET"
 
 
-class PayloadError(GpuqError):
-    code = "payload_error"
-
-
-class PayloadNotAuthentic(PayloadError):
-    """A payload that does not verify with the shared secret: refused unread."""
-
-    code = "payload_not_authentic"
-
-
 def _digest(flags: int, body: bytes, secret: str | None) -> bytes:
     if flags & SIGNED:
         assert secret is not None
         return hmac.new(secret.encode(), MAGIC + bytes([flags]) + body, hashlib.sha256).digest()
     return hashlib.sha256(body).digest()
 
-
-def payload_key(kind: str = "launch") -> str:
-    return f"gpuq:payload:{kind}:{secrets.token_hex(8)}"
 
 
 def pack(value: Any, limit_bytes: int, secret: str | None = None) -> bytes:
@@ -133,13 +120,10 @@ def _decompress(body: bytes) -> bytes:
 def store(r: redis.Redis, value: Any, ttl_s: int, limit_bytes: int, kind: str = "launch",
           secret: str | None = None) -> str:
     """Store a value once (signed when a secret is given); return its key."""
-    key = payload_key(kind)
+    key = keys.new_payload(kind)
     r.set(key, pack(value, limit_bytes, secret), ex=ttl_s)
     return key
 
-
-def result_key(job_id: int) -> str:
-    return f"gpuq:result:{job_id}"
 
 
 def load(r: redis.Redis, key: str, secret: str | None = None,

@@ -8,15 +8,11 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from app.core.errors import GpuqError
+from app.core.errors import TokenRequired
 from app.core.security import is_loopback
 from app.core.settings import Settings
 
 COOKIE = "gpuq_dashboard_token"
-
-
-class TokenRequired(GpuqError):
-    code = "token_required"
 
 
 def check_bind(settings: Settings) -> None:

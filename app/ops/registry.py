@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import time
 import typing
@@ -22,12 +21,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from sqlalchemy import ColumnElement, func
 from sqlmodel import Session, col, select
 
-from app.celery_app import CONTROL_QUEUE
 from app.core import keys
 from app.core.backends import adapter_class
 from app.core.errors import InvalidArguments, InvalidJobSpec, LaunchNotFound, UnknownOperation
+from app.core.keys import CONTROL_QUEUE
 from app.core.states import TERMINAL, JobState
 from app.runtime import Runtime
+from app.store import cluster
 from app.store.exits import recent_exits
 from app.store.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
 from app.store.models import Job, JobDependency, JobEvent, Launch
@@ -146,9 +146,9 @@ def _route(rt: Runtime, backend: str) -> None:
 def _fail_if_too_big(rt: Runtime, session: Session, spec: JobSpec,
                      where: ColumnElement[bool]) -> None:
     """Jobs no registered host can ever hold end FAILED_NO_RESOURCE at once."""
-    from scheduler.dispatch.allocator import largest_host, no_resource_reason
+    from scheduler.dispatch.allocator import no_resource_reason
 
-    largest = largest_host(rt.redis)
+    largest = cluster.largest_host(rt.redis)
     if spec.backend == "local" and largest is not None and spec.gpus > largest:
         transition(session, JobState.FAILED_NO_RESOURCE, no_resource_reason(spec.gpus, largest),
                    [where], only_from=[JobState.PENDING])
@@ -368,20 +368,7 @@ def status(rt: Runtime) -> dict[str, Any]:
     heartbeat stopped, recent exits of supervised programs (crash loops), and the
     addresses of Flower and the dashboard."""
     r = rt.redis
-    hosts = []
-    for host in sorted(h.decode() for h in r.smembers(keys.HOSTS)):  # type: ignore[union-attr]
-        described = r.hgetall(keys.host_gpus(host))
-        gpus = []
-        for index in sorted(int(i) for i in described):  # type: ignore[union-attr]
-            info = json.loads(described[str(index).encode()])  # type: ignore[index]
-            held = r.get(keys.hold(host, index))  # b"jobid.attempt"
-            reading = r.get(keys.reading(host, index))
-            gpus.append({**info, "index": index,
-                         "reading": json.loads(reading) if reading else None,
-                         "alive": bool(r.exists(keys.alive(host, index))),
-                         "job_id": int(held.split(b".")[0]) if isinstance(held, bytes) else None})
-        hosts.append({"host": host, "gpus": gpus,
-                      "workers_alive": sum(g["alive"] for g in gpus)})
+    hosts = cluster.gpu_table(r)
     with rt.session() as session:
         counts = dict(session.exec(select(Job.state, func.count()).group_by(Job.state)).all())
     s = rt.settings

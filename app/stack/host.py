@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
-from app.celery_app import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
-from app.core import keys
+from app.core.keys import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
 from app.core.settings import Settings
 from app.runtime import Runtime
 from app.stack.supervisor import Program, Supervisor
+from app.store import cluster
 from app.store.exits import RestartLog
 from scheduler.worker.monitor import GpuProvider, detect_provider
 
@@ -51,16 +50,9 @@ def register_host(rt: Runtime, provider: GpuProvider, host: str, limit: int | No
                   ) -> int:
     """Publish a host's GPU inventory (its first `limit` GPUs); return how many."""
     readings = provider.readings()[:limit]
-    pipe = rt.redis.pipeline()
-    pipe.sadd(keys.HOSTS, host)
-    pipe.delete(keys.host_gpus(host))
-    if readings:
-        pipe.hset(keys.host_gpus(host), mapping={
-            str(g.index): json.dumps({"name": g.name, "memory_total_mb": g.memory_total_mb,
-                                      "provider": provider.kind})
-            for g in readings
-        })
-    pipe.execute()
+    cluster.register_host(rt.redis, host, {
+        g.index: {"name": g.name, "memory_total_mb": g.memory_total_mb, "provider": provider.kind}
+        for g in readings})
     return len(readings)
 
 

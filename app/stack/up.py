@@ -8,7 +8,7 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
-from app.core.errors import GpuqError
+from app.core.errors import FlowerAuthRequired, GpuqError
 from app.core.settings import Settings
 from app.runtime import Runtime
 from app.stack.host import celery_command
@@ -19,10 +19,6 @@ from app.store.exits import RestartLog
 log = logging.getLogger(__name__)
 
 DEV_PROCFILE = Path("deploy") / "Procfile.dev"
-
-
-class FlowerAuthRequired(GpuqError):
-    code = "flower_auth_required"
 
 
 def beat_command(settings: Settings) -> str:

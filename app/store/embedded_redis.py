@@ -16,19 +16,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.core.errors import BrokerUnavailable, GpuqError
+from app.core.errors import BrokerUnavailable, EmbeddedRedisExposed
 from app.core.security import is_loopback
 from app.core.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "server.json"
-
-
-class EmbeddedRedisExposed(GpuqError):
-    """The embedded Redis would listen beyond this host without a password."""
-
-    code = "embedded_redis_exposed"
 
 
 def check_bind(settings: Settings) -> None:

@@ -11,145 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import redis
 from sqlalchemy import ColumnElement, Select, and_, false, or_, select
 from sqlmodel import col
 
-from app.celery_app import CPU_QUEUE, gpu_queue
 from app.core import keys
+from app.core.keys import CPU_QUEUE, gpu_queue
 from app.core.states import JobState
 from app.runtime import Runtime
+from app.store.cluster import HostView, holder, read_hosts, release, reserve
 from app.store.jobs import transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
 
-# All-or-nothing: every GPU must be alive and unheld, then all are held by ARGV[1].
-# KEYS = hold keys followed by the matching alive keys.
-_RESERVE = """
-local n = #KEYS / 2
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[i]) == 1 or redis.call('EXISTS', KEYS[n + i]) == 0 then
-    return 0
-  end
-end
-for i = 1, n do
-  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
-end
-return 1
-"""
-
-# Release only the reservations this job still holds.
-_RELEASE = """
-local released = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i]); released = released + 1
-  end
-end
-return released
-"""
-# Refresh a running job's reservations; take back one that expired while Redis was away
-# (the job never stopped using the GPU), but never one another job holds now.
-_REFRESH = """
-for i = 1, #KEYS do
-  local holder = redis.call('GET', KEYS[i])
-  if holder == ARGV[1] then
-    redis.call('EXPIRE', KEYS[i], ARGV[2])
-  elseif not holder then
-    redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
-  end
-end
-return 1
-"""
-
 DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass
 SCAN_CHUNK = 64  # PENDING GPU jobs read at a time, until the free GPUs are spoken for
-
-
-def holder(job_id: int, attempt: int) -> str:
-    """What a reservation holds: one attempt of one job, so that a stale message of an
-    earlier attempt can never release the GPUs of the current one."""
-    return f"{job_id}.{attempt}"
-
-
-def _script(r: redis.Redis, source: str) -> Any:
-    """The script registered on this client (sent by SHA after the first call)."""
-    scripts: dict[str, Any] = r.__dict__.setdefault("_gpuq_scripts", {})
-    if source not in scripts:
-        scripts[source] = r.register_script(source)
-    return scripts[source]
-
-
-def reserve(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> bool:
-    hold_keys = [keys.hold(host, i) for i in gpu_ids]
-    alive_keys = [keys.alive(host, i) for i in gpu_ids]
-    return bool(_script(r, _RESERVE)(keys=[*hold_keys, *alive_keys], args=[token, ttl_s]))
-
-
-def release(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> int:
-    return int(_script(r, _RELEASE)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token]))
-
-
-def refresh(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> None:
-    _script(r, _REFRESH)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token, ttl_s])
-
-
-@dataclass
-class HostView:
-    """One host's GPUs as the dispatcher sees them during one pass."""
-
-    name: str
-    capacity: int
-    free: list[int] = field(default_factory=list)
-
-
-INVENTORY_TTL_S = 1.0  # hosts and their GPU lists change rarely: re-read once a second
-
-
-def _inventory(r: redis.Redis) -> list[tuple[str, list[int]]]:
-    """Registered hosts and their GPU indices, cached on the client for a second."""
-    cached = r.__dict__.get("_gpuq_inventory")
-    if cached is not None and time.monotonic() - cached[0] < INVENTORY_TTL_S:
-        return list(cached[1])
-    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
-    pipe = r.pipeline(transaction=False)
-    for host in hosts:
-        pipe.hkeys(keys.host_gpus(host))
-    inventory = [(host, sorted(int(i) for i in indices))
-                 for host, indices in zip(hosts, pipe.execute(), strict=True) if indices]
-    r.__dict__["_gpuq_inventory"] = (time.monotonic(), inventory)
-    return inventory
-
-
-def read_hosts(r: redis.Redis) -> list[HostView]:
-    """Registered hosts with their free GPUs: worker alive, not held by a job, and not
-    used by processes outside gpuq according to the latest monitor reading."""
-    inventory = _inventory(r)
-    pipe = r.pipeline(transaction=False)
-    for host, indices in inventory:
-        for i in indices:
-            pipe.exists(keys.alive(host, i))
-            pipe.exists(keys.hold(host, i))
-            pipe.get(keys.reading(host, i))
-    flags = iter(pipe.execute())
-    views = []
-    for host, indices in inventory:
-        free = []
-        for i in indices:
-            alive, held, reading = next(flags), next(flags), next(flags)
-            if alive and not held and not _foreign(reading):
-                free.append(i)
-        views.append(HostView(host, len(indices), free))
-    return views
-
-
-def _foreign(reading: bytes | None) -> bool:
-    return reading is not None and bool(json.loads(reading).get("foreign"))
 
 
 def _pick(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]
@@ -181,13 +59,6 @@ def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, in
 
 def no_resource_reason(gpus: int, largest: int) -> str:
     return f"asks for {gpus} GPUs; the largest registered host has {largest}"
-
-
-def largest_host(r: redis.Redis) -> int | None:
-    """GPUs of the largest registered host, None while no host has registered."""
-    hosts = [h.decode() for h in r.smembers(keys.HOSTS)]  # type: ignore[union-attr]
-    sizes = [int(r.hlen(keys.host_gpus(h))) for h in hosts]  # type: ignore[arg-type]
-    return max(sizes) if sizes else None
 
 
 class Candidate(NamedTuple):

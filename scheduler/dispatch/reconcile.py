@@ -22,22 +22,20 @@ import time
 
 from sqlmodel import col, select
 
-from app.celery_app import CPU_QUEUE
-from app.core import keys
+from app.core.keys import CPU_QUEUE
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import dependencies
+from app.store import cluster, dependencies
 from app.store.jobs import cancel_waiting, transition
 from app.store.models import Job
-from scheduler.dispatch.allocator import holder
 
 log = logging.getLogger(__name__)
 
 
 def _held(rt: Runtime, job: Job) -> bool:
     assert job.id is not None
-    token = holder(job.id, job.attempt).encode()
-    return any(rt.redis.get(keys.hold(job.host or "", i)) == token for i in job.gpu_ids or [])
+    return cluster.holds_any(rt.redis, job.host or "", job.gpu_ids or [],
+                             cluster.holder(job.id, job.attempt))
 
 
 def _queued_cpu_attempts(rt: Runtime) -> set[tuple[int, int]]:
@@ -75,8 +73,8 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
                 if transition(session, JobState.PENDING, "its start message was lost; queued "
                               "again", [col(Job.id) == job.id], only_from=[JobState.STARTING]):
                     requeued.append(job.id)
-        elif job.gpu_ids and not _held(rt, job) and not rt.redis.exists(
-                keys.alive(job.host or "", job.gpu_ids[0])):
+        elif job.gpu_ids and not _held(rt, job) and not cluster.is_alive(
+                rt.redis, job.host or "", job.gpu_ids[0]):
             from scheduler.worker.recovery import settle
 
             settle(rt, job)

@@ -13,15 +13,15 @@ from typing import TypeVar
 from sqlmodel import col, select
 
 from app.core import keys
-from app.core.errors import BrokerUnavailable
-from app.core.payloads import PayloadError, PayloadNotAuthentic
+from app.core.errors import BrokerUnavailable, PayloadError, PayloadNotAuthentic
 from app.core.states import JobState
 from app.ops.registry import drop_payload_if_finished
 from app.runtime import Runtime
+from app.store.cluster import holder, refresh, release
 from app.store.db import riding_out_outages
 from app.store.jobs import move, note, transition
 from app.store.models import Job
-from scheduler.dispatch.allocator import Dispatcher, holder, refresh, release
+from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker import command as calls
 from scheduler.worker import executor
 

@@ -13,7 +13,7 @@ from typing import Any
 import cloudpickle
 
 from adapters import runner
-from app.core import payloads
+from app.core import keys, payloads
 from app.runtime import Runtime
 from app.store.models import Job
 
@@ -101,7 +101,7 @@ def collect_result(rt: Runtime, job: Job) -> str | None:
     if len(data) > limit:
         return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES ({limit:,}); "
                 "return a path to large data instead")
-    rt.redis.set(payloads.result_key(job.id), payloads.frame(data, 2**62, rt.settings.secret),
+    rt.redis.set(keys.result(job.id), payloads.frame(data, 2**62, rt.settings.secret),
                  ex=rt.settings.keep_result_s)
     envelope = runner.read_envelope_status(data)
     if envelope["ok"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -12,6 +11,7 @@ import redis
 
 from app.core import keys
 from app.runtime import Runtime
+from app.store import cluster
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker.monitor import GpuProvider, detect_provider, is_busy
 
@@ -42,7 +42,7 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        self.rt.redis.set(keys.alive(self.host, self.index), 1, ex=self.ttl_s)
+        cluster.beat(self.rt.redis, self.host, self.index, self.ttl_s)
         if time.monotonic() >= self._next_reading:
             self.publish_reading()
             self._next_reading = time.monotonic() + self.rt.settings.monitor_interval_s
@@ -57,12 +57,12 @@ class Heartbeat:
         if self.index >= len(readings):
             return
         reading = readings[self.index]
-        held = bool(self.rt.redis.exists(keys.hold(self.host, self.index)))
+        held = cluster.is_held(self.rt.redis, self.host, self.index)
         foreign = not held and is_busy(reading, self.rt.settings)
         interval = self.rt.settings.monitor_interval_s
-        self.rt.redis.set(keys.reading(self.host, self.index),
-                          json.dumps({**reading.as_dict(), "foreign": foreign, "at": time.time()}),
-                          ex=max(3, int(interval * 3)))
+        cluster.publish_reading(self.rt.redis, self.host, self.index,
+                                {**reading.as_dict(), "foreign": foreign},
+                                ttl_s=max(3, int(interval * 3)))
         if foreign:
             # Wake the dispatcher when this clears instead of waiting for the periodic pass.
             self._was_foreign = True
@@ -89,4 +89,4 @@ class Heartbeat:
         self._stop.set()
         # If the broker went first, the key expires by itself.
         with contextlib.suppress(redis.RedisError):
-            self.rt.redis.delete(keys.alive(self.host, self.index))
+            cluster.stop_beating(self.rt.redis, self.host, self.index)

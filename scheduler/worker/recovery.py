@@ -17,9 +17,9 @@ from sqlmodel import col, select
 
 from app.core.states import JobState
 from app.runtime import Runtime
+from app.store.cluster import holder, release
 from app.store.jobs import transition
 from app.store.models import Job
-from scheduler.dispatch.allocator import holder, release
 
 log = logging.getLogger(__name__)
 

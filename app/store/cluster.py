@@ -1,0 +1,216 @@
+"""The cluster's live state in Redis, with one owner: hosts and their GPU inventory,
+heartbeats, monitor readings, and reservations (holds).
+
+Each is a cache or a lease the database can outlive: a GPU worker re-registers its host,
+heartbeats expire, and a hold names the attempt (job id, attempt) it belongs to, so that a
+stale message of an earlier attempt can never release the GPUs of the current one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from app.core import keys
+
+# All-or-nothing: every GPU must be alive and unheld, then all are held by ARGV[1].
+# KEYS = hold keys followed by the matching alive keys.
+_RESERVE = """
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 or redis.call('EXISTS', KEYS[n + i]) == 0 then
+    return 0
+  end
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+end
+return 1
+"""
+
+# Release only the reservations this job still holds.
+_RELEASE = """
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i]); released = released + 1
+  end
+end
+return released
+"""
+# Refresh a running job's reservations; take back one that expired while Redis was away
+# (the job never stopped using the GPU), but never one another job holds now.
+_REFRESH = """
+for i = 1, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  elseif not holder then
+    redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+  end
+end
+return 1
+"""
+
+
+def holder(job_id: int, attempt: int) -> str:
+    """What a reservation holds: one attempt of one job, so that a stale message of an
+    earlier attempt can never release the GPUs of the current one."""
+    return f"{job_id}.{attempt}"
+
+
+def _script(r: redis.Redis, source: str) -> Any:
+    """The script registered on this client (sent by SHA after the first call)."""
+    scripts: dict[str, Any] = r.__dict__.setdefault("_gpuq_scripts", {})
+    if source not in scripts:
+        scripts[source] = r.register_script(source)
+    return scripts[source]
+
+
+def reserve(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> bool:
+    hold_keys = [keys.hold(host, i) for i in gpu_ids]
+    alive_keys = [keys.alive(host, i) for i in gpu_ids]
+    return bool(_script(r, _RESERVE)(keys=[*hold_keys, *alive_keys], args=[token, ttl_s]))
+
+
+def release(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> int:
+    return int(_script(r, _RELEASE)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token]))
+
+
+def refresh(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str, ttl_s: int) -> None:
+    _script(r, _REFRESH)(keys=[keys.hold(host, i) for i in gpu_ids], args=[token, ttl_s])
+
+
+@dataclass
+class HostView:
+    """One host's GPUs as the dispatcher sees them during one pass."""
+
+    name: str
+    capacity: int
+    free: list[int] = field(default_factory=list)
+
+
+INVENTORY_TTL_S = 1.0  # hosts and their GPU lists change rarely: re-read once a second
+
+
+def _inventory(r: redis.Redis) -> list[tuple[str, list[int]]]:
+    """Registered hosts and their GPU indices, cached on the client for a second."""
+    cached = r.__dict__.get("_gpuq_inventory")
+    if cached is not None and time.monotonic() - cached[0] < INVENTORY_TTL_S:
+        return list(cached[1])
+    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
+    pipe = r.pipeline(transaction=False)
+    for host in hosts:
+        pipe.hkeys(keys.host_gpus(host))
+    inventory = [(host, sorted(int(i) for i in indices))
+                 for host, indices in zip(hosts, pipe.execute(), strict=True) if indices]
+    r.__dict__["_gpuq_inventory"] = (time.monotonic(), inventory)
+    return inventory
+
+
+def read_hosts(r: redis.Redis) -> list[HostView]:
+    """Registered hosts with their free GPUs: worker alive, not held by a job, and not
+    used by processes outside gpuq according to the latest monitor reading."""
+    inventory = _inventory(r)
+    pipe = r.pipeline(transaction=False)
+    for host, indices in inventory:
+        for i in indices:
+            pipe.exists(keys.alive(host, i))
+            pipe.exists(keys.hold(host, i))
+            pipe.get(keys.reading(host, i))
+    flags = iter(pipe.execute())
+    views = []
+    for host, indices in inventory:
+        free = []
+        for i in indices:
+            alive, held, reading = next(flags), next(flags), next(flags)
+            if alive and not held and not _foreign(reading):
+                free.append(i)
+        views.append(HostView(host, len(indices), free))
+    return views
+
+
+def _foreign(reading: bytes | None) -> bool:
+    return reading is not None and bool(json.loads(reading).get("foreign"))
+
+
+def largest_host(r: redis.Redis) -> int | None:
+    """GPUs of the largest registered host, None while no host has registered."""
+    hosts = [h.decode() for h in r.smembers(keys.HOSTS)]  # type: ignore[union-attr]
+    sizes = [int(r.hlen(keys.host_gpus(h))) for h in hosts]  # type: ignore[arg-type]
+    return max(sizes) if sizes else None
+
+
+# -- written by a host's `gpuq worker` and each GPU worker --------------------------------
+
+
+def register_host(r: redis.Redis, host: str, gpus: Mapping[int, dict[str, Any]]) -> None:
+    """Publish a host's GPU inventory (index -> description), replacing what was there."""
+    pipe = r.pipeline()
+    pipe.sadd(keys.HOSTS, host)
+    pipe.delete(keys.host_gpus(host))
+    if gpus:
+        pipe.hset(keys.host_gpus(host), mapping={str(i): json.dumps(described)
+                                                for i, described in gpus.items()})
+    pipe.execute()
+
+
+def beat(r: redis.Redis, host: str, index: int, ttl_s: int) -> None:
+    """The worker of one GPU is alive for `ttl_s` more seconds."""
+    r.set(keys.alive(host, index), 1, ex=ttl_s)
+
+
+def stop_beating(r: redis.Redis, host: str, index: int) -> None:
+    r.delete(keys.alive(host, index))
+
+
+def is_alive(r: redis.Redis, host: str, index: int) -> bool:
+    return bool(r.exists(keys.alive(host, index)))
+
+
+def is_held(r: redis.Redis, host: str, index: int) -> bool:
+    return bool(r.exists(keys.hold(host, index)))
+
+
+def holds_all(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> bool:
+    """Whether `token` (an attempt, see holder) holds every one of these GPUs."""
+    if not gpu_ids:
+        return False
+    held = r.mget([keys.hold(host, i) for i in gpu_ids])
+    return all(h == token.encode() for h in held)
+
+
+def holds_any(r: redis.Redis, host: str, gpu_ids: Sequence[int], token: str) -> bool:
+    held = r.mget([keys.hold(host, i) for i in gpu_ids]) if gpu_ids else []
+    return any(h == token.encode() for h in held)
+
+
+def publish_reading(r: redis.Redis, host: str, index: int, reading: dict[str, Any],
+                    ttl_s: int) -> None:
+    """One GPU's latest monitor reading; `foreign` in it keeps the dispatcher away."""
+    r.set(keys.reading(host, index), json.dumps({**reading, "at": time.time()}), ex=ttl_s)
+
+
+def gpu_table(r: redis.Redis) -> list[dict[str, Any]]:
+    """Every registered host with its GPUs: description, latest reading, whether its worker
+    is alive, and the job holding it."""
+    hosts = []
+    for host in sorted(h.decode() for h in r.smembers(keys.HOSTS)):  # type: ignore[union-attr]
+        described = r.hgetall(keys.host_gpus(host))
+        gpus = []
+        for index in sorted(int(i) for i in described):  # type: ignore[union-attr]
+            info = json.loads(described[str(index).encode()])  # type: ignore[index]
+            held = r.get(keys.hold(host, index))  # b"jobid.attempt"
+            reading = r.get(keys.reading(host, index))
+            gpus.append({**info, "index": index,
+                         "reading": json.loads(reading) if reading else None,
+                         "alive": bool(r.exists(keys.alive(host, index))),
+                         "job_id": int(held.split(b".")[0]) if isinstance(held, bytes) else None})
+        hosts.append({"host": host, "gpus": gpus,
+                      "workers_alive": sum(g["alive"] for g in gpus)})
+    return hosts
