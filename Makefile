@@ -26,7 +26,8 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy app scheduler tasks
+	$(BIN)/mypy app scheduler tasks adapters
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .gpuq

@@ -19,7 +19,7 @@ import base64
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ from sqlmodel import col, select, update
 
 from app.core import keys, payloads
 from app.core.errors import GpuqError
+from app.core.paths import BatchStore, JobPaths
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
@@ -70,7 +71,6 @@ class Submission:
     gpus: int
     name: str
     workdir: str | None = None
-    log_dir: Path = field(default_factory=Path)
 
 
 class BatchAdapter(Task):  # type: ignore[misc]
@@ -103,12 +103,13 @@ class BatchAdapter(Task):  # type: ignore[misc]
     @classmethod
     def output(cls, settings: Settings, job: Job) -> tuple[Path | None, str | None]:
         """Where a job's output is: a file gpuq can read, or else words saying where."""
-        return settings.logs_dir / f"{job.id}.log", None
+        assert job.id is not None
+        return JobPaths(settings.home, job.id).log, None
 
     def payload_env(self, key: str, data: bytes) -> dict[str, str]:
         """Where a payload too large to pass inline goes: a file in the store directory;
         object-store backends override this."""
-        path = self.store_dir(self.rt.settings) / "payloads" / key.replace(":", "_")
+        path = BatchStore(self.store_dir(self.rt.settings)).payload(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return {"GPUQ_PAYLOAD_FILE": str(path)}
@@ -119,7 +120,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
 
     def read_result(self, job: Job) -> bytes | None:
         """The envelope a function job's runner wrote, if any."""
-        path = self.result_dir(job) / f"{job.rank}.pkl"
+        assert job.id is not None
+        path = BatchStore(self.store_dir(self.rt.settings)).result(job.launch_id, job.id, job.rank)
         return path.read_bytes() if path.exists() else None
 
     # -- the base's work ----------------------------------------------------------------
@@ -145,8 +147,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return done
 
     def result_dir(self, job: Job) -> Path:
-        return (self.store_dir(self.rt.settings) / "results"
-                / str(job.launch_id or f"j{job.id}"))
+        assert job.id is not None
+        return BatchStore(self.store_dir(self.rt.settings)).results(job.launch_id, job.id)
 
     def sync(self) -> dict[str, int]:
         """Cancel what was asked, poll what lives, submit what waits (within the limit)."""
@@ -236,14 +238,9 @@ class BatchAdapter(Task):  # type: ignore[misc]
         data = self.read_result(job)
         if data is None:
             return None
-        if len(data) > self.rt.settings.max_result_bytes:
-            return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES "
-                    f"({self.rt.settings.max_result_bytes:,})")
-        self.rt.redis.set(keys.result(job.id),
-                          payloads.frame(data, 2**62, self.rt.settings.secret),
-                          ex=self.rt.settings.keep_result_s)
-        envelope = cloudpickle.loads(data)
-        return None if envelope["ok"] else f"raised {envelope['type']}: {envelope['message']}"
+        s = self.rt.settings
+        return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
+                                     secret=s.secret, keep_s=s.keep_result_s)
 
     def _submit_pending(self) -> int:
         live = len(self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING))
@@ -283,7 +280,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         else:
             env.update(self.payload_env(first.payload_key or f"job-{first.id}", data))
         submission = Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
-                                first.workdir, self.rt.settings.logs_dir)
+                                first.workdir)
         ids = self.submit(submission)
         with self.rt.session() as session:
             for job, backend_id in zip(jobs, ids, strict=True):

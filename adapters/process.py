@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission
+from app.core.paths import BatchStore, JobPaths
 from app.core.procgroup import group_exists
 
 
@@ -25,13 +26,12 @@ class ProcessAdapter(BatchAdapter):
     name = "gpuq.batch.process"
 
     def _state_dir(self) -> Path:
-        path = self.rt.settings.home / "batch" / "process"
+        path = BatchStore(self.store_dir(self.rt.settings)).backend_dir("process")
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def submit(self, submission: Submission) -> list[str]:
         ids = []
-        submission.log_dir.mkdir(parents=True, exist_ok=True)
         for job in submission.jobs:
             base = self._state_dir() / f"job-{job.id}-{job.attempt + 1}"
             env = {**os.environ, **submission.env, "GPUQ_JOB_ID": str(job.id),
@@ -41,7 +41,10 @@ class ProcessAdapter(BatchAdapter):
             # it runs in the background of a shell that exits at once, so that the job is
             # nobody's child (no zombies) while its process group keeps the shell's id.
             script = f"({runner}; echo $? > {shlex.quote(str(base))}.exit) &"
-            with open(submission.log_dir / f"{job.id}.log", "ab") as log:
+            assert job.id is not None
+            log_path = JobPaths(self.rt.settings.home, job.id).log
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as log:
                 proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=submission.workdir or None, start_new_session=True)

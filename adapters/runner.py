@@ -142,12 +142,6 @@ def call(spec: dict[str, Any]) -> Any:
     return call_spec["fn"](*args, **call_spec.get("kwargs", {}))
 
 
-def read_envelope_status(data: bytes) -> dict[str, Any]:
-    """An envelope's outer fields; its value and exception stay pickled."""
-    envelope: dict[str, Any] = cloudpickle.loads(data)
-    return envelope
-
-
 class Terminated(Exception):
     """The job was told to stop (SIGTERM)."""
 

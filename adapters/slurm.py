@@ -18,6 +18,7 @@ from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
 from app.core.errors import GpuqError
+from app.core.paths import BatchStore
 from app.core.settings import Settings
 from app.store.models import Job
 
@@ -43,7 +44,8 @@ class SlurmAdapter(BatchAdapter):
     def output(cls, settings: Settings, job: Job) -> tuple[Path | None, str | None]:
         if not job.backend_id:
             return None, "Slurm output file, once the job is submitted"
-        return cls.store_dir(settings) / "slurm" / f"{job.backend_id}.out", None
+        out_dir = BatchStore(cls.store_dir(settings)).backend_dir("slurm")
+        return out_dir / f"{job.backend_id}.out", None
 
     def _run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -66,7 +68,7 @@ class SlurmAdapter(BatchAdapter):
         """One sbatch per run of consecutive ranks: an array when it has several, split at
         the cluster's MaxArraySize (array indices must stay below it)."""
         settings = self.rt.settings
-        out_dir = self.store_dir(settings) / "slurm"
+        out_dir = BatchStore(self.store_dir(settings)).backend_dir("slurm")
         out_dir.mkdir(parents=True, exist_ok=True)
         command = ["sbatch", "--parsable", f"--job-name={submission.name[:128]}"]
         for option, value in (("partition", settings.slurm_partition),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from app.core.paths import JobPaths
 from bench.harness import BIN, Bench, bench_stack, report
 
 JOBS = 500
@@ -46,7 +47,7 @@ def gpuq_latencies(bench: Bench) -> list[float]:
     for n in range(JOBS + WARMUP):
         start = time.time()
         job = client.submit("date +%s.%N", allow_duplicate=True)
-        log = bench.settings.logs_dir / f"{job.id}.log"
+        log = JobPaths(bench.settings.home, job.id).log
         stamp = _poll(lambda log=log: _stamp(log))
         _poll(lambda job=job: job.status == "SUCCEEDED")  # its GPU is free again
         if n >= WARMUP:

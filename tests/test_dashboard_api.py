@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core import keys
+from app.core.paths import JobPaths
 from app.core.settings import Settings
 from app.dashboard import TokenRequired, check_bind, create_app
 from app.ops.registry import call_local
@@ -119,8 +120,9 @@ def test_submit_refuses_duplicates_and_bad_specs(api, local):
 
 def test_logs_are_read_from_an_offset(api, local, settings):
     job = local.submit("echo hi")
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    (settings.logs_dir / f"{job.id}.log").write_text("first line\nsecond line\n")
+    log = JobPaths(settings.home, job.id).log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("first line\nsecond line\n")
     whole = api.get(f"/api/jobs/{job.id}/logs").json()
     assert whole == {"text": "first line\nsecond line\n", "offset": 23, "status": "PENDING",
                      "where": None}
@@ -142,8 +144,8 @@ def _events(lines) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
 
 def test_log_stream_follows_a_growing_log_until_the_job_ends(api, local, settings):
     job = local.submit("sleep 100")
-    log = settings.logs_dir / f"{job.id}.log"
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log = JobPaths(settings.home, job.id).log
+    log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("step 1\n")
 
     def grow_then_end() -> None:

@@ -88,3 +88,19 @@ def test_no_payload_names_the_ways_to_give_one():
     result = _run(_env())
     assert result.returncode != 0
     assert "GPUQ_PAYLOAD" in result.stderr
+
+
+def test_the_runner_loads_only_the_standard_library_and_cloudpickle():
+    # Given a command job's payload, run the way every batch replica runs it
+    probe = ("import runpy, sys; sys.argv = ['runner']; "
+             "code = 0\n"
+             "try:\n    runpy.run_module('adapters.runner', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', "
+             "'sqlalchemy', 'sqlmodel', 'honcho', 'redis', 'pydantic', 'app', 'scheduler'})\n"
+             "print('loaded:', ','.join(heavy), 'exit:', code)")
+    env = _env(GPUQ_PAYLOAD=_inline({"command": "true"}), GPUQ_JOB_RANK="0")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          text=True, timeout=60)
+    # Then it ran the command, and nothing of Celery, the database or gpuq's server was loaded
+    assert done.stdout.strip() == "loaded:  exit: 0", done.stdout + done.stderr

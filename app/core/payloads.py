@@ -133,3 +133,15 @@ def load(r: redis.Redis, key: str, secret: str | None = None,
     if data is None:
         raise PayloadError(f"payload {key} is gone (expired or deleted with its launch)")
     return unpack(bytes(data), secret, limit_bytes)  # type: ignore[arg-type]
+
+
+def route_result(r: redis.Redis, job_id: int, envelope: bytes, *, limit_bytes: int,
+                 secret: str | None, keep_s: int) -> str | None:
+    """Keep a function job's envelope (written by the runner, local or batch) for
+    `result()`; return why the job failed, if it did."""
+    if len(envelope) > limit_bytes:
+        return (f"result is {len(envelope):,} bytes, over GPUQ_MAX_RESULT_BYTES "
+                f"({limit_bytes:,}); return a path to large data instead")
+    r.set(keys.result(job_id), frame(envelope, 2**62, secret), ex=keep_s)
+    outer: dict[str, Any] = cloudpickle.loads(envelope)  # the value stays pickled inside
+    return None if outer["ok"] else f"raised {outer['type']}: {outer['message']}"

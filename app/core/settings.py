@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,10 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def logs_dir(self) -> Path:
-        return self.home / "logs"
+    def preflight_checks(self) -> dict[str, str]:
+        """Every preflight check by name: the built-in `nccl`, then GPUQ_PREFLIGHT_COMMANDS."""
+        builtin = {"nccl": f"{sys.executable} -m scheduler.worker.preflight nccl"}
+        return {**builtin, **self.preflight_commands}
 
     @property
     def tmux_socket(self) -> Path:

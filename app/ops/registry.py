@@ -25,11 +25,20 @@ from app.core import keys
 from app.core.backends import adapter_class
 from app.core.errors import InvalidArguments, InvalidJobSpec, LaunchNotFound, UnknownOperation
 from app.core.keys import CONTROL_QUEUE
-from app.core.states import TERMINAL, JobState
+from app.core.paths import JobPaths
+from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import cluster
 from app.store.exits import recent_exits
-from app.store.jobs import JobSpec, create_jobs, get_jobs, job_row, refuse_duplicate, transition
+from app.store.jobs import (
+    JobSpec,
+    create_jobs,
+    drop_payload_if_finished,
+    get_jobs,
+    job_row,
+    refuse_duplicate,
+    transition,
+)
 from app.store.models import Job, JobDependency, JobEvent, Launch
 
 log = logging.getLogger(__name__)
@@ -82,21 +91,6 @@ def _described(name: str) -> str:
     params = list(inspect.signature(OPERATIONS[name]).parameters.values())[1:]
     return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}="
                      f"{p.default!r}" for p in params) or "no arguments"
-
-
-def drop_payload_if_finished(rt: Runtime, job_id: int, launch_id: int | None,
-                             payload_key: str | None) -> bool:
-    """Delete a launch's payload once none of its replicas can run again."""
-    if payload_key is None:
-        return False
-    scope = col(Job.launch_id) == launch_id if launch_id is not None else col(Job.id) == job_id
-    with rt.session() as session:
-        active = session.exec(select(Job.id).where(
-            scope, col(Job.state).not_in([s.value for s in TERMINAL])).limit(1)).first()
-    if active is not None:
-        return False
-    rt.redis.delete(payload_key)
-    return True
 
 
 def _kick_batch(rt: Runtime, backend: str) -> None:
@@ -155,11 +149,9 @@ def _fail_if_too_big(rt: Runtime, session: Session, spec: JobSpec,
 
 
 def _check_preflight(rt: Runtime, spec: JobSpec) -> None:
-    from scheduler.worker.preflight import known_checks
-
-    if spec.preflight is not None and spec.preflight not in known_checks(rt.settings):
+    if spec.preflight is not None and spec.preflight not in rt.settings.preflight_checks:
         raise InvalidJobSpec(f"unknown preflight {spec.preflight!r}; choose one of "
-                             f"{', '.join(known_checks(rt.settings))}")
+                             f"{', '.join(rt.settings.preflight_checks)}")
 
 
 @operation
@@ -336,7 +328,8 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
             pipe.set(keys.cancel(job_id), 1, ex=86400)
         pipe.execute()
     for job_id, lid, key in payloads:
-        drop_payload_if_finished(rt, job_id or 0, lid, key)
+        with rt.session() as session:
+            drop_payload_if_finished(session, rt.redis, job_id or 0, lid, key)
     return {"cancelled": sorted(cancelled), "cancelling": sorted(stopping)}
 
 
@@ -349,7 +342,7 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
     state = job.state
-    path: Path | None = rt.settings.logs_dir / f"{job_id}.log"
+    path: Path | None = JobPaths(rt.settings.home, job_id).log
     where = None
     if job.backend != "local":
         path, where = adapter_class(job.backend).output(rt.settings, job)

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,9 @@ from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, Job
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import dependencies
 from app.store.models import Job, JobEvent, Launch, event_row
+
+if TYPE_CHECKING:
+    import redis
 
 # local: this host's GPU workers; the others are batch adapters (adapters/).
 # One launch is one INSERT and one transaction: a bound keeps a typo from filling the table.
@@ -267,3 +270,17 @@ def job_row(job: Job, now: float | None = None) -> dict[str, Any]:
         "duration_s": round(job.runtime_s + (end - job.started_at), 3)
         if end and job.started_at else (round(job.runtime_s, 3) or None),
     }
+
+
+def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,
+                             launch_id: int | None, payload_key: str | None) -> bool:
+    """Delete a launch's payload once none of its replicas can run again."""
+    if payload_key is None:
+        return False
+    scope = col(Job.launch_id) == launch_id if launch_id is not None else col(Job.id) == job_id
+    active = session.exec(select(Job.id).where(
+        scope, col(Job.state).not_in([s.value for s in TERMINAL])).limit(1)).first()
+    if active is not None:
+        return False
+    r.delete(payload_key)
+    return True

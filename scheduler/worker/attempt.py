@@ -14,12 +14,12 @@ from sqlmodel import col, select
 
 from app.core import keys
 from app.core.errors import BrokerUnavailable, PayloadError, PayloadNotAuthentic
+from app.core.paths import JobPaths
 from app.core.states import JobState
-from app.ops.registry import drop_payload_if_finished
 from app.runtime import Runtime
 from app.store.cluster import holder, refresh, release
 from app.store.db import riding_out_outages
-from app.store.jobs import move, note, transition
+from app.store.jobs import drop_payload_if_finished, move, note, transition
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker import command as calls
@@ -27,10 +27,6 @@ from scheduler.worker import executor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def log_path(rt: Runtime, job_id: int) -> Path:
-    return rt.settings.logs_dir / f"{job_id}.log"
 
 
 def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
@@ -70,7 +66,7 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     host = job.host or settings.hostname
     gpu_ids = job.gpu_ids or []
     env = executor.job_environment(job, dict(os.environ), gpu_ids, host)
-    path = log_path(rt, job_id)
+    path = JobPaths(rt.settings.home, job_id).log
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
         f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
@@ -100,7 +96,8 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     failure = calls.collect_result(rt, job) if job.kind == "function" else None
     state = _record_outcome(rt, job, outcome, failure)
     if JobState(state).terminal:
-        drop_payload_if_finished(rt, job_id, job.launch_id, job.payload_key)
+        with rt.session() as session:
+            drop_payload_if_finished(session, rt.redis, job_id, job.launch_id, job.payload_key)
     return state
 
 
@@ -141,7 +138,9 @@ def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
     if not job.tmux:
         return executor.run
     from scheduler.worker import tmux
-    return functools.partial(tmux.run, socket=rt.settings.tmux_socket)
+    assert job.id is not None
+    return functools.partial(tmux.run, socket=rt.settings.tmux_socket,
+                             paths=JobPaths(rt.settings.home, job.id))
 
 
 def _preflight(rt: Runtime, job: Job, env: dict[str, str], path: Path) -> bool:

@@ -7,19 +7,14 @@ import shlex
 import shutil
 import sys
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
-from adapters import runner
-from app.core import keys, payloads
+from app.core import payloads
+from app.core.paths import JobPaths
 from app.runtime import Runtime
 from app.store.models import Job
-
-
-def run_dir(rt: Runtime, job_id: int) -> Path:
-    return rt.settings.home / "run" / str(job_id)
 
 
 def resolve_command(rt: Runtime, job: Job) -> str:
@@ -72,38 +67,29 @@ def _function_command(rt: Runtime, job: Job, payload: dict[str, Any]) -> str:
 
     The call stays pickled bytes here: the worker never unpickles user code."""
     assert job.id is not None
-    directory = run_dir(rt, job.id)
-    directory.mkdir(parents=True, exist_ok=True)
+    paths = JobPaths(rt.settings.home, job.id)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"call": payload["call"]}
     items = payload.get("items")
     if items is not None:
         spec["item"] = items[job.rank]
-    (directory / "call.pkl").write_bytes(cloudpickle.dumps(spec))
-    (directory / "result.pkl").unlink(missing_ok=True)
+    paths.call_file.write_bytes(cloudpickle.dumps(spec))
+    paths.result_file.unlink(missing_ok=True)
     # The worker's interpreter runs the call: it has cloudpickle and gpuq installed.
     return (f"{shlex.quote(sys.executable)} -m adapters.runner "
-            f"--payload-file {shlex.quote(str(directory / 'call.pkl'))} "
-            f"--result-file {shlex.quote(str(directory / 'result.pkl'))}")
+            f"--payload-file {shlex.quote(str(paths.call_file))} "
+            f"--result-file {shlex.quote(str(paths.result_file))}")
 
 
 def collect_result(rt: Runtime, job: Job) -> str | None:
     """Store a function job's envelope for `result()`; return why the job failed, if it did."""
     assert job.id is not None
-    directory = run_dir(rt, job.id)
-    path = directory / "result.pkl"
+    paths = JobPaths(rt.settings.home, job.id)
     try:
-        data = path.read_bytes()
+        data = paths.result_file.read_bytes()
     except FileNotFoundError:
         return None
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    limit = rt.settings.max_result_bytes
-    if len(data) > limit:
-        return (f"result is {len(data):,} bytes, over GPUQ_MAX_RESULT_BYTES ({limit:,}); "
-                "return a path to large data instead")
-    rt.redis.set(keys.result(job.id), payloads.frame(data, 2**62, rt.settings.secret),
-                 ex=rt.settings.keep_result_s)
-    envelope = runner.read_envelope_status(data)
-    if envelope["ok"]:
-        return None
-    return f"raised {envelope['type']}: {envelope['message']}"
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+    return payloads.route_result(rt.redis, job.id, data, limit_bytes=rt.settings.max_result_bytes,
+                                 secret=rt.settings.secret, keep_s=rt.settings.keep_result_s)

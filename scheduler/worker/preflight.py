@@ -18,13 +18,6 @@ from dataclasses import dataclass
 from app.core.settings import Settings
 
 SKIP_EXIT = 3
-BUILTIN = {"nccl": f"{sys.executable} -m scheduler.worker.preflight nccl"}
-
-
-def known_checks(settings: Settings) -> dict[str, str]:
-    return {**BUILTIN, **settings.preflight_commands}
-
-
 @dataclass
 class PreflightResult:
     status: str  # passed | failed | skipped
@@ -33,7 +26,7 @@ class PreflightResult:
 
 
 def run_check(settings: Settings, name: str, env: dict[str, str]) -> PreflightResult:
-    command = known_checks(settings)[name]
+    command = settings.preflight_checks[name]
     try:
         proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
                               timeout=settings.preflight_timeout_s, stdin=subprocess.DEVNULL)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from app.core.paths import JobPaths
 from app.core.procgroup import stop_pane_group
 from app.store.models import Job
 from scheduler.worker.executor import POLL_S, Outcome, shell_script
@@ -39,13 +40,12 @@ def _script(job: Job, command: str, env: dict[str, str], log_path: Path, exit_pa
 
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
-        grace_s: float,
+        paths: JobPaths, grace_s: float,
         cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
         heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
     """Run the job in `tmux new-session -d` and wait for it like the direct executor."""
     name = session_name(job.id)
-    script_path = log_path.with_suffix(".tmux.sh")
-    exit_path = log_path.with_suffix(".exit")
+    script_path, exit_path = paths.tmux_script, paths.tmux_exit
     exit_path.unlink(missing_ok=True)
     script_path.write_text(_script(job, command, env, log_path, exit_path))
     # -P prints the pane's pid as the session is made: a short job may be gone a moment later.

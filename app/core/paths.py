@@ -1,0 +1,75 @@
+"""Every file gpuq keeps for a job, named in one place.
+
+Under GPUQ_HOME a job has its log (`logs/<id>.log`, every attempt's output), the script and
+exit-code file of an attachable (tmux) attempt beside it, and a run directory for a
+Python-function job's call and result. Batch backends keep payloads, results and their own
+output files in a store directory their nodes can read (`BatchStore`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """The files of one job under one gpuq home."""
+
+    home: Path
+    job_id: int
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def log(self) -> Path:
+        """stdout and stderr of every attempt, each headed by one `== gpuq:` line."""
+        return self.logs_dir / f"{self.job_id}.log"
+
+    @property
+    def tmux_script(self) -> Path:
+        """What an attachable attempt's tmux session runs."""
+        return self.logs_dir / f"{self.job_id}.tmux.sh"
+
+    @property
+    def tmux_exit(self) -> Path:
+        """The exit code an attachable attempt leaves behind."""
+        return self.logs_dir / f"{self.job_id}.exit"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run" / str(self.job_id)
+
+    @property
+    def call_file(self) -> Path:
+        """A Python-function job's call (function and arguments), for the runner."""
+        return self.run_dir / "call.pkl"
+
+    @property
+    def result_file(self) -> Path:
+        """The envelope the runner writes: the function's value or its error."""
+        return self.run_dir / "result.pkl"
+
+
+@dataclass(frozen=True)
+class BatchStore:
+    """A batch backend's files, under a directory its nodes see (`root`)."""
+
+    root: Path
+
+    def payload(self, key: str) -> Path:
+        """A payload too large to pass inline in the job's environment."""
+        return self.root / "payloads" / key.replace(":", "_")
+
+    def results(self, launch_id: int | None, job_id: int) -> Path:
+        """Where the replicas of one launch (or one lone job) write their envelopes."""
+        return self.root / "results" / (str(launch_id) if launch_id is not None else f"j{job_id}")
+
+    def result(self, launch_id: int | None, job_id: int, rank: int) -> Path:
+        return self.results(launch_id, job_id) / f"{rank}.pkl"
+
+    def backend_dir(self, backend: str) -> Path:
+        """The backend's own files: Slurm's output files, the process backend's state."""
+        return self.root / backend
