@@ -196,7 +196,7 @@ def check_job_memory(scheduler: GPUJobScheduler, work: Path) -> Check:
     try:
         if until(ready.exists, START_TIMEOUT_S) is None:
             return Check(name, "failed", f"job {job.id} {job.status}: its memory was never "
-                         f"allocated; log: {job.logs()[-300:]!r}")
+                         f"allocated; GPU 0 before it: {baseline}; log: {job.logs()[-300:]!r}")
         want = baseline["memory_used_mb"] + HOLD_MIB * 0.9
         seen = until(lambda: _at_least(reading(scheduler, 0), want), MARK_TIMEOUT_S)
     finally:
