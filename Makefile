@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,34 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy app scheduler tasks adapters
 	$(BIN)/lint-imports
+
+# gpu-check runs on a GPU host that has Python 3.12 with torch and no network: gpu-wheels
+# (run here, with network) fetches what it needs into build/gpu-wheels, for CPython 3.12 on
+# manylinux x86_64, pinned to this venv's versions; copy the tree over, then run gpu-check.
+GPU_WHEELS = build/gpu-wheels
+GPU_REQUIREMENTS = deploy/gpu-check/requirements.txt
+GPU_PYTHON ?= python3
+GPU_VENV = build/gpu-venv
+
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS)
+	mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip freeze --exclude-editable | grep -v '^#' > $(GPU_WHEELS)/constraints.txt
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 --platform any \
+		-d $(GPU_WHEELS) -r $(GPU_REQUIREMENTS) -c $(GPU_WHEELS)/constraints.txt
+	@du -ch $(GPU_WHEELS)/*.whl | tail -1 | sed 's|total|in $(GPU_WHEELS)|'
+
+# A venv that sees the host's torch and nvidia-ml-py; gpuq runs from the source tree on
+# PYTHONPATH (no setuptools needed offline). Without a driver the check says so, exit 0.
+gpu-check:
+	@test -d $(GPU_WHEELS) || { echo "no $(GPU_WHEELS): run 'make gpu-wheels' where there is network"; exit 2; }
+	$(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV) 2>/dev/null \
+		|| $(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links $(GPU_WHEELS) \
+		-r $(GPU_REQUIREMENTS) -c $(GPU_WHEELS)/constraints.txt
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m scheduler.worker.gpu_check
 
 clean:
 	rm -rf $(VENV) .gpuq
