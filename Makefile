@@ -55,7 +55,7 @@ gpu-check:
 		|| $(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install -q --no-index --find-links $(GPU_WHEELS) \
 		-r $(GPU_REQUIREMENTS) -c $(GPU_WHEELS)/constraints.txt
-	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m scheduler.worker.gpu_check
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m app.cli.gpu_check
 
 clean:
 	rm -rf $(VENV) .gpuq

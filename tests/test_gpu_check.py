@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from scheduler.worker.gpu_check import compare_gpu, compare_readings, parse_smi
+from app.cli.gpu_check import compare_gpu, compare_readings, parse_smi
 from scheduler.worker.monitor import GpuReading, NvmlProvider
 from tests.conftest import ROOT
 
@@ -23,7 +23,7 @@ def test_without_a_driver_it_says_so_in_one_line_and_exits_0(tmp_path):
     # Given a PATH with no nvidia-smi on it
     env = {"PATH": str(tmp_path), "PYTHONPATH": str(ROOT)}
     # When the check runs
-    done = subprocess.run([sys.executable, "-m", "scheduler.worker.gpu_check"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "app.cli.gpu_check"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
     # Then it says there is no driver, and nothing fails
     assert done.returncode == 0, done.stderr
@@ -46,7 +46,7 @@ def test_an_nvidia_smi_without_a_working_nvml_is_no_driver_either(tmp_path):
     smi.write_text("#!/bin/sh\nexit 9\n")
     smi.chmod(0o755)
     env = {"PATH": str(tmp_path), "PYTHONPATH": str(ROOT), "LD_LIBRARY_PATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "scheduler.worker.gpu_check"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "app.cli.gpu_check"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()

@@ -170,11 +170,12 @@ def test_a_dead_host_restarts_or_loses_its_jobs_and_waiting_work_runs_elsewhere(
     settings, host_b = hosts
     client = Client(settings, "local")
     try:
-        # Host A's two GPUs busy for a while, then host B's two taken by one job that may
-        # restart and one that may not.
+        # Host A's two GPUs busy until the test lets them go, then host B's two taken by
+        # one job that may restart and one that may not.
         host_b.die()
-        blockers = [client.submit(f"sleep 12 #{i}", gpus=1, name=f"blocker-{i}")
-                    for i in range(2)]
+        release = settings.home / "release-blockers"
+        blockers = [client.submit(f"until [ -e {release} ]; do sleep 0.2; done #{i}", gpus=1,
+                                  name=f"blocker-{i}") for i in range(2)]
         until(lambda: all(j.status == "RUNNING" for j in blockers), timeout_s=60)
         host_b.start_worker()
         until(lambda: host_b.ready(client.rt), timeout_s=60)
@@ -183,6 +184,7 @@ def test_a_dead_host_restarts_or_loses_its_jobs_and_waiting_work_runs_elsewhere(
         until(lambda: again.status == once.status == "RUNNING", timeout_s=60)
         assert {again.row()["host"], once.row()["host"]} == {"hostb"}
         waiting = [client.submit(f"true #{i}", gpus=1, name=f"waiting-{i}") for i in range(2)]
+        release.touch()
         host_b.die()
         until(lambda: once.status == "LOST", timeout_s=60)
         assert once.row()["reason"] == "its worker died; no restart left"

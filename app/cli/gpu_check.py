@@ -1,6 +1,6 @@
 """`make gpu-check`: gpuq against a real NVIDIA driver, real GPUs and torch.
 
-    python -m scheduler.worker.gpu_check     # on a GPU host: a table, exit 1 on any failure
+    python -m app.cli.gpu_check     # on a GPU host: a table, exit 1 on any failure
 
 (a) the monitor's NVML readings agree with nvidia-smi; (b) a gpuq job holding ~2 GiB shows
 in its GPU's reading, which does not call the GPU foreign; (c) a process outside gpuq that
@@ -8,7 +8,7 @@ holds memory gets its GPU marked foreign, and a 1-GPU job is not placed there; (
 2+ GPUs, a 2-GPU job with `--preflight nccl` succeeds. Without a driver it prints one line
 and exits 0. The jobs and the foreign process run this module's `hold` program:
 
-    python -m scheduler.worker.gpu_check hold MIB READY_FILE RELEASE_FILE
+    python -m app.cli.gpu_check hold MIB READY_FILE RELEASE_FILE
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def hold(mib: int, ready: Path, release: Path) -> int:
 
 
 def hold_command(mib: int, ready: Path, release: Path) -> list[str]:
-    return [sys.executable, "-m", "scheduler.worker.gpu_check", "hold", str(mib),
+    return [sys.executable, "-m", "app.cli.gpu_check", "hold", str(mib),
             str(ready), str(release)]
 
 
