@@ -15,8 +15,8 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from app.cli.main import cli
-from app.core import keys
-from app.core.backends import ADAPTERS, payloads
+from app.core import keys, payloads
+from app.core.backends import ADAPTERS
 from app.core.errors import (
     GpuqError,
     InvalidArguments,

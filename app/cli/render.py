@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from app.core.states import TERMINAL
+from app.ops.rows import JobRow, LaunchRow
 
 if TYPE_CHECKING:
     from app.client import Client
@@ -26,37 +27,38 @@ def _short_time(iso: str | None) -> str:
     return iso[11:19] if iso else "-"
 
 
-def _where(row: dict[str, Any]) -> str:
+def _where(row: JobRow) -> str:
     """The host of a local job; the backend and its id for a batch job."""
-    if row.get("backend", "local") == "local":
-        return row["host"] or "-"
-    return f"{row['backend']} {row['backend_id'] or '(not submitted)'}"
+    if row.backend == "local":
+        return row.host or "-"
+    return f"{row.backend} {row.backend_id or '(not submitted)'}"
 
 
-def queue_table(rows: list[dict[str, Any]], total: int) -> None:
+def queue_table(answer: list[dict[str, Any]], total: int) -> None:
+    """A page of the `queue` operation's rows."""
+    rows = [JobRow.model_validate(row) for row in answer]
     table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
     for column in ("id", "name", "status", "gpus", "where", "submitted", "duration", "restarts"):
         table.add_column(column, justify="right" if column in ("id", "restarts") else "left",
                          overflow="fold" if column == "where" else "ellipsis",
                          no_wrap=column in ("id", "status"))
     for row in rows:
-        style = STATE_STYLE.get(row["status"], "")
-        gpus = (",".join(map(str, row["gpu_ids"])) if row["gpu_ids"] else str(row["gpus"]))
-        duration = f"{row['duration_s']:.1f}s" if row["duration_s"] is not None else "-"
-        table.add_row(str(row["id"]), row["name"] or "-", Text(row["status"], style=style),
-                      gpus, _where(row),
-                      _short_time(row["submitted_at"]), duration,
-                      str(row["restart_count"]))
+        style = STATE_STYLE.get(row.status, "")
+        gpus = ",".join(map(str, row.gpu_ids)) if row.gpu_ids else str(row.gpus)
+        duration = f"{row.duration_s:.1f}s" if row.duration_s is not None else "-"
+        table.add_row(str(row.id), row.name or "-", Text(row.status, style=style), gpus,
+                      _where(row), _short_time(row.submitted_at), duration,
+                      str(row.restart_count))
     console.print(table)
 
 
-def launch_lines(launches: list[dict[str, Any]]) -> None:
+def launch_lines(answer: list[dict[str, Any]]) -> None:
     """`launch 3 sweep: 10000 jobs  succeeded=9990 failed=2 running=8  python train.py`"""
-    for launch in launches:
+    for launch in (LaunchRow.model_validate(row) for row in answer):
         counts = " ".join(f"[{STATE_STYLE.get(k, 'default')}]{k.lower()}={v}[/]"
-                          for k, v in sorted(launch["counts"].items()))
-        console.print(f"launch {launch['id']} {launch['name'] or ''}: {launch['num_jobs']} jobs"
-                      f"  {counts}  [dim]{launch['command']}[/]", highlight=False)
+                          for k, v in sorted(launch.counts.items()))
+        console.print(f"launch {launch.id} {launch.name or ''}: {launch.num_jobs} jobs"
+                      f"  {counts}  [dim]{launch.command}[/]", highlight=False)
 
 
 def status_table(status: dict[str, Any]) -> None:

@@ -14,21 +14,18 @@ from fastapi.responses import StreamingResponse
 from app.client import Client
 from app.core.states import JobState
 from app.dashboard import present
-from app.dashboard.schemas import (
-    MAX_ID,
+from app.dashboard.schemas import MAX_ID, ErrorBody, LaunchRequest, SubmitRequest
+from app.ops.read import MAX_PAGE, SORT_KEYS
+from app.ops.rows import (
     CancelResult,
-    ErrorBody,
     JobDetail,
     JobPage,
     Launches,
-    LaunchRequest,
     LaunchRow,
     Logs,
     Status,
-    SubmitRequest,
     Submitted,
 )
-from app.ops.registry import MAX_PAGE, SORT_KEYS
 
 # Refusals every route may answer with (app.dashboard.app.HTTP_STATUS).
 REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -146,13 +143,13 @@ async def _log_events(request: Request, client: Client, job_id: int,
 def list_launches(request: Request) -> dict[str, Any]:
     """Recent launches with their replicas' counts per state, as `gpuq launches`."""
     rows = client_of(request).call("launches")["launches"]
-    return {"launches": [{**r, "done": present.done(r["counts"])} for r in rows]}
+    return {"launches": rows}
 
 
 @router.get("/launches/{launch_id}", response_model=LaunchRow, tags=["launches"])
 def get_launch(request: Request, launch_id: LaunchId) -> dict[str, Any]:
     row = client_of(request).call("launches", launch_id=launch_id)["launches"][0]
-    return {**row, "done": present.done(row["counts"])}
+    return row
 
 
 @router.post("/launches", response_model=Submitted, status_code=201, tags=["launches"],

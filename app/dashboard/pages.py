@@ -15,7 +15,7 @@ from app.client import Client
 from app.core.states import JobState
 from app.dashboard import present
 from app.dashboard.schemas import MAX_ID
-from app.ops.registry import MAX_PAGE, SORT_KEYS
+from app.ops.read import MAX_PAGE, SORT_KEYS
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.globals.update(bar_segments=present.bar_segments, memory_pct=present.memory_pct)
@@ -49,8 +49,6 @@ def overview_fragment(request: Request) -> HTMLResponse:
 
 def _overview(request: Request) -> dict[str, Any]:
     launches = _call(request, "launches")["launches"][:20]
-    for launch in launches:
-        launch["done"] = present.done(launch["counts"])
     failures: list[dict[str, Any]] = []
     for state in present.FAILURE_STATES:
         failures += _call(request, "queue", status=state.value, limit=RECENT_FAILURES)["jobs"]
@@ -107,7 +105,7 @@ def _jobs(request: Request, status: str | None, launch_id: int | None, name: str
     launch = None
     if launch_id is not None:
         found = _call(request, "launches", launch_id=launch_id)["launches"][0]
-        launch = {**found, "done": present.done(found["counts"])}
+        launch = found
 
     def link(**change: Any) -> str:
         params = {**filters, "sort": sort, "offset": offset, "limit": limit, **change}

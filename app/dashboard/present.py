@@ -27,10 +27,6 @@ def mask_env(env: dict[str, str]) -> dict[str, str]:
             for key, value in env.items()}
 
 
-def done(counts: dict[str, int]) -> int:
-    return sum(n for state, n in counts.items() if state in TERMINAL_NAMES)
-
-
 def bar_segments(counts: dict[str, int], total: int) -> list[dict[str, Any]]:
     """Segments of a progress bar: state, count and width in percent, in BAR_ORDER."""
     total = max(total, sum(counts.values()), 1)

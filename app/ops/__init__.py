@@ -1,1 +1,9 @@
-"""The operations layer: plain functions in one registry, called locally or over Celery."""
+"""The operations layer: plain functions in one registry, called locally or over Celery.
+
+Importing the package registers every operation; `call_local` runs one by name.
+"""
+
+from app.ops import cancel, read, submit
+from app.ops.registry import OPERATIONS, call_local
+
+__all__ = ["OPERATIONS", "call_local", "cancel", "read", "submit"]

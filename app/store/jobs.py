@@ -6,7 +6,6 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
@@ -248,28 +247,6 @@ def get_jobs(session: Session, ids: Sequence[int]) -> list[Job]:
     if missing:
         raise JobNotFound.for_ids(missing)
     return jobs
-
-
-def iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-
-
-def job_row(job: Job, now: float | None = None) -> dict[str, Any]:
-    """A job as the plain JSON row every read operation returns."""
-    end = job.ended_at or (now if job.started_at else None)
-    return {
-        "id": job.id, "name": job.name, "launch_id": job.launch_id, "rank": job.rank,
-        "num_jobs": job.num_jobs, "status": job.state, "reason": job.reason,
-        "command": job.command, "exit_code": job.exit_code, "gpus": job.gpus,
-        "gpu_ids": job.gpu_ids, "host": job.host, "priority": job.priority,
-        "backend": job.backend, "backend_id": job.backend_id,
-        "submitted_at": iso(job.submitted_at), "started_at": iso(job.started_at),
-        "ended_at": iso(job.ended_at), "restart_count": job.restart_count,
-        "duration_s": round(job.runtime_s + (end - job.started_at), 3)
-        if end and job.started_at else (round(job.runtime_s, 3) or None),
-    }
 
 
 def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,

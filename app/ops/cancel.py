@@ -1,0 +1,71 @@
+"""Cancel: waiting jobs end CANCELLED at once, running ones are told to stop where they run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from app.core import keys
+from app.core.errors import InvalidJobSpec, LaunchNotFound
+from app.core.states import JobState
+from app.ops.nudge import kick_batch
+from app.ops.read import filters
+from app.ops.registry import operation
+from app.runtime import Runtime
+from app.store.jobs import (
+    drop_payload_if_finished,
+    get_jobs,
+    transition,
+)
+from app.store.models import Job, Launch
+
+log = logging.getLogger(__name__)
+
+
+@operation
+def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
+           launch_id: int | None = None, all_jobs: bool = False) -> dict[str, Any]:
+    """Cancel jobs: waiting ones end CANCELLED now, running ones are told to stop."""
+    if not (ids or name or launch_id is not None or all_jobs):
+        raise InvalidJobSpec("say what to cancel: job ids, --name, --launch or --all")
+    where = filters(None, launch_id, name, ids)
+    with rt.session() as session:
+        if ids:
+            get_jobs(session, ids)  # unknown ids: refuse before changing anything
+        if launch_id is not None and session.get(Launch, launch_id) is None:
+            raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
+        gpu_queue_job = col(Job.backend) == "local"
+        ended = {"ended_at": time.time()}
+        cancelled = transition(session, JobState.CANCELLED, "cancelled by user", where, ended,
+                               only_from=[JobState.PENDING, JobState.RECOVERING])
+        cancelled += transition(session, JobState.CANCELLED, "cancelled by user",
+                                [*where, gpu_queue_job], ended, only_from=[JobState.STARTING])
+        # Running jobs, and batch jobs already at their backend, are stopped where they run.
+        stopping = transition(session, JobState.CANCELLING, "cancel requested", where,
+                              only_from=[JobState.RUNNING])
+        stopping += transition(session, JobState.CANCELLING, "cancel requested",
+                               [*where, ~gpu_queue_job], only_from=[JobState.STARTING])
+        already = list(session.scalars(select(Job.id).where(
+            *where, col(Job.state) == JobState.CANCELLING.value)))
+        # Batch jobs are stopped by their backend's sync: ask for one now, as a submit does.
+        backends = set(session.scalars(select(Job.backend).distinct().where(
+            *where, ~gpu_queue_job, col(Job.state) == JobState.CANCELLING.value)))
+        payloads = session.exec(
+            select(func.min(Job.id), col(Job.launch_id), col(Job.payload_key))
+            .where(*where, col(Job.payload_key).is_not(None))
+            .group_by(col(Job.launch_id), col(Job.payload_key))).all() if cancelled else []
+    if already:
+        pipe = rt.redis.pipeline(transaction=False)
+        for job_id in already:
+            pipe.set(keys.cancel(job_id), 1, ex=86400)
+        pipe.execute()
+    for backend in sorted(backends):
+        kick_batch(rt, backend)
+    for job_id, lid, key in payloads:
+        with rt.session() as session:
+            drop_payload_if_finished(session, rt.redis, job_id or 0, lid, key)
+    return {"cancelled": sorted(cancelled), "cancelling": sorted(stopping)}

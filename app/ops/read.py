@@ -1,0 +1,166 @@
+"""Operations that read: queue, job, launches, logs, status."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, func
+from sqlmodel import col, select
+
+from app.core.backends import adapter_class
+from app.core.errors import InvalidArguments, InvalidJobSpec, LaunchNotFound
+from app.core.paths import JobPaths
+from app.core.states import JobState
+from app.ops.registry import operation
+from app.ops.rows import JobDetail, JobRow, LaunchRow
+from app.runtime import Runtime
+from app.store import cluster
+from app.store.exits import recent_exits
+from app.store.jobs import (
+    get_jobs,
+)
+from app.store.models import Job, JobDependency, JobEvent, Launch
+
+log = logging.getLogger(__name__)
+
+def filters(status: str | None, launch_id: int | None, name: str | None,
+             ids: list[int] | None) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if status:
+        try:
+            where.append(col(Job.state) == JobState(status.upper()).value)
+        except ValueError:
+            raise InvalidJobSpec(
+                f"unknown status {status!r}; choose one of {', '.join(s.value for s in JobState)}"
+            ) from None
+    if launch_id is not None:
+        where.append(col(Job.launch_id) == launch_id)
+    if name:
+        where.append(col(Job.name) == name)
+    if ids:
+        where.append(col(Job.id).in_(ids))
+    return where
+
+
+# Columns a page of the queue may be sorted by; `-name` sorts descending.
+SORT_KEYS: dict[str, Any] = {
+    "id": Job.id, "name": Job.name, "status": Job.state, "gpus": Job.gpus, "host": Job.host,
+    "priority": Job.priority, "submitted": Job.submitted_at, "rank": Job.rank,
+    "restarts": Job.restart_count, "exit_code": Job.exit_code,
+}
+
+
+def _order(sort: str | None, launch_id: int | None) -> list[Any]:
+    if not sort:
+        return [col(Job.rank), col(Job.id)] if launch_id is not None else [col(Job.id).desc()]
+    key = sort.removeprefix("-")
+    if key not in SORT_KEYS:
+        raise InvalidJobSpec(f"unknown sort {sort!r}; choose one of {', '.join(SORT_KEYS)} "
+                             "(prefix - for descending)")
+    column, by_id = col(SORT_KEYS[key]), col(Job.id)
+    return [column.desc(), by_id.desc()] if sort.startswith("-") else [column, by_id]
+
+
+
+
+LOG_CHUNK_BYTES = 1 << 20
+MAX_PAGE = 10_000
+
+
+@operation
+def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
+          name: str | None = None, ids: list[int] | None = None, limit: int = 50,
+          offset: int = 0, sort: str | None = None) -> dict[str, Any]:
+    """A page of jobs (newest first; by rank within a launch; or by `sort`) and the total
+    that match."""
+    if not 0 < limit <= MAX_PAGE:
+        raise InvalidJobSpec(f"--limit must be between 1 and {MAX_PAGE}")
+    if offset < 0:
+        raise InvalidArguments("offset counts rows to skip: 0 or more")
+    where = filters(status, launch_id, name, ids)
+    order = _order(sort, launch_id)
+    now = time.time()
+    with rt.session() as session:
+        total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+        jobs = session.exec(select(Job).where(*where).order_by(*order)
+                            .offset(offset).limit(limit))
+        rows = [JobRow.of(job, now).dump() for job in jobs]
+    return {"jobs": rows, "total": total}
+
+
+@operation
+def job(rt: Runtime, job_id: int) -> dict[str, Any]:
+    """One job with its events, oldest first."""
+    with rt.session() as session:
+        found = get_jobs(session, [job_id])[0]
+        events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
+                              .order_by(col(JobEvent.id)))
+        after = sorted(session.scalars(select(JobDependency.after_id).where(
+            JobDependency.job_id == job_id)))
+        return JobDetail.of_job(found, time.time(), after, list(events)).dump()
+
+
+@operation
+def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
+    """Launches with their replica counts per state."""
+    with rt.session() as session:
+        query = select(Launch).order_by(col(Launch.id).desc()).limit(100)
+        if launch_id is not None:
+            query = select(Launch).where(Launch.id == launch_id)
+        rows = list(session.exec(query))
+        if launch_id is not None and not rows:
+            raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
+        counts = session.exec(
+            select(col(Job.launch_id), col(Job.state), func.count())
+            .where(col(Job.launch_id).in_([r.id for r in rows]))
+            .group_by(col(Job.launch_id), col(Job.state)))
+        by_launch: dict[int, dict[str, int]] = {}
+        for lid, state, n in counts:
+            by_launch.setdefault(int(lid or 0), {})[state] = n
+    return {"launches": [LaunchRow.of(r, by_launch.get(r.id or 0, {})).dump() for r in rows]}
+
+
+
+
+@operation
+def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
+    """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from.
+    A job whose backend keeps its output elsewhere gets a `where` naming the place."""
+    if offset < 0:
+        raise InvalidArguments("offset is a byte position in the log: 0 or more")
+    with rt.session() as session:
+        job = get_jobs(session, [job_id])[0]
+    state = job.state
+    path: Path | None = JobPaths(rt.settings.home, job_id).log
+    where = None
+    if job.backend != "local":
+        path, where = adapter_class(job.backend).output(rt.settings, job)
+    data = b""
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK_BYTES)
+    return {"text": data.decode(errors="replace"), "offset": offset + len(data),
+            "status": state, "where": where}
+
+
+@operation
+def status(rt: Runtime) -> dict[str, Any]:
+    """Hosts and their GPUs (alive, held by which job), job counts per state, workers whose
+    heartbeat stopped, recent exits of supervised programs (crash loops), and the
+    addresses of Flower and the dashboard."""
+    r = rt.redis
+    hosts = cluster.gpu_table(r)
+    with rt.session() as session:
+        counts = dict(session.exec(select(Job.state, func.count()).group_by(Job.state)).all())
+    s = rt.settings
+    return {"hosts": hosts, "counts": counts,
+            "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
+                              for g in h["gpus"] if not g["alive"]],
+            "programs": recent_exits(r),
+            "flower": f"http://{s.flower_address}:{s.flower_port}",
+            "dashboard": f"http://{s.dashboard_address}:{s.dashboard_port}"}

@@ -1,0 +1,188 @@
+"""The rows every read operation returns, declared once: the operations build them, the
+CLI and the client read them, and the dashboard's API uses them as its response models.
+
+Both transports carry a row's JSON form (`dump()`), so that a local and a remote call give
+the same answer.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.states import TERMINAL
+from app.store.models import Job, JobEvent, Launch
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+class Row(BaseModel):
+    def dump(self) -> dict[str, Any]:
+        """The JSON form both transports carry."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class JobRow(Row):
+    id: int
+    name: str | None
+    launch_id: int | None
+    rank: int
+    num_jobs: int
+    status: str
+    reason: str | None
+    command: str
+    exit_code: int | None
+    gpus: int
+    gpu_ids: list[int] | None
+    host: str | None
+    priority: int
+    backend: str
+    backend_id: str | None
+    submitted_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    restart_count: int
+    duration_s: float | None
+
+    @classmethod
+    def of(cls, job: Job, now: float | None = None) -> JobRow:
+        end = job.ended_at or (now if job.started_at else None)
+        return cls(
+            id=job.id or 0, name=job.name, launch_id=job.launch_id, rank=job.rank,
+            num_jobs=job.num_jobs, status=job.state, reason=job.reason, command=job.command,
+            exit_code=job.exit_code, gpus=job.gpus, gpu_ids=job.gpu_ids, host=job.host,
+            priority=job.priority, backend=job.backend, backend_id=job.backend_id,
+            submitted_at=iso(job.submitted_at), started_at=iso(job.started_at),
+            ended_at=iso(job.ended_at), restart_count=job.restart_count,
+            duration_s=round(job.runtime_s + (end - job.started_at), 3)
+            if end and job.started_at else (round(job.runtime_s, 3) or None))
+
+
+class JobPage(Row):
+    jobs: list[JobRow]
+    total: int = Field(description="Jobs that match the filters, on every page.")
+    limit: int
+    offset: int
+
+
+class Event(Row):
+    model_config = ConfigDict(populate_by_name=True)
+
+    at: float = Field(description="UTC epoch seconds.")
+    from_state: str | None = Field(alias="from")
+    to: str
+    reason: str | None
+
+    @classmethod
+    def of(cls, event: JobEvent) -> Event:
+        return cls(at=event.at, from_state=event.from_state, to=event.to_state,
+                   reason=event.reason)
+
+
+class JobDetail(JobRow):
+    env: dict[str, str] = Field(description="The job's own variables, secrets masked.")
+    pid: int | None
+    tmux: bool
+    preflight: str | None
+    after: list[int] | None = Field(description="Jobs that must SUCCEED before it starts.")
+    events: list[Event]
+
+    @classmethod
+    def of_job(cls, job: Job, now: float, after: list[int], events: list[JobEvent]
+               ) -> JobDetail:
+        return cls(**JobRow.of(job, now).model_dump(), env=dict(job.env), pid=job.pid,
+                   tmux=job.tmux, preflight=job.preflight, after=after or None,
+                   events=[Event.of(e) for e in events])
+
+
+class LaunchRow(Row):
+    id: int
+    name: str | None
+    num_jobs: int
+    command: str
+    counts: dict[str, int] = Field(description="Replicas per state.")
+    done: int = Field(description="Replicas in a terminal state.")
+
+    @classmethod
+    def of(cls, launch: Launch, counts: dict[str, int]) -> LaunchRow:
+        return cls(id=launch.id or 0, name=launch.name, num_jobs=launch.num_jobs,
+                   command=launch.command, counts=counts,
+                   done=sum(n for state, n in counts.items() if state in TERMINAL))
+
+
+class Launches(Row):
+    launches: list[LaunchRow]
+
+
+class Reading(Row):
+    """The monitor's latest reading of one GPU."""
+
+    memory_used_mb: int
+    memory_total_mb: int
+    utilization_pct: int
+    process_count: int = 0
+    mig: bool = False
+    foreign: bool = Field(False, description="Used by processes outside gpuq.")
+    at: float | None = Field(None, description="When it was read, UTC epoch seconds.")
+
+
+class Gpu(Row):
+    index: int
+    name: str | None = None
+    memory_total_mb: int | None = None
+    provider: str | None = None
+    alive: bool = Field(description="Its worker's heartbeat is current.")
+    job_id: int | None = Field(description="The job holding it.")
+    reading: Reading | None
+
+
+class Host(Row):
+    host: str
+    gpus: list[Gpu]
+    workers_alive: int
+    stale: bool = Field(description="Some of its GPU workers stopped sending heartbeats.")
+
+
+class ProgramExits(Row):
+    host: str
+    program: str = Field(description="A program of `gpuq up` or `gpuq worker` that exited.")
+    exits: int
+    exits_in_window: int = Field(description="Exits within the last window_s seconds.")
+    window_s: float
+    exit_code: int = Field(description="Its last exit code (negative: killed by that signal).")
+    last_exit_at: float
+    backoff_s: float = Field(description="Wait before its next restart.")
+    crash_loop: bool
+
+
+class Status(Row):
+    hosts: list[Host]
+    counts: dict[str, int] = Field(description="Jobs per state.")
+    stale_workers: list[str] = Field([], description="host/gpuN whose heartbeat stopped.")
+    programs: list[ProgramExits] = Field([], description="Supervised programs that exited "
+                                         "lately; crash_loop marks those that keep dying.")
+    flower: str | None = Field(None, description="Where Flower listens.")
+    dashboard: str | None = Field(None, description="Where the dashboard listens.")
+
+
+class Logs(Row):
+    text: str
+    offset: int = Field(description="Byte offset to continue from.")
+    status: str
+    where: str | None = Field(description="Where a batch backend keeps the output instead.")
+
+
+class CancelResult(Row):
+    cancelled: list[int] = Field(description="Jobs that ended CANCELLED now.")
+    cancelling: list[int] = Field(description="Running jobs told to stop.")
+
+
+class Submitted(Row):
+    job_ids: list[int]
+    launch_id: int | None
