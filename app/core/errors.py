@@ -53,7 +53,15 @@ class DatabaseUnavailable(GpuqError):
 
 
 class SchemaOutdated(DatabaseUnavailable):
+    """The database's schema is behind this gpuq's: `gpuq db upgrade` brings it up."""
+
     code = "schema_outdated"
+
+
+class SchemaTooNew(DatabaseUnavailable):
+    """The database's schema is a revision this gpuq does not know: a newer gpuq made it."""
+
+    code = "schema_too_new"
 
 
 class UnknownOperation(GpuqError):
@@ -84,6 +92,7 @@ ERRORS_BY_CODE: dict[str, type[GpuqError]] = {
         BrokerUnavailable,
         DatabaseUnavailable,
         SchemaOutdated,
+        SchemaTooNew,
         UnknownOperation,
         OperationTimeout,
         InvalidArguments,
