@@ -3,7 +3,7 @@ database, and by the `alembic` command line (alembic.ini at the project root).""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from sqlalchemy import Connection
@@ -15,7 +15,7 @@ from app.store import models  # noqa: F401  (registers the tables on SQLModel.me
 config = context.config
 
 
-def _render_item(kind: str, obj: Any, _context: Any) -> str | bool:
+def _render_item(kind: str, obj: Any, _context: Any) -> str | Literal[False]:
     """Write SQLModel's str columns as plain sa.String in a new revision, so that revisions
     import nothing of SQLModel."""
     if kind == "type" and isinstance(obj, AutoString):
