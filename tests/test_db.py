@@ -66,3 +66,13 @@ def test_a_database_older_than_migrations_is_not_stamped_but_refused_naming_the_
         schema.upgrade(engine, "here")
     assert schema.current(engine).revision is None
     engine.dispose()
+
+
+def test_a_database_at_an_older_revision_is_refused_naming_the_command(home, monkeypatch):
+    # Given a database at today's head, opened by a gpuq whose head is one revision on
+    make_engine(Settings(home=home, _env_file=None)).dispose()
+    monkeypatch.setattr(schema, "HEAD_REVISION", "0002")
+    # Then it names the database's revision, the code's, and the command
+    with pytest.raises(SchemaOutdated, match=rf"at schema revision {HEAD_REVISION}, behind "
+                       r"this gpuq's 0002; run `gpuq db upgrade`$"):
+        make_engine(Settings(home=home, _env_file=None))
