@@ -69,6 +69,11 @@ class Runtime:
         """Raise BrokerUnavailable, naming the fix, unless Redis answers."""
         self.redis.ping()
 
+    def check_database(self) -> None:
+        """Open the database now (an empty one gets its tables); raise DatabaseUnavailable,
+        or SchemaOutdated/SchemaTooNew, naming the fix, unless gpuq can use it."""
+        _ = self.engine
+
     @cached_property
     def engine(self) -> Engine:
         return make_engine(self.settings)

@@ -1,26 +1,78 @@
-"""The database gpuq opens: a schema from an older version is refused with the fix."""
+"""The database gpuq opens: an empty one gets today's schema; one behind or ahead of this
+gpuq's schema is refused with the fix."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
-from app.core.errors import SchemaOutdated
+from app.core.errors import SchemaOutdated, SchemaTooNew
 from app.core.settings import Settings
+from app.store import schema
 from app.store.db import make_engine
+from app.store.migrations import HEAD_REVISION
+
+OLD_SCHEMA = Path(__file__).parent / "fixtures" / "schema_11228aa_sqlite.sql"
 
 
-def test_a_database_an_older_gpuq_made_is_refused_naming_the_fix(tmp_path, monkeypatch):
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("GPUQ_DATABASE_URL", raising=False)  # this test's own SQLite file
-    # Given a SQLite database whose jobs table lacks columns this version needs
     home = tmp_path / "home"
     home.mkdir()
-    old = sqlite3.connect(home / "gpuq.db")
-    old.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, command TEXT)")
-    old.close()
-    settings = Settings(home=home, _env_file=None)
-    # When gpuq opens it, then it says what is missing and how to go on
-    with pytest.raises(SchemaOutdated, match=r"made by an older gpuq and lacks jobs\.name.*"
-                       r"jobs\.waiting.*move it aside"):
-        make_engine(settings)
+    return home
+
+
+def _sql(home: Path, script: str) -> None:
+    db = sqlite3.connect(home / "gpuq.db")
+    db.executescript(script)
+    db.close()
+
+
+def test_an_empty_database_gets_the_tables_at_the_head_revision(home):
+    engine = make_engine(Settings(home=home, _env_file=None))
+    assert {"jobs", "job_events", "launches", "job_dependencies"} <= set(
+        inspect(engine).get_table_names())
+    assert schema.current(engine).revision == HEAD_REVISION
+    engine.dispose()
+
+
+def test_a_database_an_older_gpuq_made_is_refused_naming_the_command(home):
+    # Given the tables the gpuq of before migrations made, with no alembic_version
+    _sql(home, OLD_SCHEMA.read_text())
+    # When gpuq opens it, then it says so in one line naming the command that upgrades it
+    with pytest.raises(SchemaOutdated, match=r"made by an older gpuq.*run `gpuq db upgrade`$"):
+        make_engine(Settings(home=home, _env_file=None))
+
+
+def test_a_database_of_a_newer_gpuq_is_refused_naming_that_gpuq_is_older(home):
+    make_engine(Settings(home=home, _env_file=None)).dispose()
+    _sql(home, "UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(SchemaTooNew, match=r"revision 9999.*this gpuq is older than the "
+                       r"database"):
+        make_engine(Settings(home=home, _env_file=None))
+
+
+def test_a_database_older_than_migrations_is_not_stamped_but_refused_naming_the_fix(home):
+    # Given a database whose jobs table lacks columns even the first revision has
+    _sql(home, "CREATE TABLE jobs (id INTEGER PRIMARY KEY, command TEXT)")
+    engine = make_engine(Settings(home=home, _env_file=None), check_revision=False)
+    # When it is upgraded, then it is left alone, and the error says what is missing
+    with pytest.raises(SchemaOutdated, match=r"lacks .*jobs\.name.*jobs\.waiting.*move it "
+                       r"aside"):
+        schema.upgrade(engine, "here")
+    assert schema.current(engine).revision is None
+    engine.dispose()
+
+
+def test_a_database_at_an_older_revision_is_refused_naming_the_command(home, monkeypatch):
+    # Given a database at today's head, opened by a gpuq whose head is one revision on
+    make_engine(Settings(home=home, _env_file=None)).dispose()
+    monkeypatch.setattr(schema, "HEAD_REVISION", "0002")
+    # Then it names the database's revision, the code's, and the command
+    with pytest.raises(SchemaOutdated, match=rf"at schema revision {HEAD_REVISION}, behind "
+                       r"this gpuq's 0002; run `gpuq db upgrade`$"):
+        make_engine(Settings(home=home, _env_file=None))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from app.cli.db import db
 from app.core.errors import GpuqError
 from app.core.settings import Settings
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="gpuq: a GPU job queue on Celery and Redis.")
+cli.add_typer(db, name="db")
 
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 

@@ -114,7 +114,15 @@ class DatabaseUnavailable(GpuqError):
 
 
 class SchemaOutdated(DatabaseUnavailable):
+    """The database's schema is behind this gpuq's: `gpuq db upgrade` brings it up."""
+
     code = "schema_outdated"
+
+
+class SchemaTooNew(DatabaseUnavailable):
+    """The database's schema is a revision this gpuq does not know: a newer gpuq made it."""
+
+    code = "schema_too_new"
 
 
 class OperationTimeout(GpuqError):

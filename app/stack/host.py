@@ -61,6 +61,7 @@ def run_host_workers(settings: Settings) -> None:
 
     warn_without_secret(settings)  # once for the host, not once per GPU worker
     rt = Runtime(settings, wait_for_broker=True)
+    rt.check_database()  # refused here in one line, not by every GPU worker in a loop
     count = register_host(rt, detect_provider(settings), settings.hostname)
     log.info("host %s: %d GPU workers", settings.hostname, count)
     Supervisor(gpu_worker_programs(settings, count),

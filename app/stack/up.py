@@ -69,6 +69,10 @@ def run_stack(settings: Settings, procfile: Path, flower: bool,
     programs = [p for p in read_procfile(procfile) if flower or p.name != "web"]
     if jobs_file is not None:
         programs.append(Program("watch", f"gpuq watch {shlex.quote(str(jobs_file.resolve()))}"))
+    rt = Runtime(settings)
+    # Before anything starts: a database this gpuq cannot use stops `gpuq up` with one line
+    # instead of every program of the Procfile crash-looping on it.
+    rt.check_database()
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings)
@@ -76,7 +80,6 @@ def run_stack(settings: Settings, procfile: Path, flower: bool,
         log.warning("embedded Redis at %s", url)
     # PORT is honcho's per-process port; here Flower and the dashboard take their settings.
     env = {k: v for k, v in os.environ.items() if k != "PORT"}
-    rt = Runtime(settings)
     try:
         Supervisor(programs, base_env=env,
                    on_exit=RestartLog(lambda: rt.redis, settings.hostname)).run_forever()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Engine, event, inspect, text
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlmodel import SQLModel, create_engine
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import create_engine
 from tenacity import (
     before_sleep_log,
     retry,
@@ -16,9 +16,9 @@ from tenacity import (
     wait_exponential,
 )
 
-from app.core.errors import DatabaseUnavailable, SchemaOutdated
+from app.core.errors import DatabaseUnavailable
 from app.core.settings import Settings, mask_url
-from app.store import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from app.store import models, schema  # noqa: F401  (models: the tables on SQLModel.metadata)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(settings: Settings) -> Engine:
-    """Create the engine and the tables; raise DatabaseUnavailable naming the fix."""
+def make_engine(settings: Settings, check_revision: bool = True) -> Engine:
+    """Create the engine; bring an empty database to the schema's head and refuse one behind
+    or ahead of this gpuq (`check_revision=False`: `gpuq db`, which shows and upgrades it).
+    Raise DatabaseUnavailable, or SchemaOutdated/SchemaTooNew, naming the fix."""
     url = settings.effective_database_url()
     if url.startswith("sqlite"):
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -54,39 +56,18 @@ def make_engine(settings: Settings) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     try:
-        _create_tables(engine)
-        _check_columns(engine, mask_url(url))
+        if check_revision:
+            schema.check(engine, mask_url(url))
+        else:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
     except OperationalError as e:
+        engine.dispose()
         raise DatabaseUnavailable(
             f"cannot reach the database at {mask_url(url)}: {e.orig}; "
             "check GPUQ_DATABASE_URL or unset it to use SQLite under GPUQ_HOME"
         ) from e
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
-
-
-# Several processes may create the tables at once on a fresh PostgreSQL: the loser of that
-# race sees a duplicate-object error and simply tries again.
-@retry(
-    retry=retry_if_exception_type((OperationalError, ProgrammingError, IntegrityError)),
-    wait=wait_exponential(multiplier=0.1, max=1),
-    stop=stop_after_delay(3),
-    reraise=True,
-)
-def _create_tables(engine: Engine) -> None:
-    with engine.begin() as conn:
-        conn.execute(text("SELECT 1"))
-    SQLModel.metadata.create_all(engine)
-
-
-def _check_columns(engine: Engine, where: str) -> None:
-    """Refuse, naming the fix, a database whose tables an older gpuq made: create_all adds
-    missing tables but never missing columns, and every query would fail on them later."""
-    inspector = inspect(engine)
-    missing = [f"{table.name}.{column.name}" for table in SQLModel.metadata.sorted_tables
-               for have in [{c["name"] for c in inspector.get_columns(table.name)}]
-               for column in table.columns if column.name not in have]
-    if missing:
-        raise SchemaOutdated(
-            f"the database at {where} was made by an older gpuq and lacks {', '.join(missing)}; "
-            "finish or export its jobs, then move it aside (SQLite: GPUQ_HOME/gpuq.db) or point "
-            "GPUQ_DATABASE_URL at a new database")
