@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-from app.stack.supervisor import Program, Supervisor, read_procfile
+from app.stack.supervisor import Program, Supervisor, own_bin_first, read_procfile
 from tests.conftest import until
 
 
@@ -37,3 +39,22 @@ def test_procfile_is_read_with_honcho(tmp_path):
     path.write_text("web: gpuq flower\ngpu: gpuq worker\n")
     assert [(p.name, p.command) for p in read_procfile(path)] == [
         ("web", "gpuq flower"), ("gpu", "gpuq worker")]
+
+
+def test_a_program_finds_this_gpuq_first_on_its_path(tmp_path):
+    own = str(Path(sys.executable).parent)  # a venv's bin, not resolved through its symlinks
+    out = tmp_path / "path"
+    sup = Supervisor([Program("show", f"sh -c 'echo $PATH > {out}; sleep 60'")],
+                     base_env={"PATH": "/usr/bin:/bin"}, stop_grace_s=2)
+    sup.start()
+    try:
+        until(lambda: out.exists() and out.read_text().strip())
+    finally:
+        sup.stop()
+    assert out.read_text().split() == [f"{own}:/usr/bin:/bin"]
+
+
+def test_the_own_directory_is_not_added_twice_down_a_chain_of_supervisors():
+    once = own_bin_first({"PATH": "/bin"})
+    assert own_bin_first(once) == once
+    assert own_bin_first({})["PATH"] == str(Path(sys.executable).parent)

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,17 @@ class _Child:
     restart_at: float | None = None
 
 
+def own_bin_first(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with PATH starting at the directory of this gpuq's interpreter, so that
+    `gpuq` in a Procfile line is the gpuq that runs the supervisor even when its venv is not
+    activated. The directory is not resolved: a venv's python is a symlink out of it."""
+    own = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if path.split(os.pathsep)[0] == own:
+        return dict(env)
+    return {**env, "PATH": os.pathsep.join([own, path]) if path else own}
+
+
 def read_procfile(path: Path) -> list[Program]:
     procfile = parse_procfile(path.read_text())
     return [Program(name, command) for name, command in procfile.processes.items()]
@@ -62,7 +74,7 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, child: _Child) -> None:
-        env = {**self.base_env, **child.program.env}
+        env = own_bin_first({**self.base_env, **child.program.env})
         child.proc = subprocess.Popen(["/bin/sh", "-c", f"exec {child.program.command}"],
                                       env=env, start_new_session=True)
         child.started_at = time.monotonic()
