@@ -138,3 +138,40 @@ def test_launch_of_a_function_gives_every_replica_its_rank(client: Client):
     handle = client.launch(rank_and_size, 4, 10)
     assert sorted(job.result(timeout_s=60) for job in handle.jobs) == [
         (0, 4), (10, 4), (20, 4), (30, 4)]
+
+
+def rank_from_job_environment(scale: int) -> tuple[int, int]:
+    from app.client import JobEnvironment
+
+    env = JobEnvironment.current()
+    return env.rank * scale, env.num_jobs
+
+
+def fail_on_rank(bad: int) -> int:
+    from app.client import JobEnvironment
+
+    rank = JobEnvironment.current().rank
+    if rank >= bad:
+        raise RuntimeError(f"replica {rank} gave up")
+    return rank
+
+
+def test_launch_results_are_the_values_in_rank_order(client: Client):
+    handle = client.launch(rank_from_job_environment, 4, 10)
+    assert len(handle) == 4
+    assert [job.id for job in handle] == handle.job_ids
+    assert handle.results(timeout_s=60) == [(0, 4), (10, 4), (20, 4), (30, 4)]
+
+
+def test_map_results_are_the_values_in_item_order(client: Client):
+    assert client.map(square_plus, [3, 1, 2]).results(timeout_s=60) == [9, 1, 4]
+
+
+def test_launch_results_raise_the_lowest_ranked_failure_with_its_traceback(client: Client):
+    handle = client.launch(fail_on_rank, 3, 1)
+    with pytest.raises(RuntimeError, match="replica 1 gave up") as caught:
+        handle.results(timeout_s=60)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "remote traceback" in notes and "in fail_on_rank" in notes
+    assert [row["status"] for row in sorted(handle.wait(), key=lambda r: r["rank"])] == [
+        "SUCCEEDED", "FAILED", "FAILED"]

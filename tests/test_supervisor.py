@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-from app.stack.supervisor import Program, Supervisor, read_procfile
+from app.stack.supervisor import Program, Supervisor, read_procfile, this_gpuq
 from tests.conftest import until
 
 
@@ -37,3 +39,21 @@ def test_procfile_is_read_with_honcho(tmp_path):
     path.write_text("web: gpuq flower\ngpu: gpuq worker\n")
     assert [(p.name, p.command) for p in read_procfile(path)] == [
         ("web", "gpuq flower"), ("gpu", "gpuq worker")]
+
+
+def test_a_gpuq_program_runs_this_gpuq_and_keeps_the_path_it_was_given(tmp_path):
+    own = Path(sys.executable).parent / "gpuq"  # a venv's bin, not resolved through symlinks
+    assert this_gpuq("gpuq worker") == f"{own} worker"
+    assert this_gpuq("gpuq") == str(own)
+    assert this_gpuq("gpuqx serve") == "gpuqx serve"
+    assert this_gpuq("celery -A tasks.worker_app beat") == "celery -A tasks.worker_app beat"
+    # The PATH of what it starts (and so of every job) is the one it was given
+    out = tmp_path / "path"
+    sup = Supervisor([Program("show", f"sh -c 'echo $PATH > {out}; sleep 60'")],
+                     base_env={"PATH": "/usr/bin:/bin"}, stop_grace_s=2)
+    sup.start()
+    try:
+        until(lambda: out.exists() and out.read_text().strip())
+    finally:
+        sup.stop()
+    assert out.read_text().split() == ["/usr/bin:/bin"]

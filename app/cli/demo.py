@@ -44,13 +44,12 @@ def main(keep: bool = False) -> int:
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     log_path = settings.home / "demo-stack.log"
     console.print(f"[bold]gpuq demo[/]: starting the stack (log: {log_path})")
     with open(log_path, "ab") as log:
         stack = subprocess.Popen([str(Path(sys.executable).parent / "gpuq"), "up",
                                   "--procfile", str(root / "deploy" / "Procfile.dev")],
-                                 env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     client = Client(settings)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from app.core import keys
@@ -133,7 +133,10 @@ class Client:
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any],
             secrets: dict[str, str] | None = None, **options: Any) -> LaunchHandle:
-        """A launch of `fn(item)` for each item: replica r calls it on the r-th item."""
+        """A launch of `fn(item)` for each item: replica r calls it on the r-th item.
+
+        Returns the LaunchHandle at once; `client.map(fn, items).results()` waits and gives
+        the values in the order of `items`."""
         import cloudpickle
 
         hidden = _secrets(secrets)
@@ -186,6 +189,27 @@ class Client:
 
     def close(self) -> None:
         self.rt.close()
+
+
+def _outcome(client: Client, job_id: int, status: str, data: Any) -> Any:
+    """The value of an ended function job from its stored result envelope, or its remote
+    exception raised with the remote traceback as a note."""
+    import cloudpickle
+
+    from app.core import payloads
+    if data is None:
+        reason = client.rows([job_id])[0]["reason"]
+        raise GpuqError(f"job {job_id} ended {status} without a result"
+                        + (f": {reason}" if reason else ""))
+    envelope = payloads.unpack(bytes(data), client.settings.secret)
+    if envelope["ok"]:
+        return cloudpickle.loads(envelope["value"])
+    error = _rebuild(envelope.get("exception"))
+    if error is not None:
+        error.add_note(f"remote traceback (job {job_id}):\n{envelope['traceback']}")
+        raise error
+    raise RemoteError(f"job {job_id} raised {envelope['type']}: {envelope['message']}\n"
+                      f"{envelope['traceback']}")
 
 
 def _rebuild(pickled: bytes | None) -> BaseException | None:
@@ -269,40 +293,46 @@ class JobHandle:
     def result(self, timeout_s: float | None = None) -> Any:
         """Wait for a function job; return its value or raise its exception, whose notes
         carry the remote traceback."""
-        import cloudpickle
 
-        from app.core import payloads
         status = self.wait(timeout_s)
         data = self.client.rt.redis.get(keys.result(self.id))
-        if data is None:
-            reason = self.row()["reason"]
-            raise GpuqError(f"job {self.id} ended {status} without a result"
-                            + (f": {reason}" if reason else ""))
-        envelope = payloads.unpack(bytes(data), self.client.settings.secret)  # type: ignore[arg-type]
-        if envelope["ok"]:
-            return cloudpickle.loads(envelope["value"])
-        error = _rebuild(envelope.get("exception"))
-        if error is not None:
-            error.add_note(f"remote traceback (job {self.id}):\n{envelope['traceback']}")
-            raise error
-        raise RemoteError(f"job {self.id} raised {envelope['type']}: {envelope['message']}\n"
-                          f"{envelope['traceback']}")
+        return _outcome(self.client, self.id, status, data)
 
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", ids=[self.id])
 
 
 class LaunchHandle:
-    """The N replicas of one launch."""
+    """The N replicas of one launch; iterating gives their JobHandles in rank order."""
 
     def __init__(self, client: Client, launch_id: int, job_ids: list[int]) -> None:
         self.client = client
         self.id = launch_id
-        self.job_ids = job_ids
+        self.job_ids = job_ids  # in rank order: replica r is job_ids[r]
+
+    def __repr__(self) -> str:
+        return f"LaunchHandle({self.id}, {len(self.job_ids)} replicas)"
+
+    def __len__(self) -> int:
+        return len(self.job_ids)
+
+    def __iter__(self) -> Iterator[JobHandle]:
+        return iter(self.jobs)
 
     @property
     def jobs(self) -> list[JobHandle]:
+        """A handle per replica, in rank order."""
         return [JobHandle(self.client, i) for i in self.job_ids]
+
+    def results(self, timeout_s: float | None = None) -> list[Any]:
+        """Wait for every replica of a function launch; return their values in rank order,
+        or raise the error of the lowest-ranked replica that failed, with its remote
+        traceback as a note (as JobHandle.result does for one job)."""
+
+        rows = {r["id"]: r for r in self.wait(timeout_s)}
+        stored = self.client.rt.redis.mget([keys.result(i) for i in self.job_ids])
+        return [_outcome(self.client, job_id, rows[job_id]["status"], data)
+                for job_id, data in zip(self.job_ids, stored, strict=True)]
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = self.client.call("launches", launch_id=self.id)[

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +44,18 @@ class _Child:
     restart_at: float | None = None
 
 
+def this_gpuq(command: str) -> str:
+    """A Procfile line whose program is `gpuq`, made to run the gpuq that runs this
+    supervisor, even when its venv is not activated (and so not on PATH). Only the program
+    is rewritten: the jobs a worker starts keep the PATH they were given. The directory is
+    not resolved: a venv's python is a symlink out of it."""
+    own = Path(sys.executable).parent / "gpuq"
+    word, _, rest = command.partition(" ")
+    if word != "gpuq" or not own.exists():
+        return command
+    return f"{shlex.quote(str(own))} {rest}".rstrip()
+
+
 def read_procfile(path: Path) -> list[Program]:
     procfile = parse_procfile(path.read_text())
     return [Program(name, command) for name, command in procfile.processes.items()]
@@ -63,7 +77,7 @@ class Supervisor:
 
     def _spawn(self, child: _Child) -> None:
         env = {**self.base_env, **child.program.env}
-        child.proc = subprocess.Popen(["/bin/sh", "-c", f"exec {child.program.command}"],
+        child.proc = subprocess.Popen(["/bin/sh", "-c", f"exec {this_gpuq(child.program.command)}"],
                                       env=env, start_new_session=True)
         child.started_at = time.monotonic()
         child.restart_at = None
