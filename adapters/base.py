@@ -139,6 +139,11 @@ class BatchAdapter(Task):  # type: ignore[misc]
         path = self.result_dir(job) / f"{job.rank}.pkl"
         return path.read_bytes() if path.exists() else None
 
+    def forget_result(self, job: Job) -> None:
+        """Drop the envelope of an attempt that is being restarted, so that the next
+        attempt's end is never read from the previous one's."""
+        (self.result_dir(job) / f"{job.rank}.pkl").unlink(missing_ok=True)
+
     # -- the base's work ----------------------------------------------------------------
     poll_interval_s: float = 2.0
     max_poll_interval_s: float = 60.0
@@ -220,21 +225,28 @@ class BatchAdapter(Task):  # type: ignore[misc]
             if status.state == "running":
                 return len(transition(session, JobState.RUNNING, None, where,
                                       {"started_at": now}, only_from=[JobState.STARTING]))
-            if status.state == "missing":
-                r.hsetnx(MISSING_KEY, job.backend_id, now)
-                first = float(r.hget(MISSING_KEY, job.backend_id) or now)  # type: ignore[arg-type]
-                if now - first < self.vanished_grace_s:
-                    return 0
-                r.hdel(MISSING_KEY, job.backend_id)
-                # Like a worker that died: restarted while restarts remain, else LOST.
-                why = f"{self.backend_name} no longer knows job {job.backend_id}"
-                cancelling = job.state == JobState.CANCELLING.value
-                end = restart_policy.AttemptEnd(
-                    lost=not cancelling, cancelled=cancelling,
-                    why=f"cancelled; {why}" if cancelling else why)
-                return int(restart_policy.apply(session, job, end, {"ended_at": now})
-                           is not None)
+            if status.state == "missing" and not self._vanished(job.backend_id, now):
+                return 0
+        if status.state == "missing":
+            # Like a worker that died: restarted while restarts remain, else LOST.
+            why = f"{self.backend_name} no longer knows job {job.backend_id}"
+            cancelling = job.state == JobState.CANCELLING.value
+            end = restart_policy.AttemptEnd(lost=not cancelling, cancelled=cancelling,
+                                            why=f"cancelled; {why}" if cancelling else why)
+            with self.rt.session() as session:
+                moved = restart_policy.apply(session, job, end, {"ended_at": now})
+            return self._after(job, moved)
         return self._finish(job, status, now)
+
+    def _vanished(self, backend_id: str, now: float) -> bool:
+        """Whether a job its backend does not know has been missing past the grace."""
+        r = self.rt.redis
+        r.hsetnx(MISSING_KEY, backend_id, now)
+        first = float(r.hget(MISSING_KEY, backend_id) or now)  # type: ignore[arg-type]
+        if now - first < self.vanished_grace_s:
+            return False
+        r.hdel(MISSING_KEY, backend_id)
+        return True
 
     def _finish(self, job: Job, status: Status, now: float) -> int:
         """Record a job its backend says has ended, by the restart policy."""
@@ -248,8 +260,17 @@ class BatchAdapter(Task):  # type: ignore[misc]
                 transition(session, JobState.RUNNING, None,
                            [col(Job.id) == job.id, col(Job.attempt) == job.attempt],
                            {"started_at": now}, only_from=[JobState.STARTING])
-            return int(restart_policy.apply(session, job, _attempt_end(job, status, failure),
-                                            ended) is not None)
+            moved = restart_policy.apply(session, job, _attempt_end(job, status, failure), ended)
+        return self._after(job, moved)
+
+    def _after(self, job: Job, moved: JobState | None) -> int:
+        """1 if the policy moved the job. A restarted function job's envelope is dropped:
+        the next attempt's end must not be read from it."""
+        if moved is JobState.RECOVERING and job.kind == "function":
+            assert job.id is not None
+            self.forget_result(job)
+            self.rt.redis.delete(payloads.result_key(job.id))
+        return int(moved is not None)
 
     def _route_result(self, job: Job) -> str | None:
         """Store a function job's envelope for `result()`; return why it failed, if it did."""

@@ -172,6 +172,21 @@ def test_a_job_that_always_fails_ends_failed_after_every_restart(adapter, local)
     assert events.count("RECOVERING") == 2
 
 
+def fails_on_first_attempt(x: int) -> int:
+    if os.environ["GPUQ_RESTART_COUNT"] == "0":
+        raise RuntimeError("first attempt fails")
+    return x * x
+
+
+def test_a_restarted_function_job_returns_its_last_attempts_result(adapter, local):
+    job = local.submit(fails_on_first_attempt, 7, max_restarts=1, backend=adapter.backend_name)
+    rows = drive(adapter, local, [job.id], timeout_s=120)
+    assert (rows[0]["status"], rows[0]["restart_count"]) == ("SUCCEEDED", 1)
+    assert job.result(timeout_s=5) == 49
+    reasons = [e["reason"] for e in local.call("job", job_id=job.id)["events"]]
+    assert "raised builtins.RuntimeError: first attempt fails; restarting" in reasons
+
+
 def test_a_late_status_of_a_restarted_jobs_old_backend_job_changes_nothing(adapter, local):
     # Given a job that failed once and restarted
     job = local.submit("exit 3", max_restarts=1, backend=adapter.backend_name)
