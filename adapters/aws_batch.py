@@ -73,6 +73,10 @@ class AwsBatchAdapter(BatchAdapter):
         data: bytes = answer["Body"].read()
         return data
 
+    def forget_result(self, job: Job) -> None:
+        self.s3.delete_object(Bucket=self._bucket(),
+                              Key=f"{self._result_prefix(job)}/{job.rank}.pkl")
+
     def submit(self, submission: Submission) -> list[str]:
         """One job, or arrays of up to 10,000 replicas (a larger launch is split, each part
         told its first rank through GPUQ_RANK_OFFSET)."""

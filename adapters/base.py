@@ -9,8 +9,10 @@ A backend implements three calls and nothing else:
 The base owns the rest: packing the payload (inline below `inline_limit_bytes`, else a file
 in the backend's store), the concurrency limit, batched polling with backoff, mapping
 backend states onto job states, routing function results and errors into the job record,
-failing jobs stuck pending (with the backend's reason), and turning a job the backend no
-longer knows into LOST after a grace period. One `sync` pass does all of it; beat runs it.
+failing jobs stuck pending (with the backend's reason), and applying the restart policy
+(app/store/restart_policy.py) to a job that failed or that the backend no longer knows
+(after a grace period): a restart is resubmitted on its own by a later pass. One `sync`
+pass does all of it; beat runs it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from app.core.paths import BatchStore, JobPaths
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
+from app.store import restart_policy
 from app.store.jobs import transition
 from app.store.models import Job
 
@@ -46,6 +49,19 @@ class Status:
     state: str  # pending | running | succeeded | failed | cancelled | missing
     reason: str | None = None
     exit_code: int | None = None
+
+
+def _attempt_end(job: Job, status: Status, failure: str | None) -> restart_policy.AttemptEnd:
+    """An ended backend status as the restart policy reads it; `failure` is why a function
+    job failed, from its envelope."""
+    if status.state == "cancelled" or job.state == JobState.CANCELLING.value:
+        return restart_policy.AttemptEnd(cancelled=True, why=status.reason)
+    if status.state == "succeeded":
+        return restart_policy.AttemptEnd(exit_code=0, why=failure)
+    # A failure whose exit code says nothing (0 after NODE_FAIL, or none at all) is still a
+    # failure: it is judged with no exit code rather than taken for a success.
+    return restart_policy.AttemptEnd(exit_code=status.exit_code or None,
+                                     why=failure or status.reason)
 
 
 def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
@@ -124,6 +140,13 @@ class BatchAdapter(Task):  # type: ignore[misc]
         path = BatchStore(self.store_dir(self.rt.settings)).result(job.launch_id, job.id, job.rank)
         return path.read_bytes() if path.exists() else None
 
+    def forget_result(self, job: Job) -> None:
+        """Drop the envelope of an attempt that is being restarted, so that the next
+        attempt's end is never read from the previous one's."""
+        assert job.id is not None
+        BatchStore(self.store_dir(self.rt.settings)).result(job.launch_id, job.id,
+                                                            job.rank).unlink(missing_ok=True)
+
     # -- the base's work ----------------------------------------------------------------
     poll_interval_s: float = 2.0
     max_poll_interval_s: float = 60.0
@@ -183,10 +206,13 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return moved
 
     def _apply(self, job: Job, status: Status) -> int:
-        """Move one job as its backend status says; return 1 if it moved."""
+        """Move one job as its backend status says; return 1 if it moved.
+
+        Every write is fenced on the attempt this pass read: once a job has restarted (and
+        lost its old backend id), a late status of its old backend job changes nothing."""
         assert job.id is not None and job.backend_id is not None
         now = time.time()
-        where = [col(Job.id) == job.id]
+        where = [col(Job.id) == job.id, col(Job.attempt) == job.attempt]
         r = self.rt.redis
         if status.state != "missing":
             r.hdel(keys.BATCH_MISSING, job.backend_id)
@@ -202,35 +228,52 @@ class BatchAdapter(Task):  # type: ignore[misc]
             if status.state == "running":
                 return len(transition(session, JobState.RUNNING, None, where,
                                       {"started_at": now}, only_from=[JobState.STARTING]))
-            if status.state == "missing":
-                r.hsetnx(keys.BATCH_MISSING, job.backend_id, now)
-                first = float(r.hget(keys.BATCH_MISSING, job.backend_id) or now)  # type: ignore[arg-type]
-                if now - first < self.vanished_grace_s:
-                    return 0
-                r.hdel(keys.BATCH_MISSING, job.backend_id)
-                reason = f"{self.backend_name} no longer knows job {job.backend_id}"
-                return len(transition(session, JobState.LOST, reason, where, {"ended_at": now}))
+            if status.state == "missing" and not self._vanished(job.backend_id, now):
+                return 0
+        if status.state == "missing":
+            # Like a worker that died: restarted while restarts remain, else LOST.
+            why = f"{self.backend_name} no longer knows job {job.backend_id}"
+            cancelling = job.state == JobState.CANCELLING.value
+            end = restart_policy.AttemptEnd(lost=not cancelling, cancelled=cancelling,
+                                            why=f"cancelled; {why}" if cancelling else why)
+            with self.rt.session() as session:
+                moved = restart_policy.apply(session, job, end, {"ended_at": now})
+            return self._after(job, moved)
         return self._finish(job, status, now)
 
+    def _vanished(self, backend_id: str, now: float) -> bool:
+        """Whether a job its backend does not know has been missing past the grace."""
+        r = self.rt.redis
+        r.hsetnx(keys.BATCH_MISSING, backend_id, now)
+        first = float(r.hget(keys.BATCH_MISSING, backend_id) or now)  # type: ignore[arg-type]
+        if now - first < self.vanished_grace_s:
+            return False
+        r.hdel(keys.BATCH_MISSING, backend_id)
+        return True
+
     def _finish(self, job: Job, status: Status, now: float) -> int:
+        """Record a job its backend says has ended, by the restart policy."""
         assert job.id is not None
         failure = self._route_result(job) if job.kind == "function" else None
         ended = {"ended_at": now, "exit_code": status.exit_code,
                  "started_at": job.started_at or now}
-        where = [col(Job.id) == job.id]
         with self.rt.session() as session:
             if job.state == JobState.STARTING.value and status.state == "succeeded":
                 # It ran and ended between two polls: record that it ran.
-                transition(session, JobState.RUNNING, None, where, {"started_at": now},
-                           only_from=[JobState.STARTING])
-            if status.state == "cancelled" or job.state == JobState.CANCELLING.value:
-                target, reason = JobState.CANCELLED, status.reason or "cancelled by user"
-            elif status.state == "succeeded" and failure is None:
-                target, reason = JobState.SUCCEEDED, None
-            else:
-                target = JobState.FAILED
-                reason = failure or status.reason or f"exit code {status.exit_code}"
-            return len(transition(session, target, reason, where, ended))
+                transition(session, JobState.RUNNING, None,
+                           [col(Job.id) == job.id, col(Job.attempt) == job.attempt],
+                           {"started_at": now}, only_from=[JobState.STARTING])
+            moved = restart_policy.apply(session, job, _attempt_end(job, status, failure), ended)
+        return self._after(job, moved)
+
+    def _after(self, job: Job, moved: JobState | None) -> int:
+        """1 if the policy moved the job. A restarted function job's envelope is dropped:
+        the next attempt's end must not be read from it."""
+        if moved is JobState.RECOVERING and job.kind == "function":
+            assert job.id is not None
+            self.forget_result(job)
+            self.rt.redis.delete(keys.result(job.id))
+        return int(moved is not None)
 
     def _route_result(self, job: Job) -> str | None:
         """Store a function job's envelope for `result()`; return why it failed, if it did."""
@@ -250,7 +293,9 @@ class BatchAdapter(Task):  # type: ignore[misc]
         pending = self._jobs(JobState.PENDING)[:room]
         groups: dict[object, list[Job]] = {}
         for job in pending:
-            groups.setdefault(job.launch_id or ("job", job.id), []).append(job)
+            # A restarted replica goes alone: its launch's array has long been submitted.
+            fresh = job.launch_id is not None and job.attempt == 0
+            groups.setdefault(job.launch_id if fresh else ("job", job.id), []).append(job)
         submitted = 0
         for jobs in groups.values():
             try:
@@ -272,7 +317,10 @@ class BatchAdapter(Task):  # type: ignore[misc]
     def _submit_group(self, jobs: list[Job]) -> int:
         first = jobs[0]
         data = self._payload_bytes(first)
+        # Only a job's first attempt is ever submitted with others, so every job of a group
+        # has restarted as often as the first.
         env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
+               "GPUQ_RESTART_COUNT": str(first.restart_count),
                "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id),
                **self.result_env(first)}
         if len(data) <= self.inline_limit_bytes:
@@ -284,7 +332,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         ids = self.submit(submission)
         with self.rt.session() as session:
             for job, backend_id in zip(jobs, ids, strict=True):
-                transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
+                transition(session, JobState.STARTING, None,
+                           [col(Job.id) == job.id, col(Job.attempt) == job.attempt],
                            {"backend_id": backend_id, "attempt": job.attempt + 1,
                             "dispatched_at": time.time()},
                            only_from=[JobState.PENDING])

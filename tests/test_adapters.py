@@ -139,6 +139,88 @@ def test_concurrency_limit_holds_the_rest_pending(adapter, local):
     assert {r["status"] for r in rows} == {"SUCCEEDED"}
 
 
+def _events(client: Client, job_id: int) -> list[str]:
+    return [e["to"] for e in client.call("job", job_id=job_id)["events"]]
+
+
+def test_a_failed_replica_restarts_alone_until_it_succeeds(adapter, local, tmp_path: Path):
+    # Given a launch whose rank 1 fails on its first two attempts, with two restarts allowed
+    out = tmp_path / "attempts"
+    out.mkdir()
+    handle = local.launch(f"echo $GPUQ_RESTART_COUNT >> {out}/{{rank}}; "
+                          f"[ {{rank}} != 1 ] || [ $GPUQ_RESTART_COUNT -ge 2 ]",
+                          num_jobs=3, max_restarts=2, backend=adapter.backend_name)
+    # When the backend runs it
+    rows = {r["rank"]: r for r in drive(adapter, local, handle.job_ids, timeout_s=120)}
+    # Then every rank succeeded; rank 1 after two restarts, each a job of its own
+    assert {r["status"] for r in rows.values()} == {"SUCCEEDED"}
+    assert [rows[rank]["restart_count"] for rank in range(3)] == [0, 2, 0]
+    assert {rank: (out / str(rank)).read_text().split() for rank in range(3)} == {
+        0: ["0"], 1: ["0", "1", "2"], 2: ["0"]}, "only the failed replica runs again"
+    assert _events(local, rows[1]["id"]).count("RECOVERING") == 2
+    if adapter.backend_name == "slurm":  # resubmitted as a plain job, not an array task
+        assert "_" not in rows[1]["backend_id"] and "_" in rows[0]["backend_id"]
+
+
+def test_a_job_that_always_fails_ends_failed_after_every_restart(adapter, local):
+    job = local.submit("exit 7", max_restarts=2, backend=adapter.backend_name)
+    rows = drive(adapter, local, [job.id], timeout_s=120)
+    assert (rows[0]["status"], rows[0]["exit_code"], rows[0]["restart_count"]) == (
+        "FAILED", 7, 2)
+    events = _events(local, job.id)
+    assert events.count("STARTING") == 3, "one attempt and two restarts"
+    assert events.count("RECOVERING") == 2
+
+
+def fails_on_first_attempt(x: int) -> int:
+    if os.environ["GPUQ_RESTART_COUNT"] == "0":
+        raise RuntimeError("first attempt fails")
+    return x * x
+
+
+def test_a_restarted_function_job_returns_its_last_attempts_result(adapter, local):
+    job = local.submit(fails_on_first_attempt, 7, max_restarts=1, backend=adapter.backend_name)
+    rows = drive(adapter, local, [job.id], timeout_s=120)
+    assert (rows[0]["status"], rows[0]["restart_count"]) == ("SUCCEEDED", 1)
+    assert job.result(timeout_s=5) == 49
+    reasons = [e["reason"] for e in local.call("job", job_id=job.id)["events"]]
+    assert "raised builtins.RuntimeError: first attempt fails; restarting" in reasons
+
+
+def test_a_late_status_of_a_restarted_jobs_old_backend_job_changes_nothing(adapter, local):
+    # Given a job that failed once and restarted
+    job = local.submit("exit 3", max_restarts=1, backend=adapter.backend_name)
+    adapter.sync()
+    with adapter.rt.session() as session:
+        first = session.get(Job, job.id)
+        assert first is not None and first.backend_id and first.attempt == 1
+        session.expunge(first)
+    until(lambda: adapter.sync() is not None and job.row()["restart_count"] == 1, 60)
+    # When a pass that read the first attempt applies its old backend job's end late
+    moved = adapter._apply(first, Status("failed", "late", 3))
+    # Then the second attempt is untouched, and ends by its own backend job
+    assert moved == 0
+    assert job.row()["restart_count"] == 1 and job.row()["backend_id"] != first.backend_id
+    rows = drive(adapter, local, [job.id], timeout_s=120)
+    assert (rows[0]["status"], rows[0]["restart_count"]) == ("FAILED", 1)
+    assert _events(local, job.id).count("RECOVERING") == 1
+
+
+def test_a_job_the_backend_forgot_restarts_while_restarts_remain(adapter, local):
+    job = local.submit("sleep 300", max_restarts=1, backend=adapter.backend_name)
+    until(lambda: adapter.sync() and job.status == "RUNNING")
+    first = job.row()["backend_id"]
+    _vanish(adapter, first)
+    until(lambda: adapter.sync() is not None and job.row()["restart_count"] == 1, 30)
+    assert job.row()["backend_id"] != first
+    until(lambda: adapter.sync() is not None and job.status == "RUNNING", 60)
+    assert job.cancel()["cancelling"] == [job.id]
+    rows = drive(adapter, local, [job.id])
+    assert rows[0]["status"] == "CANCELLED"
+    assert any(e["to"] == "RECOVERING" and "no longer knows" in e["reason"]
+               for e in local.call("job", job_id=job.id)["events"])
+
+
 def test_a_job_the_backend_forgot_becomes_lost_after_the_grace(adapter, local):
     job = local.submit("sleep 300", backend=adapter.backend_name)
     until(lambda: adapter.sync() and job.status == "RUNNING")

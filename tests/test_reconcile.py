@@ -12,10 +12,9 @@ from app.core.keys import CPU_QUEUE, gpu_queue
 from app.stack.host import register_host
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
-from scheduler.dispatch.reconcile import reconcile
+from scheduler.dispatch.reconcile import reconcile, settle
 from scheduler.worker.attempt import run_attempt
 from scheduler.worker.monitor import FakeProvider
-from scheduler.worker.recovery import settle
 
 
 def _bring_up(rt, count: int = 1) -> None:

@@ -25,7 +25,7 @@ from sqlmodel import col, select
 from app.core.keys import CPU_QUEUE
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import cluster, dependencies
+from app.store import cluster, dependencies, restart_policy
 from app.store.jobs import cancel_waiting, transition
 from app.store.models import Job
 
@@ -75,8 +75,6 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
                     requeued.append(job.id)
         elif job.gpu_ids and not _held(rt, job) and not cluster.is_alive(
                 rt.redis, job.host or "", job.gpu_ids[0]):
-            from scheduler.worker.recovery import settle
-
             settle(rt, job)
             settled.append(job.id)
     released = _settle_stranded_dependents(rt)
@@ -86,6 +84,25 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
 
         Dispatcher(rt).dispatch()
     return {"requeued": requeued, "settled": settled}
+
+
+def settle(rt: Runtime, job: Job) -> None:
+    """Apply the restart policy to a job whose worker died: restart it or call it LOST.
+
+    Reconciliation calls this for a dead host's jobs, and a restarted GPU worker for its
+    own orphans (scheduler/worker/recovery.py)."""
+    now = time.time()
+    ended = {"ended_at": now, "runtime_s": job.runtime_s + now - (job.started_at or now),
+             "pid": None}
+    cancelling = job.state == JobState.CANCELLING.value
+    end = restart_policy.AttemptEnd(
+        lost=not cancelling, cancelled=cancelling,
+        why="cancelled; its worker died" if cancelling else "its worker died")
+    # The attempt pins the move to what the caller saw: a second reconciler, or a worker
+    # settling its orphans at the same moment, finds the job moved on and changes nothing.
+    with rt.session() as session:
+        restart_policy.apply(session, job, end, ended,
+                             only_from=[JobState.CANCELLING if cancelling else JobState.RUNNING])
 
 
 def _settle_stranded_dependents(rt: Runtime) -> int:

@@ -17,6 +17,7 @@ from app.core.errors import BrokerUnavailable, PayloadError, PayloadNotAuthentic
 from app.core.paths import JobPaths
 from app.core.states import JobState
 from app.runtime import Runtime
+from app.store import restart_policy
 from app.store.cluster import holder, refresh, release
 from app.store.db import riding_out_outages
 from app.store.jobs import drop_payload_if_finished, move, note, transition
@@ -173,7 +174,8 @@ def _mark_running(rt: Runtime, job_id: int, host: str, pid: int) -> bool:
 @riding_out_outages
 def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
                     failure: str | None = None) -> str:
-    """Record how the attempt ended; `failure` explains a function job's failure."""
+    """Record how the attempt ended and apply the restart policy; `failure` explains a
+    function job's failure."""
     assert job.id is not None
     now = time.time()
     with rt.session() as session:
@@ -182,32 +184,15 @@ def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
         runtime_s = current.runtime_s + now - (current.started_at or now)
         ended = {"exit_code": outcome.exit_code, "ended_at": now, "runtime_s": runtime_s,
                  "pid": None}
-        where = [col(Job.id) == job.id]
-        source = [JobState(current.state)]  # one UPDATE, not one per possible source
-        if outcome.cancelled or current.state == JobState.CANCELLING.value:
+        cancelled = outcome.cancelled or current.state == JobState.CANCELLING.value
+        if cancelled:
             rt.redis.delete(keys.cancel(job.id))
-            transition(session, JobState.CANCELLED, "cancelled by user", where, ended, source)
-            return JobState.CANCELLED.value
-        if outcome.exit_code == 0 and failure is None:
-            transition(session, JobState.SUCCEEDED, None, where, ended, source)
-            return JobState.SUCCEEDED.value
-        if outcome.exit_code == 0:  # the call returned, but its result cannot be kept
-            transition(session, JobState.FAILED, failure, where, ended, source)
-            return JobState.FAILED.value
-        free_restart = outcome.exit_code in current.recover_exit_codes
-        if free_restart or current.restart_count < current.max_restarts:
-            reason = f"{failure or f'exit code {outcome.exit_code}'}; restarting"
-            spent = 0 if free_restart else 1
-            moved = transition(session, JobState.RECOVERING, reason, where,
-                               {**ended, "restart_count": current.restart_count + spent},
-                               source)
-            if moved:
-                transition(session, JobState.PENDING, "restart", where,
-                           only_from=[JobState.RECOVERING])
-                return JobState.RECOVERING.value
-        transition(session, JobState.FAILED, failure or f"exit code {outcome.exit_code}", where,
-                   ended, source)
-        return JobState.FAILED.value
+        end = restart_policy.AttemptEnd(exit_code=outcome.exit_code, cancelled=cancelled,
+                                        why=failure)
+        # One UPDATE from the state it was read in, fenced on the attempt this worker ran.
+        moved = restart_policy.apply(session, current, end, ended,
+                                     only_from=[JobState(current.state)], attempt=job.attempt)
+        return (moved or JobState(current.state)).value
 
 
 @riding_out_outages

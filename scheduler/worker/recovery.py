@@ -1,8 +1,9 @@
 """A GPU worker that starts again after dying takes stock of the jobs it was running.
 
 Its job's process group lives in its own session, so it outlived the worker. The new worker
-stops that group, releases the job's GPUs, and applies the restart policy: RECOVERING then
-PENDING while restarts remain, LOST when none do.
+stops that group, releases the job's GPUs, and settles the job as reconciliation does
+(scheduler/dispatch/reconcile.py `settle`): by the restart policy, RECOVERING then PENDING
+while restarts remain, LOST when none do.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import contextlib
 import logging
 import os
 import signal
-import time
 
 from sqlmodel import col, select
 
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.cluster import holder, release
-from app.store.jobs import transition
 from app.store.models import Job
+from scheduler.dispatch.reconcile import settle
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +49,3 @@ def recover_orphans(rt: Runtime, gpu_index: int) -> list[int]:
         log.warning("GPU %s of %s: settled jobs %s left by a worker that died", gpu_index,
                     host, settled)
     return settled
-
-
-def settle(rt: Runtime, job: Job) -> None:
-    """Apply the restart policy to a job whose worker died: restart it or call it LOST."""
-    now = time.time()
-    # The attempt pins the move to what the caller saw: a second reconciler, or a worker
-    # settling its orphans at the same moment, finds the job moved on and changes nothing.
-    where = [col(Job.id) == job.id, col(Job.attempt) == job.attempt]
-    live = [JobState.RUNNING]
-    runtime_s = job.runtime_s + now - (job.started_at or now)
-    ended = {"ended_at": now, "runtime_s": runtime_s, "pid": None}
-    reason = "its worker died"
-    with rt.session() as session:
-        if job.state == JobState.CANCELLING.value:
-            transition(session, JobState.CANCELLED, "cancelled; its worker died", where, ended,
-                       only_from=[JobState.CANCELLING])
-        elif job.restart_count < job.max_restarts:
-            if transition(session, JobState.RECOVERING, f"{reason}; restarting", where,
-                          {**ended, "restart_count": job.restart_count + 1}, only_from=live):
-                transition(session, JobState.PENDING, "restart", where)
-        else:
-            transition(session, JobState.LOST, f"{reason}; no restart left", where, ended,
-                       only_from=live)
