@@ -5,9 +5,10 @@ Syntax of a line (blank lines and lines starting with `#` are skipped):
     [option=value ...] -- command args...
     command args...                      (no ` -- `: the whole line is the command)
 
-Options: gpus, priority, name, workdir, venv, conda_env, max_restarts, gpu_ids (0,3),
-recover_on_exit_codes (137,143), preflight, and env.KEY=VALUE (repeatable). Values are
-shell-quoted as on a command line: name='sweep a'.
+Options are those of `gpuq submit` (app/store/spec.py), with _ for -: gpus, name,
+priority, workdir, venv, conda_env, max_restarts, recover_on_exit_codes (137,143), gpu_ids
+(0,3), preflight, tmux (true/false), backend, after (4,9); and env.KEY=VALUE
+(repeatable). Values are shell-quoted as on a command line: name='sweep a'.
 """
 
 from __future__ import annotations
@@ -23,31 +24,26 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import InvalidJobSpec, JobsFileError
-from app.store.jobs import JobSpec
+from app.store.spec import JOB_OPTIONS, JobSpec
 
 log = logging.getLogger(__name__)
 
-INT_OPTIONS = {"gpus", "priority", "max_restarts"}
-LIST_OPTIONS = {"gpu_ids": "allowed_gpu_ids", "recover_on_exit_codes": "recover_exit_codes",
-                "after": "after"}
-TEXT_OPTIONS = {"name", "workdir", "venv", "conda_env", "preflight"}
-KNOWN = sorted(INT_OPTIONS | set(LIST_OPTIONS) | TEXT_OPTIONS | {"env.KEY"})
+BY_KEY = {option.file_key: option for option in JOB_OPTIONS if option.kind != "env"}
+KNOWN = sorted([*BY_KEY, "env.KEY"])
 
 
 def _option(spec: dict[str, Any], key: str, value: str, lineno: int) -> None:
+    """One `key=value` word of a line, read as the same option of `gpuq submit` reads it."""
+    if key.startswith("env.") and len(key) > 4:
+        spec.setdefault("env", {})[key[4:]] = value
+        return
+    option = BY_KEY.get(key)
+    if option is None:
+        raise JobsFileError(f"unknown option {key!r}; known: {', '.join(KNOWN)}", lineno)
     try:
-        if key.startswith("env.") and len(key) > 4:
-            spec.setdefault("env", {})[key[4:]] = value
-        elif key in INT_OPTIONS:
-            spec[key] = int(value)
-        elif key in LIST_OPTIONS:
-            spec[LIST_OPTIONS[key]] = [int(x) for x in value.split(",") if x]
-        elif key in TEXT_OPTIONS:
-            spec[key] = value
-        else:
-            raise JobsFileError(f"unknown option {key!r}; known: {', '.join(KNOWN)}", lineno)
-    except ValueError:
-        raise JobsFileError(f"{key} takes integers, got {value!r}", lineno) from None
+        spec[option.field] = option.parse(value)
+    except ValueError as e:
+        raise JobsFileError(str(e), lineno) from None
 
 
 def parse_line(text: str, lineno: int) -> dict[str, Any] | None:

@@ -83,7 +83,7 @@ def test_option_garbage_before_the_separator_is_refused_by_line(words, command):
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ("gpus=two -- true", "gpus takes integers, got 'two'"),
+    ("gpus=two -- true", "gpus takes an integer, got 'two'"),
     ("colour=red -- true", "unknown option 'colour'; known:"),
     ("gpus -- true", "options are key=value before ` -- `"),
     ("name='unclosed -- true", "cannot read the options"),

@@ -31,7 +31,8 @@ def gpuq_subcommands() -> frozenset[str]:
     env = {**os.environ, "COLUMNS": "120", "TERM": "dumb"}
     shown = subprocess.run([GPUQ, "--help"], capture_output=True, text=True, env=env,
                            timeout=60, check=True).stdout
-    names = frozenset(re.findall(r"^\s*[│|]\s+([a-z][a-z-]*)\s{2,}\S", shown, re.MULTILINE))
+    commands = shown.split("Commands:", 1)[1]
+    names = frozenset(re.findall(r"^\s+([a-z][a-z-]*)\s{2,}\S", commands, re.MULTILINE))
     assert {"worker", "status", "up"} <= names, shown
     return names
 

@@ -27,7 +27,7 @@ def test_a_plain_line_is_the_command_and_comments_are_skipped():
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ("gpus=two -- python a.py", "line 7: gpus takes integers"),
+    ("gpus=two -- python a.py", "line 7: gpus takes an integer, got 'two'"),
     ("colour=red -- python a.py", "line 7: unknown option 'colour'; known:"),
     ("gpus -- python a.py", "line 7: options are key=value"),
     ("gpus=1 --   ", "line 7: invalid job: command"),
@@ -49,9 +49,9 @@ def test_rereads_submit_only_new_lines_and_skip_bad_ones(local, tmp_path):
     watcher = JobsFileWatcher(path, _submit_many(local))
     first = watcher.poll()
     assert first is not None and len(first.submitted) == 1
-    assert first.errors == ["line 3: unknown option 'bogus'; known: after, conda_env, env.KEY, "
-                            "gpu_ids, gpus, max_restarts, name, preflight, priority, "
-                            "recover_on_exit_codes, venv, workdir"]
+    assert first.errors == ["line 3: unknown option 'bogus'; known: after, backend, conda_env, "
+                            "env.KEY, gpu_ids, gpus, max_restarts, name, preflight, priority, "
+                            "recover_on_exit_codes, tmux, venv, workdir"]
     assert watcher.poll() is None, "unchanged file: not read again"
 
     with path.open("a") as f:

@@ -25,8 +25,9 @@ from app.ops.registry import call_local
 from app.runtime import Runtime
 from app.store import schema
 from app.store.db import make_engine
-from app.store.jobs import JobSpec, create_jobs
+from app.store.jobs import create_jobs
 from app.store.migrations import HEAD_REVISION
+from app.store.spec import JobSpec
 from tests.conftest import EXTERNAL_DB, ROOT, server_env
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -206,7 +207,8 @@ def test_upgrading_a_database_at_the_head_changes_nothing(settings):
 OPEN = """
 from app.core.settings import Settings
 from app.store.db import make_engine
-from app.store.jobs import JobSpec, create_jobs
+from app.store.jobs import create_jobs
+from app.store.spec import JobSpec
 make_engine(Settings()).dispose()
 """
 

@@ -132,7 +132,7 @@ def test_watch_once_submits_lines_and_reports_bad_ones(client: Client, stack_set
     result = subprocess.run([gpuq, "watch", str(path), "--once"], env=server_env(stack_settings),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "line 2: gpus takes integers" in result.stderr
+    assert "line 2: gpus takes an integer" in result.stderr
     rows = client.call("queue", name="from-file")["jobs"]
     assert len(rows) == 1
     assert client.job(rows[0]["id"]).wait(timeout_s=30) == "SUCCEEDED"

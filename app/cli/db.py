@@ -9,16 +9,17 @@ import typer
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-db = typer.Typer(no_args_is_help=True, help="The database's schema: its revision, upgrades.")
+db = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                 help="The database's schema: its revision, upgrades.")
 
 
 def _engine() -> tuple[Engine, str]:
     """The database, opened without the refusal of a schema behind or ahead of this gpuq."""
-    from app.cli.main import _settings
+    from app.cli.common import load_settings
     from app.core.settings import mask_url
     from app.store.db import make_engine
 
-    settings = _settings()
+    settings = load_settings()
     return (make_engine(settings, check_revision=False),
             mask_url(settings.effective_database_url()))
 

@@ -15,7 +15,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from app.core.backends import BACKENDS
-from app.store.jobs import JobSpec, check_dependencies_allowed
+from app.store.spec import JobSpec, check_dependencies_allowed
 
 # Limits that keep ids and offsets inside every database's integer columns.
 MAX_ID = 2**31 - 1

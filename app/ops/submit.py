@@ -14,13 +14,9 @@ from app.ops.nudge import kick_batch, kick_dispatch
 from app.ops.registry import operation
 from app.runtime import Runtime
 from app.store import cluster
-from app.store.jobs import (
-    JobSpec,
-    create_jobs,
-    refuse_duplicate,
-    transition,
-)
+from app.store.jobs import create_jobs, refuse_duplicate, transition
 from app.store.models import Job
+from app.store.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

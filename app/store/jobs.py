@@ -1,138 +1,26 @@
-"""The job store: validated specs, bulk creation, and the one transition function."""
+"""The job store: bulk creation, the duplicate check, queries, and the one transition
+function."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 from sqlalchemy import ColumnElement, insert, update
 from sqlmodel import Session, col, select
 
-from app.core.backends import BACKENDS
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import dependencies
 from app.store.models import Job, JobEvent, Launch, event_row
+from app.store.spec import JobSpec
 
 if TYPE_CHECKING:
     import redis
 
-# local: this host's GPU workers; the others are batch adapters (adapters/).
 # One launch is one INSERT and one transaction: a bound keeps a typo from filling the table.
 MAX_JOBS_PER_LAUNCH = 100_000
-
-
-def check_dependencies_allowed(backend: str, after: Sequence[int]) -> None:
-    """Batch jobs are handed to their backend at once: nothing would hold one back there."""
-    if after and backend != "local":
-        raise ValueError(f"the {backend} backend takes no dependencies (--after); submit the "
-                         "job when the ones it needs have ended, or run it on the local backend")
-
-
-class JobSpec(BaseModel):
-    """What a user asks for; validated before anything is stored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    command: str = Field(min_length=1)
-    gpus: int = Field(1, ge=0, le=64)
-    name: str | None = None
-    priority: int = Field(0, ge=-1000, le=1000)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    venv: str | None = None
-    conda_env: str | None = None
-    max_restarts: int = Field(0, ge=0, le=1000)
-    recover_exit_codes: list[int] = Field(default_factory=list)
-    allowed_gpu_ids: list[int] | None = None
-    backend: str = "local"
-    preflight: str | None = None
-    tmux: bool = False
-    origin: str | None = None
-    kind: str = "command"
-    payload_key: str | None = None
-    # Jobs that must SUCCEED first (ids fit every database's integer column).
-    after: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(default_factory=list,
-                                                                    max_length=1000)
-
-    @field_validator("command", mode="before")
-    @classmethod
-    def _not_blank(cls, value: object) -> object:
-        # Before the length check, so that an empty command gets the message with the fix.
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
-        return value
-
-    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin")
-    @classmethod
-    def _no_nul(cls, value: str | None) -> str | None:
-        # A NUL cannot be stored by PostgreSQL nor passed to a process.
-        if value is not None and "\0" in value:
-            raise ValueError("holds a NUL character, which no command or path may hold")
-        return value
-
-    @field_validator("env")
-    @classmethod
-    def _environment_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
-            if not name or "=" in name or "\0" in name or "\0" in text:
-                raise ValueError(f"bad variable {name!r}: a name is not empty and holds no "
-                                 "'=' or NUL, and a value holds no NUL")
-        return value
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, value: str) -> str:
-        if value not in ("command", "function"):
-            raise ValueError("kind is 'command' or 'function'")
-        return value
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
-        return value
-
-    @field_validator("after")
-    @classmethod
-    def _distinct(cls, value: list[int]) -> list[int]:
-        return sorted(set(value))
-
-    @model_validator(mode="after")
-    def _dependencies_stay_local(self) -> JobSpec:
-        check_dependencies_allowed(self.backend, self.after)
-        return self
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> JobSpec:
-        """Validate user input, turning pydantic's report into one InvalidJobSpec line."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
-                for err in e.errors()
-            )
-            raise InvalidJobSpec(f"invalid job: {problems}") from e
-
-    def content_hash(self) -> str:
-        """Hash of what makes two jobs the same work (for duplicate prevention)."""
-        key = self.model_dump(include={"command", "env", "gpus", "workdir", "backend",
-                                       "venv", "conda_env", "allowed_gpu_ids", "preflight",
-                                       "kind", "payload_key"})
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool) -> tuple[

@@ -1,0 +1,61 @@
+"""The `gpuq` app, and what its commands share: settings, a client closed with the command,
+JSON output. Heavy imports stay inside commands, so that start-up stays fast."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from app.core.errors import GpuqError
+
+if TYPE_CHECKING:
+    from app.client import Client
+    from app.core.settings import Settings
+
+# Plain help: rich's help renderer costs more start-up than the rest of the CLI together.
+cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="gpuq: a GPU job queue on Celery and Redis.")
+
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+NameOpt = typer.Option(None, "--name", help="A name to find the job by.")
+
+
+class State:
+    verbose = False
+    context: typer.Context | None = None  # the command line's; closes what commands open
+
+
+def load_settings() -> Settings:
+    from app.core.settings import Settings
+
+    try:
+        return Settings()
+    except Exception as e:  # pydantic ValidationError: one line naming the variable
+        raise GpuqError(f"bad settings: {e}".replace("\n", " ")) from e
+
+
+def client(transport: str | None = None) -> Client:
+    """A client closed with the command, whether it ends well or with an error."""
+    from app.client import Client
+
+    client = Client(load_settings(), transport)
+    if State.context is not None:
+        State.context.call_on_close(client.close)
+    return client
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+
+@cli.callback()
+def main_options(context: typer.Context,
+                 verbose: bool = typer.Option(False, "--verbose", "-v",
+                                              help="Show ids, hints and tracebacks.")) -> None:
+    State.verbose = verbose
+    State.context = context
+
+

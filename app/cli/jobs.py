@@ -1,0 +1,212 @@
+"""The commands of a submitting user: submit, launch, queue, launches, cancel, logs, wait,
+status, attach, watch."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from app.cli.common import JsonOpt, NameOpt, cli, client, load_settings, print_json
+from app.cli.options import job_options
+from app.core.errors import GpuqError
+
+
+def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
+    """--secret NAME=VALUE, or --secret NAME to take the value from gpuq's own environment
+    (which keeps it out of the shell's history and the process list)."""
+    secrets = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise GpuqError(f"--secret {key}: no such variable in this environment; pass "
+                                "--secret NAME=VALUE or export NAME first")
+            value = os.environ[key]
+        if not key:
+            raise GpuqError(f"--secret takes NAME=VALUE or NAME, got {pair!r}")
+        secrets[key] = value
+    return secrets or None
+
+
+
+SecretOpt = typer.Option([], "--secret", metavar="NAME[=VALUE]",
+                         help="NAME=VALUE (or NAME, from this environment) for the job's "
+                         "environment, kept out of the job table and logs.")
+CommandArg = typer.Argument(..., metavar="COMMAND", help="The command, after `--`.")
+
+
+@cli.command()
+@job_options
+def submit(options: dict[str, Any], command: list[str] = CommandArg,
+           secret: list[str] = SecretOpt,
+           allow_duplicate: bool = typer.Option(
+               False, "--allow-duplicate",
+               help="Queue it even when an identical job is pending or running."),
+           as_json: bool = JsonOpt) -> None:
+    """Queue one job and print its id. An identical job not yet ended is refused."""
+    handle = client().submit(command, allow_duplicate=allow_duplicate,
+                             secrets=_parse_secrets(secret), **options)
+    print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
+
+
+@cli.command()
+@job_options
+def launch(options: dict[str, Any], command: list[str] = CommandArg,
+           num_jobs: int = typer.Option(..., "--num-jobs", "-n", help="Replicas to launch."),
+           secret: list[str] = SecretOpt,
+           wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
+           as_json: bool = JsonOpt) -> None:
+    """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
+    c = client()
+    handle = c.launch(command, num_jobs, secrets=_parse_secrets(secret), **options)
+    if as_json:
+        print_json({"launch_id": handle.id, "job_ids": handle.job_ids})
+    else:
+        typer.echo(f"launch {handle.id}: jobs {handle.job_ids[0]}..{handle.job_ids[-1]}")
+    if wait:
+        from app.cli.render import progress
+
+        counts = progress(c, handle.id, len(handle.job_ids))
+        raise typer.Exit(0 if counts.get("SUCCEEDED", 0) == len(handle.job_ids) else 1)
+
+
+@cli.command()
+def queue(status: str | None = typer.Option(None, "--status", help="Only this state."),
+          launch_id: int | None = typer.Option(None, "--launch", help="Only this launch."),
+          name: str | None = NameOpt,
+          limit: int = typer.Option(50, "--limit", help="Rows to show."),
+          as_json: bool = JsonOpt) -> None:
+    """List jobs, newest first (by rank within a launch)."""
+    out = client().call("queue", status=status, launch_id=launch_id, name=name, limit=limit)
+    if as_json:
+        print_json(out)
+        return
+    from app.cli.render import launch_lines, queue_table
+
+    if launch_id is not None:
+        launch_lines(client().call("launches", launch_id=launch_id)["launches"])
+    queue_table(out["jobs"], out["total"])
+
+
+@cli.command()
+def launches(as_json: bool = JsonOpt) -> None:
+    """One line per recent launch: its replicas' counts per state."""
+    out = client().call("launches")
+    if as_json:
+        print_json(out)
+        return
+    from app.cli.render import launch_lines
+
+    launch_lines(out["launches"])
+
+
+@cli.command()
+def cancel(ids: list[int] | None = typer.Argument(None, help="Job ids."),
+           name: str | None = NameOpt,
+           launch_id: int | None = typer.Option(None, "--launch", help="Every replica of it."),
+           all_jobs: bool = typer.Option(False, "--all", help="Every job not yet ended."),
+           as_json: bool = JsonOpt) -> None:
+    """Cancel jobs: waiting ones never start; running ones are stopped."""
+    out = client().call("cancel", ids=ids or None, name=name, launch_id=launch_id,
+                         all_jobs=all_jobs)
+    if as_json:
+        print_json(out)
+    else:
+        typer.echo(f"cancelled {len(out['cancelled'])}, stopping {len(out['cancelling'])}")
+
+
+@cli.command()
+def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    """Print a job's output; --follow keeps printing until the job ends."""
+    from app.core.states import JobState
+
+    c = client()
+    offset = 0
+    while True:
+        out = c.call("logs", job_id=job_id, offset=offset)
+        if out.get("where") and not offset:
+            typer.echo(f"job {job_id}'s output is kept in {out['where']}", err=True)
+        sys.stdout.write(out["text"])
+        sys.stdout.flush()
+        offset = out["offset"]
+        if not follow or (JobState(out["status"]).terminal and not out["text"]):
+            return
+        if not out["text"]:
+            time.sleep(0.3)
+
+
+@cli.command()
+def wait(ids: list[int] | None = typer.Argument(None, help="Job ids."),
+         launch_id: int | None = typer.Option(None, "--launch"),
+         timeout: float | None = typer.Option(None, "--timeout", help="Seconds.")) -> None:
+    """Wait for jobs to end; exit 0 when all SUCCEEDED, 1 otherwise."""
+    c = client()
+    if launch_id is not None:
+        ids = [r["id"] for r in c.call("queue", launch_id=launch_id, limit=10_000)["jobs"]]
+    if not ids:
+        raise GpuqError("name job ids or --launch L to wait for")
+    try:
+        rows = c.wait(ids, timeout)
+    except TimeoutError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    bad = [r for r in rows if r["status"] != "SUCCEEDED"]
+    for row in bad:
+        typer.echo(f"job {row['id']}: {row['status']} (exit {row['exit_code']})", err=True)
+    raise typer.Exit(1 if bad else 0)
+
+
+@cli.command()
+def status(as_json: bool = JsonOpt) -> None:
+    """GPUs per host, which job holds each, and job counts."""
+    out = client().call("status")
+    if as_json:
+        print_json(out)
+        return
+    from app.cli.render import status_table
+
+    status_table(out)
+
+
+@cli.command()
+def attach(job_id: int) -> None:
+    """Attach to a running --tmux job (on the host it runs on); detach with Ctrl-b d."""
+    own = load_settings()
+    job = client().call("job", job_id=job_id)
+    if not job.get("tmux"):
+        raise GpuqError(f"job {job_id} was not started with --tmux; read it with `gpuq logs`")
+    if job["status"] != "RUNNING":
+        raise GpuqError(f"job {job_id} is {job['status']}; only a RUNNING job can be attached")
+    from scheduler.worker.tmux import session_name, tmux_command
+
+    argv = tmux_command(own.tmux_socket, "attach-session", "-t", session_name(job_id))
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+def watch(path: Path = typer.Argument(..., help="The jobs file."),
+          interval_s: float = typer.Option(1.0, "--interval", help="Seconds between checks."),
+          once: bool = typer.Option(False, "--once", help="Read it once and exit.")) -> None:
+    """Submit each line of a jobs file once, re-reading it whenever it changes."""
+    from scheduler.jobsfile import JobsFileWatcher
+
+    c = client()
+    watcher = JobsFileWatcher(path, lambda origin, specs: c.call(
+        "submit_many", origin=origin, specs=specs))
+    while True:
+        result = watcher.poll()
+        if result is not None:
+            for error in result.errors:
+                typer.echo(f"{path}: {error}", err=True)
+            if result.submitted:
+                typer.echo(f"submitted {', '.join(map(str, result.submitted))}")
+        if once:
+            raise typer.Exit(1 if result is not None and result.errors else 0)
+        time.sleep(interval_s)
+
+

@@ -1,0 +1,107 @@
+"""The commands that run gpuq's servers: up, worker, control-worker, beat, flower,
+dashboard; and config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from app.cli.common import cli, load_settings, print_json
+from app.core.errors import GpuqError
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
+
+
+@cli.command()
+def config() -> None:
+    """Print the effective settings, secrets masked."""
+    print_json(load_settings().masked())
+
+
+@cli.command()
+def up(procfile: Path | None = typer.Option(
+           None, help="Processes to run [default: deploy/Procfile.dev]."),
+       flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower."),
+       jobs_file: Path | None = typer.Option(None, "--jobs-file",
+                                             help="Watch this jobs file too.")) -> None:
+    """Run the whole stack in the foreground until Ctrl-C."""
+    from app.stack.up import default_procfile, run_stack
+
+    settings = load_settings()
+    run_stack(settings, procfile or default_procfile(), flower,
+              jobs_file or settings.jobs_file)
+
+
+@cli.command()
+def worker() -> None:
+    """Run this host's GPU workers (one Celery worker per GPU)."""
+    from app.stack.host import run_host_workers
+
+    run_host_workers(load_settings())
+
+
+def _exec_celery(build: Callable[[Settings], str]) -> None:
+    import shlex
+
+    argv = shlex.split(build(load_settings()))
+    os.execv(argv[0], argv)
+
+
+@cli.command("control-worker")
+def control_worker() -> None:
+    """Run the worker of the control queue (remote operations, dispatch)."""
+    from app.stack.host import control_worker_command
+
+    _exec_celery(control_worker_command)
+
+
+@cli.command()
+def beat() -> None:
+    """Run Celery beat: the periodic dispatch pass. Run exactly one per cluster."""
+    from app.stack.up import beat_command
+
+    _exec_celery(beat_command)
+
+
+@cli.command("flower")
+def flower_cmd(port: int | None = typer.Option(
+        None, "--port", help="Listen here [default: $PORT if set (a Procfile's web "
+        "process), else GPUQ_FLOWER_PORT].")) -> None:
+    """Run Flower (Celery monitoring), bound to 127.0.0.1 unless GPUQ_FLOWER_ADDRESS says;
+    beyond loopback only with GPUQ_FLOWER_BASIC_AUTH."""
+    import shlex
+
+    from app.stack.up import check_flower_bind, flower_command, flower_environment
+
+    settings = load_settings()
+    if port is None and os.environ.get("PORT"):
+        try:
+            port = int(os.environ["PORT"])
+        except ValueError:
+            raise GpuqError(f"PORT must be a port number, got {os.environ['PORT']!r}") from None
+    if port is not None:
+        settings = settings.model_copy(update={"flower_port": port})
+    check_flower_bind(settings)
+    argv = shlex.split(flower_command(settings))
+    os.execve(argv[0], argv, flower_environment(settings, os.environ))
+
+
+@cli.command()
+def dashboard(address: str | None = typer.Option(None, "--address",
+                                                 help="Bind here (GPUQ_DASHBOARD_ADDRESS)."),
+              port: int | None = typer.Option(None, "--port",
+                                              help="Listen here (GPUQ_DASHBOARD_PORT).")) -> None:
+    """Serve the web dashboard and its JSON API, on 127.0.0.1 unless told otherwise."""
+    from app.dashboard import serve
+
+    settings = load_settings()
+    changes = {k: v for k, v in (("dashboard_address", address), ("dashboard_port", port))
+               if v is not None}
+    serve(settings.model_copy(update=changes))
+
+

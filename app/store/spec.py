@@ -1,0 +1,204 @@
+"""What a user may ask of a job, declared once: `JobSpec` (validated before anything is
+stored) and `JOB_OPTIONS`, the options that set its fields, which the CLI's submit and
+launch, the watched jobs file and the dashboard's request models all read.
+
+A new job option is a field of JobSpec, a line of JOB_OPTIONS, a column of the job table
+(with its migration), and the code that acts on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from app.core.backends import ADAPTERS, BACKENDS
+from app.core.errors import InvalidJobSpec
+
+
+def check_dependencies_allowed(backend: str, after: Sequence[int]) -> None:
+    """Batch jobs are handed to their backend at once: nothing would hold one back there."""
+    if after and backend != "local":
+        raise ValueError(f"the {backend} backend takes no dependencies (--after); submit the "
+                         "job when the ones it needs have ended, or run it on the local backend")
+
+
+class JobSpec(BaseModel):
+    """What a user asks for; validated before anything is stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(min_length=1)
+    gpus: int = Field(1, ge=0, le=64)
+    name: str | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    venv: str | None = None
+    conda_env: str | None = None
+    max_restarts: int = Field(0, ge=0, le=1000)
+    recover_exit_codes: list[int] = Field(default_factory=list)
+    allowed_gpu_ids: list[int] | None = None
+    backend: str = "local"
+    preflight: str | None = None
+    tmux: bool = False
+    origin: str | None = None
+    kind: str = "command"
+    payload_key: str | None = None
+    # Jobs that must SUCCEED first (ids fit every database's integer column).
+    after: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(default_factory=list,
+                                                                    max_length=1000)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _not_blank(cls, value: object) -> object:
+        # Before the length check, so that an empty command gets the message with the fix.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
+        return value
+
+    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # A NUL cannot be stored by PostgreSQL nor passed to a process.
+        if value is not None and "\0" in value:
+            raise ValueError("holds a NUL character, which no command or path may hold")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _environment_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not name or "=" in name or "\0" in name or "\0" in text:
+                raise ValueError(f"bad variable {name!r}: a name is not empty and holds no "
+                                 "'=' or NUL, and a value holds no NUL")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in ("command", "function"):
+            raise ValueError("kind is 'command' or 'function'")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("after")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _dependencies_stay_local(self) -> JobSpec:
+        check_dependencies_allowed(self.backend, self.after)
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> JobSpec:
+        """Validate user input, turning pydantic's report into one InvalidJobSpec line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise InvalidJobSpec(f"invalid job: {problems}") from e
+
+    def content_hash(self) -> str:
+        """Hash of what makes two jobs the same work (for duplicate prevention)."""
+        key = self.model_dump(include={"command", "env", "gpus", "workdir", "backend",
+                                       "venv", "conda_env", "allowed_gpu_ids", "preflight",
+                                       "kind", "payload_key"})
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+OptionKind = Literal["int", "text", "path", "ints", "env", "flag"]
+
+
+@dataclass(frozen=True)
+class JobOption:
+    """One option of `gpuq submit` / `gpuq launch` and of a jobs-file line."""
+
+    field: str  # the JobSpec field it sets
+    flag: str  # `--flag` on the command line; `flag=` (with _ for -) in the jobs file
+    kind: OptionKind
+    help: str
+    repeatable: bool = False  # given once per value on the command line (--env, --after)
+
+    @property
+    def file_key(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def default(self) -> Any:
+        return JobSpec.model_fields[self.field].get_default(call_default_factory=True)
+
+    def parse(self, text: str, cwd: Path | None = None) -> Any:
+        """The field's value from one piece of text; ValueError names what it takes.
+        A `path` is made absolute against `cwd` when one is given (the CLI's directory)."""
+        if self.kind == "int":
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{self.flag} takes an integer, got {text!r}") from None
+        if self.kind == "ints":
+            try:
+                return [int(x) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"{self.flag} takes comma-separated integers, e.g. 0,3; "
+                                 f"got {text!r}") from None
+        if self.kind == "env":
+            key, sep, value = text.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{self.flag} takes KEY=VALUE, got {text!r}")
+            return {key: value}
+        if self.kind == "flag":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{self.flag} takes true or false, got {text!r}")
+            return text.lower() in ("true", "1", "yes")
+        if self.kind == "path" and cwd is not None:
+            return str((cwd / text).resolve())
+        return text
+
+
+JOB_OPTIONS: tuple[JobOption, ...] = (
+    JobOption("gpus", "gpus", "int", "GPUs the job needs (0 for none)."),
+    JobOption("name", "name", "text", "A name to find the job by."),
+    JobOption("priority", "priority", "int", "Higher starts first."),
+    JobOption("env", "env", "env", "KEY=VALUE for the job's environment (repeatable).",
+              repeatable=True),
+    JobOption("workdir", "workdir", "path", "Directory the command runs in."),
+    JobOption("venv", "venv", "text", "A virtualenv to activate."),
+    JobOption("conda_env", "conda-env", "text", "A conda env to activate."),
+    JobOption("max_restarts", "max-restarts", "int",
+              "Restarts after a failed attempt, on every backend."),
+    JobOption("recover_exit_codes", "recover-on-exit-codes", "ints",
+              "Exit codes that restart without spending the budget, e.g. 137."),
+    JobOption("allowed_gpu_ids", "gpu-ids", "ints", "Only these GPU indices, e.g. 0,3."),
+    JobOption("preflight", "preflight", "text",
+              "A check to run on the job's GPUs first, e.g. nccl."),
+    JobOption("tmux", "tmux", "flag", "Run in a tmux session (`gpuq attach ID`)."),
+    JobOption("backend", "backend", "text",
+              "local (this cluster's GPU workers) or a batch backend: "
+              f"{', '.join(ADAPTERS)}."),
+    JobOption("after", "after", "ints", "Start only once these jobs have SUCCEEDED, e.g. "
+              "12,13 (repeatable); cancelled if one of them does not.", repeatable=True),
+)
