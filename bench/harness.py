@@ -32,7 +32,8 @@ class Bench:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
         env.update(self.settings.as_environment(), PATH=f"{BIN}:{os.environ['PATH']}",
-                   PYTHONPATH=str(ROOT), **extra)
+                   PYTHONPATH=str(ROOT))
+        env.update(extra)
         return env
 
     def start(self, *argv: str, **extra_env: str) -> None:

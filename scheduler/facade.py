@@ -23,7 +23,8 @@ from app.client import Client
 from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.runtime import Runtime
-from app.stack.host import gpu_worker_programs, register_host
+from app.stack.commands import gpu_worker_programs
+from app.stack.host import register_host
 from app.stack.supervisor import Supervisor
 from app.store.embedded_redis import EmbeddedRedis
 from scheduler.dispatch.allocator import Dispatcher

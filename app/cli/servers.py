@@ -55,7 +55,7 @@ def _exec_celery(build: Callable[[Settings], str]) -> None:
 @cli.command("control-worker")
 def control_worker() -> None:
     """Run the worker of the control queue (remote operations, dispatch)."""
-    from app.stack.host import control_worker_command
+    from app.stack.commands import control_worker_command
 
     _exec_celery(control_worker_command)
 
@@ -63,7 +63,7 @@ def control_worker() -> None:
 @cli.command()
 def beat() -> None:
     """Run Celery beat: the periodic dispatch pass. Run exactly one per cluster."""
-    from app.stack.up import beat_command
+    from app.stack.commands import beat_command
 
     _exec_celery(beat_command)
 
@@ -76,7 +76,8 @@ def flower_cmd(port: int | None = typer.Option(
     beyond loopback only with GPUQ_FLOWER_BASIC_AUTH."""
     import shlex
 
-    from app.stack.up import check_flower_bind, flower_command, flower_environment
+    from app.stack.commands import flower_command
+    from app.stack.flower import check_flower_bind, flower_environment
 
     settings = load_settings()
     if port is None and os.environ.get("PORT"):

@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 import logging
-import sys
 
-from app.core.keys import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
 from app.core.settings import Settings
 from app.runtime import Runtime
-from app.stack.supervisor import Program, Supervisor
+from app.stack.commands import gpu_worker_programs
+from app.stack.supervisor import Supervisor
 from app.store import cluster
 from app.store.exits import RestartLog
 from scheduler.worker.monitor import GpuProvider, detect_provider
 
 log = logging.getLogger(__name__)
-
-
-def celery_command(settings: Settings, *args: str) -> str:
-    return " ".join([sys.executable, "-m", "celery", "-A", "tasks.worker_app", *args])
-
-
-def worker_command(settings: Settings, name: str, queue: str, pool: str, concurrency: int) -> str:
-    return celery_command(
-        settings, "worker", "-P", pool, "-c", str(concurrency), "-Q", queue,
-        "-n", f"{name}@{settings.hostname}", "--without-gossip", "--without-mingle",
-        "-l", settings.log_level,
-    )
-
-
-def gpu_worker_programs(settings: Settings, gpu_count: int) -> list[Program]:
-    """One solo-pool worker per GPU, plus a small thread pool for 0-GPU jobs."""
-    programs = [
-        Program(f"gpu{i}", worker_command(settings, f"gpu{i}", gpu_queue(settings.hostname, i),
-                                          "solo", 1),
-                env={"GPUQ_WORKER_GPU": str(i)})
-        for i in range(gpu_count)
-    ]
-    if settings.cpu_slots:
-        programs.append(Program("cpu", worker_command(settings, "cpu", CPU_QUEUE, "threads",
-                                                      settings.cpu_slots)))
-    return programs
-
-
-def control_worker_command(settings: Settings) -> str:
-    return worker_command(settings, "control", CONTROL_QUEUE, "threads", 4)
 
 
 def register_host(rt: Runtime, provider: GpuProvider, host: str, limit: int | None = None

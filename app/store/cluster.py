@@ -12,11 +12,12 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from app.core import keys
+
+if TYPE_CHECKING:
+    import redis
 
 # All-or-nothing: every GPU must be alive and unheld, then all are held by ARGV[1].
 # KEYS = hold keys followed by the matching alive keys.
