@@ -102,3 +102,14 @@ def test_identical_job_is_accepted_again_once_the_first_ended(local):
     first.cancel()
     again = local.submit("python eval.py")
     assert again.id != first.id and again.status == "PENDING"
+
+
+def test_handles_give_typed_rows_the_operations_built(local):
+    job = local.submit("echo typed", gpus=1, name="typed", env={"A": "1"})
+    info = job.info()
+    assert (info.id, info.name, info.status, info.env) == (job.id, "typed", "PENDING",
+                                                           {"A": "1"})
+    assert [e.to for e in info.events] == ["PENDING"]
+    launch = local.launch("echo {rank}", 3, gpus=1)
+    row = launch.info()
+    assert (row.id, row.num_jobs, row.counts, row.done) == (launch.id, 3, {"PENDING": 3}, 0)

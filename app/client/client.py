@@ -26,6 +26,7 @@ from app.core.keys import CONTROL_QUEUE
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.ops.registry import call_local
+from app.ops.rows import JobDetail, LaunchRow
 from app.runtime import Runtime
 
 POLL_S = 0.2
@@ -273,7 +274,12 @@ class JobHandle:
         return f"JobHandle({self.id})"
 
     def row(self) -> dict[str, Any]:
+        """The job's row as the operations answer it (JSON)."""
         return self.client.rows([self.id])[0]
+
+    def info(self) -> JobDetail:
+        """The job's typed row with its environment and events, oldest first."""
+        return JobDetail.model_validate(self.client.call("job", job_id=self.id))
 
     @property
     def status(self) -> str:
@@ -333,6 +339,11 @@ class LaunchHandle:
         stored = self.client.rt.redis.mget([keys.result(i) for i in self.job_ids])
         return [_outcome(self.client, job_id, rows[job_id]["status"], data)
                 for job_id, data in zip(self.job_ids, stored, strict=True)]
+
+    def info(self) -> LaunchRow:
+        """The launch's typed row: its replicas' counts per state."""
+        return LaunchRow.model_validate(
+            self.client.call("launches", launch_id=self.id)["launches"][0])
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = self.client.call("launches", launch_id=self.id)[
