@@ -29,16 +29,18 @@ def _free_port() -> int:
 
 
 def started_from(home: Path) -> set[int]:
-    """Live (not zombie) processes whose environment names this GPUQ_HOME."""
+    """Live (not zombie) processes whose environment names this GPUQ_HOME, or that run in
+    a directory under it (the embedded Redis runs in GPUQ_HOME/redis)."""
     marker = f"GPUQ_HOME={home}".encode()
     found = set()
     for proc in Path("/proc").iterdir():
         try:
             environ = (proc / "environ").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(proc / "cwd"))
             zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         except (OSError, ValueError, IndexError):
             continue
-        if marker in environ and not zombie:
+        if (marker in environ or cwd.is_relative_to(home)) and not zombie:
             found.add(int(proc.name))
     return found
 
@@ -56,7 +58,9 @@ def test_gpuq_up_without_a_venv_on_path_runs_its_own_gpuq_and_stops_it_all(tmp_p
     up = subprocess.Popen([str(GPUQ), "up", "--no-flower"], env=env, cwd=tmp_path,
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    client = Client(Settings(home=home, hostname="pathtest", fake_gpus=2, _env_file=None))
+    # The stack's own embedded Redis and SQLite, whatever GPUQ_* this test process was given.
+    client = Client(Settings(home=home, hostname="pathtest", fake_gpus=2, redis_url=None,
+                             database_url=None, _env_file=None))
     try:
         # When it is up, then both GPU workers are alive and a job runs on one
         until(lambda: _workers_alive(client) == 2, timeout_s=180, poll_s=0.5)
@@ -65,7 +69,7 @@ def test_gpuq_up_without_a_venv_on_path_runs_its_own_gpuq_and_stops_it_all(tmp_p
         # and no program of the Procfile exited (before the fix each exited 127)
         assert client.call("status")["programs"] == []
         started = started_from(home)
-        assert len(started) >= 6, "Redis, control, beat, gpuq worker, 2 GPU workers"
+        assert len(started) >= 7, "gpuq up, Redis, control, beat, gpuq worker, 2 GPU workers"
 
         # When gpuq up is told to stop, then it exits and nothing it started is left
         up.send_signal(signal.SIGTERM)
