@@ -125,6 +125,9 @@ def test_redis_restart_under_500_queued_jobs_runs_each_exactly_once(faulty, clie
     assert ran_before < 500, "the restart came while jobs were still queued"
 
 
+# Its own bounds (a leftover reservation's TTL, the outage, two waits) add up past the
+# suite's 120 s per test; the timeout is a guard against a hang, not a bound of its own.
+@pytest.mark.timeout(480)
 def test_broker_gone_for_10s_while_jobs_run(faulty, client, tmp_path: Path):
     out = tmp_path / "runs"
     command = f"sleep 3; echo $GPUQ_JOB_ID >> {out}"
@@ -203,6 +206,7 @@ def database_away(faulty: FaultyStack, seconds: float) -> None:
     faulty.proxy.up()
 
 
+@pytest.mark.timeout(300)  # its bounds: 60 s to start, the outage, 120 s to end
 def test_database_away_for_seconds_is_waited_out_not_failed(faulty, client, tmp_path: Path):
     out = tmp_path / "runs"
     # Ahead of anything an earlier test of the module may have left queued.
