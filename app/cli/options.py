@@ -37,13 +37,13 @@ def _parameter(option: JobOption) -> inspect.Parameter:
 
 def _value(option: JobOption, given: Any) -> Any:
     """The JobSpec field's value from what the command line gave for the option."""
-    texts = given if option.repeatable else [given]
-    if option.kind not in ("int", "flag") and not [t for t in texts if t]:
-        return option.default
-    if option.kind in ("int", "flag"):
+    if option.kind in ("int", "flag"):  # typer has parsed these already
         return given
+    texts = [text for text in (given if option.repeatable else [given]) if text]
+    if not texts:
+        return option.default
     try:
-        values = [option.parse(text, cwd=Path.cwd()) for text in texts if text]
+        values = [option.parse(text, cwd=Path.cwd()) for text in texts]
     except ValueError as e:
         raise GpuqError(f"--{e}") from None
     if option.kind == "env":

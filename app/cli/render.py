@@ -10,7 +10,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from app.core.states import TERMINAL
 from app.ops.rows import JobRow, LaunchRow
 
 if TYPE_CHECKING:
@@ -103,11 +102,10 @@ def progress(client: Client, launch_id: int, total: int, poll_s: float = 0.3) ->
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("launch", total=total, launch=launch_id, summary="")
         while True:
-            counts: dict[str, int] = client.call("launches", launch_id=launch_id)[
-                "launches"][0]["counts"]
-            done = sum(n for state, n in counts.items() if state in {s.value for s in TERMINAL})
-            summary = " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
-            bar.update(task, completed=done, summary=summary)
-            if done >= total:
-                return counts
+            launch = LaunchRow.model_validate(
+                client.call("launches", launch_id=launch_id)["launches"][0])
+            summary = " ".join(f"{k.lower()}={v}" for k, v in sorted(launch.counts.items()))
+            bar.update(task, completed=launch.done, summary=summary)
+            if launch.done >= total:
+                return launch.counts
             time.sleep(poll_s)

@@ -346,16 +346,12 @@ class LaunchHandle:
             self.client.call("launches", launch_id=self.id)["launches"][0])
 
     def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = self.client.call("launches", launch_id=self.id)[
-            "launches"][0]["counts"]
-        return counts
+        return self.info().counts
 
     def wait(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Block until every replica has ended (polling one count per state); return rows."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        terminal = {s.value for s in JobState if s.terminal}
-        while sum(n for state, n in self.counts().items() if state in terminal) < len(
-                self.job_ids):
+        while self.info().done < len(self.job_ids):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"launch {self.id} still running after {timeout_s}s")
             time.sleep(POLL_S)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.core.settings import SECRET_MASK, mask_url
-from app.core.states import TERMINAL, JobState
+from app.core.states import JobState
 
 # Variable names whose values are secrets by convention.
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|PWD|CREDENTIAL|AUTH|COOKIE|PRIVATE|(^|_)KEY($|_)",
@@ -18,7 +18,6 @@ FAILURE_STATES = (JobState.FAILED, JobState.FAILED_PRECHECK, JobState.FAILED_NO_
 BAR_ORDER = ("SUCCEEDED", "FAILED", "FAILED_PRECHECK", "FAILED_NO_RESOURCE", "LOST",
              "CANCELLED", "CANCELLING", "RUNNING", "STARTING", "RECOVERING", "PENDING",
              "UNKNOWN")
-TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 
 
 def mask_env(env: dict[str, str]) -> dict[str, str]:
