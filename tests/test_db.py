@@ -71,8 +71,9 @@ def test_a_database_older_than_migrations_is_not_stamped_but_refused_naming_the_
 def test_a_database_at_an_older_revision_is_refused_naming_the_command(home, monkeypatch):
     # Given a database at today's head, opened by a gpuq whose head is one revision on
     make_engine(Settings(home=home, _env_file=None)).dispose()
-    monkeypatch.setattr(schema, "HEAD_REVISION", "0002")
+    newer = f"{int(HEAD_REVISION) + 1:04d}"
+    monkeypatch.setattr(schema, "HEAD_REVISION", newer)
     # Then it names the database's revision, the code's, and the command
     with pytest.raises(SchemaOutdated, match=rf"at schema revision {HEAD_REVISION}, behind "
-                       r"this gpuq's 0002; run `gpuq db upgrade`$"):
+                       rf"this gpuq's {newer}; run `gpuq db upgrade`$"):
         make_engine(Settings(home=home, _env_file=None))

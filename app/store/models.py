@@ -65,10 +65,23 @@ class Job(SQLModel, table=True):
     restart_count: int = 0
     exit_code: int | None = None
     pid: int | None = None
+    pid_identity: str | None = None  # boot id and start time of `pid`: recovery checks it
+    lease_until: float | None = None  # the attempt's worker holds it until then (renewed)
+    not_before: float | None = None  # a restart waits until then (backoff)
     submitted_at: float
     started_at: float | None = None
     ended_at: float | None = None
     runtime_s: float = 0.0
+
+
+class Payload(SQLModel, table=True):
+    """A stored payload (claim check), durable; Redis keeps a cache of it."""
+
+    __tablename__ = "payloads"
+
+    key: str = Field(primary_key=True)
+    data: bytes
+    created_at: float
 
 
 class JobDependency(SQLModel, table=True):
