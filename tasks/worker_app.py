@@ -47,6 +47,15 @@ def _start_heartbeat(**_: Any) -> None:
 
 
 @worker_ready.connect
+def _recover_cpu_orphans(sender: Any = None, **_: Any) -> None:
+    """The CPU worker, starting again after dying, settles the 0-GPU jobs it left."""
+    if str(getattr(sender, "hostname", "")).startswith("cpu@"):
+        from scheduler.worker.recovery import recover_orphans
+
+        recover_orphans(runtime, None)
+
+
+@worker_ready.connect
 def _warn_without_secret(sender: Any = None, **_: Any) -> None:
     """The control worker says it once; a host's GPU workers leave it to `gpuq worker`."""
     if str(getattr(sender, "hostname", "")).startswith("control@"):

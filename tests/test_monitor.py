@@ -32,7 +32,23 @@ def test_without_a_driver_the_fake_provider_is_used_with_one_log_line(tmp_path, 
         provider = detect_provider(settings)
     assert provider.kind == "fake" and len(provider.readings()) == 4
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "NVML unavailable" in lines[0] and "GPUQ_FAKE_GPUS" in lines[0]
+    assert len(lines) == 1 and "no NVIDIA driver" in lines[0] and "GPUQ_FAKE_GPUS" in lines[0]
+
+
+def test_a_driver_whose_nvml_fails_is_refused_not_replaced_by_fake_gpus(tmp_path, monkeypatch):
+    # Given a host with an NVIDIA driver's control device but an NVML that fails to start
+    import pytest
+
+    from app.core.errors import GpuqError
+    from scheduler.worker import monitor
+
+    device = tmp_path / "nvidiactl"
+    device.touch()
+    monkeypatch.setattr(monitor, "NVIDIA_CONTROL_DEVICE", str(device))
+    settings = Settings(home=tmp_path, fake_gpus=None, _env_file=None)
+    # Then the worker refuses to start, naming both ways out
+    with pytest.raises(GpuqError, match=r"NVML failed.*nvidia-smi.*GPUQ_FAKE_GPUS"):
+        detect_provider(settings)
 
 
 def test_driver_not_loaded_falls_back_too(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""Reconciliation on real Redis and a real database: lost start messages are requeued,
-jobs of dead workers settled by their restart policy, healthy jobs left alone."""
+"""Reconciliation on real Redis and a real database: an attempt whose lease ran out is
+requeued (STARTING) or settled by its restart policy (RUNNING, CANCELLING), GPU and 0-GPU
+alike; an attempt whose lease holds is left alone whatever Redis lost."""
 
 from __future__ import annotations
 
@@ -23,12 +24,20 @@ def _bring_up(rt, count: int = 1) -> None:
         rt.redis.set(keys.alive("h", i), 1, ex=60)
 
 
+def _lease_ran_out(rt, job_id: int, **values) -> None:
+    with Session(rt.engine) as session:
+        session.execute(update(Job).where(col(Job.id) == job_id).values(
+            lease_until=time.time() - 3600, **values))
+        session.commit()
+
+
 def test_lost_start_message_is_requeued_and_a_late_copy_refused(rt, local):
     _bring_up(rt)
     job = local.submit("echo once")
     assert job.status == "STARTING"
-    assert reconcile(rt) == {"requeued": [], "settled": []}, "held: still on its way"
-    rt.redis.delete(gpu_queue("h", 0), keys.hold("h", 0))  # lost, reservation expired
+    rt.redis.delete(gpu_queue("h", 0), keys.hold("h", 0))  # lost, reservation gone too
+    assert reconcile(rt) == {"requeued": [], "settled": []}, "its lease still holds"
+    _lease_ran_out(rt, job.id)
     assert reconcile(rt)["requeued"] == [job.id]
     row = local.call("job", job_id=job.id)
     assert row["status"] == "STARTING" and row["events"][-2]["reason"].startswith(
@@ -41,23 +50,19 @@ def test_lost_start_message_is_requeued_and_a_late_copy_refused(rt, local):
 def test_cpu_job_is_requeued_only_when_its_message_is_gone(rt, local):
     job = local.submit("echo cpu", gpus=0)
     assert job.status == "STARTING" and rt.redis.llen(CPU_QUEUE) == 1
-    with Session(rt.engine) as session:
-        session.execute(update(Job).where(col(Job.id) == job.id).values(
-            dispatched_at=time.time() - 3600))
-        session.commit()
+    _lease_ran_out(rt, job.id)
     assert reconcile(rt)["requeued"] == [], "its message still waits for a CPU slot"
     rt.redis.delete(CPU_QUEUE)
+    assert reconcile(rt)["requeued"] == [], "the wait renewed its lease"
+    _lease_ran_out(rt, job.id)
     assert reconcile(rt)["requeued"] == [job.id]
 
 
-def _running_on_dead_worker(rt, local, max_restarts: int) -> int:
+def _running_on_dead_worker(rt, local, max_restarts: int, gpus: int = 1) -> int:
     _bring_up(rt)
-    job = local.submit(f"sleep 100 # {max_restarts}", max_restarts=max_restarts)
-    with Session(rt.engine) as session:
-        session.execute(update(Job).where(col(Job.id) == job.id).values(
-            state="RUNNING", started_at=time.time()))
-        session.commit()
-    rt.redis.delete(keys.hold("h", 0), keys.alive("h", 0))  # the host went away
+    job = local.submit(f"sleep 100 # {max_restarts}", max_restarts=max_restarts, gpus=gpus)
+    _lease_ran_out(rt, job.id, state="RUNNING", started_at=time.time())  # the host went away
+    rt.redis.delete(keys.hold("h", 0), keys.alive("h", 0))  # and its keys expired
     return job.id
 
 
@@ -75,13 +80,30 @@ def test_running_job_of_a_dead_worker_restarts_within_its_budget(rt, local):
     assert (row["status"], row["restart_count"]) == ("PENDING", 1)
 
 
-def test_healthy_running_job_is_left_alone(rt, local):
+def test_a_0_gpu_job_of_a_dead_worker_is_settled_by_its_policy(rt, local):
+    job_id = _running_on_dead_worker(rt, local, max_restarts=1, gpus=0)
+    assert reconcile(rt)["settled"] == [job_id]
+    row = local.rows([job_id])[0]
+    assert (row["status"], row["restart_count"]) == ("PENDING", 1)
+
+
+def test_a_cancelling_job_whose_host_is_gone_ends_cancelled(rt, local):
+    _bring_up(rt)
+    job = local.submit("sleep 100 # cancelling")
+    _lease_ran_out(rt, job.id, state="CANCELLING", started_at=time.time())
+    assert reconcile(rt)["settled"] == [job.id]
+    assert local.rows([job.id])[0]["status"] == "CANCELLED"
+
+
+def test_healthy_running_job_is_left_alone_when_redis_lost_everything(rt, local):
     _bring_up(rt)
     job = local.submit("sleep 100 # healthy")
     Dispatcher(rt).dispatch()
     with Session(rt.engine) as session:
         session.execute(update(Job).where(col(Job.id) == job.id).values(state="RUNNING"))
         session.commit()
+    for key in rt.redis.scan_iter("gpuq:*"):  # holds, heartbeats, inventory: all gone
+        rt.redis.delete(key)
     assert reconcile(rt) == {"requeued": [], "settled": []}
     assert job.status == "RUNNING"
 
@@ -95,6 +117,9 @@ def test_reconcilers_on_several_hosts_at_once_settle_a_job_once(rt, local):
     # When both settle it, one after the other, from what they saw
     settle(rt, snapshot)
     rt.redis.set(keys.alive("h", 0), 1, ex=60)  # the host is back: the restart starts
+    with Session(rt.engine) as session:  # (past its backoff)
+        session.execute(update(Job).where(col(Job.id) == job_id).values(not_before=None))
+        session.commit()
     Dispatcher(rt).dispatch()
     assert local.rows([job_id])[0]["status"] == "STARTING"
     settle(rt, snapshot)

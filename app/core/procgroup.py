@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
@@ -94,3 +95,29 @@ def stop_groups(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def process_identity(pid: int) -> str | None:
+    """What a process is beyond its pid: this boot's id and the process's start time (clock
+    ticks since boot). A pid reused after the process ended, or after a reboot, reads
+    differently; None when there is no such process (or no /proc to ask)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime) counts from after the command name, which may hold spaces.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return f"{boot}:{fields[19]}"
+
+
+def kill_group_if(pid: int, identity: str | None) -> bool:
+    """SIGKILL the process group led by `pid` only if its leader is still the process that
+    `identity` names; True if it was killed."""
+    if identity is None or process_identity(pid) != identity:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+        wait_group_gone(pid)
+        return True
+    return False

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_MASK = "****"
+# A worker whose lease runs out stops its job this long, plus the kill grace, before then.
+LEASE_SAFETY_S = 2.0
 
 
 class Settings(BaseSettings):
@@ -43,7 +45,13 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job is cancelled."
     )
     reservation_ttl_s: int = Field(
-        60, gt=5, description="A GPU reservation expires this long after its last heartbeat."
+        60, gt=5, description="An attempt's lease: its worker renews it every heartbeat and "
+        "stops the job when it could not for this long, less the kill grace and "
+        "LEASE_SAFETY_S; a GPU reservation in Redis expires after as long."
+    )
+    lease_margin_s: float = Field(
+        10.0, ge=0, description="How long after an attempt's lease ran out the reconciler "
+        "settles it (covers clock skew between hosts)."
     )
     heartbeat_s: float = Field(
         5.0, gt=0, description="How often workers refresh their liveness and reservations."
@@ -173,6 +181,23 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
             raise ValueError("GPUQ_HOSTNAME may hold only letters, digits, '.', '_' and '-'")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_stop(self) -> Settings:
+        # A worker must be able to renew at least once and still stop its job in time.
+        least = 2 * self.heartbeat_s + self.kill_grace_s + LEASE_SAFETY_S
+        if self.reservation_ttl_s <= least:
+            raise ValueError(
+                f"GPUQ_RESERVATION_TTL_S ({self.reservation_ttl_s}) must exceed twice "
+                f"GPUQ_HEARTBEAT_S plus GPUQ_KILL_GRACE_S plus {LEASE_SAFETY_S:g} ({least:g}); "
+                "raise it or lower those")
+        return self
+
+    @property
+    def lease_stop_s(self) -> float:
+        """How long after its last renewal a worker stops its job: the job is gone before
+        its lease runs out, so it never runs in two places."""
+        return self.reservation_ttl_s - self.kill_grace_s - LEASE_SAFETY_S
 
     @property
     def preflight_checks(self) -> dict[str, str]:

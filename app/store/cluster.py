@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,9 +115,11 @@ def _inventory(r: redis.Redis) -> list[tuple[str, list[int]]]:
     return inventory
 
 
-def read_hosts(r: redis.Redis) -> list[HostView]:
-    """Registered hosts with their free GPUs: worker alive, not held by a job, and not
-    used by processes outside gpuq according to the latest monitor reading."""
+def read_hosts(r: redis.Redis, held: AbstractSet[tuple[str, int]] = frozenset()
+               ) -> list[HostView]:
+    """Registered hosts with their free GPUs: worker alive, not held by a job (in Redis, or
+    in `held`: the database's holds), and not used by processes outside gpuq according to
+    the latest monitor reading."""
     inventory = _inventory(r)
     pipe = r.pipeline(transaction=False)
     for host, indices in inventory:
@@ -129,8 +132,8 @@ def read_hosts(r: redis.Redis) -> list[HostView]:
     for host, indices in inventory:
         free = []
         for i in indices:
-            alive, held, reading = next(flags), next(flags), next(flags)
-            if alive and not held and not _foreign(reading):
+            alive, held_here, reading = next(flags), next(flags), next(flags)
+            if alive and not held_here and (host, i) not in held and not _foreign(reading):
                 free.append(i)
         views.append(HostView(host, len(indices), free))
     return views
@@ -158,6 +161,14 @@ def register_host(r: redis.Redis, host: str, gpus: Mapping[int, dict[str, Any]])
     if gpus:
         pipe.hset(keys.host_gpus(host), mapping={str(i): json.dumps(described)
                                                 for i, described in gpus.items()})
+    pipe.execute()
+
+
+def ensure_registered(r: redis.Redis, host: str, index: int, described: dict[str, Any]) -> None:
+    """Put one GPU back in its host's inventory if Redis lost it; a no-op otherwise."""
+    pipe = r.pipeline(transaction=False)
+    pipe.sadd(keys.HOSTS, host)
+    pipe.hsetnx(keys.host_gpus(host), str(index), json.dumps(described))
     pipe.execute()
 
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, insert, update
+from sqlalchemy import ColumnElement, insert, or_, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
@@ -149,3 +149,33 @@ def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,
         return False
     r.delete(payload_key)
     return True
+
+
+# The states in which an attempt holds its GPUs and its lease.
+HOLDING = (JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
+
+
+def attempt_is(job_id: int, attempt: int) -> list[ColumnElement[bool]]:
+    """The fence of every write an attempt makes: this job, at this attempt."""
+    return [col(Job.id) == job_id, col(Job.attempt) == attempt]
+
+
+def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> str | None:
+    """Extend an attempt's lease; return the job's state, or None when the attempt holds no
+    lease any more (a newer attempt, an ended job, or a lease that ran out: an attempt
+    whose lease ran out may already run elsewhere, and is never revived)."""
+    now = time.time()
+    return session.scalars(
+        update(Job).where(*attempt_is(job_id, attempt),
+                          col(Job.state).in_([s.value for s in HOLDING]),
+                          or_(col(Job.lease_until).is_(None), col(Job.lease_until) >= now))
+        .values(lease_until=now + lease_s).returning(col(Job.state))).first()
+
+
+def held_gpus(session: Session) -> set[tuple[str, int]]:
+    """Every (host, GPU index) that an attempt of a local job holds in the database, the
+    truth the dispatcher checks beside Redis's reservations."""
+    rows = session.execute(select(Job.host, Job.gpu_ids).where(
+        col(Job.state).in_([s.value for s in HOLDING]), col(Job.backend) == "local",
+        col(Job.gpus) > 0))
+    return {(host, i) for host, ids in rows if host for i in ids or []}

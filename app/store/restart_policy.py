@@ -9,21 +9,33 @@ ended all go through `decide` (pure) and `apply` (one fenced write). The rule:
 - any other failure, or a lost attempt, while restarts remain: restart, spending one;
 - otherwise FAILED (it exited) or LOST (nobody knows how it ended).
 
-A restart is RECOVERING then PENDING at once; the dispatcher (or a batch adapter's next
-sync) starts it again as a new attempt, which sees GPUQ_RESTART_COUNT.
+A restart is RECOVERING then PENDING at once, not dispatched before its backoff: 1 s after
+the first attempt, doubling with each attempt up to RESTART_BACKOFF_MAX_S, so that a job
+that fails at once (or exits with a recover-on code forever) does not spin. The dispatcher
+(or a batch adapter's next sync) then starts it again as a new attempt, which sees
+GPUQ_RESTART_COUNT.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import ColumnElement
 from sqlmodel import Session, col
 
 from app.core.states import JobState
 from app.store.jobs import transition
 from app.store.models import Job
+
+RESTART_BACKOFF_MAX_S = 300.0
+
+
+def restart_backoff_s(attempts: int) -> float:
+    """How long a job that has run `attempts` times waits before its next attempt."""
+    return min(RESTART_BACKOFF_MAX_S, 2.0 ** max(0, min(attempts - 1, 16)))
 
 
 @dataclass(frozen=True)
@@ -73,26 +85,29 @@ def decide(restarts: int, max_restarts: int, recover_exit_codes: Sequence[int],
 
 
 def apply(session: Session, job: Job, end: AttemptEnd, values: dict[str, Any] | None = None,
-          only_from: Sequence[JobState] | None = None, attempt: int | None = None
-          ) -> JobState | None:
+          only_from: Sequence[JobState] | None = None, attempt: int | None = None,
+          where: Sequence[ColumnElement[bool]] = ()) -> JobState | None:
     """Move `job` as the policy says; return where it went, or None when it had moved on
     (a newer attempt, a cancel, another settler first) and nothing was written.
 
     The write is fenced on `attempt` (the attempt the caller watched; `job.attempt` by
     default). `values` are what the caller records of the ended attempt (end time, exit
     code, runtime). A restart also clears `backend_id`, so that a late poll of the old
-    backend job can never be taken for the next attempt's."""
+    backend job can never be taken for the next attempt's. `where` narrows the write
+    further (the reconciler: only while the attempt's lease has run out)."""
     assert job.id is not None
     decision = decide(job.restart_count, job.max_restarts, job.recover_exit_codes, end)
     fence = job.attempt if attempt is None else attempt
-    where = [col(Job.id) == job.id, col(Job.attempt) == fence]
+    fenced = [col(Job.id) == job.id, col(Job.attempt) == fence, *where]
     if not decision.restarts:
-        moved = transition(session, decision.target, decision.reason, where, values, only_from)
+        moved = transition(session, decision.target, decision.reason, fenced, values, only_from)
         return decision.target if moved else None
     restarts = job.restart_count + (1 if decision.spends_restart else 0)
-    if not transition(session, JobState.RECOVERING, decision.reason, where,
-                      {**(values or {}), "restart_count": restarts, "backend_id": None},
+    if not transition(session, JobState.RECOVERING, decision.reason, fenced,
+                      {**(values or {}), "restart_count": restarts, "backend_id": None,
+                       "not_before": time.time() + restart_backoff_s(fence)},
                       only_from):
         return None
-    transition(session, JobState.PENDING, "restart", where, only_from=[JobState.RECOVERING])
+    transition(session, JobState.PENDING, "restart", fenced[:2],
+               only_from=[JobState.RECOVERING])
     return JobState.RECOVERING

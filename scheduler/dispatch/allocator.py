@@ -21,7 +21,7 @@ from app.core.keys import CPU_QUEUE, gpu_queue
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.cluster import HostView, holder, read_hosts, release, reserve
-from app.store.jobs import transition
+from app.store.jobs import held_gpus, transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def _candidates(*where: ColumnElement[bool]) -> CandidateQuery:
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
                    col(Job.priority))
             .where(col(Job.state) == JobState.PENDING.value, col(Job.waiting) == false(),
-                   col(Job.backend) == "local", *where)
+                   col(Job.backend) == "local", *where,
+                   or_(col(Job.not_before).is_(None), col(Job.not_before) <= time.time()))
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
 
@@ -118,7 +119,11 @@ class Dispatcher:
                 return routed
 
     def _pass(self) -> int:
-        hosts = read_hosts(self.rt.redis)
+        with self.rt.session() as session:
+            # The database is the truth of who holds which GPU: a hold Redis lost (a restart
+            # without persistence, an eviction, an outage past its TTL) is still a hold.
+            held = held_gpus(session)
+        hosts = read_hosts(self.rt.redis, held)
         largest = max((h.capacity for h in hosts), default=0)
         routed = self._start_cpu_jobs()
         earmarked: set[tuple[str, int]] = set()
@@ -176,7 +181,8 @@ class Dispatcher:
         with self.rt.session() as session:
             moved = transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
                                {"host": host, "gpu_ids": gpus, "attempt": attempt,
-                                "dispatched_at": time.time()},
+                                "dispatched_at": time.time(), "lease_until": time.time() + ttl,
+                                "pid": None, "pid_identity": None},
                                only_from=[JobState.PENDING])
         if not moved:  # cancelled meanwhile
             if host is not None:

@@ -1,17 +1,20 @@
 """Reconciliation: the database is the truth and messages are hints; repair what a lost
 message or a dead worker left behind. Idempotent, so several hosts may run it at once.
 
-- A GPU job STARTING whose reservation has expired never reached its worker (the message
-  was lost after the broker handed it out, or the worker died before taking it): it goes
-  back to PENDING and is routed again; a late copy of the old message is refused by its
-  attempt number.
-- A 0-GPU job STARTING for longer than the reservation TTL whose message is not on the
-  CPU queue: the same.
-- A job waiting on others that have all ended (a submission raced their ending): it is
-  released, or cancelled when one of them did not succeed.
-- A job RUNNING whose reservation has expired and whose GPU worker is not alive: its
-  worker died with its host (a restarted worker settles its own orphans itself), so it
-  goes RECOVERING then PENDING while restarts remain, else LOST.
+Every attempt of a local job holds a lease in its row (`lease_until`): the dispatcher gives
+it one when it routes the job, the worker that runs it renews it (scheduler/worker/lease.py)
+and stops the job itself when it cannot, before the lease runs out. So an attempt whose
+lease ran out by `lease_margin_s` is dead for sure, whatever Redis says, and only then:
+
+- STARTING: its start message was lost, or its worker died before it started the job: back
+  to PENDING, routed again; a late copy of the old message is refused by its attempt number.
+  A 0-GPU job whose message still waits on the CPU queue for a free slot keeps its lease.
+- RUNNING or CANCELLING, GPU or 0-GPU: its worker died, or was cut off and stopped the job:
+  the restart policy settles it (RECOVERING then PENDING while restarts remain, else LOST; a
+  CANCELLING job ends CANCELLED).
+
+Besides, a job waiting on others that have all ended (a submission raced their ending) is
+released, or cancelled when one of them did not succeed.
 """
 
 from __future__ import annotations
@@ -19,23 +22,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 
+from sqlalchemy import ColumnElement, func, update
 from sqlmodel import col, select
 
 from app.core.keys import CPU_QUEUE
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import cluster, dependencies, restart_policy
-from app.store.jobs import cancel_waiting, transition
+from app.store.jobs import HOLDING, attempt_is, cancel_waiting, transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
-
-
-def _held(rt: Runtime, job: Job) -> bool:
-    assert job.id is not None
-    return cluster.holds_any(rt.redis, job.host or "", job.gpu_ids or [],
-                             cluster.holder(job.id, job.attempt))
 
 
 def _queued_cpu_attempts(rt: Runtime) -> set[tuple[int, int]]:
@@ -48,35 +47,41 @@ def _queued_cpu_attempts(rt: Runtime) -> set[tuple[int, int]]:
     return found
 
 
+def lease_ran_out(rt: Runtime, now: float) -> ColumnElement[bool]:
+    """The attempt's lease ran out more than the margin ago (a row from before leases
+    counts from when it was dispatched)."""
+    lease = func.coalesce(col(Job.lease_until),
+                          col(Job.dispatched_at) + rt.settings.reservation_ttl_s, 0.0)
+    return lease < now - rt.settings.lease_margin_s
+
+
 def reconcile(rt: Runtime) -> dict[str, list[int]]:
     """One repair pass; returns the ids it requeued and the ids it settled."""
     now = time.time()
-    ttl = rt.settings.reservation_ttl_s
+    ran_out = lease_ran_out(rt, now)
     with rt.session() as session:
         jobs = list(session.exec(select(Job).where(
-            col(Job.backend) == "local",
-            col(Job.state).in_([JobState.STARTING.value, JobState.RUNNING.value]))))
+            col(Job.backend) == "local", col(Job.state).in_([s.value for s in HOLDING]),
+            ran_out)))
     queued: set[tuple[int, int]] | None = None
     requeued, settled = [], []
     for job in jobs:
         assert job.id is not None
         if job.state == JobState.STARTING.value:
-            if job.gpu_ids and _held(rt, job):
-                continue
             if not job.gpu_ids:
-                if now - (job.dispatched_at or now) < ttl:
-                    continue
                 queued = _queued_cpu_attempts(rt) if queued is None else queued
                 if (job.id, job.attempt) in queued:
+                    _extend(rt, job)
                     continue
             with rt.session() as session:
                 if transition(session, JobState.PENDING, "its start message was lost; queued "
-                              "again", [col(Job.id) == job.id], only_from=[JobState.STARTING]):
+                              "again", [*attempt_is(job.id, job.attempt), ran_out],
+                              {"lease_until": None}, only_from=[JobState.STARTING]):
                     requeued.append(job.id)
-        elif job.gpu_ids and not _held(rt, job) and not cluster.is_alive(
-                rt.redis, job.host or "", job.gpu_ids[0]):
-            settle(rt, job)
+        elif settle(rt, job, [ran_out]):
             settled.append(job.id)
+        if job.gpu_ids and job.host:  # the dead attempt's reservations, if Redis kept them
+            cluster.release(rt.redis, job.host, job.gpu_ids, cluster.holder(job.id, job.attempt))
     released = _settle_stranded_dependents(rt)
     if requeued or settled or released:
         log.warning("reconcile: requeued %s, settled %s", requeued, settled)
@@ -86,23 +91,35 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
     return {"requeued": requeued, "settled": settled}
 
 
-def settle(rt: Runtime, job: Job) -> None:
-    """Apply the restart policy to a job whose worker died: restart it or call it LOST.
+def _extend(rt: Runtime, job: Job) -> None:
+    """A 0-GPU job still queued for a CPU slot keeps its attempt."""
+    assert job.id is not None
+    with rt.session() as session:
+        session.execute(update(Job).where(
+            *attempt_is(job.id, job.attempt), col(Job.state) == JobState.STARTING.value)
+            .values(lease_until=time.time() + rt.settings.reservation_ttl_s))
 
-    Reconciliation calls this for a dead host's jobs, and a restarted GPU worker for its
-    own orphans (scheduler/worker/recovery.py)."""
+
+def settle(rt: Runtime, job: Job, where: Sequence[ColumnElement[bool]] = ()) -> bool:
+    """Apply the restart policy to a job whose worker died: restart it or call it LOST;
+    False when the job had moved on and nothing was written.
+
+    Reconciliation calls this for attempts whose lease ran out (`where` pins that), and a
+    restarted worker for its own orphans (scheduler/worker/recovery.py)."""
     now = time.time()
     ended = {"ended_at": now, "runtime_s": job.runtime_s + now - (job.started_at or now),
-             "pid": None}
+             "pid": None, "lease_until": None}
     cancelling = job.state == JobState.CANCELLING.value
     end = restart_policy.AttemptEnd(
         lost=not cancelling, cancelled=cancelling,
         why="cancelled; its worker died" if cancelling else "its worker died")
     # The attempt pins the move to what the caller saw: a second reconciler, or a worker
-    # settling its orphans at the same moment, finds the job moved on and changes nothing.
+    # recording the attempt's end at the same moment, finds the job moved on.
     with rt.session() as session:
-        restart_policy.apply(session, job, end, ended,
-                             only_from=[JobState.CANCELLING if cancelling else JobState.RUNNING])
+        return restart_policy.apply(
+            session, job, end, ended,
+            only_from=[JobState.CANCELLING if cancelling else JobState(job.state)],
+            where=where) is not None
 
 
 def _settle_stranded_dependents(rt: Runtime) -> int:

@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from sqlmodel import col, select
+from sqlalchemy.exc import OperationalError
+from sqlmodel import select
+from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
 
 from app.core import keys
-from app.core.errors import BrokerUnavailable, PayloadError, PayloadNotAuthentic
+from app.core.errors import PayloadError, PayloadNotAuthentic
 from app.core.paths import JobPaths
+from app.core.procgroup import process_identity
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import restart_policy
-from app.store.cluster import holder, refresh, release
+from app.store.cluster import holder, release
 from app.store.db import riding_out_outages
-from app.store.jobs import drop_payload_if_finished, move, note, transition
+from app.store.jobs import attempt_is, drop_payload_if_finished, note, transition
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker import command as calls
 from scheduler.worker import executor
+from scheduler.worker.lease import Lease, shutting_down
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
@@ -39,7 +42,7 @@ def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
         log.exception("job %s attempt %s: internal error", job_id, attempt)
         with rt.session() as session:
             transition(session, JobState.FAILED, f"gpuq internal error: {e}",
-                       [col(Job.id) == job_id], {"ended_at": time.time()},
+                       attempt_is(job_id, attempt), {"ended_at": time.time()},
                        only_from=[JobState.STARTING, JobState.RUNNING, JobState.CANCELLING])
         raise
     finally:
@@ -59,6 +62,11 @@ def _claim(rt: Runtime, job_id: int, attempt: int) -> Job | str:
     return job
 
 
+@riding_out_outages
+def _take_lease(lease: Lease) -> bool:
+    return lease.renew()
+
+
 def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     settings = rt.settings
     job = _claim(rt, job_id, attempt)
@@ -66,6 +74,22 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
         return job
     host = job.host or settings.hostname
     gpu_ids = job.gpu_ids or []
+    lease = Lease(rt, job_id, attempt, host, gpu_ids)
+    # The claim: from here on this worker holds the attempt's lease, or it does not run it.
+    if not _take_lease(lease):
+        log.info("job %s attempt %s skipped: its lease is gone", job_id, attempt)
+        return "skipped (superseded)"
+    lease.start()
+    try:
+        return _run_leased(rt, job, attempt, lease, host, gpu_ids)
+    finally:
+        lease.stop()
+
+
+def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
+                gpu_ids: list[int]) -> str:
+    assert job.id is not None
+    job_id, settings = job.id, rt.settings
     env = executor.job_environment(job, dict(os.environ), gpu_ids, host)
     path = JobPaths(rt.settings.home, job_id).log
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,53 +99,34 @@ def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
         env.update(calls.job_secrets(rt, job))  # from the payload: never in the job table
         command = calls.resolve_command(rt, job)
     except PayloadError as e:
-        return _refuse_payload(rt, job_id, e)
-    if job.preflight and not _preflight(rt, job, env, path):
+        return _refuse_payload(rt, job_id, attempt, e)
+    if job.preflight and not _preflight(rt, job, attempt, env, path):
         return JobState.FAILED_PRECHECK.value
     try:
         outcome = _runner(rt, job)(
             job, command, env, path, grace_s=settings.kill_grace_s,
-            cancel_requested=_outliving_outages(
-                lambda: bool(rt.redis.exists(keys.cancel(job_id))), False, job_id),
-            on_start=lambda pid: _mark_running(rt, job_id, host, pid),
-            heartbeat=_outliving_outages(
-                lambda: refresh(rt.redis, host, gpu_ids, holder(job_id, attempt),
-                                settings.reservation_ttl_s), None, job_id),
-            heartbeat_s=settings.heartbeat_s,
+            should_stop=lease.stop_reason,
+            on_start=lambda pid: _mark_running(rt, job_id, attempt, host, pid),
         )
     except OSError as e:
         with rt.session() as session:
-            move(session, job_id, JobState.FAILED, f"could not start: {e}",
-                 {"ended_at": time.time()})
+            transition(session, JobState.FAILED, f"could not start: {e}",
+                       attempt_is(job_id, attempt), {"ended_at": time.time()},
+                       only_from=[JobState.STARTING])
         return "failed to start"
+    if outcome.stopped == executor.SUPERSEDED:
+        log.warning("job %s attempt %s: stopped, its attempt was settled elsewhere",
+                    job_id, attempt)
+        return "stopped (superseded)"
     failure = calls.collect_result(rt, job) if job.kind == "function" else None
-    state = _record_outcome(rt, job, outcome, failure)
+    state = _record_outcome(rt, job, attempt, outcome, failure)
     if JobState(state).terminal:
         with rt.session() as session:
             drop_payload_if_finished(session, rt.redis, job_id, job.launch_id, job.payload_key)
     return state
 
 
-def _outliving_outages(call: Callable[[], T], fallback: T, job_id: int) -> Callable[[], T]:
-    """A call the watch loop makes every round, answering `fallback` while Redis is away.
-
-    The job's process does not need the broker: an outage longer than the client's own
-    reconnecting must not end the watch (and fail a job that is running fine). The loop
-    asks again on its next round; a reservation not refreshed meanwhile is taken back by
-    the reconciler only when the worker's heartbeat has stopped too."""
-    import redis
-
-    def guarded() -> T:
-        try:
-            return call()
-        except (redis.RedisError, OSError, BrokerUnavailable) as e:
-            log.warning("job %s: Redis is away (%s); the job runs on", job_id, e)
-            return fallback
-
-    return guarded
-
-
-def _refuse_payload(rt: Runtime, job_id: int, error: PayloadError) -> str:
+def _refuse_payload(rt: Runtime, job_id: int, attempt: int, error: PayloadError) -> str:
     """End a job whose payload cannot be used: FAILED when it does not verify with the
     shared secret (someone may have tampered with it), FAILED_PRECHECK when it is gone or
     damaged."""
@@ -129,7 +134,7 @@ def _refuse_payload(rt: Runtime, job_id: int, error: PayloadError) -> str:
               else JobState.FAILED_PRECHECK)
     log.warning("job %s: %s", job_id, error)
     with rt.session() as session:
-        transition(session, target, str(error), [col(Job.id) == job_id],
+        transition(session, target, str(error), attempt_is(job_id, attempt),
                    {"ended_at": time.time()}, only_from=[JobState.STARTING])
     return target.value
 
@@ -144,7 +149,7 @@ def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
                              paths=JobPaths(rt.settings.home, job.id))
 
 
-def _preflight(rt: Runtime, job: Job, env: dict[str, str], path: Path) -> bool:
+def _preflight(rt: Runtime, job: Job, attempt: int, env: dict[str, str], path: Path) -> bool:
     """Run the job's preflight on its GPUs; False when the job must not run."""
     from scheduler.worker.preflight import run_check
 
@@ -154,53 +159,83 @@ def _preflight(rt: Runtime, job: Job, env: dict[str, str], path: Path) -> bool:
         log_file.write(f"== gpuq: {result.reason}\n{result.output}")
     with rt.session() as session:
         if result.status == "failed":
-            transition(session, JobState.FAILED_PRECHECK, result.reason, [col(Job.id) == job.id],
-                       {"ended_at": time.time()}, only_from=[JobState.STARTING])
+            transition(session, JobState.FAILED_PRECHECK, result.reason,
+                       attempt_is(job.id, attempt), {"ended_at": time.time()},
+                       only_from=[JobState.STARTING])
             return False
         note(session, job.id, result.reason)
     return True
 
 
 @riding_out_outages
-def _mark_running(rt: Runtime, job_id: int, host: str, pid: int) -> bool:
-    """STARTING -> RUNNING with its process id, in one write; False if it was cancelled
-    meanwhile (the executor then stops the process it just started)."""
+def _mark_running(rt: Runtime, job_id: int, attempt: int, host: str, pid: int) -> bool:
+    """STARTING -> RUNNING with its process id, in one write fenced on the attempt; False if
+    it was cancelled or superseded meanwhile (the executor then stops what it started)."""
     with rt.session() as session:
-        return bool(transition(session, JobState.RUNNING, None, [col(Job.id) == job_id],
-                               {"started_at": time.time(), "host": host, "pid": pid},
+        return bool(transition(session, JobState.RUNNING, None, attempt_is(job_id, attempt),
+                               {"started_at": time.time(), "host": host, "pid": pid,
+                                "pid_identity": process_identity(pid)},
                                only_from=[JobState.STARTING]))
 
 
-@riding_out_outages
-def _record_outcome(rt: Runtime, job: Job, outcome: executor.Outcome,
+# An attempt's end is worth waiting for: while it is not recorded its job stays RUNNING in
+# the database and its GPUs held there, so nothing else is handed them. The wait ends only
+# when the worker shuts down; the reconciler then settles the attempt once its lease ran out.
+until_recorded = retry(
+    retry=retry_if_exception_type(OperationalError),
+    wait=wait_exponential(multiplier=0.1, max=5),
+    stop=lambda _: shutting_down.is_set(),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
+
+# How an end that gpuq itself brought about is recorded (besides a user's cancel).
+_STOPPED_WHY = {
+    executor.LEASE: "its worker could not renew its lease (database or network away)",
+    executor.SHUTDOWN: "its worker was shut down",
+}
+
+
+@until_recorded
+def _record_outcome(rt: Runtime, job: Job, attempt: int, outcome: executor.Outcome,
                     failure: str | None = None) -> str:
     """Record how the attempt ended and apply the restart policy; `failure` explains a
-    function job's failure."""
+    function job's failure. Fenced on the attempt: a stale attempt writes nothing."""
     assert job.id is not None
     now = time.time()
     with rt.session() as session:
         current = session.get(Job, job.id)
         assert current is not None
+        if current.attempt != attempt:
+            return current.state
         runtime_s = current.runtime_s + now - (current.started_at or now)
         ended = {"exit_code": outcome.exit_code, "ended_at": now, "runtime_s": runtime_s,
-                 "pid": None}
+                 "pid": None, "lease_until": None}
         cancelled = outcome.cancelled or current.state == JobState.CANCELLING.value
         if cancelled:
-            rt.redis.delete(keys.cancel(job.id))
-        end = restart_policy.AttemptEnd(exit_code=outcome.exit_code, cancelled=cancelled,
-                                        why=failure)
+            with contextlib.suppress(Exception):  # a cancel flag left behind expires unread
+                rt.redis.delete(keys.cancel(job.id))
+        stopped_why = _STOPPED_WHY.get(outcome.stopped or "")
+        end = restart_policy.AttemptEnd(
+            exit_code=None if stopped_why else outcome.exit_code, cancelled=cancelled,
+            lost=stopped_why is not None and not cancelled, why=stopped_why or failure)
         # One UPDATE from the state it was read in, fenced on the attempt this worker ran.
         moved = restart_policy.apply(session, current, end, ended,
-                                     only_from=[JobState(current.state)], attempt=job.attempt)
+                                     only_from=[JobState(current.state)], attempt=attempt)
         return (moved or JobState(current.state)).value
 
 
 @riding_out_outages
 def _release(rt: Runtime, job_id: int, attempt: int) -> None:
-    """Hand the job's GPUs back and let the dispatcher give them out again."""
+    """Hand the job's GPUs back and let the dispatcher give them out again. Redis away
+    here costs nothing but time: the reservation expires by itself."""
     with rt.session() as session:
         placed = session.exec(select(Job.host, Job.gpu_ids).where(
-            col(Job.id) == job_id, col(Job.attempt) == attempt)).first()
-    if placed is not None and placed[0] and placed[1]:
-        release(rt.redis, placed[0], placed[1], holder(job_id, attempt))
-    Dispatcher(rt).dispatch()
+            *attempt_is(job_id, attempt))).first()
+    try:
+        if placed is not None and placed[0] and placed[1]:
+            release(rt.redis, placed[0], placed[1], holder(job_id, attempt))
+        Dispatcher(rt).dispatch()
+    except Exception as e:
+        log.warning("job %s attempt %s: GPUs not released in Redis (%s); they expire", job_id,
+                    attempt, e)

@@ -9,7 +9,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,21 @@ from app.store.models import Job
 POLL_S = 0.05
 
 
+# Why gpuq stopped a job before it ended by itself.
+CANCEL = "cancel"  # a user cancelled it
+LEASE = "lease"  # its worker could not renew its lease in time (database or network away)
+SUPERSEDED = "superseded"  # its attempt is no longer the job's (settled, or run anew)
+SHUTDOWN = "shutdown"  # its worker is shutting down
+
+
 @dataclass
 class Outcome:
     exit_code: int
-    cancelled: bool
+    stopped: str | None = None  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN; None: it ended
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stopped == CANCEL
 
 
 def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: str
@@ -75,32 +85,32 @@ def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
     return ["bash", "-c", shell_script(job, command)]
 
 
+# The job's leader gets SIGKILL when the worker thread that started it dies (a SIGKILLed
+# worker must not leave its job running unwatched: it would run on after its lease ran out).
+_PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
-        cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
-        heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
-    """Run the job to its end, or until `cancel_requested` says stop.
+        should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
+    """Run the job to its end, or until `should_stop` names a reason to stop it.
 
     `on_start(pid)` records the start and says whether the job is still wanted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            argv_for(job, command, env), stdin=subprocess.DEVNULL, stdout=log,
+            [*_PDEATHSIG, *argv_for(job, command, env)], stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )
-    if not on_start(proc.pid):  # cancelled while it was starting
+    if not on_start(proc.pid):  # cancelled, or superseded, while it was starting
         stop_group(proc, 0)
-        return Outcome(proc.returncode, cancelled=True)
-    next_beat = time.monotonic() + heartbeat_s
+        return Outcome(proc.returncode, stopped=should_stop() or CANCEL)
     waiter = ExitWaiter(proc)
     try:
         while not waiter.exited(POLL_S):
-            if cancel_requested():
+            if (reason := should_stop()) is not None:
                 stop_group(proc, grace_s)
-                return Outcome(proc.returncode, cancelled=True)
-            if time.monotonic() >= next_beat:
-                heartbeat()
-                next_beat = time.monotonic() + heartbeat_s
+                return Outcome(proc.returncode, stopped=reason)
     finally:
         waiter.close()
     code = proc.wait()
@@ -108,4 +118,4 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
         wait_group_gone(proc.pid)
-    return Outcome(code, cancelled=False)
+    return Outcome(code)

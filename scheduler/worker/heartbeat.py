@@ -1,4 +1,7 @@
-"""A GPU worker's liveness key and its GPU's readings, refreshed from a thread."""
+"""A GPU worker's liveness key, its GPU's place in the host's inventory, and its readings,
+refreshed from a thread that nothing stops but the worker's shutdown: an error of any kind
+(the broker away, a database error while serving a dispatch request, an NVML error) is
+logged and the next round tries again, so a GPU never silently leaves service."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class Heartbeat:
         self.ttl_s = max(3, int(rt.settings.heartbeat_s * 3))
         self._next_reading = 0.0
         self._was_foreign = False
+        self._description: dict[str, object] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpuq-heartbeat", daemon=True)
 
@@ -43,9 +47,21 @@ class Heartbeat:
 
     def beat(self) -> None:
         cluster.beat(self.rt.redis, self.host, self.index, self.ttl_s)
+        # Redis may have lost the inventory `gpuq worker` wrote (a restart without
+        # persistence, a flush): put this GPU back, or nothing is ever routed to it.
+        cluster.ensure_registered(self.rt.redis, self.host, self.index, self._described())
         if time.monotonic() >= self._next_reading:
             self.publish_reading()
             self._next_reading = time.monotonic() + self.rt.settings.monitor_interval_s
+
+    def _described(self) -> dict[str, object]:
+        if self._description is None:
+            readings = self.provider.readings()
+            found = readings[self.index] if self.index < len(readings) else None
+            self._description = {"name": getattr(found, "name", "unknown"),
+                                 "memory_total_mb": getattr(found, "memory_total_mb", 0),
+                                 "provider": self.provider.kind}
+        return self._description
 
     def publish_reading(self) -> None:
         """Store this GPU's reading; `foreign` marks use by processes outside gpuq.
@@ -84,6 +100,8 @@ class Heartbeat:
                                                        self.rt.settings.monitor_interval_s)
             except redis.RedisError as e:  # the broker is away; keep trying
                 log.warning("heartbeat failed: %s", e)
+            except Exception:  # anything else: say so, and keep the GPU in service
+                log.exception("heartbeat round failed; trying again")
 
     def stop(self) -> None:
         self._stop.set()

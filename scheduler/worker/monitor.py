@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from app.core.errors import GpuqError
 from app.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ class NvmlProvider:
         return out
 
 
+NVIDIA_CONTROL_DEVICE = "/dev/nvidiactl"
+
+
 def detect_provider(settings: Settings) -> GpuProvider:
     """NVML when it works, else fake GPUs; GPUQ_FAKE_GPUS forces the fake provider."""
     state_file = settings.home / FAKE_STATE_FILE
@@ -142,6 +146,16 @@ def detect_provider(settings: Settings) -> GpuProvider:
     try:
         return NvmlProvider()
     except Exception as e:  # NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ImportError
-        log.warning("NVML unavailable (%s); using %d fake GPUs, set GPUQ_FAKE_GPUS to change",
+        if has_nvidia_driver():
+            # A GPU host whose NVML fails must not quietly serve made-up GPUs instead.
+            raise GpuqError(
+                f"this host has an NVIDIA driver but NVML failed: {e}; fix the driver "
+                "(nvidia-smi must work) or set GPUQ_FAKE_GPUS=N to run on fake GPUs") from e
+        log.warning("no NVIDIA driver (%s); using %d fake GPUs, set GPUQ_FAKE_GPUS to change",
                     e, DEFAULT_FAKE_GPUS)
         return FakeProvider(DEFAULT_FAKE_GPUS, state_file=state_file)
+
+
+def has_nvidia_driver() -> bool:
+    """Whether an NVIDIA kernel driver is loaded here (its control device exists)."""
+    return Path(NVIDIA_CONTROL_DEVICE).exists()

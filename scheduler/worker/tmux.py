@@ -15,7 +15,7 @@ from pathlib import Path
 from app.core.paths import JobPaths
 from app.core.procgroup import stop_pane_group
 from app.store.models import Job
-from scheduler.worker.executor import POLL_S, Outcome, shell_script
+from scheduler.worker.executor import CANCEL, POLL_S, Outcome, shell_script
 
 KILLED_EXIT = 137
 
@@ -41,8 +41,7 @@ def _script(job: Job, command: str, env: dict[str, str], log_path: Path, exit_pa
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
         paths: JobPaths, grace_s: float,
-        cancel_requested: Callable[[], bool], on_start: Callable[[int], bool],
-        heartbeat: Callable[[], None], heartbeat_s: float) -> Outcome:
+        should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
     """Run the job in `tmux new-session -d` and wait for it like the direct executor."""
     name = session_name(job.id)
     script_path, exit_path = paths.tmux_script, paths.tmux_exit
@@ -54,20 +53,17 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: 
                      "-x", "200", "-y", "50", f"bash {shlex.quote(str(script_path))}"),
         check=True, capture_output=True, text=True).stdout.strip())
     wanted = on_start(pane_pid)
-    next_beat = time.monotonic() + heartbeat_s
     while not exit_path.exists() and _alive(socket, name):
-        if not wanted or cancel_requested():
+        reason = should_stop() if wanted else (should_stop() or CANCEL)
+        if reason is not None:
             stop_pane_group(pane_pid, grace_s)
             subprocess.run(tmux_command(socket, "kill-session", "-t", name),
                            capture_output=True)
-            return Outcome(KILLED_EXIT, cancelled=True)
-        if time.monotonic() >= next_beat:
-            heartbeat()
-            next_beat = time.monotonic() + heartbeat_s
+            return Outcome(KILLED_EXIT, stopped=reason)
         time.sleep(POLL_S)
     code = int(exit_path.read_text().strip() or KILLED_EXIT) if exit_path.exists() else KILLED_EXIT
     stop_pane_group(pane_pid, 0)
-    return Outcome(code, cancelled=False)
+    return Outcome(code)
 
 
 def _alive(socket: Path, name: str) -> bool:
