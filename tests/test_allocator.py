@@ -143,3 +143,59 @@ def test_a_running_jobs_refresh_takes_back_a_reservation_lost_in_an_outage(rt):
     assert rt.redis.get(keys.hold("h", 0)) == b"7.1"
     assert 0 < rt.redis.ttl(keys.hold("h", 0)) <= 60
     assert rt.redis.get(keys.hold("h", 1)) == b"8.1", "never taken from another job"
+
+
+def _foreign(rt: Runtime, host: str, index: int) -> None:
+    """A process outside gpuq uses this GPU, as its worker's monitor reports."""
+    rt.redis.set(keys.reading(host, index), json.dumps({"foreign": True}), ex=60)
+
+
+def test_gpus_a_running_job_holds_in_the_database_are_not_handed_out_when_redis_lost_them(
+        rt, local):
+    # Given both GPUs running jobs, and Redis losing every reservation (a restart without
+    # persistence, an eviction)
+    _bring_up(rt, "h", 2)
+    running = [local.submit(f"sleep 100 #{i}") for i in range(2)]
+    assert [j.status for j in running] == ["STARTING", "STARTING"]
+    for key in rt.redis.scan_iter("gpuq:hold:*"):
+        rt.redis.delete(key)
+    # When another job arrives and a pass runs
+    waiting = local.submit("true # waits")
+    Dispatcher(rt).dispatch()
+    # Then it waits: the database still says who holds the GPUs
+    assert waiting.status == "PENDING"
+    assert sorted(_queued(rt, gpu_queue("h", 0)) + _queued(rt, gpu_queue("h", 1))) == sorted(
+        [[j.id, 1] for j in running])
+
+
+def test_a_job_that_cannot_fit_does_not_block_the_jobs_behind_it(rt, local):
+    # Given a host of 2 GPUs whose GPU 1 is used by a process outside gpuq
+    _bring_up(rt, "h", 2)
+    _foreign(rt, "h", 1)
+    # When a 2-GPU job comes first, then a 1-GPU job
+    big = local.submit("true # needs both", gpus=2, priority=5)
+    small = local.submit("true # needs one")
+    # Then the small job takes GPU 0 at once, and the big one waits, saying why
+    assert small.status == "STARTING" and small.row()["gpu_ids"] == [0]
+    row = big.row()
+    assert row["status"] == "PENDING" and row["reason"].startswith("waiting: no host has 2")
+
+
+def test_gpu_ids_no_host_has_fail_the_job_at_once(rt, local):
+    _bring_up(rt, "h", 2)
+    job = local.submit("true # on GPU 7", allowed_gpu_ids=[7])
+    assert job.status == "FAILED_NO_RESOURCE"
+    assert "GPUs 7; no registered host has 1 of those" in job.row()["reason"]
+    behind = local.submit("true # behind it")
+    assert behind.status == "STARTING"
+
+
+def test_gpu_ids_fewer_than_gpus_are_refused_at_submit(local):
+    import pytest
+
+    from app.core.errors import InvalidJobSpec
+
+    with pytest.raises(InvalidJobSpec, match=r"--gpu-ids names 1 GPUs but the job asks for 2"):
+        local.submit("true", gpus=2, allowed_gpu_ids=[0])
+    with pytest.raises(InvalidJobSpec, match=r"distinct GPU indices"):
+        local.submit("true", gpus=1, allowed_gpu_ids=[0, 0])

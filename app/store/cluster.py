@@ -95,6 +95,9 @@ class HostView:
     name: str
     capacity: int
     free: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # every GPU it registered
+    # GPUs that are free or will be once a gpuq job ends: worker alive, not used by others.
+    serving: list[int] = field(default_factory=list)
 
 
 INVENTORY_TTL_S = 1.0  # hosts and their GPU lists change rarely: re-read once a second
@@ -130,12 +133,14 @@ def read_hosts(r: redis.Redis, held: AbstractSet[tuple[str, int]] = frozenset()
     flags = iter(pipe.execute())
     views = []
     for host, indices in inventory:
-        free = []
+        free, serving = [], []
         for i in indices:
             alive, held_here, reading = next(flags), next(flags), next(flags)
-            if alive and not held_here and (host, i) not in held and not _foreign(reading):
-                free.append(i)
-        views.append(HostView(host, len(indices), free))
+            if alive and not _foreign(reading):
+                serving.append(i)
+                if not held_here and (host, i) not in held:
+                    free.append(i)
+        views.append(HostView(host, len(indices), free, list(indices), serving))
     return views
 
 

@@ -106,6 +106,18 @@ class JobSpec(BaseModel):
         return sorted(set(value))
 
     @model_validator(mode="after")
+    def _allowed_gpus_can_hold_the_job(self) -> JobSpec:
+        ids = self.allowed_gpu_ids
+        if ids is None:
+            return self
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError("--gpu-ids takes distinct GPU indices from 0, e.g. 0,3")
+        if len(ids) < self.gpus:
+            raise ValueError(f"--gpu-ids names {len(ids)} GPUs but the job asks for "
+                             f"{self.gpus}; name at least {self.gpus} or lower --gpus")
+        return self
+
+    @model_validator(mode="after")
     def _dependencies_stay_local(self) -> JobSpec:
         check_dependencies_allowed(self.backend, self.after)
         return self

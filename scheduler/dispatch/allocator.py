@@ -13,7 +13,7 @@ import logging
 import time
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Select, and_, false, or_, select
+from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
 from sqlmodel import col
 
 from app.core import keys
@@ -45,16 +45,40 @@ def _pick(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]
     return host, gpus
 
 
-def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> None:
+def _allowed(job: Candidate, ids: list[int]) -> list[int]:
+    return [i for i in ids if job.allowed_gpu_ids is None or i in job.allowed_gpu_ids]
+
+
+def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> bool:
     """Set free GPUs aside for a job that cannot start yet, so smaller jobs behind it do
-    not take them one by one forever (no starvation of multi-GPU jobs)."""
-    fitting = [h for h in hosts if h.capacity >= job.gpus]
+    not take them one by one forever (no starvation of multi-GPU jobs); False, setting
+    nothing aside, when no host can hold it even once its gpuq jobs end (GPUs used by
+    processes outside gpuq, or whose workers are down): it must not block the jobs
+    behind it for as long as that lasts."""
+    fitting = [h for h in hosts if len(_allowed(job, h.serving)) >= job.gpus]
     if not fitting:
-        return
+        return False
     host = max(fitting, key=lambda h: len([i for i in h.free if (h.name, i) not in earmarked]))
-    usable = [i for i in host.free if (host.name, i) not in earmarked
-              and (job.allowed_gpu_ids is None or i in job.allowed_gpu_ids)]
+    usable = [i for i in _allowed(job, host.free) if (host.name, i) not in earmarked]
     earmarked.update((host.name, i) for i in usable[: job.gpus])
+    return True
+
+
+def never_fits(job: Candidate, hosts: list[HostView]) -> str | None:
+    """Why no registered host could ever hold the job, or None."""
+    largest = max((h.capacity for h in hosts), default=0)
+    if job.gpus > largest:
+        return no_resource_reason(job.gpus, largest)
+    if job.allowed_gpu_ids is not None and not any(
+            len(_allowed(job, h.indices)) >= job.gpus for h in hosts):
+        ids = ",".join(map(str, job.allowed_gpu_ids))
+        return (f"asks for {job.gpus} of GPUs {ids}; no registered host has "
+                f"{job.gpus} of those indices")
+    return None
+
+
+WAITING_REASON = ("waiting: no host has {gpus} GPUs in service now (used by processes "
+                  "outside gpuq, or their workers are down)")
 
 
 def no_resource_reason(gpus: int, largest: int) -> str:
@@ -69,16 +93,17 @@ class Candidate(NamedTuple):
     allowed_gpu_ids: list[int] | None
     attempt: int
     priority: int
+    reason: str | None
 
 
-CandidateQuery = Select[int | None, int, list[int] | None, int, int]
+CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None]
 
 
 def _candidates(*where: ColumnElement[bool]) -> CandidateQuery:
     """PENDING local jobs matching `where` that wait for no other job, highest priority
     first, then oldest."""
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
-                   col(Job.priority))
+                   col(Job.priority), col(Job.reason))
             .where(col(Job.state) == JobState.PENDING.value, col(Job.waiting) == false(),
                    col(Job.backend) == "local", *where,
                    or_(col(Job.not_before).is_(None), col(Job.not_before) <= time.time()))
@@ -124,7 +149,6 @@ class Dispatcher:
             # without persistence, an eviction, an outage past its TTL) is still a hold.
             held = held_gpus(session)
         hosts = read_hosts(self.rt.redis, held)
-        largest = max((h.capacity for h in hosts), default=0)
         routed = self._start_cpu_jobs()
         earmarked: set[tuple[str, int]] = set()
 
@@ -137,15 +161,15 @@ class Dispatcher:
             if not chunk:
                 break
             for job in chunk:
-                if job.gpus > largest:
-                    self._no_resource(job, largest)
+                if hosts and (why := never_fits(job, hosts)) is not None:
+                    self._no_resource(job, why)
                 elif (choice := _pick(job, hosts, earmarked)) is not None:
                     host, gpus = choice
                     if self._start(job, host.name, gpus):
                         host.free = [i for i in host.free if i not in gpus]
                         routed += 1
-                else:
-                    _earmark(job, hosts, earmarked)
+                elif not _earmark(job, hosts, earmarked):
+                    self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
                 if usable() == 0:
                     break
             after = chunk[-1]
@@ -167,10 +191,19 @@ class Dispatcher:
             jobs = [Candidate(*row) for row in session.execute(query)]
         return sum(self._start(job, None, []) for job in jobs)
 
-    def _no_resource(self, job: Candidate, largest: int) -> None:
+    def _no_resource(self, job: Candidate, why: str) -> None:
         with self.rt.session() as session:
-            transition(session, JobState.FAILED_NO_RESOURCE, no_resource_reason(job.gpus, largest),
-                       [col(Job.id) == job.id], only_from=[JobState.PENDING])
+            transition(session, JobState.FAILED_NO_RESOURCE, why, [col(Job.id) == job.id],
+                       only_from=[JobState.PENDING])
+
+    def _note_waiting(self, job: Candidate, why: str) -> None:
+        """Say why a job that cannot start now waits (once, not on every pass)."""
+        if job.reason == why:
+            return
+        with self.rt.session() as session:
+            session.execute(update(Job).where(
+                col(Job.id) == job.id, col(Job.state) == JobState.PENDING.value,
+                col(Job.attempt) == job.attempt).values(reason=why))
 
     def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> int:
         r, ttl = self.rt.redis, self.rt.settings.reservation_ttl_s
