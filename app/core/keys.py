@@ -64,6 +64,12 @@ def cancel(job_id: int) -> str:
     return f"{PREFIX}:cancel:{job_id}"
 
 
+def outcome(job_id: int, attempt: int) -> str:
+    """How an attempt ended, kept by its worker until the database has it: a reconciler
+    that finds the attempt's lease ran out records this instead of calling it lost."""
+    return f"{PREFIX}:outcome:{job_id}.{attempt}"
+
+
 def new_payload(kind: str = "launch") -> str:
     """A fresh key for one stored payload (claim check), unguessable."""
     return f"{PREFIX}:payload:{kind}:{secrets.token_hex(8)}"

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         "stops the job when it could not for this long, less the kill grace and "
         "LEASE_SAFETY_S; a GPU reservation in Redis expires after as long."
     )
+    database_retry_s: float = Field(
+        120.0, gt=0, description="How long a worker's database writes (claiming a job, "
+        "marking it running) retry a database that is away; an attempt's outcome is retried "
+        "until it is recorded."
+    )
     lease_margin_s: float = Field(
         10.0, ge=0, description="How long after an attempt's lease ran out the reconciler "
         "settles it (covers clock skew between hosts)."

@@ -231,3 +231,21 @@ def gpu_table(r: redis.Redis) -> list[dict[str, Any]]:
         hosts.append({"host": host, "gpus": gpus,
                       "workers_alive": sum(g["alive"] for g in gpus)})
     return hosts
+
+
+# -- attempts' outcomes, while the database cannot take them ------------------------------
+
+OUTCOME_TTL_S = 7 * 86400
+
+
+def keep_outcome(r: redis.Redis, job_id: int, attempt: int, outcome: dict[str, Any]) -> None:
+    r.set(keys.outcome(job_id, attempt), json.dumps(outcome), ex=OUTCOME_TTL_S)
+
+
+def kept_outcome(r: redis.Redis, job_id: int, attempt: int) -> dict[str, Any] | None:
+    raw = r.get(keys.outcome(job_id, attempt))
+    return json.loads(raw) if isinstance(raw, bytes) else None
+
+
+def forget_outcome(r: redis.Redis, job_id: int, attempt: int) -> None:
+    r.delete(keys.outcome(job_id, attempt))

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import create_engine
 from tenacity import (
+    RetryCallState,
     before_sleep_log,
     retry,
     retry_if_exception_type,
@@ -22,12 +23,21 @@ from app.store import models, schema  # noqa: F401  (models: the tables on SQLMo
 
 log = logging.getLogger(__name__)
 
+def _past_the_budget(state: RetryCallState) -> bool:
+    """Stop once the call's Settings.database_retry_s has passed (its first argument is a
+    Runtime, or anything with `settings`)."""
+    owner = state.args[0] if state.args else None
+    settings = getattr(owner, "settings", None)
+    budget = settings.database_retry_s if isinstance(settings, Settings) else 120.0
+    return stop_after_delay(budget)(state)
+
+
 # A worker's writes wait out a database that is away for a while (a restart, a failover)
 # instead of failing the job whose outcome they record.
 riding_out_outages = retry(
     retry=retry_if_exception_type(OperationalError),
     wait=wait_exponential(multiplier=0.1, max=2),
-    stop=stop_after_delay(120),
+    stop=_past_the_budget,
     before_sleep=before_sleep_log(log, logging.WARNING),
     reraise=True,
 )

@@ -48,6 +48,12 @@ class AttemptEnd:
     why: str | None = None  # what went wrong in words, when there is more to say than a code
 
 
+def ended_values(job: Job, ended_at: float, exit_code: int | None = None) -> dict[str, Any]:
+    """What is recorded of an attempt that ended at `ended_at`."""
+    return {"exit_code": exit_code, "ended_at": ended_at, "pid": None, "lease_until": None,
+            "runtime_s": job.runtime_s + max(0.0, ended_at - (job.started_at or ended_at))}
+
+
 @dataclass(frozen=True)
 class Decision:
     """Where the policy sends a job: a terminal state, or RECOVERING (a restart)."""

@@ -19,13 +19,14 @@ released, or cancelled when one of them did not succeed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 
 from sqlalchemy import ColumnElement, func, update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.core.keys import CPU_QUEUE
 from app.core.states import JobState
@@ -101,25 +102,39 @@ def _extend(rt: Runtime, job: Job) -> None:
 
 
 def settle(rt: Runtime, job: Job, where: Sequence[ColumnElement[bool]] = ()) -> bool:
-    """Apply the restart policy to a job whose worker died: restart it or call it LOST;
-    False when the job had moved on and nothing was written.
+    """Record the end of an attempt whose worker is gone: the outcome its worker kept in
+    Redis when the database could not take it, else a lost attempt (restart it or call it
+    LOST); False when the job had moved on and nothing was written.
 
     Reconciliation calls this for attempts whose lease ran out (`where` pins that), and a
     restarted worker for its own orphans (scheduler/worker/recovery.py)."""
-    now = time.time()
-    ended = {"ended_at": now, "runtime_s": job.runtime_s + now - (job.started_at or now),
-             "pid": None, "lease_until": None}
-    cancelling = job.state == JobState.CANCELLING.value
-    end = restart_policy.AttemptEnd(
-        lost=not cancelling, cancelled=cancelling,
-        why="cancelled; its worker died" if cancelling else "its worker died")
-    # The attempt pins the move to what the caller saw: a second reconciler, or a worker
-    # recording the attempt's end at the same moment, finds the job moved on.
+    assert job.id is not None
+    kept = None
+    with contextlib.suppress(Exception):  # Redis away: nothing was kept that can be read
+        kept = cluster.kept_outcome(rt.redis, job.id, job.attempt)
+    if kept is not None:
+        end = restart_policy.AttemptEnd(**kept["end"])
+        ended_at, exit_code = kept["ended_at"], kept["exit_code"]
+    else:
+        end = restart_policy.AttemptEnd(lost=True, why="its worker died")
+        ended_at, exit_code = time.time(), None
     with rt.session() as session:
-        return restart_policy.apply(
-            session, job, end, ended,
-            only_from=[JobState.CANCELLING if cancelling else JobState(job.state)],
-            where=where) is not None
+        return record_end(session, job, end, ended_at, exit_code, where) is not None
+
+
+def record_end(session: Session, job: Job, end: restart_policy.AttemptEnd, ended_at: float,
+               exit_code: int | None, where: Sequence[ColumnElement[bool]] = ()) -> str | None:
+    """Apply the restart policy to how `job`'s current attempt ended, in one UPDATE from
+    the state it was read in and fenced on its attempt: a second reconciler, or a worker
+    recording the same end, finds the job moved on. A cancel that reached the job wins over
+    how its process ended. The job's new state, or None when nothing was written."""
+    if job.state == JobState.CANCELLING.value and not end.cancelled:
+        why = "cancelled; its worker died" if end.lost else None
+        end = restart_policy.AttemptEnd(exit_code=end.exit_code, cancelled=True, why=why)
+    moved = restart_policy.apply(session, job, end,
+                                 restart_policy.ended_values(job, ended_at, exit_code),
+                                 only_from=[JobState(job.state)], where=where)
+    return None if moved is None else moved.value
 
 
 def _settle_stranded_dependents(rt: Runtime) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -20,12 +21,13 @@ from app.core.paths import JobPaths
 from app.core.procgroup import process_identity
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import restart_policy
+from app.store import cluster, restart_policy
 from app.store.cluster import holder, release
 from app.store.db import riding_out_outages
 from app.store.jobs import attempt_is, drop_payload_if_finished, note, transition
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
+from scheduler.dispatch.reconcile import record_end
 from scheduler.worker import command as calls
 from scheduler.worker import executor
 from scheduler.worker.lease import Lease, shutting_down
@@ -196,33 +198,43 @@ _STOPPED_WHY = {
 }
 
 
-@until_recorded
+def _attempt_end(outcome: executor.Outcome, failure: str | None) -> restart_policy.AttemptEnd:
+    stopped_why = _STOPPED_WHY.get(outcome.stopped or "")
+    return restart_policy.AttemptEnd(
+        exit_code=None if stopped_why else outcome.exit_code, cancelled=outcome.cancelled,
+        lost=stopped_why is not None and not outcome.cancelled, why=stopped_why or failure)
+
+
 def _record_outcome(rt: Runtime, job: Job, attempt: int, outcome: executor.Outcome,
                     failure: str | None = None) -> str:
     """Record how the attempt ended and apply the restart policy; `failure` explains a
-    function job's failure. Fenced on the attempt: a stale attempt writes nothing."""
+    function job's failure. Fenced on the attempt: a stale attempt writes nothing.
+
+    The outcome is kept in Redis first: if the database is away until this attempt's lease
+    runs out, the reconciler records it from there instead of calling the attempt lost."""
     assert job.id is not None
-    now = time.time()
+    end, ended_at = _attempt_end(outcome, failure), time.time()
+    with contextlib.suppress(Exception):
+        cluster.keep_outcome(rt.redis, job.id, attempt, {
+            "end": dataclasses.asdict(end), "ended_at": ended_at,
+            "exit_code": outcome.exit_code})
+    state = _write_outcome(rt, job.id, attempt, end, ended_at, outcome.exit_code)
+    with contextlib.suppress(Exception):
+        cluster.forget_outcome(rt.redis, job.id, attempt)
+        if end.cancelled or state == JobState.CANCELLED.value:
+            rt.redis.delete(keys.cancel(job.id))  # else a flag left behind expires unread
+    return state
+
+
+@until_recorded
+def _write_outcome(rt: Runtime, job_id: int, attempt: int, end: restart_policy.AttemptEnd,
+                   ended_at: float, exit_code: int) -> str:
     with rt.session() as session:
-        current = session.get(Job, job.id)
+        current = session.get(Job, job_id)
         assert current is not None
         if current.attempt != attempt:
             return current.state
-        runtime_s = current.runtime_s + now - (current.started_at or now)
-        ended = {"exit_code": outcome.exit_code, "ended_at": now, "runtime_s": runtime_s,
-                 "pid": None, "lease_until": None}
-        cancelled = outcome.cancelled or current.state == JobState.CANCELLING.value
-        if cancelled:
-            with contextlib.suppress(Exception):  # a cancel flag left behind expires unread
-                rt.redis.delete(keys.cancel(job.id))
-        stopped_why = _STOPPED_WHY.get(outcome.stopped or "")
-        end = restart_policy.AttemptEnd(
-            exit_code=None if stopped_why else outcome.exit_code, cancelled=cancelled,
-            lost=stopped_why is not None and not cancelled, why=stopped_why or failure)
-        # One UPDATE from the state it was read in, fenced on the attempt this worker ran.
-        moved = restart_policy.apply(session, current, end, ended,
-                                     only_from=[JobState(current.state)], attempt=attempt)
-        return (moved or JobState(current.state)).value
+        return record_end(session, current, end, ended_at, exit_code) or current.state
 
 
 @riding_out_outages

@@ -1,0 +1,300 @@
+"""The hard faults a shared GPU host meets, each injected into a real stack under a running
+mix of GPU and 0-GPU jobs that record their own spans (tests/spans.py). After each: no two
+runs of a job overlapped, no GPU was double-booked, no attempt ran twice, and every job
+ended or runs again under its restart policy.
+
+The stack's lease is short (8 s: a worker that cannot renew stops its job after 5 s; the
+reconciler settles an attempt 2 s after its lease ran out), so each outage below outlasts
+it. Redis is a private `redis-server` without persistence, so killing it loses its data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url
+from sqlmodel import col, select
+
+from app.client import Client
+from app.core.settings import Settings
+from app.core.states import JobState
+from app.runtime import Runtime
+from app.store.models import Job
+from tests.conftest import EXTERNAL_DB, Stack, _reset_database, processes_with, until
+from tests.netutil import PausableProxy, free_port
+from tests.spans import check, read_spans, span_command
+
+pytestmark = pytest.mark.e2e
+
+LEASE_S = 8
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, without persistence: SIGKILL loses everything."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        until(self._answers, timeout_s=20)
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+class LeasedStack(Stack):
+    def __init__(self, settings: Settings, redis_server: PrivateRedis,
+                 db_proxy: PausableProxy | None) -> None:
+        super().__init__(settings, settings.home)
+        self.redis_server = redis_server
+        self.db_proxy = db_proxy
+
+    def database_away(self, seconds: float) -> None:
+        """SQLite: another process holds its write lock (past the 30 s busy timeout when
+        `seconds` is longer); PostgreSQL: the stack's connections cut, new ones refused."""
+        if self.db_proxy is None:
+            db = sqlite3.connect(self.settings.home / "gpuq.db", isolation_level=None)
+            db.execute("BEGIN EXCLUSIVE")
+            time.sleep(seconds)
+            db.execute("ROLLBACK")
+            db.close()
+            return
+        self.db_proxy.down()
+        time.sleep(seconds)
+        self.db_proxy.up()
+
+    def kill(self, marker: str) -> None:
+        """SIGKILL the Celery worker whose command line holds `marker` (`cpu@host`)."""
+        pids = processes_with(marker)
+        assert pids, f"no process with {marker}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def leased(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeasedStack]:
+    home = tmp_path_factory.mktemp("leases-home")
+    server = PrivateRedis(home)
+    server.start()
+    proxy, database_url = None, EXTERNAL_DB
+    if EXTERNAL_DB:
+        _reset_database(EXTERNAL_DB)
+        parsed = make_url(EXTERNAL_DB)
+        proxy = PausableProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+        database_url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False)
+    settings = Settings(home=home, redis_url=server.url, database_url=database_url,
+                        hostname="e2e-leases", fake_gpus=2, cpu_slots=2, kill_grace_s=1,
+                        heartbeat_s=1, monitor_interval_s=0.5, reservation_ttl_s=LEASE_S,
+                        lease_margin_s=2, reconcile_interval_s=1, dispatch_interval_s=1,
+                        database_retry_s=10, op_timeout_s=5,
+                        preflight_commands={"slow": f"sleep {LEASE_S + 6}"}, _env_file=None)
+    try:
+        with LeasedStack(settings, server, proxy).up(gpus=2) as stack:
+            yield stack
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+        if proxy is not None:
+            proxy.down()
+
+
+@pytest.fixture
+def client(leased: LeasedStack) -> Iterator[Client]:
+    c = Client(leased.settings, "local")
+    yield c
+    c.close()
+
+
+def _attempts(settings: Settings, ids: list[int]) -> dict[int, int]:
+    rt = Runtime(settings)
+    try:
+        with rt.session() as session:
+            return {i: a for i, a in session.exec(
+                select(Job.id, Job.attempt).where(col(Job.id).in_(ids))).all() if i is not None}
+    finally:
+        rt.close()
+
+
+def wait_ended(client: Client, ids: list[int], timeout_s: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            rows = client.rows(ids)
+        except Exception:  # the broker or database is still coming back
+            rows = []
+        if rows and all(JobState(r["status"]).terminal for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            left = Counter(r["status"] for r in rows if not JobState(r["status"]).terminal)
+            raise AssertionError(f"stuck after {timeout_s}s: {dict(left)}")
+        time.sleep(0.5)
+
+
+def _mix(client: Client, out: Path, tag: str, seconds: float = 3, **options) -> list[int]:
+    """Two GPU jobs that take both GPUs, two 0-GPU jobs, and GPU jobs queued behind."""
+    ids = [client.submit(span_command(out, seconds) + f" #{tag}-gpu{i}", gpus=1,
+                         **options).id for i in range(2)]
+    ids += [client.submit(span_command(out, seconds) + f" #{tag}-cpu{i}", gpus=0,
+                          **options).id for i in range(2)]
+    ids += [client.submit(span_command(out, 0.5) + f" #{tag}-behind{i}", gpus=1,
+                          **options).id for i in range(4)]
+    return ids
+
+
+def _assert_invariants(leased: LeasedStack, out: Path, ids: list[int]) -> None:
+    violations = check(read_spans(out), _attempts(leased.settings, ids))
+    assert violations.ok, str(violations)
+
+
+def _running(client: Client, ids: list[int], count: int) -> bool:
+    return sum(r["status"] == "RUNNING" for r in client.rows(ids)) >= count
+
+
+@pytest.mark.timeout(300)
+def test_a_preflight_longer_than_the_lease_runs_once_and_is_not_cancelled(leased, client,
+                                                                          tmp_path: Path):
+    out = tmp_path / "spans"
+    job = client.submit(span_command(out, 1), gpus=1, preflight="slow", name="slow-preflight")
+    rows = wait_ended(client, [job.id], timeout_s=120)
+    assert rows[0]["status"] == "SUCCEEDED", rows[0]
+    events = client.call("job", job_id=job.id)["events"]
+    moves = [(e["from"], e["to"]) for e in events if e["from"] != e["to"]]
+    assert moves == [(None, "PENDING"), ("PENDING", "STARTING"), ("STARTING", "RUNNING"),
+                     ("RUNNING", "SUCCEEDED")], events
+    assert len(read_spans(out)) == 1
+    _assert_invariants(leased, out, [job.id])
+
+
+@pytest.mark.timeout(400)
+def test_redis_killed_with_its_data_lost_double_books_nothing(leased, client, tmp_path: Path):
+    out = tmp_path / "spans"
+    ids = _mix(client, out, "redis-lost", seconds=6)
+    until(lambda: _running(client, ids, 3), timeout_s=90)
+    leased.redis_server.kill()  # every hold, heartbeat, queue and inventory key: gone
+    time.sleep(3)
+    leased.redis_server.start()
+    rows = wait_ended(client, ids, timeout_s=240)
+    assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
+    _assert_invariants(leased, out, ids)
+
+
+@pytest.mark.timeout(300)
+def test_every_hold_deleted_mid_run_double_books_nothing(leased, client, tmp_path: Path):
+    out = tmp_path / "spans"
+    ids = _mix(client, out, "holds-lost", seconds=6)
+    until(lambda: _running(client, ids, 3), timeout_s=90)
+    rt = Runtime(leased.settings)
+    try:
+        for key in rt.redis.scan_iter("gpuq:hold:*"):
+            rt.redis.delete(key)
+        rt.redis.set("gpuq:dispatch:dirty", 1)  # and a pass runs at once
+    finally:
+        rt.close()
+    rows = wait_ended(client, ids, timeout_s=180)
+    assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
+    _assert_invariants(leased, out, ids)
+
+
+@pytest.mark.timeout(400)
+def test_a_broker_outage_longer_than_the_lease_keeps_running_jobs_and_their_outcomes(
+        leased, client, tmp_path: Path):
+    out = tmp_path / "spans"
+    ids = _mix(client, out, "broker-away", seconds=4)
+    until(lambda: _running(client, ids, 3), timeout_s=90)
+    leased.redis_server.kill()
+    time.sleep(LEASE_S + 4)  # the jobs end while it is away; their leases live in the DB
+    leased.redis_server.start()
+    rows = wait_ended(client, ids, timeout_s=240)
+    assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
+    _assert_invariants(leased, out, ids)
+
+
+@pytest.mark.timeout(400)
+def test_the_database_away_past_the_lease_and_the_retry_budget_runs_nothing_twice(
+        leased, client, tmp_path: Path):
+    out = tmp_path / "spans"
+    short = client.submit(span_command(out, 2) + " #short", gpus=1, name="db-short")
+    long = client.submit(span_command(out, 60) + " #long", gpus=1, max_restarts=1,
+                         name="db-long")
+    until(lambda: _running(client, [short.id, long.id], 2), timeout_s=90)
+    # Past the retry budget (10 s), the lease (8 s) and SQLite's 30 s busy timeout
+    leased.database_away(35)
+    rows = wait_ended(client, [short.id], timeout_s=120)
+    # The short job ended during the outage: its outcome was kept and recorded after it
+    assert rows[0]["status"] == "SUCCEEDED", rows[0]
+    # The long one could not renew its lease: its worker stopped it, then it ran again
+    until(lambda: long.row()["restart_count"] == 1 and long.status == "RUNNING",
+          timeout_s=120)
+    long.cancel()
+    wait_ended(client, [long.id], timeout_s=60)
+    _assert_invariants(leased, out, [short.id, long.id])
+
+
+@pytest.mark.timeout(300)
+def test_the_cpu_worker_killed_under_a_0_gpu_job_stops_it_and_runs_it_again(
+        leased, client, tmp_path: Path):
+    out = tmp_path / "spans"
+    job = client.submit(span_command(out, 5) + " #cpu-killed", gpus=0, max_restarts=1,
+                        name="cpu-killed")
+    until(lambda: job.status == "RUNNING", timeout_s=60)
+    rt = Runtime(leased.settings)
+    try:
+        with rt.session() as session:
+            pid = session.get(Job, job.id).pid
+    finally:
+        rt.close()
+    assert pid
+    leased.kill(f"cpu@{leased.settings.hostname}")
+    rows = wait_ended(client, [job.id], timeout_s=180)
+    assert rows[0]["status"] == "SUCCEEDED" and rows[0]["restart_count"] == 1, rows[0]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 0)
+        raise AssertionError(f"the first run's process {pid} outlived its worker")
+    assert len(read_spans(out)) == 2
+    _assert_invariants(leased, out, [job.id])
+
+
+def test_a_restart_waits_for_its_backoff(leased, client, tmp_path: Path):
+    marker = tmp_path / "tries"
+    job = client.submit(f"echo x >> {marker}; exit 7", gpus=1, recover_exit_codes=[7],
+                        name="backoff")
+    until(lambda: marker.exists() and len(marker.read_text().split()) >= 3, timeout_s=60)
+    job.cancel()
+    events = [e for e in client.call("job", job_id=job.id)["events"]
+              if e["to"] == "STARTING" and e["from"] != "STARTING"]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(events)]
+    # 1 s after the first attempt, 2 s after the second: never at once
+    assert gaps[0] >= 1 and gaps[1] >= 2, gaps
+
