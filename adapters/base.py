@@ -35,7 +35,7 @@ from app.core.paths import BatchStore, JobPaths
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import restart_policy
+from app.store import payload_store, restart_policy
 from app.store.jobs import transition
 from app.store.models import Job
 
@@ -343,8 +343,10 @@ class BatchAdapter(Task):  # type: ignore[misc]
         """The runner's payload: the launch's stored payload, or the job's own command."""
         spec: dict[str, Any]
         if job.payload_key is not None:
-            spec = payloads.load(self.rt.redis, job.payload_key, self.rt.settings.secret,
-                                 self.rt.settings.max_payload_bytes)
+            s = self.rt.settings
+            spec = payload_store.load(self.rt.redis, self.rt.engine, job.payload_key,
+                                      cache_ttl_s=s.payload_ttl_s, secret=s.secret,
+                                      limit_bytes=s.max_payload_bytes)
         else:
             spec = {"command": job.command, "rank_args": None}
         return bytes(cloudpickle.dumps(spec))

@@ -1,13 +1,17 @@
-"""The payload store: framing, compression, integrity, size limits (real Redis)."""
+"""The payload store: framing, compression, integrity, size limits; the database's durable
+copy and Redis's cache of it (real Redis, real database)."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from sqlmodel import select
 
 from app.core import payloads
 from app.core.errors import PayloadError, PayloadTooLarge
+from app.store import payload_store
+from app.store.models import Payload
 
 
 def test_small_and_large_payloads_round_trip_and_large_ones_are_gzipped():
@@ -45,3 +49,45 @@ def test_a_missing_payload_names_what_happened(rt):
 def test_stored_payload_has_the_ttl_asked_for(rt):
     key = payloads.store(rt.redis, b"x", 3600, 2**20)
     assert 3590 < rt.redis.ttl(key) <= 3600
+
+
+def _adopted(rt, value, ttl_s=3600):  # type: ignore[no-untyped-def]
+    key = payloads.store(rt.redis, value, ttl_s, 2**20)
+    with rt.session() as session:
+        payload_store.adopt(session, rt.redis, key, 2**20)
+    return key
+
+
+def test_a_payload_redis_lost_is_read_from_the_database_and_cached_again(rt):
+    key = _adopted(rt, {"command": "train", "secrets": {"T": "x"}})
+    rt.redis.delete(key)
+    value = payload_store.load(rt.redis, rt.engine, key, cache_ttl_s=600, secret=None,
+                               limit_bytes=2**20)
+    assert value == {"command": "train", "secrets": {"T": "x"}}
+    assert 590 < rt.redis.ttl(key) <= 600, "cached again, for the cache's time"
+    assert payloads.load(rt.redis, key) == value
+
+
+def test_a_payload_in_neither_place_names_what_happened(rt):
+    key = _adopted(rt, "x")
+    with rt.session() as session:
+        payload_store.drop(session, rt.redis, key)
+    assert not rt.redis.exists(key)
+    with pytest.raises(PayloadError, match="neither Redis nor the database"):
+        payload_store.fetch(rt.redis, rt.engine, key, 600)
+
+
+def test_adopting_refuses_a_missing_a_foreign_or_an_adopted_key(rt):
+    key = _adopted(rt, "x")
+    with rt.session() as session, pytest.raises(PayloadError, match="another launch"):
+        payload_store.adopt(session, rt.redis, key, 2**20)
+    with rt.session() as session, pytest.raises(PayloadError, match="not in Redis"):
+        payload_store.adopt(session, rt.redis, "gpuq:payload:launch:" + "0" * 16, 2**20)
+    rt.redis.set("gpuq:hosts", b"not a payload")
+    with rt.session() as session, pytest.raises(PayloadError, match="not a payload key"):
+        payload_store.adopt(session, rt.redis, "gpuq:hosts", 2**20)
+    big = payloads.store(rt.redis, os.urandom(5_000), 3600, 2**20)
+    with rt.session() as session, pytest.raises(PayloadTooLarge, match="GPUQ_MAX_PAYLOAD"):
+        payload_store.adopt(session, rt.redis, big, 1_000)
+    with rt.session() as session:
+        assert list(session.exec(select(Payload.key))) == [key]

@@ -153,8 +153,13 @@ class Client:
 
     def _with_payload(self, payload: dict[str, Any],
                       enqueue: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        """Store the payload once (refused above the size limit before anything is
-        queued), then queue; a refused queueing takes its payload with it."""
+        """Store the payload once in Redis (refused above the size limit before anything
+        is queued), then queue; the operation copies it into the database with the jobs.
+
+        The client never deletes it: the operation that refuses a launch removes its
+        payload, and a call whose answer never came (a timeout, Ctrl-C, a lost connection)
+        may still have been accepted, so its payload stays. A copy no launch took expires
+        with GPUQ_PAYLOAD_TTL_S."""
         from app.core import payloads
         settings = self.settings
         try:
@@ -162,11 +167,7 @@ class Client:
                                  settings.max_payload_bytes, secret=settings.secret)
         except PayloadTooLarge as e:
             raise PayloadTooLarge(f"payload refused: {e} (GPUQ_MAX_PAYLOAD_BYTES)") from None
-        try:
-            return enqueue(key)
-        except BaseException:
-            self.rt.redis.delete(key)
-            raise
+        return enqueue(key)
 
     def job(self, job_id: int) -> JobHandle:
         return JobHandle(self, job_id)

@@ -1,4 +1,7 @@
-"""The payload store: a launch's payload is stored once in Redis (claim check).
+"""Payload frames: a launch's payload is stored once (claim check), as the bytes framed here.
+
+The client writes them to Redis; the launch's transaction copies them into the database,
+which keeps them while a replica may run, and Redis caches them (app/store/payload_store.py).
 
 A stored payload is a small header, then the body: cloudpickle bytes, gzipped above 4 KiB.
 The header names the format version, the compression and a digest, so a truncated,
@@ -128,7 +131,9 @@ def store(r: redis.Redis, value: Any, ttl_s: int, limit_bytes: int, kind: str = 
 
 def load(r: redis.Redis, key: str, secret: str | None = None,
          limit_bytes: int | None = None) -> Any:
-    """A stored value, checked (and authenticated when a secret is given) before unpickling."""
+    """A value stored in Redis, checked (and authenticated when a secret is given) before
+    unpickling. Workers read through app/store/payload_store.py, which falls back to the
+    database."""
     data = r.get(key)
     if data is None:
         raise PayloadError(f"payload {key} is gone (expired or deleted with its launch)")

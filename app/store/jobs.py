@@ -12,7 +12,7 @@ from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.states import TERMINAL, JobState, sources_of
-from app.store import dependencies
+from app.store import dependencies, payload_store
 from app.store.models import Job, JobEvent, Launch, event_row
 from app.store.spec import JobSpec
 
@@ -139,7 +139,8 @@ def get_jobs(session: Session, ids: Sequence[int]) -> list[Job]:
 
 def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,
                              launch_id: int | None, payload_key: str | None) -> bool:
-    """Delete a launch's payload once none of its replicas can run again."""
+    """Delete a launch's payload (its database row and its Redis copy) once none of its
+    replicas can run again."""
     if payload_key is None:
         return False
     scope = col(Job.launch_id) == launch_id if launch_id is not None else col(Job.id) == job_id
@@ -147,7 +148,7 @@ def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,
         scope, col(Job.state).not_in([s.value for s in TERMINAL])).limit(1)).first()
     if active is not None:
         return False
-    r.delete(payload_key)
+    payload_store.drop(session, r, payload_key)
     return True
 
 

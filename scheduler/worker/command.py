@@ -14,6 +14,7 @@ import cloudpickle
 from app.core import payloads
 from app.core.paths import JobPaths
 from app.runtime import Runtime
+from app.store import payload_store
 from app.store.models import Job
 
 
@@ -45,12 +46,14 @@ CACHED_PAYLOADS = 4
 
 def _load_cached(rt: Runtime, key: str) -> dict[str, Any]:
     """A launch's payload, read once per worker: its replicas come to the same GPU in turn.
-    Payloads never change under their key, so a cached copy is never stale."""
+    Payloads never change under their key, so a cached copy is never stale. Redis first,
+    then the database (which keeps every accepted launch's payload)."""
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    payload: dict[str, Any] = payloads.load(rt.redis, key, rt.settings.secret,
-                                            rt.settings.max_payload_bytes)
+    payload: dict[str, Any] = payload_store.load(
+        rt.redis, rt.engine, key, cache_ttl_s=rt.settings.payload_ttl_s,
+        secret=rt.settings.secret, limit_bytes=rt.settings.max_payload_bytes)
     _CACHE[key] = payload
     while len(_CACHE) > CACHED_PAYLOADS:
         _CACHE.popitem(last=False)
