@@ -211,12 +211,12 @@ class Dispatcher:
         token = holder(job.id, attempt)
         if host is not None and not reserve(r, host, gpus, token, ttl):
             return 0
-        with self.rt.session() as session:
-            moved = transition(session, JobState.STARTING, None, [col(Job.id) == job.id],
-                               {"host": host, "gpu_ids": gpus, "attempt": attempt,
-                                "dispatched_at": time.time(), "lease_until": time.time() + ttl,
-                                "pid": None, "pid_identity": None},
-                               only_from=[JobState.PENDING])
+        try:
+            moved = self._mark_starting(job, host, gpus, attempt)
+        except BaseException:  # the database refused: the reservation must not outlive it
+            if host is not None:
+                release(r, host, gpus, token)
+            raise
         if not moved:  # cancelled meanwhile
             if host is not None:
                 release(r, host, gpus, token)
@@ -228,3 +228,13 @@ class Dispatcher:
                                  ignore_result=True)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
         return 1
+
+    def _mark_starting(self, job: Candidate, host: str | None, gpus: list[int],
+                       attempt: int) -> bool:
+        ttl = self.rt.settings.reservation_ttl_s
+        with self.rt.session() as session:
+            return bool(transition(
+                session, JobState.STARTING, None, [col(Job.id) == job.id],
+                {"host": host, "gpu_ids": gpus, "attempt": attempt, "dispatched_at": time.time(),
+                 "lease_until": time.time() + ttl, "pid": None, "pid_identity": None},
+                only_from=[JobState.PENDING]))
