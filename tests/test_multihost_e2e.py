@@ -36,6 +36,7 @@ from tests.netutil import PausableProxy
 pytestmark = pytest.mark.e2e
 NS = f"gpuq-b{os.getpid()}"
 HOST_ADDR, NS_ADDR = "10.77.0.1", "10.77.0.2"
+VETH = f"gq{os.getpid() % 100000}"
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +50,7 @@ def namespace() -> Iterator[str | None]:
     if os.geteuid() != 0 or not shutil.which("ip") or _ip("netns", "add", NS).returncode:
         yield None
         return
-    veth = f"gq{os.getpid() % 100000}"
+    veth = VETH
     try:
         for args in (["link", "add", f"{veth}h", "type", "veth", "peer", "name", f"{veth}n"],
                      ["link", "set", f"{veth}n", "netns", NS],
@@ -112,8 +113,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, redis_url: str
     home = tmp_path_factory.mktemp("two-hosts")
     # Short reservations: a dead host's jobs are settled within seconds.
     base = Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB, fake_gpus=2,
-                    heartbeat_s=1, reservation_ttl_s=6, reconcile_interval_s=1, cpu_slots=0,
-                    kill_grace_s=1, hostname="hosta", _env_file=None)
+                    heartbeat_s=1, reservation_ttl_s=6, lease_margin_s=2,
+                    reconcile_interval_s=1, cpu_slots=0, kill_grace_s=1, hostname="hosta",
+                    _env_file=None)
     with namespace() as ns:
         proxies: list[PausableProxy] = []
         b_settings = base.model_copy(update={"hostname": "hostb"})
@@ -197,4 +199,50 @@ def test_a_dead_host_restarts_or_loses_its_jobs_and_waiting_work_runs_elsewhere(
         again.cancel()
         until(lambda: again.status == "CANCELLED", timeout_s=30)
     finally:
+        client.close()
+
+
+def test_a_host_cut_off_longer_than_its_lease_never_runs_a_job_twice(hosts):
+    settings, host_b = hosts
+    if host_b.ns is None:
+        pytest.skip("no network namespace here (needs root and iproute2)")
+    from tests.spans import check, read_spans, span_command
+
+    client = Client(settings, "local")
+    out = settings.home / "cut-spans"
+    release = settings.home / "release-cut-blockers"
+    try:
+        # Host A's GPUs busy, so the job lands on host B
+        blockers = [client.submit(f"until [ -e {release} ]; do sleep 0.2; done #cut{i}",
+                                  gpus=1, name=f"cut-blocker-{i}") for i in range(2)]
+        until(lambda: all(j.status == "RUNNING" for j in blockers), timeout_s=60)
+        if not host_b.ready(client.rt):  # the test before left it dead
+            host_b.start_worker()
+        until(lambda: host_b.ready(client.rt), timeout_s=60)
+        job = client.submit(span_command(out, 40) + " #cut", gpus=1, max_restarts=1,
+                            name="cut-off")
+        until(lambda: job.status == "RUNNING" and len(read_spans(out)) == 1, timeout_s=60)
+        assert job.row()["host"] == "hostb"
+        release.touch()
+        # When host B's link goes down (its job untouched) for longer than lease + margin
+        assert _ip("link", "set", f"{VETH}h", "down").returncode == 0
+        try:
+            if EXTERNAL_DB:  # B cannot renew its lease: it stops the job, which runs on A
+                until(lambda: job.row()["host"] == "hosta" and job.status == "RUNNING",
+                      timeout_s=90)
+            else:  # B still reaches the SQLite file: its lease holds and the job stays
+                import time
+
+                time.sleep(settings.reservation_ttl_s + settings.lease_margin_s + 6)
+                assert job.row()["host"] == "hostb" and job.status == "RUNNING"
+        finally:
+            assert _ip("link", "set", f"{VETH}h", "up").returncode == 0
+        job.cancel()  # (it may have ended by itself meanwhile)
+        until(lambda: job.status in ("CANCELLED", "SUCCEEDED"), timeout_s=120)
+        with client.rt.session() as session:
+            attempts = {job.id: session.get(Job, job.id).attempt}
+        violations = check(read_spans(out), attempts)
+        assert violations.ok, str(violations)
+    finally:
+        release.touch()
         client.close()
