@@ -1,8 +1,12 @@
 """The batch adapter contract: a Celery Task subclass per backend.
 
-A backend implements three calls and nothing else:
+A backend implements these calls and nothing else:
 
-    submit(submission) -> backend ids    one job, or a whole launch as one array
+    submit(submission) -> handle         one job, or one part of a launch as one array,
+                                         under the submission's tag; raises SubmitRefused
+                                         when the backend surely took nothing
+    member_ids(handle, count)            the backend ids of a submission's replicas
+    tagged() -> {tag: handle}            what this installation submitted, by tag
     poll(backend_ids) -> {id: Status}    one batched call for every live job
     cancel(backend_ids)
 
@@ -12,12 +16,23 @@ backend states onto job states, routing function results and errors into the job
 failing jobs stuck pending (with the backend's reason), and applying the restart policy
 (app/store/restart_policy.py) to a job that failed or that the backend no longer knows
 (after a grace period): a restart is resubmitted on its own by a later pass. One `sync`
-pass does all of it; beat runs it.
+pass does all of it; beat runs it, and a submit or a cancel asks for one at once.
+
+Submitting is idempotent. One sync runs at a time per backend (a Redis lock outliving any
+sync); should two run anyway (the lock lost with Redis), the database fences them: a row is
+taken for submission by a conditional PENDING -> STARTING move before the backend call
+(adapters/intent.py), and its backend id recorded part by part after it. A row left
+STARTING without a backend id (its sync died, or the call timed out) is looked up by its
+tag and adopted; one the backend still does not know after `unrecorded_timeout_s` waits
+again (CANCELLING: ends CANCELLED). A cancel that lands between the two writes finds the
+row STARTING, makes it CANCELLING, and the sync cancels the backend job as soon as it
+records its id.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,8 +42,10 @@ from typing import Any, ClassVar
 
 import cloudpickle
 from celery import Task
+from redis.exceptions import LockError
 from sqlmodel import col, select, update
 
+from adapters import intent
 from app.core import keys, payloads
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore, JobPaths
@@ -40,6 +57,12 @@ from app.store.jobs import transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
+
+
+class SubmitRefused(GpuqError):
+    """The backend refused a submission: it surely runs nothing of it."""
+
+    code = "submit_refused"
 
 
 @dataclass
@@ -87,6 +110,7 @@ class Submission:
     gpus: int
     name: str
     workdir: str | None = None
+    tag: str = ""  # the name to submit under, found again by tagged() (adapters/intent.py)
 
 
 class BatchAdapter(Task):  # type: ignore[misc]
@@ -98,11 +122,34 @@ class BatchAdapter(Task):  # type: ignore[misc]
     inline_limit_bytes: int = 32 * 1024
     pending_timeout_s: float = 3600.0
     vanished_grace_s: float = 60.0
+    # Longer than any sync (each backend call is bounded by call_timeout_s, and the lock
+    # is renewed after each), so that a live sync never loses it.
+    sync_lock_s: float = 300.0
+    call_timeout_s: float = 60.0
+    # A row taken for submission whose backend job is not found this long after: taken to
+    # have never reached the backend. Past call_timeout_s, so that a call left running by
+    # a dead sync has ended by then.
+    unrecorded_timeout_s: float = 300.0
+    refused_retry_s: float = 10.0  # a refused submission is tried again after this
     rt: Runtime
 
     # -- the contract -----------------------------------------------------------------
-    def submit(self, submission: Submission) -> list[str]:
+    def submit(self, submission: Submission) -> str:
+        """Submit one part (ranks in a row, at most array_limit()) under submission.tag;
+        return its handle. Raise SubmitRefused only when the backend surely took nothing."""
         raise NotImplementedError
+
+    def member_ids(self, handle: str, count: int) -> list[str]:
+        """The backend ids of the `count` replicas of the submission `handle`, by index."""
+        raise NotImplementedError
+
+    def tagged(self) -> dict[str, str]:
+        """Every submission of this installation the backend knows: tag -> handle."""
+        raise NotImplementedError
+
+    def array_limit(self) -> int:
+        """The most replicas one submission may hold."""
+        return 1
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
         raise NotImplementedError
@@ -163,6 +210,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         if action == "sync" and time.time() < next_at:
             return {"skipped": 1}
         done = self.sync()
+        if "skipped" in done:
+            return done
         # Nothing changed: poll less often, up to a ceiling; any change resets the pace.
         interval = (self.poll_interval_s if any(done.values())
                     else min(interval * 2, self.max_poll_interval_s))
@@ -173,12 +222,45 @@ class BatchAdapter(Task):  # type: ignore[misc]
         assert job.id is not None
         return BatchStore(self.store_dir(self.rt.settings)).results(job.launch_id, job.id)
 
+    @property
+    def install(self) -> str:
+        return intent.install_id(self.rt.settings)
+
     def sync(self) -> dict[str, int]:
-        """Cancel what was asked, poll what lives, submit what waits (within the limit)."""
-        cancelled = self._cancel_requested()
-        moved = self._poll_live()
-        submitted = self._submit_pending()
-        return {"cancelled": cancelled, "moved": moved, "submitted": submitted}
+        """Cancel what was asked, poll what lives, settle what a dead sync left, submit what
+        waits (within the limit). One at a time per backend: a sync asked for while another
+        runs is left to that one, which passes again."""
+        r = self.rt.redis
+        again = keys.batch_sync_again(self.backend_name)
+        lock = r.lock(keys.batch_sync_lock(self.backend_name), timeout=self.sync_lock_s,
+                      blocking=False, thread_local=False)
+        if not lock.acquire():
+            r.set(again, 1, ex=int(self.sync_lock_s))
+            return {"skipped": 1}
+        try:
+            done = {"cancelled": 0, "moved": 0, "adopted": 0, "submitted": 0}
+            for _ in range(3):  # bounded: a stream of nudges must not hold the lock forever
+                r.delete(again)
+                for name, count in self._pass(lock).items():
+                    done[name] += count
+                if not r.exists(again):
+                    break
+            return done
+        finally:
+            with contextlib.suppress(LockError):
+                lock.release()
+
+    def _pass(self, lock: Any) -> dict[str, int]:
+        done = {}
+        for name, step in (("cancelled", self._cancel_requested), ("moved", self._poll_live),
+                           ("adopted", self._settle_unrecorded),
+                           ("submitted", lambda: self._submit_pending(lock))):
+            try:
+                done[name] = step()
+            except GpuqError as e:  # the backend did not answer: the other steps still run
+                log.warning("%s: %s failed this pass: %s", self.backend_name, name, e)
+                done[name] = 0
+        return done
 
     def _jobs(self, *states: JobState) -> list[Job]:
         with self.rt.session() as session:
@@ -285,36 +367,121 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
                                      secret=s.secret, keep_s=s.keep_result_s)
 
-    def _submit_pending(self) -> int:
+    def _settle_unrecorded(self) -> int:
+        """Rows taken for submission whose backend id was never recorded (a sync died
+        between its backend call and the record, or the call timed out): adopt what the
+        backend has under their tag; past `unrecorded_timeout_s`, the rest never reached it."""
+        rows = [j for j in self._jobs(JobState.STARTING, JobState.CANCELLING)
+                if not j.backend_id]
+        if not rows:
+            return 0
+        found: dict[tuple[int, int], tuple[int, str]] = {}
+        for name, handle in self.tagged().items():
+            parsed = intent.parse(self.install, name)
+            if parsed is not None:
+                found[parsed[:2]] = (parsed[2], handle)
+        adopted, cancel, now = 0, [], time.time()
+        for job in rows:
+            assert job.id is not None
+            if (job.id, job.attempt) not in found:
+                continue
+            count, handle = found[(job.id, job.attempt)]
+            with self.rt.session() as session:
+                part = intent.part_of(session, job, count)
+                ids = self.member_ids(handle, count)
+                part_ids = [ids[p.rank - job.rank] for p in part]
+                cancel += intent.record(session, part, part_ids)
+            adopted += len(part)
+            log.warning("%s: adopted %s for jobs %s, submitted by a sync that did not record "
+                        "it", self.backend_name, handle, [p.id for p in part])
+        if cancel:
+            self.cancel(cancel)
+        adopted_ids = {j.id for j in self._jobs(JobState.STARTING, JobState.CANCELLING)
+                       if j.backend_id}
+        stale = [j for j in rows if j.id not in adopted_ids and
+                 now - (j.dispatched_at or now) > self.unrecorded_timeout_s]
+        if stale:
+            with self.rt.session() as session:
+                intent.release(session, stale, f"{self.backend_name} never got attempt "
+                               f"{stale[0].attempt}; submitting it again", now)
+        return adopted + len(stale)
+
+    def _submit_pending(self, lock: Any) -> int:
         live = len(self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING))
         room = self.max_concurrent_jobs - live
         if room <= 0:
             return 0
-        pending = self._jobs(JobState.PENDING)[:room]
+        now = time.time()
+        pending = [j for j in self._jobs(JobState.PENDING)
+                   if (j.not_before or 0) <= now][:room]
         groups: dict[object, list[Job]] = {}
         for job in pending:
-            # A restarted replica goes alone: its launch's array has long been submitted.
-            fresh = job.launch_id is not None and job.attempt == 0
-            groups.setdefault(job.launch_id if fresh else ("job", job.id), []).append(job)
+            # Replicas of a launch at the same attempt go together, as arrays; a restarted
+            # replica (its launch's array long submitted) goes alone or with its likes.
+            key = ((job.launch_id, job.attempt, job.restart_count) if job.launch_id is not None
+                   else ("job", job.id))
+            groups.setdefault(key, []).append(job)
         submitted = 0
         for jobs in groups.values():
             try:
-                submitted += self._submit_group(jobs)
-            except GpuqError as e:
-                # The backend refused or could not be reached: the jobs stay PENDING, to be
-                # tried again next pass, and say why in the queue.
-                log.warning("%s did not take jobs %s: %s", self.backend_name,
-                            [j.id for j in jobs], e)
-                reason = f"not yet submitted to {self.backend_name}: {e}"
-                with self.rt.session() as session:
-                    session.execute(update(Job).where(
-                        col(Job.id).in_([j.id for j in jobs]),
-                        col(Job.reason).is_distinct_from(reason),
-                        col(Job.state) == JobState.PENDING.value).values(reason=reason))
-                    session.commit()
+                submitted += self._submit_group(jobs, lock)
+            except _StopSubmitting:
+                break
         return submitted
 
-    def _submit_group(self, jobs: list[Job]) -> int:
+    def _not_yet(self, jobs: Sequence[Job], why: str) -> None:
+        """Jobs that stay PENDING before anything was sent: say why in the queue."""
+        log.warning("%s did not take jobs %s: %s", self.backend_name, [j.id for j in jobs], why)
+        reason = f"not yet submitted to {self.backend_name}: {why}"
+        with self.rt.session() as session:
+            session.execute(update(Job).where(
+                col(Job.id).in_([j.id for j in jobs]),
+                col(Job.reason).is_distinct_from(reason),
+                col(Job.state) == JobState.PENDING.value).values(reason=reason))
+
+    def _submit_group(self, jobs: list[Job], lock: Any) -> int:
+        """Take the rows, then submit them part by part, recording each part's ids as soon
+        as the backend gives them: a failure in one part never resubmits another."""
+        try:
+            submission = self._submission(jobs)
+            limit = max(1, self.array_limit())
+        except GpuqError as e:  # no payload, or no backend to ask: nothing was sent
+            self._not_yet(jobs, str(e))
+            return 0
+        with self.rt.session() as session:
+            claimed = intent.claim(session, jobs, self.backend_name)
+        submitted = 0
+        for part in contiguous_parts(claimed, limit):
+            tag = intent.tag(self.install, part[0], len(part))
+            try:
+                handle = self.submit(Submission(part, submission.env, submission.gpus,
+                                                submission.name, submission.workdir, tag))
+            except SubmitRefused as e:
+                log.warning("%s refused jobs %s: %s", self.backend_name,
+                            [j.id for j in part], e)
+                with self.rt.session() as session:
+                    intent.release(session, part, f"not yet submitted to "
+                                   f"{self.backend_name}: {e}", time.time() + self.refused_retry_s)
+                continue
+            except Exception as e:  # a timeout, a lost connection: it may have been taken
+                log.warning("%s may or may not have taken jobs %s (%s): a later sync looks "
+                            "them up by tag %s", self.backend_name, [j.id for j in part], e, tag)
+                raise _StopSubmitting from e
+            with self.rt.session() as session:
+                cancel = intent.record(session, part, self.member_ids(handle, len(part)))
+            if cancel:  # cancelled while being submitted: stop it now
+                self.cancel(cancel)
+            submitted += len(part)
+            try:
+                lock.reacquire()
+            except LockError as e:
+                log.warning("%s: sync lock lost; stopping this pass's submissions",
+                            self.backend_name)
+                raise _StopSubmitting from e
+        return submitted
+
+    def _submission(self, jobs: list[Job]) -> Submission:
+        """What every part of a group is submitted with: the runner's env and payload."""
         first = jobs[0]
         data = self._payload_bytes(first)
         # Only a job's first attempt is ever submitted with others, so every job of a group
@@ -327,17 +494,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
             env["GPUQ_PAYLOAD"] = base64.b64encode(data).decode()
         else:
             env.update(self.payload_env(first.payload_key or f"job-{first.id}", data))
-        submission = Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
-                                first.workdir)
-        ids = self.submit(submission)
-        with self.rt.session() as session:
-            for job, backend_id in zip(jobs, ids, strict=True):
-                transition(session, JobState.STARTING, None,
-                           [col(Job.id) == job.id, col(Job.attempt) == job.attempt],
-                           {"backend_id": backend_id, "attempt": job.attempt + 1,
-                            "dispatched_at": time.time()},
-                           only_from=[JobState.PENDING])
-        return len(ids)
+        return Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
+                          first.workdir)
 
     def _payload_bytes(self, job: Job) -> bytes:
         """The runner's payload: the launch's stored payload, or the job's own command."""
@@ -351,3 +509,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
             spec = {"command": job.command, "rank_args": None}
         return bytes(cloudpickle.dumps(spec))
 
+
+
+class _StopSubmitting(Exception):
+    """This pass submits nothing more: the backend did not answer, or the lock is lost."""
