@@ -380,7 +380,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
             parsed = intent.parse(self.install, name)
             if parsed is not None:
                 found[parsed[:2]] = (parsed[2], handle)
-        adopted, cancel, now = 0, [], time.time()
+        adopted, now = 0, time.time()
+        cancel: list[str] = []
         for job in rows:
             assert job.id is not None
             if (job.id, job.attempt) not in found:

@@ -69,10 +69,10 @@ def claim(session: Session, jobs: Sequence[Job], backend: str) -> list[Job]:
     return claimed
 
 
-def record(session: Session, jobs: Sequence[Job], backend_ids: Sequence[str]) -> list[int]:
+def record(session: Session, jobs: Sequence[Job], backend_ids: Sequence[str]) -> list[str]:
     """Record the backend ids of submitted rows (still of the attempt submitted, and with no
-    id yet); return the ids of those a cancel reached meanwhile (now CANCELLING)."""
-    cancelling: list[int] = []
+    id yet); return the backend ids of those a cancel reached meanwhile (CANCELLING)."""
+    cancelling: list[str] = []
     for job, backend_id in zip(jobs, backend_ids, strict=True):
         found = session.execute(
             update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt,
