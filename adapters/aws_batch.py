@@ -117,8 +117,8 @@ class AwsBatchAdapter(BatchAdapter):
             jobQueue=self._queue(),
             filters=[{"name": "JOB_NAME", "values": [f"gpuq-{self.install}-*"]}])
         for page in pages:
-            for job in page["jobSummaryList"]:
-                found[job["jobName"]] = job["jobId"]
+            for job in page["jobSummaryList"]:  # an array's children name it: parent:i
+                found[job["jobName"]] = job["jobId"].split(":")[0]
         return found
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:

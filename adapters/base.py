@@ -35,7 +35,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -449,10 +449,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         except GpuqError as e:  # no payload, or no backend to ask: nothing was sent
             self._not_yet(jobs, str(e))
             return 0
-        with self.rt.session() as session:
-            claimed = intent.claim(session, jobs, self.backend_name)
         submitted = 0
-        for part in contiguous_parts(claimed, limit):
+        for part in self._claimed_parts(jobs, limit):
             tag = intent.tag(self.install, part[0], len(part))
             try:
                 handle = self.submit(Submission(part, submission.env, submission.gpus,
@@ -480,6 +478,14 @@ class BatchAdapter(Task):  # type: ignore[misc]
                             self.backend_name)
                 raise _StopSubmitting from e
         return submitted
+
+    def _claimed_parts(self, jobs: list[Job], limit: int) -> Iterator[list[Job]]:
+        """Each part, taken for submission just before it is submitted: a sync that dies
+        leaves the parts it had not reached PENDING."""
+        for part in contiguous_parts(jobs, limit):
+            with self.rt.session() as session:
+                claimed = intent.claim(session, part, self.backend_name)
+            yield from contiguous_parts(claimed, limit)
 
     def _submission(self, jobs: list[Job]) -> Submission:
         """What every part of a group is submitted with: the runner's env and payload."""
