@@ -31,11 +31,10 @@ records its id.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,9 +42,10 @@ from typing import Any, ClassVar
 import cloudpickle
 from celery import Task
 from redis.exceptions import LockError
-from sqlmodel import col, select, update
+from sqlmodel import col, select
 
-from adapters import intent
+from adapters import intent, submitting
+from adapters.intent import Submission, SubmitRefused, contiguous_parts
 from app.core import keys, payloads
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore, JobPaths
@@ -57,12 +57,7 @@ from app.store.jobs import transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
-
-
-class SubmitRefused(GpuqError):
-    """The backend refused a submission: it surely runs nothing of it."""
-
-    code = "submit_refused"
+__all__ = ["BatchAdapter", "Status", "Submission", "SubmitRefused", "contiguous_parts"]
 
 
 @dataclass
@@ -85,32 +80,6 @@ def _attempt_end(job: Job, status: Status, failure: str | None) -> restart_polic
     # failure: it is judged with no exit code rather than taken for a success.
     return restart_policy.AttemptEnd(exit_code=status.exit_code or None,
                                      why=failure or status.reason)
-
-
-def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
-    """Jobs in runs of consecutive ranks of at most `limit`: each run is one array whose
-    index i is rank `run[0].rank + i` (the runner adds GPUQ_RANK_OFFSET)."""
-    parts: list[list[Job]] = []
-    for job in sorted(jobs, key=lambda j: j.rank):
-        last = parts[-1] if parts else None
-        if last and job.rank == last[-1].rank + 1 and len(last) < limit:
-            last.append(job)
-        else:
-            parts.append([job])
-    return parts
-
-
-@dataclass
-class Submission:
-    """Replicas of one launch (or one job) to submit together, as an array where the
-    backend has arrays. `env` is what every replica's runner needs beyond its rank."""
-
-    jobs: list[Job]
-    env: dict[str, str]
-    gpus: int
-    name: str
-    workdir: str | None = None
-    tag: str = ""  # the name to submit under, found again by tagged() (adapters/intent.py)
 
 
 class BatchAdapter(Task):  # type: ignore[misc]
@@ -253,8 +222,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
     def _pass(self, lock: Any) -> dict[str, int]:
         done = {}
         for name, step in (("cancelled", self._cancel_requested), ("moved", self._poll_live),
-                           ("adopted", self._settle_unrecorded),
-                           ("submitted", lambda: self._submit_pending(lock))):
+                           ("adopted", lambda: submitting.settle_unrecorded(self)),
+                           ("submitted", lambda: submitting.submit_pending(self, lock))):
             try:
                 done[name] = step()
             except GpuqError as e:  # the backend did not answer: the other steps still run
@@ -262,20 +231,21 @@ class BatchAdapter(Task):  # type: ignore[misc]
                 done[name] = 0
         return done
 
-    def _jobs(self, *states: JobState) -> list[Job]:
+    def jobs_in(self, *states: JobState) -> list[Job]:
+        """This backend's jobs in `states`, by id."""
         with self.rt.session() as session:
             return list(session.exec(select(Job).where(
                 col(Job.backend) == self.backend_name,
                 col(Job.state).in_([s.value for s in states])).order_by(col(Job.id))))
 
     def _cancel_requested(self) -> int:
-        jobs = [j for j in self._jobs(JobState.CANCELLING) if j.backend_id]
+        jobs = [j for j in self.jobs_in(JobState.CANCELLING) if j.backend_id]
         if jobs:
             self.cancel([j.backend_id for j in jobs if j.backend_id])
         return len(jobs)
 
     def _poll_live(self) -> int:
-        live = [j for j in self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
+        live = [j for j in self.jobs_in(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
                 if j.backend_id]
         if not live:
             return 0
@@ -367,144 +337,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
                                      secret=s.secret, keep_s=s.keep_result_s)
 
-    def _settle_unrecorded(self) -> int:
-        """Rows taken for submission whose backend id was never recorded (a sync died
-        between its backend call and the record, or the call timed out): adopt what the
-        backend has under their tag; past `unrecorded_timeout_s`, the rest never reached it."""
-        rows = [j for j in self._jobs(JobState.STARTING, JobState.CANCELLING)
-                if not j.backend_id]
-        if not rows:
-            return 0
-        found: dict[tuple[int, int], tuple[int, str]] = {}
-        for name, handle in self.tagged().items():
-            parsed = intent.parse(self.install, name)
-            if parsed is not None:
-                found[parsed[:2]] = (parsed[2], handle)
-        adopted, now = 0, time.time()
-        cancel: list[str] = []
-        for job in rows:
-            assert job.id is not None
-            if (job.id, job.attempt) not in found:
-                continue
-            count, handle = found[(job.id, job.attempt)]
-            with self.rt.session() as session:
-                part = intent.part_of(session, job, count)
-                ids = self.member_ids(handle, count)
-                part_ids = [ids[p.rank - job.rank] for p in part]
-                cancel += intent.record(session, part, part_ids)
-            adopted += len(part)
-            log.warning("%s: adopted %s for jobs %s, submitted by a sync that did not record "
-                        "it", self.backend_name, handle, [p.id for p in part])
-        if cancel:
-            self.cancel(cancel)
-        adopted_ids = {j.id for j in self._jobs(JobState.STARTING, JobState.CANCELLING)
-                       if j.backend_id}
-        stale = [j for j in rows if j.id not in adopted_ids and
-                 now - (j.dispatched_at or now) > self.unrecorded_timeout_s]
-        if stale:
-            with self.rt.session() as session:
-                intent.release(session, stale, f"{self.backend_name} never got attempt "
-                               f"{stale[0].attempt}; submitting it again", now)
-        return adopted + len(stale)
-
-    def _submit_pending(self, lock: Any) -> int:
-        live = len(self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING))
-        room = self.max_concurrent_jobs - live
-        if room <= 0:
-            return 0
-        now = time.time()
-        pending = [j for j in self._jobs(JobState.PENDING)
-                   if (j.not_before or 0) <= now][:room]
-        groups: dict[object, list[Job]] = {}
-        for job in pending:
-            # Replicas of a launch at the same attempt go together, as arrays; a restarted
-            # replica (its launch's array long submitted) goes alone or with its likes.
-            key = ((job.launch_id, job.attempt, job.restart_count) if job.launch_id is not None
-                   else ("job", job.id))
-            groups.setdefault(key, []).append(job)
-        submitted = 0
-        for jobs in groups.values():
-            try:
-                submitted += self._submit_group(jobs, lock)
-            except _StopSubmitting:
-                break
-        return submitted
-
-    def _not_yet(self, jobs: Sequence[Job], why: str) -> None:
-        """Jobs that stay PENDING before anything was sent: say why in the queue."""
-        log.warning("%s did not take jobs %s: %s", self.backend_name, [j.id for j in jobs], why)
-        reason = f"not yet submitted to {self.backend_name}: {why}"
-        with self.rt.session() as session:
-            session.execute(update(Job).where(
-                col(Job.id).in_([j.id for j in jobs]),
-                col(Job.reason).is_distinct_from(reason),
-                col(Job.state) == JobState.PENDING.value).values(reason=reason))
-
-    def _submit_group(self, jobs: list[Job], lock: Any) -> int:
-        """Take the rows, then submit them part by part, recording each part's ids as soon
-        as the backend gives them: a failure in one part never resubmits another."""
-        try:
-            submission = self._submission(jobs)
-            limit = max(1, self.array_limit())
-        except GpuqError as e:  # no payload, or no backend to ask: nothing was sent
-            self._not_yet(jobs, str(e))
-            return 0
-        submitted = 0
-        for part in self._claimed_parts(jobs, limit):
-            tag = intent.tag(self.install, part[0], len(part))
-            try:
-                handle = self.submit(Submission(part, submission.env, submission.gpus,
-                                                submission.name, submission.workdir, tag))
-            except SubmitRefused as e:
-                log.warning("%s refused jobs %s: %s", self.backend_name,
-                            [j.id for j in part], e)
-                with self.rt.session() as session:
-                    intent.release(session, part, f"not yet submitted to "
-                                   f"{self.backend_name}: {e}", time.time() + self.refused_retry_s)
-                continue
-            except Exception as e:  # a timeout, a lost connection: it may have been taken
-                log.warning("%s may or may not have taken jobs %s (%s): a later sync looks "
-                            "them up by tag %s", self.backend_name, [j.id for j in part], e, tag)
-                raise _StopSubmitting from e
-            with self.rt.session() as session:
-                cancel = intent.record(session, part, self.member_ids(handle, len(part)))
-            if cancel:  # cancelled while being submitted: stop it now
-                self.cancel(cancel)
-            submitted += len(part)
-            try:
-                lock.reacquire()
-            except LockError as e:
-                log.warning("%s: sync lock lost; stopping this pass's submissions",
-                            self.backend_name)
-                raise _StopSubmitting from e
-        return submitted
-
-    def _claimed_parts(self, jobs: list[Job], limit: int) -> Iterator[list[Job]]:
-        """Each part, taken for submission just before it is submitted: a sync that dies
-        leaves the parts it had not reached PENDING."""
-        for part in contiguous_parts(jobs, limit):
-            with self.rt.session() as session:
-                claimed = intent.claim(session, part, self.backend_name)
-            yield from contiguous_parts(claimed, limit)
-
-    def _submission(self, jobs: list[Job]) -> Submission:
-        """What every part of a group is submitted with: the runner's env and payload."""
-        first = jobs[0]
-        data = self._payload_bytes(first)
-        # Only a job's first attempt is ever submitted with others, so every job of a group
-        # has restarted as often as the first.
-        env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
-               "GPUQ_RESTART_COUNT": str(first.restart_count),
-               "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id),
-               **self.result_env(first)}
-        if len(data) <= self.inline_limit_bytes:
-            env["GPUQ_PAYLOAD"] = base64.b64encode(data).decode()
-        else:
-            env.update(self.payload_env(first.payload_key or f"job-{first.id}", data))
-        return Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
-                          first.workdir)
-
-    def _payload_bytes(self, job: Job) -> bytes:
+    def payload_bytes(self, job: Job) -> bytes:
         """The runner's payload: the launch's stored payload, or the job's own command."""
         spec: dict[str, Any]
         if job.payload_key is not None:
@@ -515,8 +348,3 @@ class BatchAdapter(Task):  # type: ignore[misc]
         else:
             spec = {"command": job.command, "rank_args": None}
         return bytes(cloudpickle.dumps(spec))
-
-
-
-class _StopSubmitting(Exception):
-    """This pass submits nothing more: the backend did not answer, or the lock is lost."""

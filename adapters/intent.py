@@ -12,16 +12,50 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.store.jobs import transition
 from app.store.models import Job
 
 TAG_PREFIX = "gpuq"
+
+
+class SubmitRefused(GpuqError):
+    """The backend refused a submission: it surely runs nothing of it."""
+
+    code = "submit_refused"
+
+
+@dataclass
+class Submission:
+    """Replicas of one launch (or one job) to submit together, as an array where the
+    backend has arrays. `env` is what every replica's runner needs beyond its rank."""
+
+    jobs: list[Job]
+    env: dict[str, str]
+    gpus: int
+    name: str
+    workdir: str | None = None
+    tag: str = ""  # the name to submit under, found again by tagged() (adapters/intent.py)
+
+
+def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
+    """Jobs in runs of consecutive ranks of at most `limit`: each run is one array whose
+    index i is rank `run[0].rank + i` (the runner adds GPUQ_RANK_OFFSET)."""
+    parts: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: j.rank):
+        last = parts[-1] if parts else None
+        if last and job.rank == last[-1].rank + 1 and len(last) < limit:
+            last.append(job)
+        else:
+            parts.append([job])
+    return parts
 
 
 def install_id(settings: Settings) -> str:
