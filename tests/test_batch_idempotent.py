@@ -251,3 +251,37 @@ def _slurm_state(backend_id: str) -> str:
     shown = subprocess.run(["scontrol", "show", "job", "--oneliner", backend_id],
                            capture_output=True, text=True, check=False).stdout
     return next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
+
+
+def test_a_job_cancelled_while_its_sbatch_hangs_ends_cancelled_after_the_bound(
+        slurm, sbatch, local):
+    # Given a job whose sbatch never answered and never submitted it
+    slurm.call_timeout_s = 2
+    slurm.unrecorded_timeout_s = 3
+    job = local.submit("sleep 300", backend="slurm")
+    sbatch.mode(1, "hang")
+    assert slurm.sync()["submitted"] == 0
+    # When it is cancelled while gpuq cannot know whether Slurm has it
+    assert job.cancel() == {"cancelled": [], "cancelling": [job.id]}
+    # Then it ends CANCELLED once the bound has passed with no such job at Slurm, and
+    # nothing was submitted for it again
+    rows = drive(slurm, local, [job.id], timeout_s=60)
+    assert (rows[0]["status"], rows[0]["backend_id"]) == ("CANCELLED", None)
+    assert sbatch.calls == 1
+
+
+def test_a_sync_asked_for_while_one_runs_is_run_by_that_one(slurm, sbatch, local,
+                                                           sync_process):
+    # Given a sync held inside sbatch for a first job
+    first = local.submit("true", backend="slurm")
+    sbatch.mode(1, "hold")
+    proc = sync_process(300)
+    until(sbatch.held, timeout_s=60)
+    # When a second job is submitted and its nudge finds the backend busy
+    second = local.submit("true", backend="slurm", allow_duplicate=True)
+    assert slurm.sync() == {"skipped": 1}
+    sbatch.release()
+    assert proc.wait(timeout=60) == 0
+    # Then the running sync passed again and submitted the second job too
+    assert second.row()["backend_id"] and first.row()["backend_id"]
+    assert sbatch.calls == 2
