@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
+from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.store.models import Job
@@ -77,30 +77,49 @@ class AwsBatchAdapter(BatchAdapter):
         self.s3.delete_object(Bucket=self._bucket(),
                               Key=f"{self._result_prefix(job)}/{job.rank}.pkl")
 
-    def submit(self, submission: Submission) -> list[str]:
-        """One job, or arrays of up to 10,000 replicas (a larger launch is split, each part
-        told its first rank through GPUQ_RANK_OFFSET)."""
+    def array_limit(self) -> int:
+        return MAX_ARRAY
+
+    def submit(self, submission: Submission) -> str:
+        """One job, or an array of up to 10,000 replicas (a larger launch comes in parts,
+        each told its first rank through GPUQ_RANK_OFFSET), named by the tag."""
+        from botocore.exceptions import ClientError
+
         overrides: dict[str, Any] = {}
         if submission.gpus:
             overrides["resourceRequirements"] = [{"type": "GPU", "value": str(submission.gpus)}]
-        ids: list[str] = []
-        for part in contiguous_parts(submission.jobs, MAX_ARRAY):
-            env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
-            if len(part) == 1:
-                env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
-            request: dict[str, Any] = {
-                "jobName": submission.name[:128], "jobQueue": self._queue(),
-                "jobDefinition": self.rt.settings.aws_batch_job_definition,
-                "containerOverrides": {
-                    **overrides,
-                    "environment": [{"name": k, "value": v} for k, v in env.items()]},
-            }
-            if len(part) > 1:
-                request["arrayProperties"] = {"size": len(part)}
-            parent = self.batch.submit_job(**request)["jobId"]
-            ids.extend([parent] if len(part) == 1 else
-                       [f"{parent}:{index}" for index in range(len(part))])
-        return ids
+        part = submission.jobs
+        env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
+        if len(part) == 1:
+            env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
+        request: dict[str, Any] = {
+            "jobName": submission.tag, "jobQueue": self._queue(),
+            "jobDefinition": self.rt.settings.aws_batch_job_definition,
+            "tags": {"gpuq/name": submission.name[:256]},
+            "containerOverrides": {
+                **overrides,
+                "environment": [{"name": k, "value": v} for k, v in env.items()]},
+        }
+        if len(part) > 1:
+            request["arrayProperties"] = {"size": len(part)}
+        try:
+            return str(self.batch.submit_job(**request)["jobId"])
+        except ClientError as e:  # an answer: the request was refused, nothing was made
+            raise SubmitRefused(f"AWS Batch refused the job: {e}") from e
+
+    def member_ids(self, handle: str, count: int) -> list[str]:
+        return [handle] if count == 1 else [f"{handle}:{index}" for index in range(count)]
+
+    def tagged(self) -> dict[str, str]:
+        """This installation's jobs in the queue, by name (every state)."""
+        found: dict[str, str] = {}
+        pages = self.batch.get_paginator("list_jobs").paginate(
+            jobQueue=self._queue(),
+            filters=[{"name": "JOB_NAME", "values": [f"gpuq-{self.install}-*"]}])
+        for page in pages:
+            for job in page["jobSummaryList"]:  # an array's children name it: parent:i
+                found[job["jobName"]] = job["jobId"].split(":")[0]
+        return found
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
         statuses: dict[str, Status] = {}

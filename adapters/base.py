@@ -1,8 +1,12 @@
 """The batch adapter contract: a Celery Task subclass per backend.
 
-A backend implements three calls and nothing else:
+A backend implements these calls and nothing else:
 
-    submit(submission) -> backend ids    one job, or a whole launch as one array
+    submit(submission) -> handle         one job, or one part of a launch as one array,
+                                         under the submission's tag; raises SubmitRefused
+                                         when the backend surely took nothing
+    member_ids(handle, count)            the backend ids of a submission's replicas
+    tagged() -> {tag: handle}            what this installation submitted, by tag
     poll(backend_ids) -> {id: Status}    one batched call for every live job
     cancel(backend_ids)
 
@@ -12,12 +16,22 @@ backend states onto job states, routing function results and errors into the job
 failing jobs stuck pending (with the backend's reason), and applying the restart policy
 (app/store/restart_policy.py) to a job that failed or that the backend no longer knows
 (after a grace period): a restart is resubmitted on its own by a later pass. One `sync`
-pass does all of it; beat runs it.
+pass does all of it; beat runs it, and a submit or a cancel asks for one at once.
+
+Submitting is idempotent. One sync runs at a time per backend (a Redis lock outliving any
+sync); should two run anyway (the lock lost with Redis), the database fences them: a row is
+taken for submission by a conditional PENDING -> STARTING move before the backend call
+(adapters/intent.py), and its backend id recorded part by part after it. A row left
+STARTING without a backend id (its sync died, or the call timed out) is looked up by its
+tag and adopted; one the backend still does not know after `unrecorded_timeout_s` waits
+again (CANCELLING: ends CANCELLED). A cancel that lands between the two writes finds the
+row STARTING, makes it CANCELLING, and the sync cancels the backend job as soon as it
+records its id.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,8 +41,11 @@ from typing import Any, ClassVar
 
 import cloudpickle
 from celery import Task
-from sqlmodel import col, select, update
+from redis.exceptions import LockError
+from sqlmodel import col, select
 
+from adapters import intent, submitting
+from adapters.intent import Submission, SubmitRefused, contiguous_parts
 from app.core import keys, payloads
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore, JobPaths
@@ -40,6 +57,7 @@ from app.store.jobs import transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
+__all__ = ["BatchAdapter", "Status", "Submission", "SubmitRefused", "contiguous_parts"]
 
 
 @dataclass
@@ -64,31 +82,6 @@ def _attempt_end(job: Job, status: Status, failure: str | None) -> restart_polic
                                      why=failure or status.reason)
 
 
-def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
-    """Jobs in runs of consecutive ranks of at most `limit`: each run is one array whose
-    index i is rank `run[0].rank + i` (the runner adds GPUQ_RANK_OFFSET)."""
-    parts: list[list[Job]] = []
-    for job in sorted(jobs, key=lambda j: j.rank):
-        last = parts[-1] if parts else None
-        if last and job.rank == last[-1].rank + 1 and len(last) < limit:
-            last.append(job)
-        else:
-            parts.append([job])
-    return parts
-
-
-@dataclass
-class Submission:
-    """Replicas of one launch (or one job) to submit together, as an array where the
-    backend has arrays. `env` is what every replica's runner needs beyond its rank."""
-
-    jobs: list[Job]
-    env: dict[str, str]
-    gpus: int
-    name: str
-    workdir: str | None = None
-
-
 class BatchAdapter(Task):  # type: ignore[misc]
     """Base of every batch backend; subclasses set `backend_name` (not `backend`, which is
     Celery's result backend on every Task) and the three calls."""
@@ -98,11 +91,34 @@ class BatchAdapter(Task):  # type: ignore[misc]
     inline_limit_bytes: int = 32 * 1024
     pending_timeout_s: float = 3600.0
     vanished_grace_s: float = 60.0
+    # Longer than any sync (each backend call is bounded by call_timeout_s, and the lock
+    # is renewed after each), so that a live sync never loses it.
+    sync_lock_s: float = 300.0
+    call_timeout_s: float = 60.0
+    # A row taken for submission whose backend job is not found this long after: taken to
+    # have never reached the backend. Past call_timeout_s, so that a call left running by
+    # a dead sync has ended by then.
+    unrecorded_timeout_s: float = 300.0
+    refused_retry_s: float = 10.0  # a refused submission is tried again after this
     rt: Runtime
 
     # -- the contract -----------------------------------------------------------------
-    def submit(self, submission: Submission) -> list[str]:
+    def submit(self, submission: Submission) -> str:
+        """Submit one part (ranks in a row, at most array_limit()) under submission.tag;
+        return its handle. Raise SubmitRefused only when the backend surely took nothing."""
         raise NotImplementedError
+
+    def member_ids(self, handle: str, count: int) -> list[str]:
+        """The backend ids of the `count` replicas of the submission `handle`, by index."""
+        raise NotImplementedError
+
+    def tagged(self) -> dict[str, str]:
+        """Every submission of this installation the backend knows: tag -> handle."""
+        raise NotImplementedError
+
+    def array_limit(self) -> int:
+        """The most replicas one submission may hold."""
+        return 1
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
         raise NotImplementedError
@@ -163,6 +179,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         if action == "sync" and time.time() < next_at:
             return {"skipped": 1}
         done = self.sync()
+        if "skipped" in done:
+            return done
         # Nothing changed: poll less often, up to a ceiling; any change resets the pace.
         interval = (self.poll_interval_s if any(done.values())
                     else min(interval * 2, self.max_poll_interval_s))
@@ -173,27 +191,61 @@ class BatchAdapter(Task):  # type: ignore[misc]
         assert job.id is not None
         return BatchStore(self.store_dir(self.rt.settings)).results(job.launch_id, job.id)
 
-    def sync(self) -> dict[str, int]:
-        """Cancel what was asked, poll what lives, submit what waits (within the limit)."""
-        cancelled = self._cancel_requested()
-        moved = self._poll_live()
-        submitted = self._submit_pending()
-        return {"cancelled": cancelled, "moved": moved, "submitted": submitted}
+    @property
+    def install(self) -> str:
+        return intent.install_id(self.rt.settings)
 
-    def _jobs(self, *states: JobState) -> list[Job]:
+    def sync(self) -> dict[str, int]:
+        """Cancel what was asked, poll what lives, settle what a dead sync left, submit what
+        waits (within the limit). One at a time per backend: a sync asked for while another
+        runs is left to that one, which passes again."""
+        r = self.rt.redis
+        again = keys.batch_sync_again(self.backend_name)
+        lock = r.lock(keys.batch_sync_lock(self.backend_name), timeout=self.sync_lock_s,
+                      blocking=False, thread_local=False)
+        if not lock.acquire():
+            r.set(again, 1, ex=int(self.sync_lock_s))
+            return {"skipped": 1}
+        try:
+            done = {"cancelled": 0, "moved": 0, "adopted": 0, "submitted": 0}
+            for _ in range(3):  # bounded: a stream of nudges must not hold the lock forever
+                r.delete(again)
+                for name, count in self._pass(lock).items():
+                    done[name] += count
+                if not r.exists(again):
+                    break
+            return done
+        finally:
+            with contextlib.suppress(LockError):
+                lock.release()
+
+    def _pass(self, lock: Any) -> dict[str, int]:
+        done = {}
+        for name, step in (("cancelled", self._cancel_requested), ("moved", self._poll_live),
+                           ("adopted", lambda: submitting.settle_unrecorded(self)),
+                           ("submitted", lambda: submitting.submit_pending(self, lock))):
+            try:
+                done[name] = step()
+            except GpuqError as e:  # the backend did not answer: the other steps still run
+                log.warning("%s: %s failed this pass: %s", self.backend_name, name, e)
+                done[name] = 0
+        return done
+
+    def jobs_in(self, *states: JobState) -> list[Job]:
+        """This backend's jobs in `states`, by id."""
         with self.rt.session() as session:
             return list(session.exec(select(Job).where(
                 col(Job.backend) == self.backend_name,
                 col(Job.state).in_([s.value for s in states])).order_by(col(Job.id))))
 
     def _cancel_requested(self) -> int:
-        jobs = [j for j in self._jobs(JobState.CANCELLING) if j.backend_id]
+        jobs = [j for j in self.jobs_in(JobState.CANCELLING) if j.backend_id]
         if jobs:
             self.cancel([j.backend_id for j in jobs if j.backend_id])
         return len(jobs)
 
     def _poll_live(self) -> int:
-        live = [j for j in self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
+        live = [j for j in self.jobs_in(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
                 if j.backend_id]
         if not live:
             return 0
@@ -285,61 +337,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
                                      secret=s.secret, keep_s=s.keep_result_s)
 
-    def _submit_pending(self) -> int:
-        live = len(self._jobs(JobState.STARTING, JobState.RUNNING, JobState.CANCELLING))
-        room = self.max_concurrent_jobs - live
-        if room <= 0:
-            return 0
-        pending = self._jobs(JobState.PENDING)[:room]
-        groups: dict[object, list[Job]] = {}
-        for job in pending:
-            # A restarted replica goes alone: its launch's array has long been submitted.
-            fresh = job.launch_id is not None and job.attempt == 0
-            groups.setdefault(job.launch_id if fresh else ("job", job.id), []).append(job)
-        submitted = 0
-        for jobs in groups.values():
-            try:
-                submitted += self._submit_group(jobs)
-            except GpuqError as e:
-                # The backend refused or could not be reached: the jobs stay PENDING, to be
-                # tried again next pass, and say why in the queue.
-                log.warning("%s did not take jobs %s: %s", self.backend_name,
-                            [j.id for j in jobs], e)
-                reason = f"not yet submitted to {self.backend_name}: {e}"
-                with self.rt.session() as session:
-                    session.execute(update(Job).where(
-                        col(Job.id).in_([j.id for j in jobs]),
-                        col(Job.reason).is_distinct_from(reason),
-                        col(Job.state) == JobState.PENDING.value).values(reason=reason))
-                    session.commit()
-        return submitted
-
-    def _submit_group(self, jobs: list[Job]) -> int:
-        first = jobs[0]
-        data = self._payload_bytes(first)
-        # Only a job's first attempt is ever submitted with others, so every job of a group
-        # has restarted as often as the first.
-        env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
-               "GPUQ_RESTART_COUNT": str(first.restart_count),
-               "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id),
-               **self.result_env(first)}
-        if len(data) <= self.inline_limit_bytes:
-            env["GPUQ_PAYLOAD"] = base64.b64encode(data).decode()
-        else:
-            env.update(self.payload_env(first.payload_key or f"job-{first.id}", data))
-        submission = Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
-                                first.workdir)
-        ids = self.submit(submission)
-        with self.rt.session() as session:
-            for job, backend_id in zip(jobs, ids, strict=True):
-                transition(session, JobState.STARTING, None,
-                           [col(Job.id) == job.id, col(Job.attempt) == job.attempt],
-                           {"backend_id": backend_id, "attempt": job.attempt + 1,
-                            "dispatched_at": time.time()},
-                           only_from=[JobState.PENDING])
-        return len(ids)
-
-    def _payload_bytes(self, job: Job) -> bytes:
+    def payload_bytes(self, job: Job) -> bytes:
         """The runner's payload: the launch's stored payload, or the job's own command."""
         spec: dict[str, Any]
         if job.payload_key is not None:
@@ -350,4 +348,3 @@ class BatchAdapter(Task):  # type: ignore[misc]
         else:
             spec = {"command": job.command, "rank_args": None}
         return bytes(cloudpickle.dumps(spec))
-

@@ -30,7 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
+from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core import keys
 from app.core.errors import GpuqError, PayloadTooLarge
 from app.core.settings import Settings
@@ -45,6 +45,7 @@ CONFIGMAP_MAX_BYTES = 1024 * 1024 - 4096  # a ConfigMap holds 1 MiB; leave room 
 FINISHED_TTL_S = 24 * 3600  # long past the slowest poll, so ended Jobs are read first
 CANCELLED_TTL_S = 7 * 24 * 3600
 MAX_COMPLETIONS = 100_000  # Indexed Jobs allow up to 10^5 completions
+INSTALL_LABEL, TAG_LABEL = "gpuq/install", "gpuq/tag"  # found again by tagged()
 
 
 class KubernetesAdapter(BatchAdapter):
@@ -86,30 +87,58 @@ class KubernetesAdapter(BatchAdapter):
             "binaryData": {"payload": base64.b64encode(data).decode()}})
         return {"GPUQ_PAYLOAD_FILE": f"{PAYLOAD_MOUNT}/payload", PAYLOAD_CONFIGMAP: name}
 
-    def submit(self, submission: Submission) -> list[str]:
-        """One Indexed Job per run of consecutive ranks (a whole launch, normally)."""
+    def array_limit(self) -> int:
+        return MAX_COMPLETIONS
+
+    def submit(self, submission: Submission) -> str:
+        """One Indexed Job for the part (a whole launch, normally), labelled with the tag."""
+        from kubernetes.client.exceptions import ApiException
+
         namespace = self.rt.settings.k8s_namespace
-        ids, owners = [], []
-        for part in contiguous_parts(submission.jobs, MAX_COMPLETIONS):
-            env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
-            if len(part) == 1:
-                env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
-            body = self._job_body(_unique_name(submission.name), len(part), submission, env)
+        part = submission.jobs
+        env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
+        if len(part) == 1:
+            env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
+        body = self._job_body(_unique_name(submission.name), len(part), submission, env)
+        try:
             created = _json(self.batch.create_namespaced_job(namespace, body,
                                                              _preload_content=False))
-            meta = created["metadata"]
-            owners.append({"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                           "uid": meta.get("uid", "")})
-            ids += [f"{namespace}/{meta['name']}/{index}" for index in range(len(part))]
+        except ApiException as e:
+            # A 4xx other than a time-out or throttling is a refusal; the rest may have
+            # created it.
+            if e.status is not None and 400 <= e.status < 500 and e.status not in (408, 429):
+                raise SubmitRefused(f"Kubernetes refused the Job: {e.reason}") from e
+            raise
+        meta = created["metadata"]
         if PAYLOAD_CONFIGMAP in submission.env:
-            self.core.patch_namespaced_config_map(submission.env[PAYLOAD_CONFIGMAP], namespace,
-                                                  {"metadata": {"ownerReferences": owners}})
-        return ids
+            self._own_payload(submission.env[PAYLOAD_CONFIGMAP], namespace, {
+                "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                "uid": meta.get("uid", "")})
+        return f"{namespace}/{meta['name']}"
+
+    def _own_payload(self, configmap: str, namespace: str, owner: dict[str, str]) -> None:
+        """Add a Job to the owners of the payload's ConfigMap (every part's Job mounts it)."""
+        current = _json(self.core.read_namespaced_config_map(configmap, namespace,
+                                                             _preload_content=False))
+        owners = [*current["metadata"].get("ownerReferences", []), owner]
+        self.core.patch_namespaced_config_map(configmap, namespace,
+                                              {"metadata": {"ownerReferences": owners}})
+
+    def member_ids(self, handle: str, count: int) -> list[str]:
+        return [f"{handle}/{index}" for index in range(count)]
+
+    def tagged(self) -> dict[str, str]:
+        namespace = self.rt.settings.k8s_namespace
+        listed = _json(self.batch.list_namespaced_job(
+            namespace, label_selector=f"{SELECTOR},{INSTALL_LABEL}={self.install}",
+            _preload_content=False))["items"]
+        return {j["metadata"]["labels"][TAG_LABEL]: f"{namespace}/{j['metadata']['name']}"
+                for j in listed if TAG_LABEL in j["metadata"].get("labels", {})}
 
     def _job_body(self, name: str, replicas: int, submission: Submission,
                   env: dict[str, str]) -> dict[str, Any]:
         first = submission.jobs[0]
-        labels = {MANAGED: "gpuq",
+        labels = {MANAGED: "gpuq", INSTALL_LABEL: self.install, TAG_LABEL: submission.tag,
                   **({"gpuq/launch": str(first.launch_id)} if first.launch_id else
                      {"gpuq/job": str(first.id)})}
         container: dict[str, Any] = {

@@ -30,28 +30,34 @@ class ProcessAdapter(BatchAdapter):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def submit(self, submission: Submission) -> list[str]:
-        ids = []
-        for job in submission.jobs:
-            base = self._state_dir() / f"job-{job.id}-{job.attempt + 1}"
-            env = {**os.environ, **submission.env, "GPUQ_JOB_ID": str(job.id),
-                   "GPUQ_JOB_RANK": str(job.rank)}
-            runner = shlex.join([sys.executable, "-m", "adapters.runner"])
-            # The wrapper keeps the exit code where poll() finds it after the process is gone;
-            # it runs in the background of a shell that exits at once, so that the job is
-            # nobody's child (no zombies) while its process group keeps the shell's id.
-            script = f"({runner}; echo $? > {shlex.quote(str(base))}.exit) &"
-            assert job.id is not None
-            log_path = JobPaths(self.rt.settings.home, job.id).log
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=submission.workdir or None, start_new_session=True)
-            proc.wait()
-            Path(f"{base}.pgid").write_text(str(proc.pid))
-            ids.append(str(base))
-        return ids
+    def submit(self, submission: Submission) -> str:
+        """One replica (array_limit is 1), its files named by the submission's tag."""
+        (job,) = submission.jobs
+        base = self._state_dir() / submission.tag
+        env = {**os.environ, **submission.env, "GPUQ_JOB_ID": str(job.id),
+               "GPUQ_JOB_RANK": str(job.rank)}
+        runner = shlex.join([sys.executable, "-m", "adapters.runner"])
+        # The wrapper keeps the exit code where poll() finds it after the process is gone;
+        # it runs in the background of a shell that exits at once, so that the job is
+        # nobody's child (no zombies) while its process group keeps the shell's id.
+        script = f"({runner}; echo $? > {shlex.quote(str(base))}.exit) &"
+        assert job.id is not None
+        log_path = JobPaths(self.rt.settings.home, job.id).log
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=submission.workdir or None, start_new_session=True)
+        Path(f"{base}.pgid").write_text(str(proc.pid))  # first: tagged() finds it by this
+        proc.wait()
+        return str(base)
+
+    def member_ids(self, handle: str, count: int) -> list[str]:
+        return [handle]
+
+    def tagged(self) -> dict[str, str]:
+        return {path.name.removesuffix(".pgid"): str(path).removesuffix(".pgid")
+                for path in self._state_dir().glob("*.pgid")}
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
         return {backend_id: self._status(backend_id) for backend_id in backend_ids}

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
-from adapters.base import BatchAdapter, Status, Submission, contiguous_parts
+from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore
 from app.core.settings import Settings
@@ -47,16 +47,25 @@ class SlurmAdapter(BatchAdapter):
         out_dir = BatchStore(cls.store_dir(settings)).backend_dir("slurm")
         return out_dir / f"{job.backend_id}.out", None
 
-    def _run(self, *args: str, env: dict[str, str] | None = None) -> str:
+    def _run(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+             ) -> str:
+        """Run a Slurm command. Not installed: SubmitRefused (nothing can have been sent);
+        no answer within call_timeout_s: GpuqError (it may have been done)."""
         try:
-            done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60,
-                                  check=False)
+            done = subprocess.run(args, capture_output=True, text=True, env=env, input=stdin,
+                                  timeout=self.call_timeout_s, check=False)
         except FileNotFoundError:
-            raise GpuqError(f"{args[0]} is not installed here: run the control worker on a "
-                            "Slurm login node (deploy/slurm/setup.sh makes a one-node "
-                            "cluster for development)") from None
+            raise SubmitRefused(f"{args[0]} is not installed here: run the control worker on "
+                                "a Slurm login node (deploy/slurm/setup.sh makes a one-node "
+                                "cluster for development)") from None
+        except subprocess.TimeoutExpired:
+            raise GpuqError(f"{args[0]} did not answer in {self.call_timeout_s:.0f}s") from None
         if done.returncode != 0:
-            raise GpuqError(f"{' '.join(args[:2])} failed: {done.stderr.strip()}")
+            message = f"{' '.join(args[:2])} failed: {done.stderr.strip()}"
+            # sbatch's own time-outs talking to the controller leave its fate unknown.
+            if args[0] == "sbatch" and "timed out" not in done.stderr.lower():
+                raise SubmitRefused(message)
+            raise GpuqError(message)
         return done.stdout
 
     @cached_property
@@ -64,13 +73,18 @@ class SlurmAdapter(BatchAdapter):
         lines = self._run("scontrol", "show", "config").splitlines()
         return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines) if v}
 
-    def submit(self, submission: Submission) -> list[str]:
-        """One sbatch per run of consecutive ranks: an array when it has several, split at
-        the cluster's MaxArraySize (array indices must stay below it)."""
+    def array_limit(self) -> int:
+        return int(self.config.get("MaxArraySize", "1001"))  # indices stay below it
+
+    def submit(self, submission: Submission) -> str:
+        """One sbatch: an array when the part has several replicas. The job name is the
+        submission's tag; the user's name goes in the comment."""
         settings = self.rt.settings
         out_dir = BatchStore(self.store_dir(settings)).backend_dir("slurm")
         out_dir.mkdir(parents=True, exist_ok=True)
-        command = ["sbatch", "--parsable", f"--job-name={submission.name[:128]}"]
+        comment = re.sub(r"[\s=]+", "_", submission.name)[:128]
+        command = ["sbatch", "--parsable", f"--job-name={submission.tag}",
+                   f"--comment={comment}"]
         for option, value in (("partition", settings.slurm_partition),
                               ("account", settings.slurm_account),
                               ("time", settings.slurm_time_limit),
@@ -81,24 +95,26 @@ class SlurmAdapter(BatchAdapter):
             command.append(f"--gpus={submission.gpus}" if settings.slurm_gpu_option == "gpus"
                            else f"--gres=gpu:{submission.gpus}")
         script = f"#!/bin/sh\nexec {sys.executable} -m adapters.runner\n"
-        limit = int(self.config.get("MaxArraySize", "1001"))
-        ids: list[str] = []
-        for part in contiguous_parts(submission.jobs, limit):
-            env = {**os.environ, **submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
-            array: list[str] = []
-            if len(part) == 1:
-                env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
-                array = [f"--output={out_dir}/%j.out"]
-            else:
-                array = [f"--array=0-{len(part) - 1}", f"--output={out_dir}/%A_%a.out"]
-            done = subprocess.run([*command, *array], input=script, capture_output=True,
-                                  text=True, env=env, timeout=60, check=False)
-            if done.returncode != 0:
-                raise GpuqError(f"sbatch refused the job: {done.stderr.strip()}")
-            job_id = done.stdout.strip().split(";")[0]
-            ids.extend([job_id] if len(part) == 1 else
-                       [f"{job_id}_{index}" for index in range(len(part))])
-        return ids
+        part = submission.jobs
+        env = {**os.environ, **submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
+        if len(part) == 1:
+            env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
+            array = [f"--output={out_dir}/%j.out"]
+        else:
+            array = [f"--array=0-{len(part) - 1}", f"--output={out_dir}/%A_%a.out"]
+        return self._run(*command, *array, env=env, stdin=script).strip().split(";")[0]
+
+    def member_ids(self, handle: str, count: int) -> list[str]:
+        return [handle] if count == 1 else [f"{handle}_{index}" for index in range(count)]
+
+    def tagged(self) -> dict[str, str]:
+        """Jobs the controller knows by their name (a tag); an array's handle is its id."""
+        found = {}
+        for record in _records(self._run("scontrol", "show", "job", "--oneliner")):
+            name = record.get("JobName", "")
+            if name.startswith("gpuq-"):
+                found[name] = record.get("ArrayJobId") or record["JobId"]
+        return found
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
         """One `scontrol show job` for every job the controller still knows; `sacct` for

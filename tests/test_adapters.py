@@ -266,3 +266,39 @@ def test_a_job_stuck_pending_fails_with_the_backends_reason(rt, local):
     rows = drive(adapter, local, [job.id])
     assert rows[0]["status"] == "FAILED"
     assert "no node has 8 free GPUs" in rows[0]["reason"]
+
+
+class _RecordLost(Exception):
+    """Stands in for a sync that died between the backend call and its record."""
+
+
+def lose_the_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next sync submits and then dies before it records the backend ids."""
+    from adapters import intent
+
+    def die(*args: object, **kwargs: object) -> list[str]:
+        raise _RecordLost
+
+    monkeypatch.setattr(intent, "record", die)
+
+
+def test_a_submission_whose_record_was_lost_is_adopted_by_its_tag(adapter, local, tmp_path,
+                                                                  monkeypatch):
+    # Given a launch whose sync submitted it and died before recording its backend ids
+    out = tmp_path / "runs"
+    out.mkdir()
+    handle = local.launch(f"echo ran >> {out}/{{rank}}", num_jobs=3,
+                          backend=adapter.backend_name)
+    lose_the_record(monkeypatch)
+    with pytest.raises(_RecordLost):
+        adapter.sync()
+    monkeypatch.undo()
+    rows = local.rows(handle.job_ids)
+    assert "STARTING" in {r["status"] for r in rows} and not any(r["backend_id"] for r in rows)
+    # When later syncs run, they find what was submitted by its tag and adopt it
+    rows = drive(adapter, local, handle.job_ids)
+    # Then nothing was submitted twice: every rank ran once
+    assert {r["status"] for r in rows} == {"SUCCEEDED"}
+    assert all(r["backend_id"] for r in rows)
+    assert sorted((out / str(rank)).read_text().split().count("ran") for rank in range(3)) == [
+        1, 1, 1]

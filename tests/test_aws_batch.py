@@ -168,3 +168,21 @@ def test_missing_queue_setting_names_the_fix(settings, local):
     row = job.row()  # kept, to be submitted once the setting is there, and saying why not
     assert row["status"] == "PENDING"
     assert "not yet submitted to aws_batch: set GPUQ_AWS_" in row["reason"]
+
+
+def test_a_submission_whose_record_was_lost_is_adopted_by_its_name(aws, monkeypatch):
+    from tests.test_adapters import _RecordLost, lose_the_record
+
+    adapter, client, _ = aws
+    handle = client.launch("true", num_jobs=3, backend="aws_batch")
+    lose_the_record(monkeypatch)
+    with pytest.raises(_RecordLost):
+        adapter.sync()
+    monkeypatch.undo()
+    adapter.sync()
+    rows = sorted(client.rows(handle.job_ids), key=lambda r: r["rank"])
+    parent = rows[0]["backend_id"].split(":")[0]
+    assert [r["backend_id"] for r in rows] == [f"{parent}:{i}" for i in range(3)]
+    listed = adapter.batch.list_jobs(jobQueue="gpuq-queue", jobStatus="SUBMITTED")
+    others = adapter.batch.list_jobs(jobQueue="gpuq-queue", jobStatus="RUNNABLE")
+    assert len(listed["jobSummaryList"] + others["jobSummaryList"]) <= 1, "one array job"

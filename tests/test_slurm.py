@@ -61,14 +61,10 @@ def test_a_launch_over_max_array_size_is_split_and_keeps_every_rank(slurm, local
 
 
 @pytest.mark.e2e
-def test_a_refused_submission_leaves_the_job_pending_with_the_reason(rt, local):
-    if why := slurm_missing():
-        pytest.skip(why)
-    adapter = SlurmAdapter()
-    adapter.rt = rt
-    rt.settings.slurm_partition = "no-such-partition"
+def test_a_refused_submission_leaves_the_job_pending_with_the_reason(slurm, local):
+    slurm.rt.settings.slurm_partition = "no-such-partition"
     job = local.submit("true", backend="slurm")
-    assert adapter.sync()["submitted"] == 0
+    assert slurm.sync()["submitted"] == 0
     row = job.row()
     assert row["status"] == "PENDING"
     assert "invalid partition" in row["reason"].lower(), row["reason"]

@@ -92,3 +92,13 @@ def batch_poll(backend: str) -> str:
 def batch_cancelled(backend: str, backend_id: str) -> str:
     """Set when gpuq cancelled a backend job, so that its end reads CANCELLED."""
     return f"{PREFIX}:batch:{backend}:cancelled:{backend_id}"
+
+
+def batch_sync_lock(backend: str) -> str:
+    """Lock: the one sync of a backend running now (expires if its holder dies)."""
+    return f"{PREFIX}:batch:{backend}:sync-lock"
+
+
+def batch_sync_again(backend: str) -> str:
+    """Set when a sync was asked for while another ran: the running one passes again."""
+    return f"{PREFIX}:batch:{backend}:sync-again"
