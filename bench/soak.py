@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -44,7 +45,7 @@ from app.core.procgroup import stop_groups
 from app.core.settings import Settings
 from app.core.states import TERMINAL
 from app.store.models import Job, JobEvent
-from tests.netutil import PausableProxy, free_port
+from tests.netutil import PausableProxy, _pipe, free_port
 from tests.spans import check, read_spans, span_command
 
 BIN = Path(sys.executable).parent
@@ -53,6 +54,8 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 TERMINAL_NAMES = {s.value for s in TERMINAL}
 BACKLOG = 24  # jobs not yet ended that the submitter keeps in flight at most
 FAULT_GAP_S = (4.0, 12.0)  # quiet time between two faults
+KINDS = ("kill-gpu-worker", "kill-cpu-worker", "kill-control-worker", "kill-host-b",
+         "kill-redis", "delete-holds", "partition-host-b", "cut-database-b")
 
 
 def log(start: float, message: str) -> None:
@@ -76,7 +79,6 @@ class Forwarder(PausableProxy):
                 client.close()
                 continue
             self._conns += [client, server]
-            from tests.netutil import _pipe
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
@@ -163,12 +165,14 @@ class Soak:
     seed: int
     home: Path
     database_url: str | None
+    only: list[str] | None = None  # the fault kinds to draw from; None: every one
     start: float = field(default_factory=time.monotonic)
     token: str = field(default_factory=lambda: secrets.token_hex(6))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     proxies: list[Forwarder] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     accepted: set[int] = field(default_factory=set)
+    meant: dict[int, int] = field(default_factory=dict)  # job id: the exit code it was given
     launches: int = 0
     singles: int = 0
     refused: int = 0
@@ -282,26 +286,39 @@ class Soak:
     def celery_pids(self, name: str) -> list[int]:
         return [p for p in self.ours() if f" -n {name} " in cmdline_of(p)]
 
+    def running(self, gpus: bool, wait_s: float = 10) -> list[tuple[str, list[int]]]:
+        """(host, GPU ids) of the GPU (or 0-GPU) jobs running now, waiting a little for
+        one: a worker is killed under a job, the hard version of the fault."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.client.rt.session() as session:
+                found = sorted((j.host, j.gpu_ids or []) for j in session.exec(
+                    select(Job).where(col(Job.state) == "RUNNING",
+                                      (col(Job.gpus) > 0) if gpus else (col(Job.gpus) == 0))
+                ).all() if j.host)
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+
     def fault_kill_gpu_worker(self, rng: random.Random) -> str:
-        name = f"gpu{rng.randrange(2)}@{rng.choice((self.host_a, self.host_b))}"
+        busy = [f"gpu{ids[0]}@{host}" for host, ids in self.running(gpus=True) if ids]
+        name = rng.choice(busy or [f"gpu{rng.randrange(2)}@{self.host_a}"])
         pids = self.celery_pids(name)
         self.kill(pids)
-        return f"{name} pids {pids}"
+        return f"{name} pids {pids}" + ("" if busy else " (no GPU job running)")
 
     def fault_kill_cpu_worker(self, rng: random.Random) -> str:
-        """The CPU worker of a host that runs a 0-GPU job now, if one does."""
-        with self.client.rt.session() as session:
-            busy = sorted({h for h in session.exec(select(Job.host).where(
-                col(Job.gpus) == 0, col(Job.state) == "RUNNING")).all() if h})
+        busy = sorted({host for host, _ in self.running(gpus=False)})
         host = rng.choice(busy or [self.host_a, self.host_b])
         pids = self.celery_pids(f"cpu@{host}")
         self.kill(pids)
         return f"cpu@{host} pids {pids}" + ("" if busy else " (no 0-GPU job running)")
 
     def fault_kill_control_worker(self, rng: random.Random) -> str:
-        pids = self.celery_pids(f"control@{self.host_a}")
+        proc = self.procs.pop("control")
+        pids = sorted({*self.celery_pids(f"control@{self.host_a}"), proc.pid})
         self.kill(pids)
-        self.procs.pop("control").wait()
+        proc.wait()
         time.sleep(rng.uniform(0.5, 3))
         self.spawn("control", self.host_a, "control-worker")
         return f"control@{self.host_a} pids {pids}, restarted"
@@ -309,11 +326,12 @@ class Soak:
     def fault_kill_host_b(self, rng: random.Random) -> str:
         """Host B dies at once: its supervisor and workers first (none lives to see its
         jobs die and record it), then every job process on it."""
-        workers = self.ours(GPUQ_HOSTNAME=self.host_b)
+        proc = self.procs.pop("worker-b")
+        workers = sorted({*self.ours(GPUQ_HOSTNAME=self.host_b), proc.pid})
         self.kill(workers)
         jobs = self.ours(GPUQ_HOST=self.host_b)
         self.kill(jobs)
-        self.procs.pop("worker-b").wait()
+        proc.wait()
         down_s = rng.uniform(3, 15)
         time.sleep(down_s)
         self.spawn("worker-b", self.host_b, "worker")
@@ -368,7 +386,7 @@ class Soak:
         # fault finds running (and so draws) never shifts the sequence of kinds.
         rng = random.Random(self.seed)
         kinds = self.fault_kinds()
-        names = sorted(kinds)
+        names = sorted(k for k in kinds if self.only is None or k in self.only)
         for n in itertools.count():
             time.sleep(rng.uniform(*FAULT_GAP_S))
             if time.monotonic() >= until:
@@ -400,11 +418,13 @@ class Soak:
                     handle = client.launch(command, num_jobs=replicas, gpus=gpus,
                                            max_restarts=restarts, name="soak")
                     self.accepted.update(handle.job_ids)
+                    self.meant.update(dict.fromkeys(handle.job_ids, exit_code))
                     self.launches += 1
                 else:
                     job = client.submit(command, gpus=gpus, max_restarts=restarts,
                                         name="soak", allow_duplicate=True)
                     self.accepted.add(job.id)
+                    self.meant[job.id] = exit_code
                     self.singles += 1
             except Exception:  # refused while Redis or the database is away: not accepted
                 self.refused += 1
@@ -470,6 +490,12 @@ class Soak:
             f"{k} {n}" for k, n in sorted(self.faults.items())))
         print("  ended            " + ", ".join(f"{k} {n}" for k, n in sorted(states.items())))
         print(f"  ended LOST       {states.get('LOST', 0)}")
+        reasons = Counter((j.state, re.sub(r"[0-9a-f]{12,}|\d+", "N", j.reason or ""))
+                          for j in rows.values()
+                          if j.state != "SUCCEEDED" and (
+                              j.state != "FAILED" or j.exit_code != self.meant.get(int(j.id or 0))))
+        for (state, reason), n in reasons.most_common(6):
+            print(f"    {state:<16} {n:>5}  {reason}")
         print(f"  lost             {len(lost)}")
         print(f"  run twice        {twice} (runs over attempts "
               f"{len(found.runs_over_attempts)}, runs of one job at once "
@@ -507,12 +533,18 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="how long faults go on")
     parser.add_argument("--seed", type=int, default=1, help="draws the faults and the jobs")
+    parser.add_argument("--faults", help="draw only these fault kinds (comma-separated): "
+                        + ", ".join(KINDS))
     parser.add_argument("--keep", action="store_true", help="keep the home (logs, spans)")
     args = parser.parse_args(argv)
+    only = args.faults.split(",") if args.faults else None
+    unknown = sorted(set(only or []) - set(KINDS))
+    if unknown:
+        parser.error(f"unknown fault kinds {unknown}; choose from {', '.join(KINDS)}")
     home = Path(tempfile.mkdtemp(prefix="gpuq-soak-"))
     code = 2
     with soak_database(os.environ.get("GPUQ_DATABASE_URL")) as database_url:
-        soak = Soak(args.minutes, args.seed, home, database_url)
+        soak = Soak(args.minutes, args.seed, home, database_url, only)
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             code = soak.run()
