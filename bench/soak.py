@@ -46,7 +46,7 @@ from app.core.settings import Settings
 from app.core.states import TERMINAL
 from app.store.models import Job, JobEvent
 from tests.netutil import PausableProxy, _pipe, free_port
-from tests.spans import check, read_spans, span_command
+from tests.spans import Span, Violations, check, read_spans, span_command
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -507,10 +507,16 @@ class Soak:
         print(f"soak: {'FAILED' if failed else 'OK'}", flush=True)
         return 1 if failed else 0
 
-    def evidence(self, client: Client, lost: list[int], stuck: list[Job], found) -> None:  # type: ignore[no-untyped-def]
+    def evidence(self, client: Client, lost: list[int], stuck: list[Job],
+                 found: Violations) -> None:
         print(f"  lost ids: {lost[:20]}")
         print(f"  stuck: {[(j.id, j.state, j.host, j.attempt) for j in stuck[:20]]}")
-        print(f"  {found}")
+        print(f"  runs over attempts (job: runs, attempts): "
+              f"{dict(list(found.runs_over_attempts.items())[:10])}")
+        for what, pairs in (("one job at once", found.ran_twice_at_once),
+                            ("GPU overlap", found.gpu_overlaps)):
+            for a, b in pairs[:5]:
+                print(f"  {what}: {self.span(a)} | {self.span(b)}")
         ids = set(list(found.runs_over_attempts)[:5]) | {int(j.id or 0) for j in stuck[:5]}
         ids |= {a.job_id for a, _ in found.ran_twice_at_once[:3] + found.gpu_overlaps[:3]}
         ids |= {b.job_id for _, b in found.ran_twice_at_once[:3] + found.gpu_overlaps[:3]}
@@ -522,6 +528,10 @@ class Soak:
                     print(f"    {e.at - self.start_epoch:8.1f}s {e.from_state} -> "
                           f"{e.to_state} ({e.reason})")
         print(f"  worker logs and spans kept under {self.home}")
+
+    def span(self, span: Span) -> str:
+        return (f"job {span.job_id} run {span.run} on {span.host} GPUs {','.join(span.gpus)} "
+                f"{span.start - self.start_epoch:.1f}s-{span.end - self.start_epoch:.1f}s")
 
     @property
     def start_epoch(self) -> float:
