@@ -461,8 +461,9 @@ class Soak:
         client = self.client = Client(self.settings(self.host_a), "local")
         try:
             self.wait_ready(client)
-            log(self.start, f"two hosts up ({self.host_a}, {self.host_b}); home {self.home}")
             self.start = time.monotonic()
+            log(self.start, f"two hosts up ({self.host_a}, {self.host_b}) at epoch "
+                            f"{time.time():.2f}; home {self.home}")
             submitter = threading.Thread(target=self.submit_jobs, args=(client,), daemon=True)
             submitter.start()
             self.inject_faults(until=self.start + self.minutes * 60)
@@ -490,7 +491,7 @@ class Soak:
             f"{k} {n}" for k, n in sorted(self.faults.items())))
         print("  ended            " + ", ".join(f"{k} {n}" for k, n in sorted(states.items())))
         print(f"  ended LOST       {states.get('LOST', 0)}")
-        reasons = Counter((j.state, re.sub(r"[0-9a-f]{12,}|\d+", "N", j.reason or ""))
+        reasons = Counter((j.state, re.sub(r"[0-9a-f]{12,}", "…", j.reason or ""))
                           for j in rows.values()
                           if j.state != "SUCCEEDED" and (
                               j.state != "FAILED" or j.exit_code != self.meant.get(int(j.id or 0))))
