@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test lint bench clean gpu-wheels gpu-check
+.PHONY: install demo test lint bench soak clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ bench: install
 	@for b in startup bulk_launch throughput operations cancel latency; do \
 		$(BIN)/python -m bench.$$b || exit 1; \
 	done
+
+# Two simulated hosts under seeded random hard faults; exit 1 if a job was lost, ran twice,
+# double-booked a GPU or was stuck (README, "Soak").
+SOAK_MINUTES ?= 3
+SOAK_SEED ?= 1
+
+soak: install
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 lint: install
 	$(BIN)/ruff check .
