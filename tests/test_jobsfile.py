@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from app.core.errors import JobsFileError
+from app.ops import submit as submit_ops
+from app.ops.registry import call_local
 from scheduler.jobsfile import JobsFileWatcher, parse_line
-from tests.conftest import server_env
+from tests.conftest import server_env, until
 
 
 def test_a_line_with_options_becomes_a_job_spec():
@@ -207,3 +210,58 @@ def test_watch_once_submits_the_good_lines_and_exits_1_naming_the_bad(settings, 
     assert "line 3: unknown preflight 'nope'" in errors[1]
     # a.py at once, then d.py once the file stayed the same
     assert [line.split()[0] for line in run.stdout.splitlines()] == ["submitted", "submitted"]
+
+
+# -- big files: bounded transactions -------------------------------------------------------
+
+def _origin_count(rt, origin: str, distinct: bool = False) -> int:
+    from sqlalchemy import func, select
+
+    from app.store.models import Job
+
+    counted = func.count(Job.command.distinct()) if distinct else func.count()
+    with rt.session() as session:
+        return session.scalar(select(counted).where(Job.origin == origin)) or 0
+
+
+def test_another_writer_gets_the_database_while_a_big_file_is_stored(local, rt, tmp_path,
+                                                                     monkeypatch):
+    # Given a big jobs file stored in many transactions (small ones here, to keep it short)
+    monkeypatch.setattr(submit_ops, "FILE_LINES_PER_TRANSACTION", 50)
+    origin = str(tmp_path / "big.txt")
+    specs = [{"command": f"python shard.py {n}", "gpus": 0} for n in range(2_000)]
+    answer: dict = {}
+    importer = threading.Thread(target=lambda: answer.update(
+        local.call("submit_many", origin=origin, specs=specs)))
+    importer.start()
+    try:
+        # When another writer submits a job while the import is under way
+        until(lambda: _origin_count(rt, origin) > 0, timeout_s=60, poll_s=0.01)
+        other = call_local(rt, "submit", {"spec": {"command": "echo meanwhile"}})["job_ids"][0]
+    finally:
+        importer.join(timeout=120)
+    # Then its transaction went in between two of the import's, not after the last one
+    imported = answer["submitted"]
+    assert len(imported) == 2_000 and len(set(imported)) == 2_000
+    assert min(imported) < other < max(imported)
+    assert _origin_count(rt, origin) == 2_000
+
+
+def test_a_file_import_killed_midway_and_run_again_stores_each_line_once(settings, rt,
+                                                                         tmp_path):
+    path = tmp_path / "big.txt"
+    lines = 6_000
+    path.write_text("".join(f"gpus=0 -- python shard.py {n}\n" for n in range(lines)))
+    gpuq = str(Path(sys.executable).parent / "gpuq")
+    first = subprocess.Popen([gpuq, "watch", str(path), "--once"], env=server_env(settings),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        until(lambda: _origin_count(rt, str(path)) > 0, timeout_s=90, poll_s=0.01)
+    finally:
+        first.kill()  # SIGKILL, mid-import
+        first.wait()
+    assert _origin_count(rt, str(path)) < lines, "killed after the import ended"
+    again = _gpuq(settings, "watch", str(path), "--once")
+    assert again.returncode == 0, again.stderr
+    assert _origin_count(rt, str(path)) == lines
+    assert _origin_count(rt, str(path), distinct=True) == lines  # each line once
