@@ -73,8 +73,18 @@ def transition(session: Session, target: JobState, reason: str | None,
     """Move every job matching `where` whose state allows it to `target`; log each move.
 
     Jobs in states that cannot reach `target` are left as they are; the ids that moved are
-    returned so that the caller can tell.
+    returned so that the caller can tell. Jobs that ended settle their dependents.
     """
+    moved = _move(session, target, reason, where, values, only_from)
+    if moved and target.terminal:
+        _settle_dependents(session, moved, target)
+    return moved
+
+
+def _move(session: Session, target: JobState, reason: str | None,
+          where: Sequence[ColumnElement[bool]], values: dict[str, Any] | None,
+          only_from: Sequence[JobState] | None) -> list[int]:
+    """`transition` without settling dependents."""
     now = time.time()
     moved: list[int] = []
     events: list[dict[str, Any]] = []
@@ -89,23 +99,32 @@ def transition(session: Session, target: JobState, reason: str | None,
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:
         session.execute(insert(JobEvent), events)
-        if target.terminal:
-            _settle_dependents(session, moved, target)
     return moved
 
 
 def _settle_dependents(session: Session, ended: list[int], state: JobState) -> None:
-    """Release the jobs waiting on `ended`, or cancel them when they can never start."""
-    which = f"job {ended[0]}" if len(ended) == 1 else "a job"
-    cancel_waiting(session, dependencies.settle_dependents(session, ended, state),
-                   f"{which} it runs after ended {state.value}")
+    """Release the jobs waiting on `ended`, or cancel them when they can never start, and
+    so on down the chain: level by level in a loop, since a chain may be thousands long."""
+    while ended:
+        which = f"job {ended[0]}" if len(ended) == 1 else "a job"
+        doomed = dependencies.settle_dependents(session, ended, state)
+        ended = _cancel(session, doomed, f"{which} it runs after ended {state.value}")
+        state = JobState.CANCELLED
 
 
 def cancel_waiting(session: Session, job_ids: Sequence[int], reason: str) -> None:
-    """Cancel jobs still waiting on others that will never all succeed."""
+    """Cancel jobs still waiting on others that will never all succeed, and the jobs that
+    wait on them."""
+    _settle_dependents(session, _cancel(session, job_ids, reason), JobState.CANCELLED)
+
+
+def _cancel(session: Session, job_ids: Sequence[int], reason: str) -> list[int]:
+    cancelled: list[int] = []
     for chunk in dependencies.chunks(job_ids):
-        transition(session, JobState.CANCELLED, reason, [col(Job.id).in_(chunk)],
-                   {"ended_at": time.time(), "waiting": False}, only_from=[JobState.PENDING])
+        cancelled.extend(_move(session, JobState.CANCELLED, reason, [col(Job.id).in_(chunk)],
+                               {"ended_at": time.time(), "waiting": False},
+                               only_from=[JobState.PENDING]))
+    return cancelled
 
 
 def note(session: Session, job_id: int, reason: str) -> None:
