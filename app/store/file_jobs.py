@@ -9,13 +9,14 @@ while the job is PENDING and reported as not applied once it has started or ende
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlmodel import Session, col
 
 from app.core.states import JobState
-from app.store.jobs import create_jobs, note
+from app.store.jobs import create_jobs, note, serialize
 from app.store.models import Job
 from app.store.spec import JobSpec
 
@@ -40,6 +41,8 @@ def store_lines(session: Session, origin: str, specs: dict[int, JobSpec]) -> dic
         int, LineOutcome]:
     """Store the lines of `origin` not stored before; apply a changed priority to a
     PENDING job. `specs` maps a caller's index to a line with an identity of its own."""
+    # Two watchers of one file (`gpuq up --jobs-file` and `gpuq watch`) store it in turn.
+    serialize(session, hashlib.sha256(origin.encode()).hexdigest())
     latest: dict[Identity, tuple[int, str, int]] = {}
     hashes = sorted({spec.content_hash() for spec in specs.values()})
     for job_id, digest, name, state, priority in session.execute(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, insert, or_, update
+from sqlalchemy import ColumnElement, insert, or_, text, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
@@ -55,16 +55,40 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
 
 
 def refuse_duplicate(session: Session, spec: JobSpec) -> None:
-    """Refuse a job identical to one not yet ended; the database is the only memory."""
+    """Refuse a job identical to one not yet ended; the database is the only memory.
+
+    Call it first in the transaction that stores the job: the check and the insert then
+    hold a lock that an identical submission waits on, so that only one of two concurrent
+    identical submissions is accepted."""
+    digest = spec.content_hash()
+    serialize(session, digest)
     found = session.exec(
         select(Job.id, Job.state).where(
-            col(Job.content_hash) == spec.content_hash(), col(Job.launch_id).is_(None),
+            col(Job.content_hash) == digest, col(Job.launch_id).is_(None),
             col(Job.state).not_in([s.value for s in TERMINAL]))
         .order_by(col(Job.id)).limit(1)).first()
     if found is not None:
         job_id, state = found
         raise DuplicateJob(f"an identical job {job_id} is already {state}; "
                            "pass --allow-duplicate to queue another")
+
+
+# The first key of the two-key advisory locks that serialize checks of one content hash
+# ("gpuq"); PostgreSQL keeps two-key locks apart from the one-key lock of migrations.
+PG_LOCK_CLASS = 0x67707571
+
+
+def serialize(session: Session, key: str) -> None:
+    """Until this transaction ends, make every other transaction that serializes on the
+    same hex `key` wait: SQLite takes its database write lock now (BEGIN IMMEDIATE; it has
+    no finer lock); PostgreSQL a transaction-scoped advisory lock on the key."""
+    conn = session.connection()
+    if conn.dialect.name == "sqlite":
+        if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:cls, :key)"),
+                     {"cls": PG_LOCK_CLASS, "key": int(key[:8], 16) - 2**31})
 
 
 def transition(session: Session, target: JobState, reason: str | None,
