@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.core.keys import CONTROL_QUEUE
+from app.core.sentinel import SentinelUrl
 from app.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -18,7 +19,14 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
 
     from app.core.security import redis_ssl_options
 
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    sentinel = SentinelUrl.parse(redis_url)
+    if sentinel is not None:  # kombu's form: one URL per sentinel, the master in options
+        redis_url = sentinel.kombu_url()
+        transport_options.update(sentinel.transport_options())
     app = Celery("gpuq", broker=redis_url, backend=redis_url, set_as_current=False)
+    if sentinel is not None:
+        app.conf.update(result_backend_transport_options=sentinel.transport_options())
     ssl_options = redis_ssl_options(redis_url)
     if ssl_options is not None:  # rediss://: Celery wants the TLS options spelt out
         app.conf.update(broker_use_ssl=ssl_options, redis_backend_use_ssl=ssl_options)
@@ -35,7 +43,7 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
         # visibility timeout is never redelivered. The database, not the broker, decides
         # whether an attempt may run, and reconciliation repairs messages lost after ack.
         task_acks_late=False,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         # Task events cost every job three extra broker messages; Flower switches them on
         # over the control channel while it runs (its `enable_events` broadcast).

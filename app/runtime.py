@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.celery_app import create_celery
 from app.core.errors import BrokerUnavailable
+from app.core.sentinel import SentinelUrl
 from app.core.settings import Settings, mask_url
 from app.store.db import make_engine
 from app.store.embedded_redis import resolve_redis_url
@@ -44,8 +45,10 @@ class Runtime:
         from redis.backoff import ExponentialBackoff, NoBackoff
         from redis.retry import Retry
 
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
-                                      health_check_interval=30)
+        options: dict[str, Any] = {"socket_connect_timeout": 2, "health_check_interval": 30}
+        sentinel = SentinelUrl.parse(self.redis_url)
+        client = (sentinel.client(**options) if sentinel is not None
+                  else redis.Redis.from_url(self.redis_url, **options))
         riding_out = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=REDIS_RETRIES)
         try:
             # A command's first contact fails fast, so that it says at once that Redis is

@@ -9,6 +9,12 @@ Options are those of `gpuq submit` (app/store/spec.py), with _ for -: gpus, name
 priority, workdir, venv, conda_env, max_restarts, recover_on_exit_codes (137,143), gpu_ids
 (0,3), preflight, tmux (true/false), backend, after (4,9); and env.KEY=VALUE
 (repeatable). Values are shell-quoted as on a command line: name='sweep a'.
+
+Each line is submitted once per file, ever (app/store/file_jobs.py): a line is the same
+job as before when its command, environment, resources and `name=` are; two lines that
+differ only in `name=` are two jobs, and a renamed line is a new job. A changed
+`priority=` is applied to the line's job while it is PENDING and reported as not applied
+once it has started.
 """
 
 from __future__ import annotations
@@ -76,23 +82,40 @@ class PollResult:
     submitted: list[int] = field(default_factory=list)  # new job ids
     known: int = 0  # lines already submitted before
     errors: list[str] = field(default_factory=list)  # one message per bad line
+    notes: list[str] = field(default_factory=list)  # edits applied or not applied
 
 
 SubmitMany = Callable[[str, list[dict[str, Any]]], dict[str, Any]]
+Line = tuple[int, bytes]  # (line number, its bytes without the newline)
+Fresh = tuple[str, int, str, dict[str, Any]]  # (LRU key, line number, text, job spec)
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class JobsFileWatcher:
     """Re-reads a file when its mtime or size changes and submits the lines not yet seen.
 
-    Lines already handled are remembered in a bounded LRU; the database (the jobs' origin
-    and content hash) is the truth, so a restarted watcher submits nothing twice."""
+    Lines already handled are remembered in a bounded LRU; the database (the jobs' origin,
+    content hash and name) is the truth, so a restarted watcher submits nothing twice.
 
-    def __init__(self, path: Path, submit_many: SubmitMany, remember: int = 10_000) -> None:
+    Only whole lines are submitted: a last line without its newline may be a save in
+    progress, so it is held until the file has stayed the same for one more poll. A bad
+    line (unreadable, not UTF-8, or refused by the server) is reported by number and text
+    and the other lines go in; it is read again whenever the file changes."""
+
+    def __init__(self, path: Path, submit_many: SubmitMany, remember: int = 10_000,
+                 log_problems: bool = True) -> None:
+        """`log_problems`: log bad lines and notes (False: the caller shows the result)."""
         self.path = path.resolve()
+        self.log_problems = log_problems
         self.submit_many = submit_many
         self.remember = remember
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stamp: tuple[int, int] | None = None
+        self.held: Line | None = None  # an unfinished last line, waiting for a stable file
 
     def _changed(self) -> bool:
         try:
@@ -111,17 +134,58 @@ class JobsFileWatcher:
         while len(self._seen) > self.remember:
             self._seen.popitem(last=False)
 
-    def poll(self) -> PollResult | None:
-        """Handle the file if it changed since the last poll; None when it did not."""
-        if not self._changed():
+    def _read(self, result: PollResult) -> list[Line] | None:
+        """The file's whole lines, numbered; the last one held when it has no newline."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:  # replaced by a save in progress: read it when it is back
+            self._stamp = None
             return None
+        except OSError as e:
+            result.errors.append(f"cannot read it: {e.strerror}; fix its permissions")
+            return None
+        pieces = data.split(b"\n")
+        tail = pieces.pop()
+        self.held = (len(pieces) + 1, tail) if tail.strip() else None
+        return list(enumerate(pieces, start=1))
+
+    def poll(self) -> PollResult | None:
+        """Handle the file if it changed since the last poll, or its held last line once
+        the file stayed the same; None when there was nothing to do."""
         result = PollResult()
-        fresh: list[tuple[str, dict[str, Any]]] = []
-        for lineno, text in enumerate(self.path.read_text().splitlines(), start=1):
+        if self._changed():
+            lines = self._read(result)
+            if lines is None:
+                return result if result.errors else None
+        elif self.held is not None:
+            lines, self.held = [self.held], None
+        else:
+            return None
+        fresh = self._fresh(lines, result)
+        if fresh:
+            self._submit(fresh, result)
+        if self.log_problems:
+            for error in result.errors:
+                log.warning("%s: %s", self.path, error)
+            for note in result.notes:
+                log.info("%s: %s", self.path, note)
+        return result
+
+    def _fresh(self, lines: list[Line], result: PollResult) -> list[Fresh]:
+        """The lines not handled before, parsed; bad ones go to `result.errors`."""
+        fresh: list[Fresh] = []
+        for lineno, raw in lines:
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError as e:
+                result.errors.append(f"line {lineno}: byte {e.start + 1} is not UTF-8 "
+                                     "(bytes from a save in progress, or another encoding); "
+                                     "save the file as UTF-8")
+                continue
             try:
                 spec = parse_line(text, lineno)
             except JobsFileError as e:
-                result.errors.append(str(e))
+                result.errors.append(f"{e}; the line: {_shown(text)}")
                 continue
             if spec is None:
                 continue
@@ -129,13 +193,21 @@ class JobsFileWatcher:
             if key in self._seen:
                 result.known += 1
                 continue
-            fresh.append((key, spec))
-        if fresh:
-            answer = self.submit_many(str(self.path), [spec for _, spec in fresh])
-            result.submitted = answer["submitted"]
-            result.known += answer["known"]
-            for key, _ in fresh:
-                self._remember(key)
-        for error in result.errors:
-            log.warning("%s: %s", self.path, error)
-        return result
+            fresh.append((key, lineno, text, spec))
+        return fresh
+
+    def _submit(self, fresh: list[Fresh], result: PollResult) -> None:
+        answer = self.submit_many(str(self.path), [spec for *_, spec in fresh])
+        for (key, lineno, text, _), line in zip(fresh, answer["lines"], strict=True):
+            status = line["status"]
+            if status == "refused":  # not remembered: read again when the file changes
+                result.errors.append(f"line {lineno}: {line['message']}; the line: "
+                                     f"{_shown(text)}")
+                continue
+            self._remember(key)
+            if status == "submitted":
+                result.submitted.append(line["job_id"])
+                continue
+            result.known += 1
+            if line.get("message"):
+                result.notes.append(f"line {lineno}: {line['message']}")

@@ -10,7 +10,9 @@ from sqlmodel import Session, col, update
 from app.core import keys
 from app.core.errors import InvalidJobSpec, JobNotFound
 from app.stack.host import register_host
+from app.store.jobs import create_jobs
 from app.store.models import Job
+from app.store.spec import JobSpec
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.dispatch.reconcile import reconcile
 from scheduler.worker.attempt import run_attempt
@@ -142,3 +144,24 @@ def test_reconcile_cancels_a_job_whose_dependency_failed_unseen(rt, local, host)
     reconcile(rt)
     row = second.row()
     assert (row["status"], row["reason"]) == ("CANCELLED", "a job it runs after did not succeed")
+
+
+def test_a_chain_of_a_thousand_is_cancelled_when_its_first_job_fails(rt, local, host):
+    # Given a chain of 1,000 jobs, each after the one before
+    failing = local.submit("exit 3 # head of the chain")
+    chain, before = [], failing.id
+    with Session(rt.engine) as session:
+        for n in range(1_000):
+            spec = JobSpec(command=f"true # link {n}", after=[before])
+            before = create_jobs(session, spec, 1, launch=False)[1][0]
+            chain.append(before)
+        session.commit()
+    host.dispatch()
+    # When its first job fails, then every job of the chain is cancelled, in the ending
+    # job's own transaction, without error
+    assert finish(rt, failing) == "FAILED"
+    rows = local.rows(chain)
+    assert {r["status"] for r in rows} == {"CANCELLED"}
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[chain[0]]["reason"] == f"job {failing.id} it runs after ended FAILED"
+    assert by_id[chain[-1]]["reason"] == f"job {chain[-2]} it runs after ended CANCELLED"

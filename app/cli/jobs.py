@@ -192,21 +192,44 @@ def attach(job_id: int) -> None:
 def watch(path: Path = typer.Argument(..., help="The jobs file."),
           interval_s: float = typer.Option(1.0, "--interval", help="Seconds between checks."),
           once: bool = typer.Option(False, "--once", help="Read it once and exit.")) -> None:
-    """Submit each line of a jobs file once, re-reading it whenever it changes."""
+    """Submit each line of a jobs file once, re-reading it whenever it changes.
+
+    A bad line is reported by number and the other lines are submitted; with --once the
+    exit status is 1 when a line was bad."""
     from scheduler.jobsfile import JobsFileWatcher
 
+    if path.is_dir():
+        raise GpuqError(f"{path} is a directory; name the jobs file in it")
+    if not path.is_file():
+        raise GpuqError(f"no jobs file {path}; create it (one job per line) and run again")
     c = client()
     watcher = JobsFileWatcher(path, lambda origin, specs: c.call(
-        "submit_many", origin=origin, specs=specs))
+        "submit_many", origin=origin, specs=specs), log_problems=False)
     while True:
         result = watcher.poll()
-        if result is not None:
-            for error in result.errors:
-                typer.echo(f"{path}: {error}", err=True)
-            if result.submitted:
-                typer.echo(f"submitted {', '.join(map(str, result.submitted))}")
+        bad = _show_poll(path, result)
         if once:
-            raise typer.Exit(1 if result is not None and result.errors else 0)
+            if watcher.held is not None:  # a last line without its newline: let it settle
+                time.sleep(interval_s)
+                bad = _show_poll(path, watcher.poll()) or bad
+            if watcher.held is not None:
+                typer.echo(f"{path}: line {watcher.held[0]} has no newline at its end and the "
+                           "file is still changing; not submitted", err=True)
+                bad = True
+            raise typer.Exit(1 if bad else 0)
         time.sleep(interval_s)
+
+
+def _show_poll(path: Path, result: Any) -> bool:
+    """Print what one read of the jobs file did; True when a line was bad."""
+    if result is None:
+        return False
+    for error in result.errors:
+        typer.echo(f"{path}: {error}", err=True)
+    for note in result.notes:
+        typer.echo(f"{path}: {note}", err=True)
+    if result.submitted:
+        typer.echo(f"submitted {', '.join(map(str, result.submitted))}")
+    return bool(result.errors)
 
 

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
         Path(".gpuq"), description="Data directory: database, job logs, embedded Redis state."
     )
     redis_url: str | None = Field(
-        None, description="Broker and payload store. Unset: an embedded server under `home`."
+        None, description="Broker and payload store: redis://, rediss://, or sentinel:// "
+        "(sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...][/DB]?master=NAME). Unset: an "
+        "embedded server under `home`."
     )
     database_url: str | None = Field(
         None, description="System of record. Unset: SQLite (WAL) under `home`."
@@ -163,6 +165,15 @@ class Settings(BaseSettings):
         # Workers and clients may run from other directories: agree on one absolute path.
         return value.expanduser().resolve()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _readable_sentinel_url(cls, value: str | None) -> str | None:
+        from app.core.sentinel import SentinelUrl
+
+        if value is not None:
+            SentinelUrl.parse(value)  # a malformed sentinel:// URL is refused here
+        return value
+
     @field_validator("transport")
     @classmethod
     def _known_transport(cls, value: str) -> str:
@@ -253,5 +264,7 @@ class Settings(BaseSettings):
 
 
 def mask_url(value: str) -> str:
-    """Hide the password part of a URL such as redis://user:secret@host."""
-    return re.sub(r"(://[^:/@]*:)[^@/]+@", rf"\g<1>{SECRET_MASK}@", value)
+    """Hide the password parts of a URL such as redis://user:secret@host (and a sentinel://
+    URL's sentinel_password)."""
+    value = re.sub(r"(://[^:/@]*:)[^@/]+@", rf"\g<1>{SECRET_MASK}@", value)
+    return re.sub(r"([?&]sentinel_password=)[^&]*", rf"\g<1>{SECRET_MASK}", value)

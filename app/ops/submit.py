@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import ColumnElement
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
-from app.core.errors import InvalidJobSpec
+from app.core.errors import GpuqError, InvalidJobSpec
 from app.core.states import JobState
 from app.ops.nudge import kick_batch, kick_dispatch
 from app.ops.registry import operation
 from app.runtime import Runtime
 from app.store import cluster, payload_store
+from app.store.file_jobs import Identity, identity, store_lines
 from app.store.jobs import create_jobs, refuse_duplicate, transition
 from app.store.models import Job
 from app.store.spec import JobSpec
@@ -78,23 +81,74 @@ def _check_preflight(rt: Runtime, spec: JobSpec) -> None:
                              f"{', '.join(rt.settings.preflight_checks)}")
 
 
+# A jobs file is stored this many lines per transaction, so that other writers (a worker
+# recording an outcome, a `gpuq submit`) get the database between two of them.
+FILE_LINES_PER_TRANSACTION = 1_000
+# The pause between two such transactions: longer than SQLite's longest wait (100 ms)
+# between two tries of a writer blocked on its lock, so that a blocked writer gets in.
+FILE_PAUSE_S = 0.15
+
+
 @operation
 def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Submit the lines of a jobs file: each distinct job once per origin, ever."""
-    parsed: dict[str, JobSpec] = {}
-    for spec in specs:
-        job_spec = JobSpec.parse({**spec, "origin": origin})
-        _check_preflight(rt, job_spec)
-        parsed.setdefault(job_spec.content_hash(), job_spec)
+    """Submit the lines of a jobs file: each distinct job once per origin, ever.
+
+    A spec that is not a job spec refuses the whole call; a line that the server refuses
+    (an unknown preflight, `after=` naming no such job) is reported in its own entry of
+    `lines` (one per spec, in order) while the others are stored. Large files are stored
+    in bounded transactions; a re-run after a crash stores each line once."""
+    parsed = [JobSpec.parse({**spec, "origin": origin}) for spec in specs]
+    lines: list[dict[str, Any]] = [{} for _ in parsed]
+    first: dict[Identity, int] = {}
+    same_as: dict[int, int] = {}
+    for index, job_spec in enumerate(parsed):
+        try:
+            _check_preflight(rt, job_spec)
+        except GpuqError as e:
+            lines[index] = _refused(e)
+            continue
+        same_as[index] = first.setdefault(identity(job_spec), index)
     rt.check_broker()
-    with rt.session() as session:
-        known = set(session.scalars(select(Job.content_hash).where(
-            col(Job.origin) == origin, col(Job.content_hash).in_(list(parsed)))))
-        ids = [create_jobs(session, job_spec, 1, launch=False)[1][0]
-               for digest, job_spec in parsed.items() if digest not in known]
-    if ids:
+    todo = sorted(set(same_as.values()))
+    for start in range(0, len(todo), FILE_LINES_PER_TRANSACTION):
+        if start:
+            time.sleep(FILE_PAUSE_S)
+        chunk = todo[start:start + FILE_LINES_PER_TRANSACTION]
+        for index, outcome in _store_chunk(rt, origin, {i: parsed[i] for i in chunk}).items():
+            lines[index] = outcome
+    for index, original in same_as.items():
+        if index != original:
+            lines[index] = {**lines[original], "status": "known"} if lines[original].get(
+                "job_id") else lines[original]
+    submitted = [line["job_id"] for line in lines if line["status"] == "submitted"]
+    if submitted:
         kick_dispatch(rt)
-    return {"submitted": ids, "known": len(specs) - len(ids)}
+    return {"submitted": submitted, "known": sum(line["status"] != "submitted" and
+                                                 line["status"] != "refused" for line in lines),
+            "lines": lines}
+
+
+def _refused(error: GpuqError) -> dict[str, Any]:
+    return {"status": "refused", "job_id": None, "message": str(error)}
+
+
+def _store_chunk(rt: Runtime, origin: str, specs: dict[int, JobSpec]) -> dict[
+        int, dict[str, Any]]:
+    """Store lines in one transaction; if one of them is refused, store them one by one so
+    that the others go in and the refused one is named."""
+    try:
+        with rt.session() as session:
+            return {i: asdict(o) for i, o in store_lines(session, origin, specs).items()}
+    except GpuqError:
+        if len(specs) == 1:
+            raise
+    outcomes: dict[int, dict[str, Any]] = {}
+    for index, spec in specs.items():
+        try:
+            outcomes.update(_store_chunk(rt, origin, {index: spec}))
+        except GpuqError as e:
+            outcomes[index] = _refused(e)
+    return outcomes
 
 
 @operation

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, insert, or_, update
+from sqlalchemy import ColumnElement, insert, or_, text, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
@@ -55,10 +55,16 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
 
 
 def refuse_duplicate(session: Session, spec: JobSpec) -> None:
-    """Refuse a job identical to one not yet ended; the database is the only memory."""
+    """Refuse a job identical to one not yet ended; the database is the only memory.
+
+    Call it first in the transaction that stores the job: the check and the insert then
+    hold a lock that an identical submission waits on, so that only one of two concurrent
+    identical submissions is accepted."""
+    digest = spec.content_hash()
+    serialize(session, digest)
     found = session.exec(
         select(Job.id, Job.state).where(
-            col(Job.content_hash) == spec.content_hash(), col(Job.launch_id).is_(None),
+            col(Job.content_hash) == digest, col(Job.launch_id).is_(None),
             col(Job.state).not_in([s.value for s in TERMINAL]))
         .order_by(col(Job.id)).limit(1)).first()
     if found is not None:
@@ -67,14 +73,42 @@ def refuse_duplicate(session: Session, spec: JobSpec) -> None:
                            "pass --allow-duplicate to queue another")
 
 
+# The first key of the two-key advisory locks that serialize checks of one content hash
+# ("gpuq"); PostgreSQL keeps two-key locks apart from the one-key lock of migrations.
+PG_LOCK_CLASS = 0x67707571
+
+
+def serialize(session: Session, key: str) -> None:
+    """Until this transaction ends, make every other transaction that serializes on the
+    same hex `key` wait: SQLite takes its database write lock now (BEGIN IMMEDIATE; it has
+    no finer lock); PostgreSQL a transaction-scoped advisory lock on the key."""
+    conn = session.connection()
+    if conn.dialect.name == "sqlite":
+        if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:cls, :key)"),
+                     {"cls": PG_LOCK_CLASS, "key": int(key[:8], 16) - 2**31})
+
+
 def transition(session: Session, target: JobState, reason: str | None,
                where: Sequence[ColumnElement[bool]], values: dict[str, Any] | None = None,
                only_from: Sequence[JobState] | None = None) -> list[int]:
     """Move every job matching `where` whose state allows it to `target`; log each move.
 
     Jobs in states that cannot reach `target` are left as they are; the ids that moved are
-    returned so that the caller can tell.
+    returned so that the caller can tell. Jobs that ended settle their dependents.
     """
+    moved = _move(session, target, reason, where, values, only_from)
+    if moved and target.terminal:
+        _settle_dependents(session, moved, target)
+    return moved
+
+
+def _move(session: Session, target: JobState, reason: str | None,
+          where: Sequence[ColumnElement[bool]], values: dict[str, Any] | None,
+          only_from: Sequence[JobState] | None) -> list[int]:
+    """`transition` without settling dependents."""
     now = time.time()
     moved: list[int] = []
     events: list[dict[str, Any]] = []
@@ -89,23 +123,32 @@ def transition(session: Session, target: JobState, reason: str | None,
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:
         session.execute(insert(JobEvent), events)
-        if target.terminal:
-            _settle_dependents(session, moved, target)
     return moved
 
 
 def _settle_dependents(session: Session, ended: list[int], state: JobState) -> None:
-    """Release the jobs waiting on `ended`, or cancel them when they can never start."""
-    which = f"job {ended[0]}" if len(ended) == 1 else "a job"
-    cancel_waiting(session, dependencies.settle_dependents(session, ended, state),
-                   f"{which} it runs after ended {state.value}")
+    """Release the jobs waiting on `ended`, or cancel them when they can never start, and
+    so on down the chain: level by level in a loop, since a chain may be thousands long."""
+    while ended:
+        which = f"job {ended[0]}" if len(ended) == 1 else "a job"
+        doomed = dependencies.settle_dependents(session, ended, state)
+        ended = _cancel(session, doomed, f"{which} it runs after ended {state.value}")
+        state = JobState.CANCELLED
 
 
 def cancel_waiting(session: Session, job_ids: Sequence[int], reason: str) -> None:
-    """Cancel jobs still waiting on others that will never all succeed."""
+    """Cancel jobs still waiting on others that will never all succeed, and the jobs that
+    wait on them."""
+    _settle_dependents(session, _cancel(session, job_ids, reason), JobState.CANCELLED)
+
+
+def _cancel(session: Session, job_ids: Sequence[int], reason: str) -> list[int]:
+    cancelled: list[int] = []
     for chunk in dependencies.chunks(job_ids):
-        transition(session, JobState.CANCELLED, reason, [col(Job.id).in_(chunk)],
-                   {"ended_at": time.time(), "waiting": False}, only_from=[JobState.PENDING])
+        cancelled.extend(_move(session, JobState.CANCELLED, reason, [col(Job.id).in_(chunk)],
+                               {"ended_at": time.time(), "waiting": False},
+                               only_from=[JobState.PENDING]))
+    return cancelled
 
 
 def note(session: Session, job_id: int, reason: str) -> None:
