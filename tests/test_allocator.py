@@ -199,3 +199,22 @@ def test_gpu_ids_fewer_than_gpus_are_refused_at_submit(local):
         local.submit("true", gpus=2, allowed_gpu_ids=[0])
     with pytest.raises(InvalidJobSpec, match=r"distinct GPU indices"):
         local.submit("true", gpus=1, allowed_gpu_ids=[0, 0])
+
+
+def test_a_job_is_not_refused_while_the_inventory_is_rebuilt_after_redis_lost_it(rt, local):
+    # Given a host of 2 GPUs whose inventory Redis lost, and only GPU 0 back so far
+    from app.store import cluster
+
+    _bring_up(rt, "h", 2)
+    for key in rt.redis.scan_iter("gpuq:*"):
+        rt.redis.delete(key)
+    cluster.ensure_registered(rt.redis, "h", 0, {"name": "Fake GPU"})
+    rt.redis.set(keys.alive("h", 0), 1, ex=60)
+    # When a 2-GPU job arrives
+    job = local.submit("true # both", gpus=2)
+    # Then it waits for the rest of the host instead of failing for good
+    assert job.status == "PENDING"
+    cluster.ensure_registered(rt.redis, "h", 1, {"name": "Fake GPU"})
+    rt.redis.set(keys.alive("h", 1), 1, ex=60)
+    Dispatcher(rt).dispatch()
+    assert job.status == "STARTING"

@@ -26,6 +26,9 @@ DISPATCH_DIRTY = f"{PREFIX}:dispatch:dirty"  # a pass was asked for while one ra
 
 # -- the cluster's live state (owned by app/store/cluster.py) ---------------------------
 HOSTS = f"{PREFIX}:hosts"  # set of host names that registered GPUs
+# Since when the inventory is whole: 0 once a host's `gpuq worker` wrote it, the time of the
+# first repair when GPU workers had to put their GPUs back after Redis lost them.
+INVENTORY_SINCE = f"{PREFIX}:hosts:since"
 
 
 def host_gpus(host: str) -> str:

@@ -148,8 +148,22 @@ def _foreign(reading: bytes | None) -> bool:
     return reading is not None and bool(json.loads(reading).get("foreign"))
 
 
+# After Redis lost the inventory, each GPU worker puts its own GPU back at its next beat:
+# for this long a host may show fewer GPUs than it has, and no job is refused for it.
+INVENTORY_SETTLE_S = 20.0
+
+
+def inventory_settled(r: redis.Redis) -> bool:
+    """Whether the registered inventory can be trusted to say what never fits."""
+    since = r.get(keys.INVENTORY_SINCE)
+    return isinstance(since, bytes) and time.time() - float(since) >= INVENTORY_SETTLE_S
+
+
 def largest_host(r: redis.Redis) -> int | None:
-    """GPUs of the largest registered host, None while no host has registered."""
+    """GPUs of the largest registered host, None while no host has registered (or the
+    inventory is being rebuilt after Redis lost it)."""
+    if not inventory_settled(r):
+        return None
     hosts = [h.decode() for h in r.smembers(keys.HOSTS)]  # type: ignore[union-attr]
     sizes = [int(r.hlen(keys.host_gpus(h))) for h in hosts]  # type: ignore[arg-type]
     return max(sizes) if sizes else None
@@ -162,6 +176,7 @@ def register_host(r: redis.Redis, host: str, gpus: Mapping[int, dict[str, Any]])
     """Publish a host's GPU inventory (index -> description), replacing what was there."""
     pipe = r.pipeline()
     pipe.sadd(keys.HOSTS, host)
+    pipe.set(keys.INVENTORY_SINCE, 0, nx=True)
     pipe.delete(keys.host_gpus(host))
     if gpus:
         pipe.hset(keys.host_gpus(host), mapping={str(i): json.dumps(described)
@@ -173,6 +188,7 @@ def ensure_registered(r: redis.Redis, host: str, index: int, described: dict[str
     """Put one GPU back in its host's inventory if Redis lost it; a no-op otherwise."""
     pipe = r.pipeline(transaction=False)
     pipe.sadd(keys.HOSTS, host)
+    pipe.set(keys.INVENTORY_SINCE, time.time(), nx=True)
     pipe.hsetnx(keys.host_gpus(host), str(index), json.dumps(described))
     pipe.execute()
 

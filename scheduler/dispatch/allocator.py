@@ -20,7 +20,7 @@ from app.core import keys
 from app.core.keys import CPU_QUEUE, gpu_queue
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store.cluster import HostView, holder, read_hosts, release, reserve
+from app.store.cluster import HostView, holder, inventory_settled, read_hosts, release, reserve
 from app.store.jobs import held_gpus, transition
 from app.store.models import Job
 
@@ -149,6 +149,8 @@ class Dispatcher:
             # without persistence, an eviction, an outage past its TTL) is still a hold.
             held = held_gpus(session)
         hosts = read_hosts(self.rt.redis, held)
+        # A job is refused as never fitting only by a whole inventory.
+        judge = bool(hosts) and inventory_settled(self.rt.redis)
         routed = self._start_cpu_jobs()
         earmarked: set[tuple[str, int]] = set()
 
@@ -161,7 +163,7 @@ class Dispatcher:
             if not chunk:
                 break
             for job in chunk:
-                if hosts and (why := never_fits(job, hosts)) is not None:
+                if judge and (why := never_fits(job, hosts)) is not None:
                     self._no_resource(job, why)
                 elif (choice := _pick(job, hosts, earmarked)) is not None:
                     host, gpus = choice
