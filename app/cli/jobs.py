@@ -7,13 +7,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from app.cli.common import JsonOpt, NameOpt, cli, client, load_settings, print_json
 from app.cli.options import job_options
 from app.core.errors import GpuqError
+
+if TYPE_CHECKING:
+    from app.client import Client
 
 
 def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
@@ -142,16 +145,18 @@ def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> N
 
 @cli.command()
 def wait(ids: list[int] | None = typer.Argument(None, help="Job ids."),
-         launch_id: int | None = typer.Option(None, "--launch"),
+         launch_id: int | None = typer.Option(None, "--launch", help="Every replica of it."),
          timeout: float | None = typer.Option(None, "--timeout", help="Seconds.")) -> None:
     """Wait for jobs to end; exit 0 when all SUCCEEDED, 1 otherwise."""
-    c = client()
-    if launch_id is not None:
-        ids = [r["id"] for r in c.call("queue", launch_id=launch_id, limit=10_000)["jobs"]]
-    if not ids:
+    if ids and launch_id is not None:
+        raise GpuqError("name job ids or --launch L to wait for, not both")
+    if not ids and launch_id is None:
         raise GpuqError("name job ids or --launch L to wait for")
+    c = client()
     try:
-        rows = c.wait(ids, timeout)
+        if launch_id is not None:
+            raise typer.Exit(_wait_for_launch(c, launch_id, timeout))
+        rows = c.wait(ids or [], timeout)
     except TimeoutError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
@@ -159,6 +164,23 @@ def wait(ids: list[int] | None = typer.Argument(None, help="Job ids."),
     for row in bad:
         typer.echo(f"job {row['id']}: {row['status']} (exit {row['exit_code']})", err=True)
     raise typer.Exit(1 if bad else 0)
+
+
+SHOWN_PER_STATE = 20
+
+
+def _wait_for_launch(c: Client, launch_id: int, timeout: float | None) -> int:
+    """Wait on every replica by the launch's counts per state (cheap at 100,000); name
+    some of those that did not succeed. The exit status: 0 when all SUCCEEDED, else 1."""
+    launch = c.wait_launch(launch_id, timeout)
+    bad = {state: n for state, n in sorted(launch.counts.items()) if state != "SUCCEEDED"}
+    for state, n in bad.items():
+        rows = c.call("queue", launch_id=launch_id, status=state, limit=SHOWN_PER_STATE)["jobs"]
+        for row in rows:
+            typer.echo(f"job {row['id']}: {row['status']} (exit {row['exit_code']})", err=True)
+        if n > len(rows):
+            typer.echo(f"... and {n - len(rows)} more {state}", err=True)
+    return 1 if bad else 0
 
 
 @cli.command()
@@ -193,6 +215,9 @@ def watch(path: Path = typer.Argument(..., help="The jobs file."),
           interval_s: float = typer.Option(1.0, "--interval", help="Seconds between checks."),
           once: bool = typer.Option(False, "--once", help="Read it once and exit.")) -> None:
     """Submit each line of a jobs file once, re-reading it whenever it changes."""
+    if path.is_dir():
+        raise GpuqError(f"{path} is a directory; name the jobs file in it, e.g. "
+                        f"gpuq watch {path / 'jobs.txt'}")
     from scheduler.jobsfile import JobsFileWatcher
 
     c = client()
