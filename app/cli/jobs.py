@@ -14,6 +14,7 @@ import typer
 from app.cli.common import JsonOpt, NameOpt, cli, client, load_settings, print_json
 from app.cli.options import job_options
 from app.core.errors import GpuqError
+from app.store.spec import MAX_COMMAND_BYTES
 
 if TYPE_CHECKING:
     from app.client import Client
@@ -40,7 +41,9 @@ def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
 SecretOpt = typer.Option([], "--secret", metavar="NAME[=VALUE]",
                          help="NAME=VALUE (or NAME, from this environment) for the job's "
                          "environment, kept out of the job table and logs.")
-CommandArg = typer.Argument(..., metavar="COMMAND", help="The command, after `--`.")
+CommandArg = typer.Argument(
+    ..., metavar="COMMAND", help=f"The command, after `--`; at most {MAX_COMMAND_BYTES // 1024} "
+    "KiB (put a longer one in a script file and run that).")
 
 
 @cli.command()
