@@ -38,4 +38,3 @@ def _refusal(error: Exception) -> GpuqError | None:
 
         return database_unavailable(error)
     return None
-
