@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from app.cli.main import cli
 from app.core import keys, payloads
-from app.core.backends import ADAPTERS
 from app.core.errors import (
     GpuqError,
     InvalidArguments,
@@ -32,21 +31,48 @@ from scheduler.jobsfile import KNOWN, JobsFileWatcher, parse_line
 FIXTURES = [HealthCheck.function_scoped_fixture]
 
 
+# What a submit, launch or cancel writes to Redis: stored payloads, cancel flags, results,
+# GPU holds, batch cancel marks, and the queues that route jobs to GPUs and CPU slots.
+# Everything else there is a clock's traffic while any worker or beat runs (heartbeats,
+# GPU readings, dispatch passes, batch syncs on the `control` queue): none of it holds
+# anything a user submitted, and a refused input's snapshot must not count it.
+INPUT_KEY_PREFIXES = tuple(f"{keys.PREFIX}:{kind}:" for kind in (
+    "payload", "cancel", "result", "hold"))
+GPU_QUEUES = keys.gpu_queue("", 0).split(".")[0] + "."
+
+
+def written_by_input(key: str) -> bool:
+    if key.startswith(f"{keys.PREFIX}:batch:"):
+        return ":cancelled:" in key  # not the syncs' pace (keys.batch_poll)
+    # Kombu names a queue's priority lists after it: `cpu`, `cpu\x06\x163`, `gpu.h.0`...
+    return (key.startswith((*INPUT_KEY_PREFIXES, GPU_QUEUES))
+            or key.split("\x06")[0] == keys.CPU_QUEUE)
+
+
 def snapshot(rt) -> tuple[Any, ...]:
-    """Everything accepted so far: rows of every table and every Redis key with its value."""
+    """Everything accepted so far: rows of every table, and every Redis key that a refused
+    input could have written, with its value."""
     with rt.session() as session:
         rows = tuple(tuple(sorted(o.model_dump().items(), key=str))
                      for table in (Job, JobEvent, Launch, JobDependency)
                      for o in session.exec(select(table)))
     r = rt.redis
-    # Heartbeats, GPU readings, the batch syncs' pace (beat's) and Celery's control
-    # bindings come and go on their own while any worker runs; they hold nothing a user
-    # submitted.
-    telemetry = (keys.alive("", 0).split(":")[:2], keys.reading("", 0).split(":")[:2])
-    paces = {keys.batch_poll(backend).encode() for backend in ADAPTERS}
     return rows, {k: r.dump(k) for k in sorted(r.keys("*"))
-                  if k.decode().split(":")[:2] not in telemetry and k not in paces
-                  and not k.startswith(b"_kombu.binding")}
+                  if written_by_input(k.decode(errors="replace"))}
+
+
+def test_the_snapshot_ignores_the_clocks_traffic_but_not_a_queued_job(rt):
+    before = snapshot(rt)
+    rt.redis.rpush(keys.CONTROL_QUEUE, b"gpuq.batch.process sync message from beat")
+    rt.redis.set(keys.alive("somehost", 0), 1)
+    rt.redis.hset(keys.batch_poll("slurm"), "due", 1)
+    assert snapshot(rt) == before
+    for written in (keys.gpu_queue("somehost", 1), keys.CPU_QUEUE, "cpu\x06\x163"):
+        rt.redis.rpush(written, b"a job's start message")
+        assert snapshot(rt) != before, written
+        rt.redis.delete(written)
+    rt.redis.set(keys.new_payload(), b"payload")
+    assert snapshot(rt) != before
 
 
 @pytest.fixture
@@ -59,9 +85,13 @@ def accepted(local, rt):
 
 # -- the jobs file ------------------------------------------------------------------------
 
+# Values with no space, quote or backslash: each word stays one word when the line is split,
+# so none can hide the garbage word among them inside quotes or past a ` -- `.
+word_values = st.text(st.characters(blacklist_categories=("Z", "C"),
+                                    blacklist_characters="'\"\\"), max_size=12)
 option_words = st.builds(lambda k, v: f"{k}={v}",
-                         st.sampled_from([*KNOWN, "env.X", "gpus", "colour", ""]),
-                         st.text(max_size=12))
+                         st.sampled_from([*KNOWN, "env.X", "gpus", "colour", ""]), word_values)
+garbage_words = st.sampled_from(["colour=red", "gpus=two", "bare", "=1", "env.=x"])
 
 
 @given(st.text(max_size=200))
@@ -74,12 +104,13 @@ def test_any_line_parses_to_a_valid_spec_or_a_numbered_error(line):
     assert spec is None or spec["command"].strip()
 
 
-@given(st.lists(option_words, max_size=6), st.text(max_size=30))
-def test_option_garbage_before_the_separator_is_refused_by_line(words, command):
-    try:
+@given(st.lists(option_words, max_size=6), garbage_words, st.integers(0, 6),
+       st.text(max_size=30))
+def test_option_garbage_before_the_separator_is_refused_by_line(words, garbage, at, command):
+    words.insert(at, garbage)
+    with pytest.raises(JobsFileError) as refused:
         parse_line(" ".join(words) + " -- " + command, 3)
-    except JobsFileError as e:
-        assert e.lineno == 3 and str(e).startswith("line 3: ")
+    assert refused.value.lineno == 3 and str(refused.value).startswith("line 3: ")
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -133,12 +164,40 @@ def test_bad_lines_in_a_watched_file_change_nothing_already_submitted(local, rt,
     (["cancel"], "say what to cancel"),
     (["cancel", "987654"], "no job with id 987654"),
     (["logs", "987654"], "no job with id 987654"),
+    (["wait", "987654"], "no job with id 987654"),
+    (["wait", "987654", "--timeout", "1"], "no job with id 987654"),
+    (["wait", "--launch", "424242"], "no launch with id 424242"),
+    (["wait"], "name job ids or --launch L"),
+    # Ids beyond the database's integer columns name nothing, they do not overflow it.
+    (["logs", str(2**64)], f"no job with id {2**64}"),
+    (["cancel", str(2**64)], f"no job with id {2**64}"),
+    (["wait", str(2**64)], f"no job with id {2**64}"),
+    (["cancel", "--launch", str(2**64)], f"no launch with id {2**64}"),
+    (["wait", "--launch", str(2**64)], f"no launch with id {2**64}"),
+    # A shell hands bytes that are not UTF-8 (`--name $'\\xff'`) to Python as surrogates.
+    (["submit", "--name", "\udcff", "--", "true"], "name: Value error, holds bytes that are "
+     "not UTF-8"),
+    (["submit", "--workdir", "/tmp/\udcff", "--", "true"], "workdir: Value error, holds bytes"),
+    (["submit", "--venv", "/opt/\udcff", "--", "true"], "venv: Value error, holds bytes"),
+    (["submit", "--env", "A=\udcff", "--", "true"], "env: Value error, holds bytes"),
+    (["submit", "--", "echo", "\udcff"], "command: Value error, holds bytes"),
+    (["launch", "-n", "2", "--name", "\udcff", "--", "true"], "holds bytes that are not"),
+    (["submit", "--", ""], "the command is empty"),
+    (["submit", "--", " "], "the command is empty"),
+    (["submit", "--", "", "x"], "the command is empty"),
+    (["launch", "-n", "2", "--", ""], "the command is empty"),
+    (["submit", "--", "echo", "x" * (130 * 1024)],
+     "over the limit of 122,880; put a long command in a script file"),
+    (["watch", "."], "is a directory; name the jobs file in it"),
+    (["dashboard", "--port", "-1"], "--port takes a TCP port number from 1 to 65535, got -1"),
+    (["dashboard", "--port", "70000"], "--port takes a TCP port number"),
 ])
 def test_bad_cli_input_is_a_gpuq_error_naming_the_fix_and_changes_nothing(
         accepted, rt, settings, args, message):
     result = CliRunner().invoke(cli, args, env=settings.as_environment())
-    assert isinstance(result.exception, GpuqError), result.output
+    assert isinstance(result.exception, GpuqError), (result.output, result.exception)
     assert message in str(result.exception)
+    assert "\n" not in str(result.exception)
     assert snapshot(rt) == accepted
 
 
@@ -214,20 +273,74 @@ def test_garbage_operation_json_gets_an_answer_or_a_gpuq_error(accepted, rt, nam
     assert snapshot(rt) == accepted
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize(("args", "code"), [
-    (["reboot", {}], "unknown_operation"),
-    (["queue", [1, 2]], "invalid_arguments"),
-    (["queue", {"limit": "many"}], "invalid_arguments"),
-    (["job"], "invalid_arguments"),
-    ([], "unknown_operation"),
-])
-def test_the_control_worker_answers_bad_json_with_an_error_envelope(remote_client, args, code):
-    result = remote_client.rt.celery.send_task("gpuq.op", args=args, queue="control")
-    envelope = result.get(timeout=30)
-    result.forget()
-    assert envelope["ok"] is False and envelope["code"] == code
-    assert envelope["message"]
+# Submit, launch and cancel with fuzzed arguments: bad input is refused with one line and
+# changes nothing; input that is accepted adds its own jobs, or cancels the ones it names,
+# and leaves every other job and launch as it was.
+# Text a shell or a script hands over: bytes that are not UTF-8 (as surrogates), a NUL,
+# quotes alone, a newline, a template; then any text.
+odd_text = st.sampled_from(["\udcff", "caf\udce9", "a\x00b", "''", "x\ny", "{rank}", ""]) | \
+    st.text(st.sampled_from("a-_/ '\"{}#\n\x00\udcff"), max_size=6) | st.text(max_size=8)
+# Ids: of the accepted jobs and launch, unknown, and beyond every database's id column.
+any_id = st.sampled_from([1, 2, 3, 0, -1, 99, 2**31, 2**63, 2**64 + 1, -2**70]) | st.integers()
+# Well-formed specs with odd text in one field, then with several fields drawn, then
+# anything at all: hypothesis favours the first choices.
+TEXT_FIELDS = ["name", "workdir", "venv", "conda_env", "command", "preflight"]
+one_odd_field = st.builds(lambda field, text: {"command": "true", field: text},
+                          st.sampled_from(TEXT_FIELDS), odd_text)
+fuzzed_spec = one_odd_field | st.fixed_dictionaries({
+    "command": st.sampled_from(["true", "echo {rank}", "", " ", "''"]) | odd_text,
+}, optional={
+    "gpus": st.integers(-1, 3), "name": odd_text, "priority": st.integers(-5, 5),
+    "env": st.dictionaries(st.sampled_from(["A", "B_1", "", "C=D"]), odd_text, max_size=2),
+    "workdir": odd_text, "venv": odd_text, "max_restarts": st.integers(-1, 3),
+    "allowed_gpu_ids": st.lists(any_id, max_size=2),
+    "backend": st.sampled_from(["local", "process", "mainframe"]),
+    "after": st.lists(any_id, max_size=2), "kind": st.sampled_from(["command", "x"]),
+}) | st.dictionaries(st.sampled_from(["command", "gpus", "env", "after", "colour"]),
+                     json_values, max_size=3) | json_values
+# Replica counts stay small when valid: the machine that runs this is slow.
+replica_counts = (st.integers(1, 3) | st.integers(-2**70, 0) | st.integers(100_001, 2**70)
+                  | st.none()
+                  | st.text(max_size=4) | st.lists(st.integers(), max_size=2))
+MUTATIONS = {
+    "submit": st.fixed_dictionaries({"spec": fuzzed_spec},
+                                    optional={"allow_duplicate": json_values}),
+    "launch": st.fixed_dictionaries({"spec": fuzzed_spec, "num_jobs": replica_counts}),
+    "cancel": st.fixed_dictionaries({}, optional={
+        "ids": st.lists(any_id, max_size=3) | json_values, "name": odd_text | json_values,
+        "launch_id": any_id | json_values, "all_jobs": json_values}),
+}
+
+
+def rows_by_id(rt, table) -> dict[int, dict[str, Any]]:
+    with rt.session() as session:
+        return {row.id: row.model_dump() for row in session.exec(select(table))}
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_fuzzed_submit_launch_and_cancel_refuse_bad_input_and_keep_what_was_accepted(
+        accepted, rt, name):
+    @hsettings(max_examples=50, deadline=None, suppress_health_check=FIXTURES, database=None,
+               derandomize=True)
+    @given(kwargs=MUTATIONS[name])
+    def check(kwargs):
+        before = snapshot(rt)
+        jobs, launches = rows_by_id(rt, Job), rows_by_id(rt, Launch)
+        try:
+            answer = call_local(rt, name, kwargs)
+        except GpuqError as e:
+            assert "\n" not in str(e), str(e)
+            assert snapshot(rt) == before
+            return
+        named = set(answer.get("cancelled", [])) | set(answer.get("cancelling", []))
+        after = rows_by_id(rt, Job)
+        assert {i: after[i] for i in jobs if i not in named} == {
+            i: row for i, row in jobs.items() if i not in named}
+        assert {after[i]["state"] for i in named} <= {"CANCELLED", "CANCELLING"}
+        assert {i: row for i, row in rows_by_id(rt, Launch).items() if i in launches} == \
+            launches
+
+    check()
 
 
 # -- stored payloads ------------------------------------------------------------------------
@@ -296,3 +409,22 @@ def test_a_payload_over_the_limit_is_refused_before_anything_is_queued(accepted,
     finally:
         small.close()
     assert snapshot(rt) == accepted
+
+
+# -- through a real control worker (last: its stack, with beat's clock, stays up until the
+# module ends, and nothing else here should run beside it) -----------------------------
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("args", "code"), [
+    (["reboot", {}], "unknown_operation"),
+    (["queue", [1, 2]], "invalid_arguments"),
+    (["queue", {"limit": "many"}], "invalid_arguments"),
+    (["job"], "invalid_arguments"),
+    ([], "unknown_operation"),
+])
+def test_the_control_worker_answers_bad_json_with_an_error_envelope(remote_client, args, code):
+    result = remote_client.rt.celery.send_task("gpuq.op", args=args, queue="control")
+    envelope = result.get(timeout=30)
+    result.forget()
+    assert envelope["ok"] is False and envelope["code"] == code
+    assert envelope["message"]

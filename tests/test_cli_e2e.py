@@ -75,6 +75,14 @@ def test_cli_cancel_a_launch_and_status(stack, stack_settings):
     (("queue",), {"GPUQ_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"},
      "cannot reach the database"),
     (("queue",), {"GPUQ_FAKE_GPUS": "lots"}, "bad settings"),
+    # A shell's `--name $'\\xff'`: bytes that are not UTF-8 reach gpuq as surrogates.
+    (("submit", "--name", "\udcff", "--", "true"), {}, "holds bytes that are not UTF-8"),
+    (("submit", "--", ""), {}, "the command is empty"),
+    (("logs", str(2**64)), {}, f"no job with id {2**64}"),
+    (("wait", "99999"), {}, "no job with id 99999"),
+    (("wait", "--launch", "424242"), {}, "no launch with id 424242"),
+    (("watch", "."), {}, "is a directory"),
+    (("dashboard", "--port", "-1"), {}, "--port takes a TCP port number from 1 to 65535"),
 ])
 def test_bad_input_gets_one_clear_line_and_changes_nothing(stack, stack_settings, args, env,
                                                            message):

@@ -7,13 +7,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from app.cli.common import JsonOpt, NameOpt, cli, client, load_settings, print_json
 from app.cli.options import job_options
 from app.core.errors import GpuqError
+from app.store.spec import MAX_COMMAND_BYTES
+
+if TYPE_CHECKING:
+    from app.client import Client
 
 
 def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
@@ -37,7 +41,9 @@ def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
 SecretOpt = typer.Option([], "--secret", metavar="NAME[=VALUE]",
                          help="NAME=VALUE (or NAME, from this environment) for the job's "
                          "environment, kept out of the job table and logs.")
-CommandArg = typer.Argument(..., metavar="COMMAND", help="The command, after `--`.")
+CommandArg = typer.Argument(
+    ..., metavar="COMMAND", help=f"The command, after `--`; at most {MAX_COMMAND_BYTES // 1024} "
+    "KiB (put a longer one in a script file and run that).")
 
 
 @cli.command()
@@ -142,16 +148,18 @@ def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> N
 
 @cli.command()
 def wait(ids: list[int] | None = typer.Argument(None, help="Job ids."),
-         launch_id: int | None = typer.Option(None, "--launch"),
+         launch_id: int | None = typer.Option(None, "--launch", help="Every replica of it."),
          timeout: float | None = typer.Option(None, "--timeout", help="Seconds.")) -> None:
     """Wait for jobs to end; exit 0 when all SUCCEEDED, 1 otherwise."""
-    c = client()
-    if launch_id is not None:
-        ids = [r["id"] for r in c.call("queue", launch_id=launch_id, limit=10_000)["jobs"]]
-    if not ids:
+    if ids and launch_id is not None:
+        raise GpuqError("name job ids or --launch L to wait for, not both")
+    if not ids and launch_id is None:
         raise GpuqError("name job ids or --launch L to wait for")
+    c = client()
     try:
-        rows = c.wait(ids, timeout)
+        if launch_id is not None:
+            raise typer.Exit(_wait_for_launch(c, launch_id, timeout))
+        rows = c.wait(ids or [], timeout)
     except TimeoutError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
@@ -159,6 +167,23 @@ def wait(ids: list[int] | None = typer.Argument(None, help="Job ids."),
     for row in bad:
         typer.echo(f"job {row['id']}: {row['status']} (exit {row['exit_code']})", err=True)
     raise typer.Exit(1 if bad else 0)
+
+
+SHOWN_PER_STATE = 20
+
+
+def _wait_for_launch(c: Client, launch_id: int, timeout: float | None) -> int:
+    """Wait on every replica by the launch's counts per state (cheap at 100,000); name
+    some of those that did not succeed. The exit status: 0 when all SUCCEEDED, else 1."""
+    launch = c.wait_launch(launch_id, timeout)
+    bad = {state: n for state, n in sorted(launch.counts.items()) if state != "SUCCEEDED"}
+    for state, n in bad.items():
+        rows = c.call("queue", launch_id=launch_id, status=state, limit=SHOWN_PER_STATE)["jobs"]
+        for row in rows:
+            typer.echo(f"job {row['id']}: {row['status']} (exit {row['exit_code']})", err=True)
+        if n > len(rows):
+            typer.echo(f"... and {n - len(rows)} more {state}", err=True)
+    return 1 if bad else 0
 
 
 @cli.command()
@@ -199,7 +224,8 @@ def watch(path: Path = typer.Argument(..., help="The jobs file."),
     from scheduler.jobsfile import JobsFileWatcher
 
     if path.is_dir():
-        raise GpuqError(f"{path} is a directory; name the jobs file in it")
+        raise GpuqError(f"{path} is a directory; name the jobs file in it, e.g. "
+                        f"gpuq watch {path / 'jobs.txt'}")
     if not path.is_file():
         raise GpuqError(f"no jobs file {path}; create it (one job per line) and run again")
     c = client()

@@ -19,9 +19,22 @@ __all__ = ["cli", "main"]
 def main() -> None:
     try:
         cli()
-    except GpuqError as e:
-        if State.verbose:
+    except Exception as e:
+        refusal = _refusal(e)
+        if refusal is None or State.verbose:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {refusal}", err=True)
         sys.exit(2)
 
+
+def _refusal(error: Exception) -> GpuqError | None:
+    """The one line to print for an error: gpuq's own, or a database that did not answer
+    (sqlalchemy is looked up only when a command has loaded it)."""
+    if isinstance(error, GpuqError):
+        return error
+    exc = sys.modules.get("sqlalchemy.exc")
+    if exc is not None and isinstance(error, exc.OperationalError):
+        from app.client.client import database_unavailable
+
+        return database_unavailable(error)
+    return None

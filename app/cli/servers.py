@@ -86,7 +86,7 @@ def flower_cmd(port: int | None = typer.Option(
         except ValueError:
             raise GpuqError(f"PORT must be a port number, got {os.environ['PORT']!r}") from None
     if port is not None:
-        settings = settings.model_copy(update={"flower_port": port})
+        settings = settings.model_copy(update={"flower_port": _port(port)})
     check_flower_bind(settings)
     argv = shlex.split(flower_command(settings))
     os.execve(argv[0], argv, flower_environment(settings, os.environ))
@@ -101,8 +101,15 @@ def dashboard(address: str | None = typer.Option(None, "--address",
     from app.dashboard import serve
 
     settings = load_settings()
+    if port is not None:
+        _port(port)
     changes = {k: v for k, v in (("dashboard_address", address), ("dashboard_port", port))
                if v is not None}
     serve(settings.model_copy(update=changes))
 
 
+def _port(port: int) -> int:
+    """A TCP port to listen on, refused by name before any server starts."""
+    if not 1 <= port <= 65535:
+        raise GpuqError(f"--port takes a TCP port number from 1 to 65535, got {port}")
+    return port

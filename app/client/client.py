@@ -15,8 +15,10 @@ from typing import Any
 
 from app.core import keys
 from app.core.errors import (
+    DatabaseUnavailable,
     GpuqError,
     InvalidJobSpec,
+    JobNotFound,
     OperationTimeout,
     PayloadTooLarge,
     RemoteError,
@@ -25,11 +27,15 @@ from app.core.errors import (
 from app.core.keys import CONTROL_QUEUE
 from app.core.settings import Settings
 from app.core.states import JobState
+from app.ops.read import MAX_PAGE
 from app.ops.registry import call_local
 from app.ops.rows import JobDetail, LaunchRow
 from app.runtime import Runtime
 
 POLL_S = 0.2
+# Ids per `queue` call when rows are asked for by id: well inside every database's limit
+# on the parameters of one statement.
+IDS_PER_CALL = 1000
 
 
 class Client:
@@ -45,7 +51,12 @@ class Client:
     def call(self, op: str, /, **kwargs: Any) -> dict[str, Any]:
         """Run one operation of the operations layer over this client's transport."""
         if self.transport == "local":
-            return call_local(self.rt, op, kwargs)
+            from sqlalchemy.exc import OperationalError
+
+            try:
+                return call_local(self.rt, op, kwargs)
+            except OperationalError as e:
+                raise database_unavailable(e) from e
         return self._call_remote(op, kwargs)
 
     def _call_remote(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -173,24 +184,74 @@ class Client:
         return JobHandle(self, job_id)
 
     def rows(self, job_ids: Sequence[int]) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = self.call("queue", ids=list(job_ids),
-                                               limit=max(1, len(job_ids)))["jobs"]
-        return jobs
+        """The rows of those of these jobs that exist, in the order asked (asked for in
+        pages, so that any number of ids stays inside the database's bound parameters)."""
+        found: dict[int, dict[str, Any]] = {}
+        distinct = list(dict.fromkeys(job_ids))
+        for start in range(0, len(distinct), IDS_PER_CALL):
+            page = distinct[start:start + IDS_PER_CALL]
+            for row in self.call("queue", ids=page, limit=len(page))["jobs"]:
+                found[row["id"]] = row
+        return [found[i] for i in job_ids if i in found]
 
     def wait(self, job_ids: Sequence[int], timeout_s: float | None = None
              ) -> list[dict[str, Any]]:
-        """Block until every job is in a terminal state; return their rows."""
+        """Block until every job is in a terminal state; return their rows in the order
+        asked. Raise JobNotFound naming the ids that do not exist."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        ended: dict[int, dict[str, Any]] = {}
+        waiting = list(dict.fromkeys(job_ids))
+        while True:
+            rows = self.rows(waiting)
+            missing = sorted(set(waiting) - {row["id"] for row in rows})
+            if missing:
+                raise JobNotFound.for_ids(missing)
+            # An ended job never moves again: only the others are asked for again.
+            ended.update((row["id"], row) for row in rows if JobState(row["status"]).terminal)
+            waiting = [i for i in waiting if i not in ended]
+            if not waiting:
+                return [ended[i] for i in job_ids]
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} of {len(ended) + len(waiting)} jobs still "
+                                   f"not ended after {timeout_s}s")
+            time.sleep(POLL_S)
+
+    def wait_launch(self, launch_id: int, timeout_s: float | None = None) -> LaunchRow:
+        """Block until every replica of a launch has ended, however many it has (polling
+        its count per state); return its row. Raise LaunchNotFound when there is none."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            rows = self.rows(job_ids)
-            if all(JobState(r["status"]).terminal for r in rows):
-                return rows
+            launch = LaunchRow.model_validate(
+                self.call("launches", launch_id=launch_id)["launches"][0])
+            if launch.done >= launch.num_jobs:
+                return launch
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"jobs still running after {timeout_s}s")
+                raise TimeoutError(f"launch {launch_id}: {launch.num_jobs - launch.done} of "
+                                   f"{launch.num_jobs} replicas still not ended after "
+                                   f"{timeout_s}s")
             time.sleep(POLL_S)
+
+    def launch_rows(self, launch_id: int) -> list[dict[str, Any]]:
+        """Every replica's row in rank order, page by page (a launch may have 100,000)."""
+        rows: list[dict[str, Any]] = []
+        while True:
+            page = self.call("queue", launch_id=launch_id, limit=MAX_PAGE,
+                             offset=len(rows))["jobs"]
+            rows += page
+            if len(page) < MAX_PAGE:
+                return rows
 
     def close(self) -> None:
         self.rt.close()
+
+
+def database_unavailable(error: Exception) -> DatabaseUnavailable:
+    """One line for a database that did not answer in time: locked by a long write past
+    its busy timeout, or down."""
+    cause = str(getattr(error, "orig", None) or error).replace("\n", " ").strip()
+    return DatabaseUnavailable(
+        f"the database did not answer: {cause}; a long write may hold it, or it is down: "
+        "try again shortly, and check GPUQ_DATABASE_URL if it persists")
 
 
 def _outcome(client: Client, job_id: int, status: str, data: Any) -> Any:
@@ -260,6 +321,10 @@ def _describe(fn: Callable[..., Any]) -> str:
 
 
 def _spec(command: str | Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(command, str) and (not command or not str(command[0]).strip()):
+        # `gpuq submit -- ''` would run a program named '' (exit 127, at run time).
+        raise InvalidJobSpec("invalid job: command: the command is empty; give one after "
+                             "`--`, e.g. -- python train.py")
     text = command if isinstance(command, str) else shlex.join(command)
     return {"command": text, **{k: v for k, v in options.items() if v is not None}}
 
@@ -350,15 +415,10 @@ class LaunchHandle:
         return self.info().counts
 
     def wait(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Block until every replica has ended (polling one count per state); return rows."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.info().done < len(self.job_ids):
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"launch {self.id} still running after {timeout_s}s")
-            time.sleep(POLL_S)
-        rows: list[dict[str, Any]] = self.client.call(
-            "queue", launch_id=self.id, limit=max(1, len(self.job_ids)))["jobs"]
-        return rows
+        """Block until every replica has ended (polling one count per state); return their
+        rows in rank order."""
+        self.client.wait_launch(self.id, timeout_s)
+        return self.client.launch_rows(self.id)
 
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", launch_id=self.id)

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from app.client import Client
 from app.core.states import JobState
 from app.dashboard import present
-from app.dashboard.schemas import MAX_ID, ErrorBody, LaunchRequest, SubmitRequest
+from app.dashboard.schemas import ErrorBody, LaunchRequest, SubmitRequest
 from app.ops.read import MAX_PAGE, SORT_KEYS
 from app.ops.rows import (
     CancelResult,
@@ -26,6 +26,7 @@ from app.ops.rows import (
     Status,
     Submitted,
 )
+from app.store.spec import MAX_ID
 
 # Refusals every route may answer with (app.dashboard.app.HTTP_STATUS).
 REFUSALS: dict[int | str, dict[str, Any]] = {

@@ -14,8 +14,8 @@ from fastapi.templating import Jinja2Templates
 from app.client import Client
 from app.core.states import JobState
 from app.dashboard import present
-from app.dashboard.schemas import MAX_ID
 from app.ops.read import MAX_PAGE, SORT_KEYS
+from app.store.spec import MAX_ID
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.globals.update(bar_segments=present.bar_segments, memory_pct=present.memory_pct)

@@ -17,8 +17,6 @@ from pydantic.fields import FieldInfo
 from app.core.backends import BACKENDS
 from app.store.spec import JobSpec, check_dependencies_allowed
 
-# Limits that keep ids and offsets inside every database's integer columns.
-MAX_ID = 2**31 - 1
 MAX_LAUNCH_REPLICAS = 10_000
 # Fields of a job spec that gpuq sets itself; a user never sends them.
 INTERNAL_SPEC_FIELDS = {"origin", "kind", "payload_key"}

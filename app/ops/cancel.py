@@ -13,7 +13,7 @@ from app.core import keys
 from app.core.errors import InvalidJobSpec, LaunchNotFound
 from app.core.states import JobState
 from app.ops.nudge import kick_batch
-from app.ops.read import filters
+from app.ops.read import check_job_ids, check_launch_id, filters
 from app.ops.registry import operation
 from app.runtime import Runtime
 from app.store.jobs import (
@@ -32,6 +32,9 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
     """Cancel jobs: waiting ones end CANCELLED now, running ones are told to stop."""
     if not (ids or name or launch_id is not None or all_jobs):
         raise InvalidJobSpec("say what to cancel: job ids, --name, --launch or --all")
+    check_job_ids(ids or [])
+    if launch_id is not None:
+        check_launch_id(launch_id)
     where = filters(None, launch_id, name, ids)
     with rt.session() as session:
         if ids:

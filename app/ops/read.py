@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, func
+from sqlalchemy import ColumnElement, false, func
 from sqlmodel import col, select
 
 from app.core.backends import adapter_class
-from app.core.errors import InvalidArguments, InvalidJobSpec, LaunchNotFound
+from app.core.errors import InvalidArguments, InvalidJobSpec, JobNotFound, LaunchNotFound
 from app.core.paths import JobPaths
 from app.core.states import JobState
 from app.ops.registry import operation
@@ -24,8 +24,28 @@ from app.store.jobs import (
     get_jobs,
 )
 from app.store.models import Job, JobDependency, JobEvent, Launch
+from app.store.spec import MAX_ID
 
 log = logging.getLogger(__name__)
+
+
+def storable(an_id: int) -> bool:
+    """Whether an id fits the id columns; one that does not names nothing there is (and
+    would overflow the database driver if it were asked for)."""
+    return 1 <= an_id <= MAX_ID
+
+
+def check_job_ids(ids: list[int]) -> None:
+    """Refuse ids beyond the id columns as unknown, before any query carries them."""
+    beyond = [i for i in ids if not storable(i)]
+    if beyond:
+        raise JobNotFound.for_ids(beyond)
+
+
+def check_launch_id(launch_id: int) -> None:
+    if not storable(launch_id):
+        raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq launches` lists them")
+
 
 def filters(status: str | None, launch_id: int | None, name: str | None,
              ids: list[int] | None) -> list[ColumnElement[bool]]:
@@ -38,12 +58,22 @@ def filters(status: str | None, launch_id: int | None, name: str | None,
                 f"unknown status {status!r}; choose one of {', '.join(s.value for s in JobState)}"
             ) from None
     if launch_id is not None:
-        where.append(col(Job.launch_id) == launch_id)
+        where.append(col(Job.launch_id) == launch_id if storable(launch_id) else false())
     if name:
-        where.append(col(Job.name) == name)
+        where.append(col(Job.name) == name if _encodable(name) else false())
     if ids:
-        where.append(col(Job.id).in_(ids))
+        where.append(col(Job.id).in_([i for i in ids if storable(i)]))
     return where
+
+
+def _encodable(text: str) -> bool:
+    """Whether text can be sent to the database: a name of bytes that are not UTF-8 (lone
+    surrogates from a shell's argv) is no stored job's name."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # Columns a page of the queue may be sorted by; `-name` sorts descending.
@@ -95,6 +125,7 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
 @operation
 def job(rt: Runtime, job_id: int) -> dict[str, Any]:
     """One job with its events, oldest first."""
+    check_job_ids([job_id])
     with rt.session() as session:
         found = get_jobs(session, [job_id])[0]
         events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
@@ -110,6 +141,7 @@ def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
     with rt.session() as session:
         query = select(Launch).order_by(col(Launch.id).desc()).limit(100)
         if launch_id is not None:
+            check_launch_id(launch_id)
             query = select(Launch).where(Launch.id == launch_id)
         rows = list(session.exec(query))
         if launch_id is not None and not rows:
@@ -132,6 +164,7 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
     A job whose backend keeps its output elsewhere gets a `where` naming the place."""
     if offset < 0:
         raise InvalidArguments("offset is a byte position in the log: 0 or more")
+    check_job_ids([job_id])
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
     state = job.state

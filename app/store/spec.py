@@ -27,6 +27,16 @@ from pydantic import (
 from app.core.backends import ADAPTERS, BACKENDS
 from app.core.errors import InvalidJobSpec
 
+# Ids fit every database's integer column (PostgreSQL's INTEGER is 32-bit): a larger id
+# names nothing there is, and is answered as such instead of overflowing the driver.
+MAX_ID = 2**31 - 1
+
+# The longest command a job may have, in UTF-8 bytes. A command that needs a shell reaches
+# it as one argument of `bash -c`, and Linux caps one argument at 128 KiB (MAX_ARG_STRLEN);
+# the margin leaves room for a conda activation around it. A longer one belongs in a
+# script file the command runs.
+MAX_COMMAND_BYTES = 120 * 1024
+
 
 def check_dependencies_allowed(backend: str, after: Sequence[int]) -> None:
     """Batch jobs are handed to their backend at once: nothing would hold one back there."""
@@ -58,23 +68,35 @@ class JobSpec(BaseModel):
     kind: str = "command"
     payload_key: str | None = None
     # Jobs that must SUCCEED first (ids fit every database's integer column).
-    after: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(default_factory=list,
-                                                                    max_length=1000)
+    after: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(default_factory=list,
+                                                                  max_length=1000)
 
     @field_validator("command", mode="before")
     @classmethod
     def _not_blank(cls, value: object) -> object:
-        # Before the length check, so that an empty command gets the message with the fix.
-        if isinstance(value, str) and not value.strip():
+        # Before the length check, so that an empty command gets the message with the fix;
+        # a command of quotes alone (`gpuq submit -- ''`) runs nothing either.
+        if isinstance(value, str) and not value.replace("'", "").replace('"', "").strip():
             raise ValueError("the command is empty; give one after `--`, e.g. -- python train.py")
         return value
 
-    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin")
+    @field_validator("command")
     @classmethod
-    def _no_nul(cls, value: str | None) -> str | None:
-        # A NUL cannot be stored by PostgreSQL nor passed to a process.
-        if value is not None and "\0" in value:
-            raise ValueError("holds a NUL character, which no command or path may hold")
+    def _not_too_long(cls, value: str) -> str:
+        size = len(value.encode(errors="surrogatepass"))
+        if size > MAX_COMMAND_BYTES:
+            raise ValueError(f"the command is {size:,} bytes, over the limit of "
+                             f"{MAX_COMMAND_BYTES:,}; put a long command in a script file and "
+                             "submit the command that runs it, e.g. -- bash job.sh")
+        return value
+
+    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin",
+                     mode="before")
+    @classmethod
+    def _storable_text(cls, value: object) -> object:
+        # Before pydantic's own check, whose message for bytes that are not UTF-8 names no fix.
+        if isinstance(value, str):
+            _check_text(value)
         return value
 
     @field_validator("env")
@@ -84,6 +106,8 @@ class JobSpec(BaseModel):
             if not name or "=" in name or "\0" in name or "\0" in text:
                 raise ValueError(f"bad variable {name!r}: a name is not empty and holds no "
                                  "'=' or NUL, and a value holds no NUL")
+            _check_text(name)
+            _check_text(text)
         return value
 
     @field_validator("kind")
@@ -140,6 +164,18 @@ class JobSpec(BaseModel):
                                        "venv", "conda_env", "allowed_gpu_ids", "preflight",
                                        "kind", "payload_key"})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _check_text(value: str) -> None:
+    """Refuse text no database stores and no process takes: a NUL, or bytes that are not
+    UTF-8 (a shell's `$'\\xff'` reaches Python as lone surrogates)."""
+    if "\0" in value:
+        raise ValueError("holds a NUL character, which no command or path may hold")
+    try:
+        value.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds bytes that are not UTF-8 (at character {e.start}); gpuq "
+                         "stores text as UTF-8: rename or re-encode it") from None
 
 
 OptionKind = Literal["int", "text", "path", "ints", "env", "flag"]

@@ -70,12 +70,16 @@ def shell_script(job: Job, command: str) -> str:
 
 
 _SHELL_SYNTAX = re.compile(r"[|&;<>()$`\\*?\[\]#~{}!\n]")
+# shlex.split is quadratic in the length of one token (400 kB: seconds of a worker's CPU);
+# a command longer than this goes to bash, which reads it in linear time.
+SPLIT_LIMIT_CHARS = 4096
 
 
 def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
-    """The process to start: the command itself when it is a plain program with arguments
-    (saving a shell per job), else `bash -c` for anything that needs a shell."""
-    if not job.conda_env and not _SHELL_SYNTAX.search(command):
+    """The process to start: the command itself when it is a short plain program with
+    arguments (saving a shell per job), else `bash -c` for anything that needs a shell."""
+    plain = len(command) <= SPLIT_LIMIT_CHARS and not _SHELL_SYNTAX.search(command)
+    if not job.conda_env and plain:
         try:
             words = shlex.split(command)
         except ValueError:
