@@ -60,7 +60,8 @@ class JobSpec(BaseModel):
     conda_env: str | None = None
     max_restarts: int = Field(0, ge=0, le=1000)
     recover_exit_codes: list[int] = Field(default_factory=list)
-    allowed_gpu_ids: list[int] | None = None
+    allowed_gpu_ids: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(
+        None, min_length=1)
     backend: str = "local"
     preflight: str | None = None
     tmux: bool = False
