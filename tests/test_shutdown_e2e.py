@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.store.db import make_engine
-from app.store.models import Job
+from app.store.models import Job, JobEvent
 from tests.conftest import EXTERNAL_DB, processes_with, server_env, until
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +64,19 @@ def jobs(settings: Settings) -> dict[int, tuple[str, int, int | None]]:
                     for j in session.exec(select(Job).order_by(col(Job.id)))}
     finally:
         engine.dispose()
+
+
+def reasons(settings: Settings, ids: list[int]) -> dict[int, list[str]]:
+    """Every reason each job's history gives."""
+    engine = make_engine(settings)
+    found: dict[int, list[str]] = {i: [] for i in ids}
+    try:
+        with Session(engine) as session:
+            for event in session.exec(select(JobEvent).where(col(JobEvent.job_id).in_(ids))):
+                found[event.job_id].append(event.reason or "")
+    finally:
+        engine.dispose()
+    return found
 
 
 def status(env: dict[str, str]) -> dict:
@@ -159,6 +172,10 @@ def test_stopping_up_stops_every_process_and_records_every_running_job(tmp_path,
     assert {i: after[i][0] for i in running} == dict.fromkeys(running, want), \
         "every running job was recorded as requeued (restarts left) or lost (none left)"
     assert {i: after[i] for i in pending} == pending, "the pending jobs are untouched"
+    # Each worker stopped its own job and said why (not left it for the host to settle).
+    said = reasons(settings, list(running))
+    assert all(any("its worker was shut down" in why for why in whys) for whys in said.values()
+               ), said
 
 
 @pytest.mark.timeout(600)

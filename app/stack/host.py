@@ -36,10 +36,18 @@ def register_host(rt: Runtime, provider: GpuProvider, host: str, limit: int | No
 
 def settle_left_jobs(rt: Runtime, gpu_count: int, cpu: bool) -> None:
     """Once every worker of this host is stopped: the jobs still RUNNING here belong to a
-    worker that had to be killed. Stop their process groups and settle them by their
-    restart policy, as a worker starting again would."""
+    worker that had to be killed. Take its GPUs out of service first (a killed worker's
+    liveness key outlives it by a few seconds: nothing may be handed to its GPU meanwhile),
+    then stop their process groups and settle them by their restart policy, as a worker
+    starting again would."""
     from scheduler.worker.recovery import recover_orphans
 
+    host = rt.settings.hostname
+    try:
+        for gpu in range(gpu_count):
+            cluster.stop_beating(rt.redis, host, gpu)
+    except Exception as e:  # Redis away: the keys expire by themselves
+        log.warning("GPUs of %s not taken out of service: %s", host, e)
     for gpu in [*range(gpu_count), *([None] if cpu else [])]:
         try:
             recover_orphans(rt, gpu)
@@ -65,6 +73,7 @@ def run_host_workers(settings: Settings) -> None:
         try:
             supervisor.supervise()
         finally:
-            settle_left_jobs(rt, count, cpu=bool(settings.cpu_slots))
+            with reaper.reaping():  # the jobs it kills were adopted by this process
+                settle_left_jobs(rt, count, cpu=bool(settings.cpu_slots))
             reaper.sweep()
             rt.close()

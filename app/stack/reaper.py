@@ -16,7 +16,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,26 @@ def reap_adopted(own: set[int]) -> None:
             return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(info.si_pid, os.WNOHANG)
+
+
+@contextlib.contextmanager
+def reaping(poll_s: float = 0.05) -> Iterator[None]:
+    """While inside, collect adopted children as they exit, from a thread: a process this one
+    killed is gone (not a zombie that still counts in its group) as soon as it died. Only
+    once this process waited for every child it started itself."""
+    done = threading.Event()
+
+    def _loop() -> None:
+        while not done.wait(poll_s):
+            reap_adopted(set())
+
+    thread = threading.Thread(target=_loop, name="gpuq-reaper", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def sweep(timeout_s: float = 10.0) -> list[int]:
