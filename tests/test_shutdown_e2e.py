@@ -229,3 +229,43 @@ def test_a_second_worker_for_the_same_host_is_refused_until_the_first_is_gone(
         third.send_signal(signal.SIGTERM)
         until(lambda: third.poll() is not None, 180, poll_s=0.5)
         assert until(lambda: not marked(third_env[MARK]), 30)
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_that_does_not_stop_is_killed_and_its_job_still_stopped_and_settled(
+        tmp_path, redis_url):
+    """A GPU worker frozen (SIGSTOP: it cannot even handle the SIGTERM) when `gpuq worker`
+    stops: killed after its stop timeout, its job (in a session of its own, so not in the
+    worker's group), the job's children included, is stopped all the same and settled by
+    its restart policy."""
+    from tests.conftest import clean_servers
+
+    host = "frozenhost"
+    clean_servers(redis_url)
+    settings = Settings(home=tmp_path / "home", redis_url=redis_url, database_url=EXTERNAL_DB,
+                        hostname=host, fake_gpus=2, cpu_slots=0, heartbeat_s=1, kill_grace_s=2,
+                        _env_file=None)
+    env = server_env(settings, **{MARK: uuid.uuid4().hex})
+    with started(["worker"], env, tmp_path / "worker.log", tmp_path) as worker:
+        until(lambda: alive_workers(env) == 2, 180, poll_s=1)
+        # A job whose work runs in a child of its leader: killing the leader is not enough.
+        launched = subprocess.run([GPUQ, "launch", "-n", "2", "--max-restarts", "1", "--",
+                                   "sh", "-c", "sleep 1000; echo done"], env=env,
+                                  capture_output=True, text=True, timeout=120)
+        assert launched.returncode == 0, launched.stderr
+        running = until(lambda: (found := running_pids(settings)) and len(found) == 2 and found,
+                        120, poll_s=0.5)
+        frozen = processes_with(f"-n gpu0@{host}")
+        assert len(frozen) == 1
+        os.kill(frozen[0], signal.SIGSTOP)
+
+        worker.send_signal(signal.SIGTERM)
+        until(lambda: worker.poll() is not None, 240, poll_s=0.5)
+        assert until(lambda: not marked(env[MARK]), 30), [
+            Path(f"/proc/{p}/cmdline").read_bytes() for p in marked(env[MARK])]
+    after = jobs(settings)
+    assert all(after[i][0] == JobState.PENDING.value for i in running), after
+    said = reasons(settings, list(running))
+    assert sum(any("its worker was shut down" in why for why in whys)
+               for whys in said.values()) == 1, said
+    assert sum(any("its worker died" in why for why in whys) for whys in said.values()) == 1, said
