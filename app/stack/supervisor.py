@@ -184,6 +184,9 @@ class Supervisor:
         """Stop every child, stage by stage: SIGTERM its group, SIGKILL the group when the
         program outlives its stop timeout."""
         self._stopping = True
+        if any(c.proc is not None and c.proc.poll() is None for c in self.children):
+            log.warning("stopping %s (within %.0fs)",
+                        ", ".join(c.program.name for c in self.children), self.stop_timeout_s())
         for stage in sorted({c.program.stop_stage for c in self.children}):
             self._stop_stage([c for c in self.children if c.program.stop_stage == stage])
         for child in self.children:
