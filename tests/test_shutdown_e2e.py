@@ -25,7 +25,7 @@ from app.core.settings import Settings
 from app.core.states import JobState
 from app.store.db import make_engine
 from app.store.models import Job, JobEvent
-from tests.conftest import EXTERNAL_DB, processes_with, server_env, until
+from tests.conftest import EXTERNAL_DB, clean_servers, processes_with, server_env, until
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -118,6 +118,15 @@ def started(args: list[str], env: dict[str, str], log: Path, cwd: Path
         kill_marked(env[MARK])
 
 
+@pytest.fixture
+def shared_servers(redis_url: str) -> Iterator[str]:
+    """The session's Redis and database, empty before and after: the jobs a test leaves
+    pending there would otherwise run on the next test's GPUs."""
+    clean_servers(redis_url)
+    yield redis_url
+    clean_servers(redis_url)
+
+
 def host_settings(home: Path, host: str, **changes: object) -> Settings:
     """Embedded Redis and SQLite under `home` in every pass: the stack under test starts and
     stops its own servers, never the shared ones."""
@@ -180,14 +189,11 @@ def test_stopping_up_stops_every_process_and_records_every_running_job(tmp_path,
 
 @pytest.mark.timeout(600)
 def test_a_second_worker_for_the_same_host_is_refused_until_the_first_is_gone(
-        tmp_path, redis_url):
+        tmp_path, shared_servers):
     host = "lockhost"
-    settings = Settings(home=tmp_path / "home", redis_url=redis_url, database_url=EXTERNAL_DB,
-                        hostname=host, fake_gpus=2, cpu_slots=0, heartbeat_s=1, kill_grace_s=2,
-                        _env_file=None)
-    from tests.conftest import clean_servers
-
-    clean_servers(redis_url)
+    settings = Settings(home=tmp_path / "home", redis_url=shared_servers,
+                        database_url=EXTERNAL_DB, hostname=host, fake_gpus=2, cpu_slots=0,
+                        heartbeat_s=1, kill_grace_s=2, _env_file=None)
     mark = uuid.uuid4().hex
     env = server_env(settings, **{MARK: mark})
     with started(["worker"], env, tmp_path / "first.log", tmp_path) as first:
@@ -233,18 +239,15 @@ def test_a_second_worker_for_the_same_host_is_refused_until_the_first_is_gone(
 
 @pytest.mark.timeout(600)
 def test_a_worker_that_does_not_stop_is_killed_and_its_job_still_stopped_and_settled(
-        tmp_path, redis_url):
+        tmp_path, shared_servers):
     """A GPU worker frozen (SIGSTOP: it cannot even handle the SIGTERM) when `gpuq worker`
     stops: killed after its stop timeout, its job (in a session of its own, so not in the
     worker's group), the job's children included, is stopped all the same and settled by
     its restart policy."""
-    from tests.conftest import clean_servers
-
     host = "frozenhost"
-    clean_servers(redis_url)
-    settings = Settings(home=tmp_path / "home", redis_url=redis_url, database_url=EXTERNAL_DB,
-                        hostname=host, fake_gpus=2, cpu_slots=0, heartbeat_s=1, kill_grace_s=2,
-                        _env_file=None)
+    settings = Settings(home=tmp_path / "home", redis_url=shared_servers,
+                        database_url=EXTERNAL_DB, hostname=host, fake_gpus=2, cpu_slots=0,
+                        heartbeat_s=1, kill_grace_s=2, _env_file=None)
     env = server_env(settings, **{MARK: uuid.uuid4().hex})
     with started(["worker"], env, tmp_path / "worker.log", tmp_path) as worker:
         until(lambda: alive_workers(env) == 2, 180, poll_s=1)
