@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from celery.app import trace as celery_trace
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.core.settings import Settings
 from app.runtime import Runtime
@@ -62,6 +63,22 @@ def _warn_without_secret(sender: Any = None, **_: Any) -> None:
         from app.core.security import warn_without_secret
 
         warn_without_secret(settings)
+
+
+@worker_shutting_down.connect
+def _stop_running_jobs(**_: Any) -> None:
+    """SIGTERM or SIGINT to this worker (its supervisor stopping): its GPU leaves service
+    first, so that nothing more is handed to it, then every attempt it runs stops its job
+    and records how it ended, by the job's restart policy (scheduler/worker/lease.py).
+    Celery's warm shutdown then ends the worker once those attempts returned.
+
+    This runs inside Celery's signal handler, in the thread that may be half-way through
+    a Redis call: the heartbeat's own Redis call goes to a thread of its own."""
+    from scheduler.worker.lease import request_shutdown
+
+    request_shutdown()
+    if _heartbeat is not None:
+        threading.Thread(target=_heartbeat.stop, name="gpuq-heartbeat-stop", daemon=True).start()
 
 
 @worker_shutdown.connect

@@ -111,9 +111,11 @@ def test_config_masks_secrets(tmp_path):
 
 def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path):
     home = tmp_path / "up-home"
-    settings = Settings(home=home, hostname="uphost", fake_gpus=2, heartbeat_s=1,
-                        _env_file=None)
-    env = server_env(settings)  # no GPUQ_REDIS_URL: the embedded server, as on a fresh machine
+    # No GPUQ_REDIS_URL or GPUQ_DATABASE_URL, in every pass: the embedded server and SQLite
+    # under its home, as on a fresh machine, shared with no other test.
+    settings = Settings(home=home, redis_url=None, database_url=None, hostname="uphost",
+                        fake_gpus=2, heartbeat_s=1, _env_file=None)
+    env = server_env(settings)
     with open(tmp_path / "up.log", "wb") as log:
         up = subprocess.Popen([GPUQ, "up", "--no-flower", "--procfile", str(ROOT / "Procfile")],
                               env=env, cwd=tmp_path, start_new_session=True, stdout=log,

@@ -57,3 +57,47 @@ def test_a_gpuq_program_runs_this_gpuq_and_keeps_the_path_it_was_given(tmp_path)
     finally:
         sup.stop()
     assert out.read_text().split() == ["/usr/bin:/bin"]
+
+
+def test_nothing_is_started_again_once_a_stop_began(tmp_path):
+    starts = tmp_path / "starts"
+    sup = Supervisor([Program("flaky", f"sh -c 'echo x >> {starts}; exit 3'")], stop_grace_s=2)
+    sup.start()
+    try:
+        child = sup.children[0]
+        assert child.proc is not None
+        until(lambda: child.proc.poll() is not None)
+        sup.request_stop()  # what SIGINT or SIGTERM does
+        child.restart_at = 0.0  # its backoff is over: only the stop holds it back
+        sup.poll()
+        assert child.proc is None or child.proc.poll() is not None
+    finally:
+        sup.stop()
+    assert starts.read_text().split() == ["x"], "it was started once, never again"
+
+
+def test_stop_goes_stage_by_stage_and_gives_each_program_its_own_timeout(tmp_path):
+    """The workers (stage 0) have ended, however long they take within their timeout, before
+    the servers (stage 1) are told to stop; a program past its timeout is killed."""
+    order = tmp_path / "order"
+    slow_worker = (f"sh -c 'trap \"sleep 1; echo worker-ended >> {order}; exit 0\" TERM; "
+                   "while true; do sleep 0.1; done'")
+    server = (f"sh -c 'trap \"echo server-told >> {order}; exit 0\" TERM; "
+              "while true; do sleep 0.1; done'")
+    stuck = "sh -c 'trap \"\" TERM; while true; do sleep 0.1; done'"
+    sup = Supervisor([Program("server", server),
+                      Program("worker", slow_worker, stop_timeout_s=60, stop_stage=0),
+                      Program("stuck", stuck, stop_timeout_s=1, stop_stage=0)],
+                     stop_grace_s=60)
+    sup.start()
+    pids = [c.proc.pid for c in sup.children if c.proc is not None]
+    until(lambda: all(Path(f"/proc/{p}/status").exists() for p in pids))
+    sup.stop()
+    assert order.read_text().split() == ["worker-ended", "server-told"]
+    assert sup.stop_timeout_s() == 120
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"{pid} outlived the stop")

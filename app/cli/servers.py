@@ -29,7 +29,9 @@ def up(procfile: Path | None = typer.Option(
        flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower."),
        jobs_file: Path | None = typer.Option(None, "--jobs-file",
                                              help="Watch this jobs file too.")) -> None:
-    """Run the whole stack in the foreground until Ctrl-C."""
+    """Run the whole stack in the foreground until Ctrl-C or SIGTERM, which stop everything
+    it started, running jobs included (each requeued or ended by its restart policy). One
+    per host and GPUQ_HOME when its Procfile runs `gpuq worker`."""
     from app.stack.up import default_procfile, run_stack
 
     settings = load_settings()
@@ -39,7 +41,8 @@ def up(procfile: Path | None = typer.Option(
 
 @cli.command()
 def worker() -> None:
-    """Run this host's GPU workers (one Celery worker per GPU)."""
+    """Run this host's GPU workers (one Celery worker per GPU), one per host and GPUQ_HOME;
+    Ctrl-C or SIGTERM stops them and their jobs (each requeued or ended by its policy)."""
     from app.stack.host import run_host_workers
 
     run_host_workers(load_settings())
