@@ -71,6 +71,9 @@ def _take_lease(lease: Lease) -> bool:
 
 def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
     settings = rt.settings
+    if shutting_down.is_set():  # delivered after the stop began: leave it to be requeued
+        log.info("job %s attempt %s skipped: this worker is shutting down", job_id, attempt)
+        return "skipped (shutting down)"
     job = _claim(rt, job_id, attempt)
     if isinstance(job, str):
         return job

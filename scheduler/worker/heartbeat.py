@@ -46,6 +46,8 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
+        if self._stop.is_set():  # a beat after stop() would put the key back
+            return
         cluster.beat(self.rt.redis, self.host, self.index, self.ttl_s)
         # Redis may have lost the inventory `gpuq worker` wrote (a restart without
         # persistence, a flush): put this GPU back, or nothing is ever routed to it.
@@ -105,6 +107,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)  # a beat under way ends before the key goes
         # If the broker went first, the key expires by itself.
         with contextlib.suppress(redis.RedisError):
             cluster.stop_beating(self.rt.redis, self.host, self.index)
