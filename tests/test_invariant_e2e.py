@@ -42,6 +42,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory, redis_url: str
             stack.stop()
 
 
+@pytest.mark.timeout(420)  # its own bound: the 300 s wait below
 def test_no_gpu_is_ever_held_by_two_jobs_across_two_hosts(two_hosts: Settings, tmp_path: Path):
     spans = tmp_path / "spans"
     spans.mkdir()

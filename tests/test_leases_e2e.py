@@ -248,7 +248,7 @@ def test_the_database_away_past_the_lease_and_the_retry_budget_runs_nothing_twic
     short = client.submit(span_command(out, 2) + " #short", gpus=1, name="db-short")
     long = client.submit(span_command(out, 60) + " #long", gpus=1, max_restarts=1,
                          name="db-long")
-    until(lambda: _running(client, [short.id, long.id], 2), timeout_s=90)
+    until(lambda: _running(client, [short.id, long.id], 2), timeout_s=180)
     # Past the retry budget (10 s), the lease (8 s) and SQLite's 30 s busy timeout
     leased.database_away(35)
     rows = wait_ended(client, [short.id], timeout_s=120)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from app.core.errors import GpuqError, OperationTimeout
 from app.core.keys import CONTROL_QUEUE
 from app.core.payloads import store
 from app.store.models import Job, Launch, Payload
-from tests.conftest import until
+from tests.conftest import processes_with, until
 
 pytestmark = pytest.mark.e2e
 
@@ -129,12 +130,19 @@ def _launch_payload_key(client: Client, launch_id: int) -> str:
 # -- the client does not hear back: what was accepted keeps its payload ----------------------
 
 def test_a_remote_launch_whose_answer_times_out_still_runs(client: Client, stack_settings):
-    impatient = Client(stack_settings.model_copy(update={"op_timeout_s": 0.001}), "remote")
+    impatient = Client(stack_settings.model_copy(update={"op_timeout_s": 2}), "remote")
+    # The control worker frozen, so the client surely gives up before any answer
+    frozen = processes_with(f"control@{stack_settings.hostname}")
+    assert frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     try:
         # Given a remote launch whose client gives up before the control worker answers
         with pytest.raises(OperationTimeout):
             impatient.launch("echo late {rank}", num_jobs=2, gpus=0, name="timed out")
     finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
         impatient.close()
     # When the control worker accepts it all the same
     _, ids = until(lambda: _launch_named(client, "timed out"), timeout_s=60)
