@@ -153,3 +153,9 @@ class TokenRequired(GpuqError):
 def error_from_envelope(code: str, message: str) -> GpuqError:
     """Rebuild an error that crossed the remote transport as (code, message)."""
     return ERRORS_BY_CODE.get(code, GpuqError)(message)
+
+
+class HostAlreadyRunning(GpuqError):
+    """Another `gpuq worker` or `gpuq up` runs this host's GPU workers."""
+
+    code = "host_already_running"

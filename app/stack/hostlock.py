@@ -21,16 +21,10 @@ import fcntl
 import os
 from pathlib import Path
 
-from app.core.errors import GpuqError
+from app.core.errors import HostAlreadyRunning
 from app.core.settings import Settings
 
 LOCK_FD_ENV = "GPUQ_HOST_LOCK_FD"
-
-
-class HostAlreadyRunning(GpuqError):
-    """Another `gpuq worker` or `gpuq up` runs this host's GPU workers."""
-
-    code = "host_already_running"
 
 
 def lock_path(settings: Settings) -> Path:

@@ -171,7 +171,7 @@ class Supervisor:
     def supervise(self) -> None:
         """Start the programs and keep them running until `request_stop()` (a signal
         handler's), then stop them all; the caller handles the signals."""
-        reaper.become_subreaper()
+        self._subreaper = reaper.become_subreaper()
         try:
             self.start()
             while not self._stopping:
