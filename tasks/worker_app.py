@@ -32,6 +32,21 @@ run.register(celery, runtime)
 batch.register(celery, runtime)
 
 _heartbeat: Any = None
+_watch: Any = None
+
+
+@worker_ready.connect
+def _watch_consumer(sender: Any = None, **_: Any) -> None:
+    """Every worker: a consumer that stops taking messages restarts its worker."""
+    global _watch
+    from scheduler.worker.watchdog import ConsumerWatch
+
+    queues = [q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])]
+    if not queues:
+        return
+    _watch = ConsumerWatch(runtime.redis, queues, stall_s=settings.consumer_stall_s,
+                           check_s=min(settings.heartbeat_s, settings.consumer_stall_s / 3))
+    _watch.start()
 
 
 @worker_ready.connect
@@ -77,6 +92,8 @@ def _stop_running_jobs(**_: Any) -> None:
     from scheduler.worker.lease import request_shutdown
 
     request_shutdown()
+    if _watch is not None:
+        _watch.stop()
     if _heartbeat is not None:
         threading.Thread(target=_heartbeat.stop, name="gpuq-heartbeat-stop", daemon=True).start()
 

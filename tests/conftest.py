@@ -50,15 +50,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-def until(predicate, timeout_s: float = 30, poll_s: float = 0.1):  # type: ignore[no-untyped-def]
-    """The first truthy value of `predicate()`, polled until `timeout_s`; else fail."""
+def until(predicate, timeout_s: float = 30, poll_s: float = 0.1,  # type: ignore[no-untyped-def]
+          describe=None):
+    """The first truthy value of `predicate()`, polled until `timeout_s`; else fail, with
+    what `describe()` says of the state the condition was waiting on."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll_s)
-    raise AssertionError(f"condition not reached in {timeout_s}s")
+    seen = f": {describe()}" if describe is not None else ""
+    raise AssertionError(f"condition not reached in {timeout_s}s{seen}")
 
 
 def clean_servers(redis_url: str) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import make_url
 from sqlmodel import col, select
 
 from app.client import Client
+from app.core.keys import gpu_queue
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
@@ -118,7 +119,7 @@ def leased(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeasedStack]:
                         hostname="e2e-leases", fake_gpus=2, cpu_slots=2, kill_grace_s=1,
                         heartbeat_s=1, monitor_interval_s=0.5, reservation_ttl_s=LEASE_S,
                         lease_margin_s=2, reconcile_interval_s=1, dispatch_interval_s=1,
-                        database_retry_s=10, op_timeout_s=5,
+                        database_retry_s=10, op_timeout_s=5, consumer_stall_s=10,
                         preflight_commands={"slow": f"sleep {LEASE_S + 6}"}, _env_file=None)
     try:
         with LeasedStack(settings, server, proxy).up(gpus=2) as stack:
@@ -278,6 +279,32 @@ def test_a_restart_waits_for_its_backoff(leased, client, tmp_path: Path):
     assert gaps[0] >= 1 and gaps[1] >= 2, gaps
 
 
+def _every_gpu_takes_work(client: Client, out: Path, tag: str) -> None:
+    """One job pinned to each GPU of the stack runs: no GPU left service for good."""
+    ids = [client.submit(span_command(out, 0.2) + f" #{tag}-gpu{g}", gpus=1,
+                         allowed_gpu_ids=[g]).id for g in range(2)]
+    rows = wait_ended(client, ids, timeout_s=180)
+    assert [r["status"] for r in rows] == ["SUCCEEDED", "SUCCEEDED"], rows
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_whose_consumer_stops_taking_messages_is_started_anew(leased, client,
+                                                                       tmp_path: Path):
+    """The symptom of Celery's wedged consumer, made on purpose: GPU 1's worker stays up,
+    its heartbeat announces GPU 1, but it takes nothing from its queue any more."""
+    rt = Runtime(leased.settings)
+    try:
+        queue = gpu_queue(leased.settings.hostname, 1)
+        replies = rt.celery.control.cancel_consumer(
+            queue, destination=[f"gpu1@{leased.settings.hostname}"], reply=True, timeout=10)
+        assert replies, "the worker of GPU 1 did not answer"
+        pid_before = processes_with(f"gpu1@{leased.settings.hostname}")
+        _every_gpu_takes_work(client, tmp_path / "spans", "wedged")
+        assert processes_with(f"gpu1@{leased.settings.hostname}") != pid_before
+    finally:
+        rt.close()
+
+
 # Redis lost last: what it takes down is what the tests above do not need.
 @pytest.mark.timeout(400)
 def test_redis_killed_with_its_data_lost_double_books_nothing(leased, client, tmp_path: Path):
@@ -290,6 +317,7 @@ def test_redis_killed_with_its_data_lost_double_books_nothing(leased, client, tm
     rows = wait_ended(client, ids, timeout_s=240)
     assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
     _assert_invariants(leased, out, ids)
+    _every_gpu_takes_work(client, out, "after")
 
 
 @pytest.mark.timeout(400)
@@ -304,3 +332,22 @@ def test_a_broker_outage_longer_than_the_lease_keeps_running_jobs_and_their_outc
     rows = wait_ended(client, ids, timeout_s=240)
     assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
     _assert_invariants(leased, out, ids)
+    _every_gpu_takes_work(client, out, "after")
+
+
+@pytest.mark.timeout(400)
+def test_redis_lost_again_while_workers_reconnect_leaves_every_gpu_in_service(
+        leased, client, tmp_path: Path):
+    """Celery's Redis consumer can come back from quick successive outages connected but
+    consuming nothing; each worker's watch must notice and start it anew."""
+    out = tmp_path / "spans"
+    for pause in (0.2, 0.5, 0.3, 1.0, 0.2):
+        leased.redis_server.kill()
+        time.sleep(pause)
+        leased.redis_server.start()
+        time.sleep(pause)
+    _every_gpu_takes_work(client, out, "flapped")
+    ids = [client.submit(span_command(out, 0.2) + f" #flapped-cpu{i}", gpus=0).id
+           for i in range(2)]
+    rows = wait_ended(client, ids, timeout_s=180)
+    assert Counter(r["status"] for r in rows) == {"SUCCEEDED": 2}, rows

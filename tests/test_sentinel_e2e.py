@@ -144,6 +144,12 @@ def _all_ended(client: Client, ids: list[int]) -> list[dict] | None:
     return rows if all(r["status"] in done for r in rows) else None
 
 
+def _unended(client: Client, ids: list[int]) -> list[dict]:
+    done = {"SUCCEEDED", "FAILED", "CANCELLED", "FAILED_PRECHECK", "FAILED_NO_RESOURCE"}
+    return [{k: v for k, v in r.items() if k != "command"}
+            for r in client.rows(ids) if r["status"] not in done]
+
+
 def test_a_sentinel_url_names_its_master_and_sentinels():
     url = SentinelUrl.parse("sentinel://:pw@10.0.0.1:26379,[::1]:26380/3?master=main"
                             "&sentinel_password=spw")
@@ -181,7 +187,8 @@ def test_jobs_keep_flowing_through_a_primary_failover_none_lost_or_run_twice(
         after = [client.submit(f"{command} # after {i}", gpus=1, name=f"ha-after-{i}").id
                  for i in range(4)]
         ids = before + after
-        rows = until(lambda: _all_ended(client, ids), timeout_s=400, poll_s=1)
+        rows = until(lambda: _all_ended(client, ids), timeout_s=400, poll_s=1,
+                     describe=lambda: _unended(client, ids))
     finally:
         client.close()
     assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         5.0, gt=0, description="How often workers refresh their liveness and reservations."
     )
+    consumer_stall_s: float = Field(
+        30.0, gt=0, description="A worker whose queue has held messages this long while it "
+        "held none is restarted (its broker consumer stopped taking messages)."
+    )
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Period of the safety-net dispatch pass run by beat."
     )
