@@ -20,7 +20,7 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	@for b in startup bulk_launch throughput operations cancel latency; do \
+	@for b in startup bulk_launch throughput operations cancel latency dispatch_depth; do \
 		$(BIN)/python -m bench.$$b || exit 1; \
 	done
 

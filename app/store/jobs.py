@@ -7,13 +7,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, insert, or_, text, update
+from sqlalchemy import ColumnElement, Select, insert, literal, or_, text, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import dependencies, payload_store
-from app.store.models import Job, JobEvent, Launch, event_row
+from app.store.models import HOLDING_STATES, Job, JobEvent, Launch, event_row
 from app.store.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,
 
 
 # The states in which an attempt holds its GPUs and its lease.
-HOLDING = (JobState.STARTING, JobState.RUNNING, JobState.CANCELLING)
+HOLDING = tuple(JobState(s) for s in HOLDING_STATES)
 
 
 def attempt_is(job_id: int, attempt: int) -> list[ColumnElement[bool]]:
@@ -219,7 +219,18 @@ def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> 
 def held_gpus(session: Session) -> set[tuple[str, int]]:
     """Every (host, GPU index) that an attempt of a local job holds in the database, the
     truth the dispatcher checks beside Redis's reservations."""
-    rows = session.execute(select(Job.host, Job.gpu_ids).where(
-        col(Job.state).in_([s.value for s in HOLDING]), col(Job.backend) == "local",
-        col(Job.gpus) > 0))
+    rows = session.execute(holding_query())
     return {(host, i) for host, ids in rows if host for i in ids or []}
+
+
+def holding_query() -> Select[str | None, list[int] | None]:
+    """Its conditions written as literals, as the partial index that serves it has them
+    (app/store/models.py): a planner matches such an index only against values it sees."""
+    return select(col(Job.host), col(Job.gpu_ids)).where(
+        col(Job.state).in_(literal_list(HOLDING_STATES)),
+        col(Job.backend) == literal("local", literal_execute=True),
+        col(Job.gpus) > literal(0, literal_execute=True))
+
+
+def literal_list(values: Sequence[str]) -> list[ColumnElement[str]]:
+    return [literal(v, literal_execute=True) for v in values]

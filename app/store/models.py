@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index
+from sqlalchemy import JSON, Column, Index, text
 from sqlmodel import Field, SQLModel
 
 from app.core.states import JobState
@@ -24,8 +24,9 @@ class Launch(SQLModel, table=True):
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_dispatch", "state", "waiting", "priority", "id"),
-        Index("ix_jobs_dispatch_cpu", "state", "gpus", "priority", "id"),
+        # Reads by state (counts, the reconciler, jobs waiting for others); the dispatcher
+        # has its own partial indexes below.
+        Index("ix_jobs_state", "state", "waiting"),
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
     )
@@ -72,6 +73,41 @@ class Job(SQLModel, table=True):
     started_at: float | None = None
     ended_at: float | None = None
     runtime_s: float = 0.0
+
+
+# The dispatcher's candidates: PENDING local jobs that wait for nothing, highest priority
+# first, then oldest. One partial index for GPU jobs, one for 0-GPU jobs, each in exactly
+# the order the dispatcher reads, so that a pass reads its first rows without sorting, at
+# any queue depth. Their conditions are written out in the dispatcher's query as literals
+# (scheduler/dispatch/allocator.py): a planner uses a partial index only for a query whose
+# conditions it can see imply the index's.
+PENDING_GPU_INDEX = "ix_jobs_pending_gpu"
+PENDING_CPU_INDEX = "ix_jobs_pending_cpu"
+
+
+def candidate_condition(gpus: str, dialect: str) -> str:
+    """The condition of a candidate index, as each database's planner must see it."""
+    waiting = "waiting = 0" if dialect == "sqlite" else "waiting = false"
+    return f"state = 'PENDING' AND {waiting} AND backend = 'local' AND {gpus}"
+
+
+CANDIDATE_INDEXES = ((PENDING_GPU_INDEX, "gpus > 0"), (PENDING_CPU_INDEX, "gpus = 0"))
+
+# The GPUs that local jobs hold (STARTING, RUNNING, CANCELLING), read by every pass: a few
+# rows among millions, found through an index of just those rows.
+HOLDING_INDEX = "ix_jobs_holding"
+HOLDING_STATES = ("STARTING", "RUNNING", "CANCELLING")
+HOLDING_CONDITION = ("state IN ('STARTING', 'RUNNING', 'CANCELLING') AND backend = 'local' "
+                     "AND gpus > 0")
+_jobs = Job.__table__.c  # type: ignore[attr-defined]
+for _name, _gpus in CANDIDATE_INDEXES:
+    # The equality columns lead, though the condition fixes them: SQLite's planner then
+    # sees this index serve the query's every equality and its order, and prefers it.
+    Index(_name, _jobs.state, _jobs.waiting, _jobs.backend, _jobs.priority.desc(), _jobs.id,
+          sqlite_where=text(candidate_condition(_gpus, "sqlite")),
+          postgresql_where=text(candidate_condition(_gpus, "postgresql")))
+Index(HOLDING_INDEX, _jobs.host, sqlite_where=text(HOLDING_CONDITION),
+      postgresql_where=text(HOLDING_CONDITION))
 
 
 class Payload(SQLModel, table=True):

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
+from sqlalchemy import ColumnElement, Select, false, literal, or_, select, update
 from sqlmodel import col
 
 from app.core import keys
@@ -99,13 +99,20 @@ class Candidate(NamedTuple):
 CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None]
 
 
-def _candidates(*where: ColumnElement[bool]) -> CandidateQuery:
-    """PENDING local jobs matching `where` that wait for no other job, highest priority
-    first, then oldest."""
+def _fixed(value: object) -> ColumnElement[object]:
+    """A constant written into the SQL itself, not bound: a planner matches a partial index
+    only against conditions whose values it can see (app/store/models.py)."""
+    return literal(value, literal_execute=True)
+
+
+def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
+    """PENDING local jobs that wait for no other job, GPU jobs or 0-GPU jobs, highest
+    priority first, then oldest: the order of their partial index, read without a sort."""
+    gpus = col(Job.gpus) > _fixed(0) if gpu_jobs else col(Job.gpus) == _fixed(0)
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
                    col(Job.priority), col(Job.reason))
-            .where(col(Job.state) == JobState.PENDING.value, col(Job.waiting) == false(),
-                   col(Job.backend) == "local", *where,
+            .where(col(Job.state) == _fixed(JobState.PENDING.value), col(Job.waiting) == false(),
+                   col(Job.backend) == _fixed("local"), gpus, *where,
                    or_(col(Job.not_before).is_(None), col(Job.not_before) <= time.time()))
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
@@ -178,17 +185,23 @@ class Dispatcher:
         return routed
 
     def _pending_gpu_jobs(self, after: Candidate | None) -> list[Candidate]:
-        """The next PENDING GPU jobs by priority, then id (keyset paging)."""
-        where = [col(Job.gpus) > 0]
-        if after is not None:
-            where.append(or_(col(Job.priority) < after.priority, and_(
-                col(Job.priority) == after.priority, col(Job.id) > after.id)))
-        query = _candidates(*where).limit(SCAN_CHUNK)
+        """The next PENDING GPU jobs by priority, then id, after `after`: the rest of its
+        priority, then lower priorities; each a seek into the candidate index."""
         with self.rt.session() as session:
-            return [Candidate(*row) for row in session.execute(query)]
+            def read(*where: ColumnElement[bool], limit: int = SCAN_CHUNK) -> list[Candidate]:
+                query = candidates(True, *where).limit(limit)
+                return [Candidate(*row) for row in session.execute(query)]
+
+            if after is None:
+                return read()
+            found = read(col(Job.priority) == after.priority, col(Job.id) > after.id)
+            if len(found) < SCAN_CHUNK:
+                found += read(col(Job.priority) < after.priority,
+                              limit=SCAN_CHUNK - len(found))
+            return found
 
     def _start_cpu_jobs(self) -> int:
-        query = _candidates(col(Job.gpus) == 0).limit(DISPATCH_BATCH)
+        query = candidates(False).limit(DISPATCH_BATCH)
         with self.rt.session() as session:
             jobs = [Candidate(*row) for row in session.execute(query)]
         return sum(self._start(job, None, []) for job in jobs)
