@@ -55,6 +55,11 @@ def create_celery(settings: Settings, redis_url: str) -> Celery:
                 "schedule": settings.reconcile_interval_s,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.reconcile_interval_s},
             },
+            "prune": {
+                "task": "gpuq.prune",
+                "schedule": settings.prune_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.prune_interval_s},
+            },
             "dispatch": {
                 "task": "gpuq.dispatch",
                 "schedule": settings.dispatch_interval_s,

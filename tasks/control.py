@@ -1,4 +1,5 @@
-"""`gpuq.op` and `gpuq.dispatch`: the operations layer as tasks on the control queue."""
+"""`gpuq.op`, `gpuq.dispatch`, `gpuq.reconcile` and `gpuq.prune`: the operations layer and
+the periodic repairs as tasks on the control queue."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def register(celery: Celery, rt: Runtime) -> None:
         from scheduler.dispatch.reconcile import reconcile as repair
 
         return repair(rt)
+
+    @celery.task(name="gpuq.prune", ignore_result=True)
+    def prune() -> int:
+        from scheduler.dispatch.reconcile import prune_finished_jobs
+
+        return prune_finished_jobs(rt)
 
     @celery.task(name="gpuq.dispatch", ignore_result=True)
     def dispatch() -> int:

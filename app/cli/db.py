@@ -59,3 +59,28 @@ def upgrade() -> None:
         typer.echo(f"{where}: already at {after.revision}")
     else:
         typer.echo(f"{where}: upgraded from {before.describe()} to {after.revision}")
+
+
+@db.command()
+def prune(older_than_days: float = typer.Option(
+        None, "--older-than-days", min=0,
+        help="Delete jobs that ended this many days ago or more (default: "
+             "GPUQ_KEEP_FINISHED_DAYS).")) -> None:
+    """Delete finished jobs past their retention now, with their events, launches and
+    payloads; their log files go at each host's next sweep."""
+    from app.cli.common import load_settings
+    from app.runtime import Runtime
+    from scheduler.dispatch.reconcile import prune_finished_jobs
+
+    settings = load_settings()
+    days = settings.keep_finished_days if older_than_days is None else older_than_days
+    if older_than_days is None and days <= 0:
+        typer.echo("GPUQ_KEEP_FINISHED_DAYS is 0: finished jobs are kept for ever; "
+                   "pass --older-than-days to prune anyway")
+        return
+    rt = Runtime(settings)
+    try:
+        pruned = prune_finished_jobs(rt, days)
+    finally:
+        rt.close()
+    typer.echo(f"pruned {pruned} jobs that ended over {days:g} days ago")

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         16 * 2**20, gt=0, description="Largest result a function job may return."
     )
     keep_result_s: int = Field(7 * 86400, gt=0, description="How long results are kept.")
+    keep_finished_days: float = Field(
+        30.0, ge=0, description="Finished jobs (rows, events, logs, payloads) are deleted "
+        "this many days after they ended; 0 keeps them for ever."
+    )
+    prune_interval_s: float = Field(
+        3600.0, gt=0, description="How often finished jobs past GPUQ_KEEP_FINISHED_DAYS are "
+        "deleted (the database by beat, each host's files by its `gpuq worker`)."
+    )
     aws_batch_queue: str | None = Field(None, description="AWS Batch job queue for --backend "
                                         "aws_batch.")
     aws_batch_job_definition: str = Field(

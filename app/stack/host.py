@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from app.core.settings import Settings
 from app.runtime import Runtime
@@ -56,6 +57,20 @@ def settle_left_jobs(rt: Runtime, gpu_count: int, cpu: bool) -> None:
                         "the CPU" if gpu is None else f"GPU {gpu}", e)
 
 
+def _sweep_files(rt: Runtime, stop: threading.Event) -> None:
+    """This host's files of jobs the database pruned go too (app/store/retention.py)."""
+    from app.store.retention import sweep_files
+
+    while not stop.wait(rt.settings.prune_interval_s):
+        try:
+            swept = sweep_files(rt.engine, rt.settings.home,
+                                rt.settings.keep_finished_days * 86400)
+            if swept:
+                log.info("swept the files of %d pruned jobs", swept)
+        except Exception:
+            log.exception("file sweep failed; trying again next round")
+
+
 def run_host_workers(settings: Settings) -> None:
     from app.core.security import warn_without_secret
 
@@ -69,10 +84,15 @@ def run_host_workers(settings: Settings) -> None:
     supervisor = Supervisor(gpu_worker_programs(settings, count),
                             base_env={**os.environ, **lock.child_env()}, pass_fds=(fd,),
                             on_exit=RestartLog(lambda: rt.redis, settings.hostname))
+    sweeping = threading.Event()
+    if settings.keep_finished_days > 0:
+        threading.Thread(target=_sweep_files, args=(rt, sweeping), daemon=True,
+                         name="gpuq-file-sweep").start()
     with supervisor.stopped_by_signals():
         try:
             supervisor.supervise()
         finally:
+            sweeping.set()
             with reaper.reaping():  # the jobs it kills were adopted by this process
                 settle_left_jobs(rt, count, cpu=bool(settings.cpu_slots))
             reaper.sweep()

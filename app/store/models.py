@@ -27,6 +27,7 @@ class Job(SQLModel, table=True):
         # Reads by state (counts, the reconciler, jobs waiting for others); the dispatcher
         # has its own partial indexes below.
         Index("ix_jobs_state", "state", "waiting"),
+        Index("ix_jobs_ended", "ended_at"),  # finished jobs pruned by age
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
     )

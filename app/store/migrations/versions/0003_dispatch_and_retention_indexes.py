@@ -3,6 +3,7 @@ order a pass reads them (priority descending, then id), one for GPU jobs and one
 jobs, partial so that they hold only what the dispatcher may start. With them a pass reads
 its first candidates without sorting the queue, at any depth. And the local jobs that hold
 GPUs (STARTING, RUNNING, CANCELLING), which every pass reads: a few rows among millions.
+Finished jobs by when they ended, for their pruning (GPUQ_KEEP_FINISHED_DAYS).
 
 Revision ID: 0003
 Revises: 0002
@@ -38,6 +39,7 @@ def upgrade() -> None:
     op.drop_index("ix_jobs_dispatch", table_name="jobs")
     op.drop_index("ix_jobs_dispatch_cpu", table_name="jobs")
     op.create_index("ix_jobs_state", "jobs", ["state", "waiting"])
+    op.create_index("ix_jobs_ended", "jobs", ["ended_at"])
     op.create_index("ix_jobs_holding", "jobs", ["host"], sqlite_where=sa.text(_HOLDING),
                     postgresql_where=sa.text(_HOLDING))
     for name, gpus in _INDEXES:
@@ -48,6 +50,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_ended", table_name="jobs")
     op.drop_index("ix_jobs_state", table_name="jobs")
     op.create_index("ix_jobs_dispatch", "jobs", ["state", "waiting", "priority", "id"])
     op.create_index("ix_jobs_dispatch_cpu", "jobs", ["state", "gpus", "priority", "id"])

@@ -1,0 +1,150 @@
+"""Finished jobs are forgotten after GPUQ_KEEP_FINISHED_DAYS: their rows, events and edges,
+the launches and payloads nothing refers to any more, and their files on every host.
+
+The control worker prunes the database (`gpuq.prune`, every GPUQ_PRUNE_INTERVAL_S from
+beat, or `gpuq db prune`), a thousand jobs per transaction so that no lock is held long;
+each host's CPU worker then deletes the files (logs, tmux scripts, run directories) of jobs
+the database no longer has, since a job's files lie on the host that ran it. A job is
+pruned only once it ended (a terminal state) before the cut-off: nothing that runs, waits
+or may still be restarted is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from sqlalchemy import Engine, delete, or_, select
+from sqlmodel import Session, col
+
+from app.core.states import TERMINAL
+from app.store.models import Job, JobDependency, JobEvent, Launch, Payload
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000
+_JOB_FILE = re.compile(r"^(\d+)\.(log|tmux\.sh|exit)$")
+
+
+@dataclass
+class Pruned:
+    jobs: int = 0
+    events: int = 0
+    launches: int = 0
+    payloads: int = 0
+    job_ids: list[int] = field(default_factory=list)
+
+
+def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
+                   chunk: int = CHUNK) -> Pruned:
+    """Delete every job that ended before `before` (epoch seconds), with what hangs on it."""
+    pruned = Pruned()
+    terminal = [s.value for s in TERMINAL]
+    while True:
+        with Session(engine) as session:
+            rows = session.execute(
+                select(col(Job.id), col(Job.launch_id), col(Job.payload_key))
+                .where(col(Job.ended_at) < before, col(Job.state).in_(terminal))
+                .order_by(col(Job.ended_at)).limit(chunk)).all()
+            if not rows:
+                return pruned
+            ids = [row[0] for row in rows]
+            launches = {row[1] for row in rows if row[1] is not None}
+            keys = {row[2] for row in rows if row[2]}
+            pruned.events += session.execute(  # type: ignore[attr-defined]
+                delete(JobEvent).where(col(JobEvent.job_id).in_(ids))).rowcount
+            session.execute(delete(JobDependency).where(or_(
+                col(JobDependency.job_id).in_(ids), col(JobDependency.after_id).in_(ids))))
+            pruned.jobs += session.execute(  # type: ignore[attr-defined]
+                delete(Job).where(col(Job.id).in_(ids))).rowcount
+            empty = _unreferenced_launches(session, launches)
+            if empty:
+                keys |= {k for (k,) in session.execute(
+                    select(col(Launch.payload_key)).where(col(Launch.id).in_(empty))) if k}
+                pruned.launches += session.execute(  # type: ignore[attr-defined]
+                    delete(Launch).where(col(Launch.id).in_(empty))).rowcount
+            orphans = _unreferenced_payloads(session, keys)
+            if orphans:
+                pruned.payloads += session.execute(  # type: ignore[attr-defined]
+                    delete(Payload).where(col(Payload.key).in_(orphans))).rowcount
+            session.commit()
+        if orphans and r is not None:
+            try:
+                r.delete(*orphans)  # the cache of what is gone
+            except redis.RedisError as e:  # it expires by itself
+                log.warning("prune: payload cache not cleared (%s)", e)
+        pruned.job_ids += ids
+
+
+def _unreferenced_launches(session: Session, launches: set[int]) -> list[int]:
+    if not launches:
+        return []
+    kept = {i for (i,) in session.execute(
+        select(col(Job.launch_id)).where(col(Job.launch_id).in_(launches)).distinct())}
+    return sorted(launches - kept)
+
+
+def _unreferenced_payloads(session: Session, keys: set[str]) -> list[str]:
+    if not keys:
+        return []
+    used = {k for (k,) in session.execute(
+        select(col(Job.payload_key)).where(col(Job.payload_key).in_(keys)).distinct())}
+    used |= {k for (k,) in session.execute(
+        select(col(Launch.payload_key)).where(col(Launch.payload_key).in_(keys)).distinct())}
+    return sorted(keys - used)
+
+
+def _file_job_ids(home: Path, older_than_s: float) -> dict[int, list[Path]]:
+    """The job files under a gpuq home last written over `older_than_s` ago, by job id."""
+    found: dict[int, list[Path]] = {}
+    old = time.time() - older_than_s
+    candidates: Iterable[Path] = []
+    logs, runs = home / "logs", home / "run"
+    if logs.is_dir():
+        candidates = [*candidates, *logs.iterdir()]
+    if runs.is_dir():
+        candidates = [*candidates, *runs.iterdir()]
+    for path in candidates:
+        match = _JOB_FILE.match(path.name) if path.parent == logs else (
+            re.match(r"^(\d+)$", path.name))
+        if match is None:
+            continue
+        try:
+            if path.stat().st_mtime > old:
+                continue
+        except OSError:
+            continue
+        found.setdefault(int(match.group(1)), []).append(path)
+    return found
+
+
+def sweep_files(engine: Engine, home: Path, older_than_s: float) -> int:
+    """Delete this host's files of jobs the database no longer has; how many jobs' files.
+
+    Only files last written over `older_than_s` (the retention period) ago: a pruned job
+    ended before that, so a younger file belongs to a job whose row may be being written."""
+    files = _file_job_ids(home, older_than_s)
+    ids = sorted(files)
+    gone = 0
+    for start in range(0, len(ids), CHUNK):
+        page = ids[start:start + CHUNK]
+        with Session(engine) as session:
+            known = {i for (i,) in session.execute(
+                select(col(Job.id)).where(col(Job.id).in_(page)))}
+        for job_id in page:
+            if job_id in known:
+                continue
+            gone += 1
+            for path in files[job_id]:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+    return gone
+
