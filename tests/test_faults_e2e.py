@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -16,14 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import make_url
 
 from app.client import Client
 from app.core.errors import GpuqError
 from app.core.settings import Settings
-from app.core.states import JobState
 from app.store.embedded_redis import EmbeddedRedis
-from tests.conftest import EXTERNAL_DB, Stack, _reset_database, until
+from tests.conftest import Stack, until
+from tests.faultkit import database_away, proxied_database, wait_ended
 from tests.netutil import PausableProxy
 
 pytestmark = pytest.mark.e2e
@@ -61,25 +59,17 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyStack]:
     home = tmp_path_factory.mktemp("faults-home")
     server = EmbeddedRedis(Settings(home=home, _env_file=None))
     url = server.start()
-    proxy, database_url = None, EXTERNAL_DB
-    if EXTERNAL_DB:
-        _reset_database(EXTERNAL_DB)
-        # The stack reaches PostgreSQL through a proxy the database test can cut.
-        parsed = make_url(EXTERNAL_DB)
-        proxy = PausableProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
-        database_url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
-            hide_password=False)
-    settings = Settings(home=home, redis_url=url, database_url=database_url,
-                        hostname="e2e-faults", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
-                        monitor_interval_s=0.5, cpu_slots=2, op_timeout_s=5,
-                        reconcile_interval_s=2, _env_file=None)
+    settings = Settings(home=home, redis_url=url, hostname="e2e-faults", fake_gpus=2,
+                        kill_grace_s=1, heartbeat_s=1, monitor_interval_s=0.5, cpu_slots=2,
+                        op_timeout_s=5, reconcile_interval_s=2, _env_file=None)
     try:
-        with FaultyStack(settings, server, proxy).up(gpus=2) as stack:
-            yield stack
+        # The stack reaches PostgreSQL through a proxy the database test can cut.
+        with proxied_database() as (proxy, database_url):
+            settings = settings.model_copy(update={"database_url": database_url})
+            with FaultyStack(settings, server, proxy).up(gpus=2) as stack:
+                yield stack
     finally:
         server.stop()
-        if proxy is not None:
-            proxy.down()
 
 
 @pytest.fixture
@@ -87,20 +77,6 @@ def client(faulty: FaultyStack) -> Iterator[Client]:
     c = Client(faulty.settings, "local")
     yield c
     c.close()
-
-
-def wait_all(client: Client, ids: list[int], timeout_s: float) -> list[dict]:
-    """Rows of `ids` once every one has ended; fail with the stragglers otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = [row for start in range(0, len(ids), 500)
-                for row in client.rows(ids[start:start + 500])]
-        if all(JobState(r["status"]).terminal for r in rows):
-            return rows
-        if time.monotonic() > deadline:
-            left = Counter(r["status"] for r in rows if not JobState(r["status"]).terminal)
-            raise AssertionError(f"not ended after {timeout_s}s: {dict(left)}")
-        time.sleep(0.5)
 
 
 def runs_of(out: Path) -> Counter[int]:
@@ -117,7 +93,7 @@ def test_redis_restart_under_500_queued_jobs_runs_each_exactly_once(faulty, clie
     faulty.broker_down()
     ran_before = len(runs_of(out))
     faulty.broker_up()
-    rows = wait_all(client, handle.job_ids, timeout_s=300)
+    rows = wait_ended(client, handle.job_ids, timeout_s=300)
     assert Counter(r["status"] for r in rows) == {"SUCCEEDED": 500}
     runs = runs_of(out)
     assert set(runs) == set(handle.job_ids), "every job ran"
@@ -140,13 +116,13 @@ def test_broker_gone_for_10s_while_jobs_run(faulty, client, tmp_path: Path):
     faulty.broker_down()
     time.sleep(10)  # the jobs end while the broker is away
     faulty.broker_up()
-    rows = wait_all(client, [j.id for j in jobs], timeout_s=120)
+    rows = wait_ended(client, [j.id for j in jobs], timeout_s=120)
     assert [r["status"] for r in rows] == ["SUCCEEDED"] * 3
     assert runs_of(out) == Counter({j.id: 1 for j in jobs})
     # Their GPUs were handed back: two more 1-GPU jobs run.
     after = [client.submit(f"true #{i}", gpus=1, name=f"after-outage-{i}") for i in range(2)]
     # Within a bound: the workers' consumers reconnect with the broker's own backoff.
-    rows = wait_all(client, [j.id for j in after], timeout_s=120)
+    rows = wait_ended(client, [j.id for j in after], timeout_s=120)
     assert [r["status"] for r in rows] == ["SUCCEEDED"] * 2
 
 
@@ -191,21 +167,6 @@ def _answers(remote: Client) -> bool:
     return True
 
 
-def database_away(faulty: FaultyStack, seconds: float) -> None:
-    """Take the database away for `seconds`. SQLite: another process holds its write lock;
-    PostgreSQL: every connection through the stack's proxy is cut and new ones refused."""
-    if faulty.proxy is None:
-        db = sqlite3.connect(faulty.settings.home / "gpuq.db", isolation_level=None)
-        db.execute("BEGIN EXCLUSIVE")
-        time.sleep(seconds)
-        db.execute("ROLLBACK")
-        db.close()
-        return
-    faulty.proxy.down()
-    time.sleep(seconds)
-    faulty.proxy.up()
-
-
 @pytest.mark.timeout(300)  # its bounds: 60 s to start, the outage, 120 s to end
 def test_database_away_for_seconds_is_waited_out_not_failed(faulty, client, tmp_path: Path):
     out = tmp_path / "runs"
@@ -213,7 +174,7 @@ def test_database_away_for_seconds_is_waited_out_not_failed(faulty, client, tmp_
     jobs = [client.submit(f"sleep 2; echo $GPUQ_JOB_ID >> {out} #{i}", gpus=1,
                           name=f"db-{i}", priority=100) for i in range(2)]
     until(lambda: all(j.status == "RUNNING" for j in jobs), timeout_s=60)
-    database_away(faulty, 5)  # the jobs end while it is away
-    rows = wait_all(client, [j.id for j in jobs], timeout_s=120)
+    database_away(faulty.settings.home, faulty.proxy, 5)  # the jobs end while it is away
+    rows = wait_ended(client, [j.id for j in jobs], timeout_s=120)
     assert [r["status"] for r in rows] == ["SUCCEEDED"] * 2
     assert runs_of(out) == Counter({j.id: 1 for j in jobs})

@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -22,16 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import make_url
 from sqlmodel import col, select
 
 from app.client import Client
 from app.core.keys import gpu_queue
 from app.core.settings import Settings
-from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.models import Job
-from tests.conftest import EXTERNAL_DB, Stack, _reset_database, processes_with, until
+from tests.conftest import Stack, processes_with, until
+from tests.faultkit import database_away, proxied_database, wait_ended
 from tests.netutil import PausableProxy, free_port
 from tests.spans import check, read_spans, span_command
 
@@ -80,20 +78,6 @@ class LeasedStack(Stack):
         self.redis_server = redis_server
         self.db_proxy = db_proxy
 
-    def database_away(self, seconds: float) -> None:
-        """SQLite: another process holds its write lock (past the 30 s busy timeout when
-        `seconds` is longer); PostgreSQL: the stack's connections cut, new ones refused."""
-        if self.db_proxy is None:
-            db = sqlite3.connect(self.settings.home / "gpuq.db", isolation_level=None)
-            db.execute("BEGIN EXCLUSIVE")
-            time.sleep(seconds)
-            db.execute("ROLLBACK")
-            db.close()
-            return
-        self.db_proxy.down()
-        time.sleep(seconds)
-        self.db_proxy.up()
-
     def kill(self, marker: str) -> None:
         """SIGKILL the Celery worker whose command line holds `marker` (`cpu@host`)."""
         pids = processes_with(marker)
@@ -108,27 +92,20 @@ def leased(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeasedStack]:
     home = tmp_path_factory.mktemp("leases-home")
     server = PrivateRedis(home)
     server.start()
-    proxy, database_url = None, EXTERNAL_DB
-    if EXTERNAL_DB:
-        _reset_database(EXTERNAL_DB)
-        parsed = make_url(EXTERNAL_DB)
-        proxy = PausableProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
-        database_url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
-            hide_password=False)
-    settings = Settings(home=home, redis_url=server.url, database_url=database_url,
-                        hostname="e2e-leases", fake_gpus=2, cpu_slots=2, kill_grace_s=1,
-                        heartbeat_s=1, monitor_interval_s=0.5, reservation_ttl_s=LEASE_S,
-                        lease_margin_s=2, reconcile_interval_s=1, dispatch_interval_s=1,
-                        database_retry_s=10, op_timeout_s=5, consumer_stall_s=10,
+    settings = Settings(home=home, redis_url=server.url, hostname="e2e-leases", fake_gpus=2,
+                        cpu_slots=2, kill_grace_s=1, heartbeat_s=1, monitor_interval_s=0.5,
+                        reservation_ttl_s=LEASE_S, lease_margin_s=2, reconcile_interval_s=1,
+                        dispatch_interval_s=1, database_retry_s=10, op_timeout_s=5,
+                        consumer_stall_s=10,
                         preflight_commands={"slow": f"sleep {LEASE_S + 6}"}, _env_file=None)
     try:
-        with LeasedStack(settings, server, proxy).up(gpus=2) as stack:
-            yield stack
+        with proxied_database() as (proxy, database_url):
+            settings = settings.model_copy(update={"database_url": database_url})
+            with LeasedStack(settings, server, proxy).up(gpus=2) as stack:
+                yield stack
     finally:
         if server.proc is not None and server.proc.poll() is None:
             server.kill()
-        if proxy is not None:
-            proxy.down()
 
 
 @pytest.fixture
@@ -146,21 +123,6 @@ def _attempts(settings: Settings, ids: list[int]) -> dict[int, int]:
                 select(Job.id, Job.attempt).where(col(Job.id).in_(ids))).all() if i is not None}
     finally:
         rt.close()
-
-
-def wait_ended(client: Client, ids: list[int], timeout_s: float) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            rows = client.rows(ids)
-        except Exception:  # the broker or database is still coming back
-            rows = []
-        if rows and all(JobState(r["status"]).terminal for r in rows):
-            return rows
-        if time.monotonic() > deadline:
-            left = Counter(r["status"] for r in rows if not JobState(r["status"]).terminal)
-            raise AssertionError(f"stuck after {timeout_s}s: {dict(left)}")
-        time.sleep(0.5)
 
 
 def _mix(client: Client, out: Path, tag: str, seconds: float = 3, **options) -> list[int]:
@@ -232,7 +194,7 @@ def test_the_database_away_past_the_lease_and_the_retry_budget_runs_nothing_twic
                          name="db-long")
     until(lambda: _running(client, [short.id, long.id], 2), timeout_s=180)
     # Past the retry budget (10 s), the lease (8 s) and SQLite's 30 s busy timeout
-    leased.database_away(35)
+    database_away(leased.settings.home, leased.db_proxy, 35)
     rows = wait_ended(client, [short.id], timeout_s=120)
     # The short job ended during the outage: its outcome was kept and recorded after it
     assert rows[0]["status"] == "SUCCEEDED", rows[0]
@@ -307,27 +269,18 @@ def test_a_worker_whose_consumer_stops_taking_messages_is_started_anew(leased, c
 
 # Redis lost last: what it takes down is what the tests above do not need.
 @pytest.mark.timeout(400)
-def test_redis_killed_with_its_data_lost_double_books_nothing(leased, client, tmp_path: Path):
+@pytest.mark.parametrize(("job_s", "away_s"), [
+    # every hold, heartbeat, queue and inventory key lost while the jobs run
+    pytest.param(6, 3, id="redis-killed-with-its-data-lost-double-books-nothing"),
+    # the jobs end while it is away; their leases and outcomes live in the database
+    pytest.param(4, LEASE_S + 4, id="a-broker-outage-longer-than-the-lease-loses-nothing"),
+])
+def test_redis_killed_mid_run(leased, client, tmp_path: Path, job_s: float, away_s: float):
     out = tmp_path / "spans"
-    ids = _mix(client, out, "redis-lost", seconds=6)
-    until(lambda: _running(client, ids, 3), timeout_s=90)
-    leased.redis_server.kill()  # every hold, heartbeat, queue and inventory key: gone
-    time.sleep(3)
-    leased.redis_server.start()
-    rows = wait_ended(client, ids, timeout_s=240)
-    assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
-    _assert_invariants(leased, out, ids)
-    _every_gpu_takes_work(client, out, "after")
-
-
-@pytest.mark.timeout(400)
-def test_a_broker_outage_longer_than_the_lease_keeps_running_jobs_and_their_outcomes(
-        leased, client, tmp_path: Path):
-    out = tmp_path / "spans"
-    ids = _mix(client, out, "broker-away", seconds=4)
+    ids = _mix(client, out, "redis-lost", seconds=job_s)
     until(lambda: _running(client, ids, 3), timeout_s=90)
     leased.redis_server.kill()
-    time.sleep(LEASE_S + 4)  # the jobs end while it is away; their leases live in the DB
+    time.sleep(away_s)
     leased.redis_server.start()
     rows = wait_ended(client, ids, timeout_s=240)
     assert Counter(r["status"] for r in rows) == {"SUCCEEDED": len(ids)}, rows
