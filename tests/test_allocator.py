@@ -7,11 +7,15 @@ import json
 import threading
 import time
 
+from sqlalchemy import update
+from sqlmodel import col, select
+
 from app.core import keys
 from app.core.keys import gpu_queue
 from app.runtime import Runtime
 from app.stack.host import register_host
 from app.store.cluster import refresh, release, reserve
+from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker.monitor import FakeProvider
 
@@ -218,3 +222,38 @@ def test_a_job_is_not_refused_while_the_inventory_is_rebuilt_after_redis_lost_it
     rt.redis.set(keys.alive("h", 1), 1, ex=60)
     Dispatcher(rt).dispatch()
     assert job.status == "STARTING"
+
+
+def test_a_pass_examines_at_most_the_scan_limit_however_deep_the_blocked_queue(
+        rt, local, monkeypatch):
+    # Given GPU 3 held by a running job, and 3,000 jobs that need GPUs 2 and 3
+    _bring_up(rt, "h", 4)
+    holder = local.submit("sleep 100 # holds 3", allowed_gpu_ids=[3], priority=9)
+    assert holder.status == "STARTING"
+    local.launch("true # blocked", num_jobs=3000, gpus=2, allowed_gpu_ids=[2, 3])
+    # and, 500 deep, one that fits GPU 0; 2,000 deep, one that fits GPU 1
+    read: list[int] = []
+    original = Dispatcher._pending_gpu_jobs
+
+    def counting(self, after):  # type: ignore[no-untyped-def]
+        found = original(self, after)
+        read.append(len(found))
+        return found
+
+    monkeypatch.setattr(Dispatcher, "_pending_gpu_jobs", counting)
+    limit = rt.settings.dispatch_scan_limit
+    assert limit == 1000
+    with rt.session() as session:  # give the two their places in the queue by id
+        ids = sorted(session.exec(select(col(Job.id)).where(col(Job.launch_id).is_not(None))))
+        session.execute(update(Job).where(col(Job.id) == ids[500])
+                        .values(gpus=1, allowed_gpu_ids=[0]))
+        session.execute(update(Job).where(col(Job.id) == ids[2000])
+                        .values(gpus=1, allowed_gpu_ids=[1]))
+        session.commit()
+    # When a pass runs
+    Dispatcher(rt)._pass()
+    # Then it read no more than the limit, started the job 500 deep, not the one 2,000 deep
+    assert sum(read) <= limit + 64, read
+    assert local.job(ids[500]).status == "STARTING"
+    assert local.job(ids[2000]).status == "PENDING"
+

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         5.0, gt=0, description="How often workers refresh their liveness and reservations."
     )
+    dispatch_scan_limit: int = Field(
+        1000, ge=64, description="How many PENDING GPU jobs one dispatch pass examines at "
+        "most, highest priority first (Slurm's default_queue_depth): a pass costs the same "
+        "however deep the queue, and a job deeper than this waits for those ahead of it."
+    )
     consumer_stall_s: float = Field(
         30.0, gt=0, description="A worker whose queue has held messages this long while it "
         "held none is restarted (its broker consumer stopped taking messages)."

@@ -164,25 +164,44 @@ class Dispatcher:
         def usable() -> int:
             return sum(1 for h in hosts for i in h.free if (h.name, i) not in earmarked)
 
+        # Within a pass free GPUs only shrink and earmarks only grow: a shape (GPU count,
+        # allowed ids) that found no place and set its GPUs aside finds none later in the
+        # pass either, so the jobs of that shape behind it are passed over at once.
+        waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
+        examined, limit = 0, self.rt.settings.dispatch_scan_limit
         after: Candidate | None = None
-        while usable() > 0:
+        while usable() > 0 and examined < limit:
             chunk = self._pending_gpu_jobs(after)
             if not chunk:
                 break
             for job in chunk:
-                if judge and (why := never_fits(job, hosts)) is not None:
-                    self._no_resource(job, why)
-                elif (choice := _pick(job, hosts, earmarked)) is not None:
-                    host, gpus = choice
-                    if self._start(job, host.name, gpus):
-                        host.free = [i for i in host.free if i not in gpus]
-                        routed += 1
-                elif not _earmark(job, hosts, earmarked):
-                    self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
-                if usable() == 0:
+                examined += 1
+                routed += self._place(job, hosts, earmarked, judge, waiting_shapes)
+                if usable() == 0 or examined >= limit:
                     break
             after = chunk[-1]
         return routed
+
+    def _place(self, job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]],
+               judge: bool, waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
+        """Start the job, refuse it, set GPUs aside for it, or say why it waits; 1 if it
+        was routed."""
+        shape = (job.gpus, tuple(job.allowed_gpu_ids)
+                 if job.allowed_gpu_ids is not None else None)
+        if shape in waiting_shapes:
+            return 0
+        if judge and (why := never_fits(job, hosts)) is not None:
+            self._no_resource(job, why)
+        elif (choice := _pick(job, hosts, earmarked)) is not None:
+            host, gpus = choice
+            if self._start(job, host.name, gpus):
+                host.free = [i for i in host.free if i not in gpus]
+                return 1
+        elif _earmark(job, hosts, earmarked):
+            waiting_shapes.add(shape)
+        else:
+            self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
+        return 0
 
     def _pending_gpu_jobs(self, after: Candidate | None) -> list[Candidate]:
         """The next PENDING GPU jobs by priority, then id, after `after`: the rest of its
