@@ -27,7 +27,11 @@ from app.store.models import Job
 log = logging.getLogger(__name__)
 
 DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass
-SCAN_CHUNK = 64  # PENDING GPU jobs read at a time, until the free GPUs are spoken for
+# PENDING GPU jobs read at a time, until the free GPUs are spoken for: the first page is
+# small (most passes place a job or two), each next one twice the last, up to the largest,
+# so that passing over a deep run of jobs that cannot start takes a few reads.
+SCAN_CHUNK = 64
+SCAN_CHUNK_MAX = 512
 
 
 def _pick(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]
@@ -170,8 +174,10 @@ class Dispatcher:
         waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
         examined, limit = 0, self.rt.settings.dispatch_scan_limit
         after: Candidate | None = None
+        size = SCAN_CHUNK
         while usable() > 0 and examined < limit:
-            chunk = self._pending_gpu_jobs(after)
+            chunk = self._pending_gpu_jobs(after, min(size, limit - examined))
+            size = min(size * 2, SCAN_CHUNK_MAX)
             if not chunk:
                 break
             for job in chunk:
@@ -203,20 +209,20 @@ class Dispatcher:
             self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
         return 0
 
-    def _pending_gpu_jobs(self, after: Candidate | None) -> list[Candidate]:
-        """The next PENDING GPU jobs by priority, then id, after `after`: the rest of its
-        priority, then lower priorities; each a seek into the candidate index."""
+    def _pending_gpu_jobs(self, after: Candidate | None, size: int = SCAN_CHUNK
+                          ) -> list[Candidate]:
+        """The next `size` PENDING GPU jobs by priority, then id, after `after`: the rest of
+        its priority, then lower priorities; each a seek into the candidate index."""
         with self.rt.session() as session:
-            def read(*where: ColumnElement[bool], limit: int = SCAN_CHUNK) -> list[Candidate]:
+            def read(*where: ColumnElement[bool], limit: int = size) -> list[Candidate]:
                 query = candidates(True, *where).limit(limit)
                 return [Candidate(*row) for row in session.execute(query)]
 
             if after is None:
                 return read()
             found = read(col(Job.priority) == after.priority, col(Job.id) > after.id)
-            if len(found) < SCAN_CHUNK:
-                found += read(col(Job.priority) < after.priority,
-                              limit=SCAN_CHUNK - len(found))
+            if len(found) < size:
+                found += read(col(Job.priority) < after.priority, limit=size - len(found))
             return found
 
     def _start_cpu_jobs(self) -> int:
