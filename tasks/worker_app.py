@@ -36,20 +36,6 @@ _watch: Any = None
 
 
 @worker_ready.connect
-def _watch_consumer(sender: Any = None, **_: Any) -> None:
-    """Every worker: a consumer that stops taking messages restarts its worker."""
-    global _watch
-    from scheduler.worker.watchdog import ConsumerWatch
-
-    queues = [q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])]
-    if not queues:
-        return
-    _watch = ConsumerWatch(runtime.redis, queues, stall_s=settings.consumer_stall_s,
-                           check_s=min(settings.heartbeat_s, settings.consumer_stall_s / 3))
-    _watch.start()
-
-
-@worker_ready.connect
 def _start_heartbeat(**_: Any) -> None:
     """A GPU worker announces that its GPU may be handed out, then keeps announcing it."""
     global _heartbeat
@@ -78,6 +64,22 @@ def _warn_without_secret(sender: Any = None, **_: Any) -> None:
         from app.core.security import warn_without_secret
 
         warn_without_secret(settings)
+
+
+@worker_ready.connect
+def _watch_consumer(sender: Any = None, **_: Any) -> None:
+    """Every worker: a consumer that stops taking messages restarts its worker. Connected
+    after the other `worker_ready` handlers, so it starts once they have returned: until
+    then the worker consumes nothing by design (recovery, a first dispatch)."""
+    global _watch
+    from scheduler.worker.watchdog import ConsumerWatch
+
+    queues = [q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])]
+    if not queues:
+        return
+    _watch = ConsumerWatch(runtime.redis, queues, stall_s=settings.consumer_stall_s,
+                           check_s=min(settings.heartbeat_s, settings.consumer_stall_s / 3))
+    _watch.start()
 
 
 @worker_shutting_down.connect

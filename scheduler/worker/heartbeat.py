@@ -21,6 +21,10 @@ from scheduler.worker.monitor import GpuProvider, detect_provider, is_busy
 log = logging.getLogger(__name__)
 
 DISPATCH_CHECK_S = 0.5
+# Passes the heartbeat runs per request before it beats again: while requests keep coming
+# (a busy queue, a loaded machine) a pass loop could outlast the liveness key's TTL, and
+# the GPU would drop out of service; what is left stays flagged for the next round.
+HEARTBEAT_PASSES = 2
 
 
 class Heartbeat:
@@ -41,8 +45,9 @@ class Heartbeat:
 
         recover_orphans(self.rt, self.index)
         self.beat()
-        # The GPU just became available: route whatever waits for it.
-        Dispatcher(self.rt).dispatch()
+        # The GPU just became available: route whatever waits for it (a bounded number of
+        # passes: the worker consumes nothing until this returns).
+        Dispatcher(self.rt).dispatch(max_passes=HEARTBEAT_PASSES)
         self._thread.start()
 
     def beat(self) -> None:
@@ -86,7 +91,7 @@ class Heartbeat:
             self._was_foreign = True
         elif self._was_foreign:
             self._was_foreign = False
-            Dispatcher(self.rt).dispatch()
+            Dispatcher(self.rt).dispatch(max_passes=HEARTBEAT_PASSES)
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
@@ -95,7 +100,7 @@ class Heartbeat:
             try:
                 # A dispatch request nobody served yet (its caller had to return): serve it.
                 if self.rt.redis.exists(keys.DISPATCH_DIRTY):
-                    Dispatcher(self.rt).dispatch()
+                    Dispatcher(self.rt).dispatch(max_passes=HEARTBEAT_PASSES)
                 if time.monotonic() >= next_beat:
                     self.beat()
                     next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
