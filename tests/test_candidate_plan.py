@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, insert, make_url, text
-from sqlmodel import col
+from sqlmodel import col, select
 
 from app.core.settings import Settings
 from app.store.db import make_engine
+from app.store.dependencies import waiting_query as stranded_query
 from app.store.jobs import holding_query
 from app.store.models import Job
 from scheduler.dispatch.allocator import candidates
@@ -96,6 +97,9 @@ QUERIES = {
     "lower priorities": lambda: candidates(True, col(Job.priority) < 5).limit(64),
     "0-GPU candidates": lambda: candidates(False).limit(1000),
     "GPUs held in the database": holding_query,
+    "jobs waiting for others": lambda: stranded_query(),
+    "a state's newest jobs": lambda: select(col(Job.id)).where(
+        col(Job.state) == "PENDING").order_by(col(Job.id).desc()).limit(50),
 }
 
 

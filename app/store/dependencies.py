@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, update
+from sqlalchemy import Select, insert, literal, true, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import InvalidJobSpec, JobNotFound
@@ -91,11 +91,18 @@ def settle_dependents(session: Session, ended: Sequence[int], state: JobState) -
     return doomed
 
 
+def waiting_query() -> Select[int | None]:
+    """The PENDING jobs waiting for others, written as their partial index has it
+    (app/store/models.py): a planner matches such an index only against values it sees."""
+    return select(col(Job.id)).where(
+        col(Job.state) == literal(JobState.PENDING.value, literal_execute=True),
+        col(Job.waiting) == true())
+
+
 def stranded(session: Session) -> tuple[list[int], list[int]]:
     """Waiting jobs whose dependencies all ended while nobody settled them: (ready ids,
     doomed ids). Only a submission racing an ending leaves such a job."""
-    waiting = select(col(Job.id)).where(col(Job.waiting),
-                                        col(Job.state) == JobState.PENDING.value)
+    waiting = waiting_query()
     rows = session.execute(
         select(col(JobDependency.job_id), col(Job.state))
         .join(Job, col(Job.id) == JobDependency.after_id)

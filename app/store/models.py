@@ -24,9 +24,9 @@ class Launch(SQLModel, table=True):
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
-        # Reads by state (counts, the reconciler, jobs waiting for others); the dispatcher
-        # has its own partial indexes below.
-        Index("ix_jobs_state", "state", "waiting"),
+        # Reads by state, newest first (`gpuq queue --status`, counts, the reconciler);
+        # the dispatcher and the jobs waiting for others have partial indexes below.
+        Index("ix_jobs_state", "state", "id"),
         Index("ix_jobs_ended", "ended_at"),  # finished jobs pruned by age
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
@@ -109,6 +109,17 @@ for _name, _gpus in CANDIDATE_INDEXES:
           postgresql_where=text(candidate_condition(_gpus, "postgresql")))
 Index(HOLDING_INDEX, _jobs.host, sqlite_where=text(HOLDING_CONDITION),
       postgresql_where=text(HOLDING_CONDITION))
+
+# PENDING jobs waiting for others to end, which the reconciler looks over: few among many.
+WAITING_INDEX = "ix_jobs_waiting"
+
+
+def waiting_condition(dialect: str) -> str:
+    return "state = 'PENDING' AND " + ("waiting = 1" if dialect == "sqlite" else "waiting")
+
+
+Index(WAITING_INDEX, _jobs.id, sqlite_where=text(waiting_condition("sqlite")),
+      postgresql_where=text(waiting_condition("postgresql")))
 
 
 class Payload(SQLModel, table=True):

@@ -3,7 +3,8 @@ order a pass reads them (priority descending, then id), one for GPU jobs and one
 jobs, partial so that they hold only what the dispatcher may start. With them a pass reads
 its first candidates without sorting the queue, at any depth. And the local jobs that hold
 GPUs (STARTING, RUNNING, CANCELLING), which every pass reads: a few rows among millions.
-Finished jobs by when they ended, for their pruning (GPUQ_KEEP_FINISHED_DAYS).
+Finished jobs by when they ended, for their pruning (GPUQ_KEEP_FINISHED_DAYS). A state's
+jobs by id, for `gpuq queue --status`; the jobs waiting for others, for the reconciler.
 
 Revision ID: 0003
 Revises: 0002
@@ -35,10 +36,14 @@ _HOLDING = ("state IN ('STARTING', 'RUNNING', 'CANCELLING') AND backend = 'local
 
 def upgrade() -> None:
     # The former dispatch indexes served the candidate query only up to a sort of the whole
-    # queue, and SQLite's planner preferred them to the new ones: replaced by one on state.
+    # queue, and SQLite's planner preferred them to the new ones: replaced by one on state
+    # and id (a state's jobs, newest first), and one of the jobs waiting for others.
     op.drop_index("ix_jobs_dispatch", table_name="jobs")
     op.drop_index("ix_jobs_dispatch_cpu", table_name="jobs")
-    op.create_index("ix_jobs_state", "jobs", ["state", "waiting"])
+    op.create_index("ix_jobs_state", "jobs", ["state", "id"])
+    op.create_index("ix_jobs_waiting", "jobs", ["id"],
+                    sqlite_where=sa.text("state = 'PENDING' AND waiting = 1"),
+                    postgresql_where=sa.text("state = 'PENDING' AND waiting"))
     op.create_index("ix_jobs_ended", "jobs", ["ended_at"])
     op.create_index("ix_jobs_holding", "jobs", ["host"], sqlite_where=sa.text(_HOLDING),
                     postgresql_where=sa.text(_HOLDING))
@@ -51,6 +56,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_ended", table_name="jobs")
+    op.drop_index("ix_jobs_waiting", table_name="jobs")
     op.drop_index("ix_jobs_state", table_name="jobs")
     op.create_index("ix_jobs_dispatch", "jobs", ["state", "waiting", "priority", "id"])
     op.create_index("ix_jobs_dispatch_cpu", "jobs", ["state", "gpus", "priority", "id"])
