@@ -106,14 +106,45 @@ def measure(depth: int, passes: int, baseline_passes: int) -> tuple[list[float],
     return ours, theirs
 
 
+def plot(points: list[tuple[int, list[float], list[float]]], path: Path) -> None:
+    """Pass time against queue depth, gpuq beside the index set before revision 0003."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = [depth for depth, _, _ in points]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, which, style, color in (("gpuq", 1, "o-", "C0"),
+                                       ("before revision 0003", 2, "s--", "C3")):
+        ax.plot(depths, [statistics.median(p[which]) * 1000 for p in points], style,
+                color=color, label=f"{label}, p50")
+        ax.plot(depths, [_p(p[which], 0.99) for p in points], style, color=color, alpha=0.35,
+                label=f"{label}, p99")
+    ax.axhline(5, color="grey", linewidth=0.8, linestyle=":", label="target p99, 5 ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("PENDING GPU jobs behind the pass")
+    ax.set_ylabel("dispatch pass (ms)")
+    ax.set_title("One dispatch pass against queue depth (8 GPUs, SQLite)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", default="1000,100000,1000000")
     parser.add_argument("--passes", type=int, default=200)
+    parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "scale.png")
     args = parser.parse_args()
+    points = []
     for depth in (int(d) for d in args.depths.split(",")):
         # The baseline's passes sort the whole queue: fewer of them at depth.
         ours, theirs = measure(depth, args.passes, 50 if depth <= 100_000 else 10)
+        points.append((depth, ours, theirs))
         p99, base_p99 = _p(ours, 0.99), _p(theirs, 0.99)
         report(f"dispatch pass, {depth:,} pending",
                f"p50 {statistics.median(ours) * 1000:.2f} ms, p99 {p99:.2f} ms "
@@ -122,6 +153,8 @@ def main() -> None:
                f"p50 {statistics.median(theirs) * 1000:.1f} ms, p99 {base_p99:.1f} ms "
                f"({len(theirs)} passes)",
                base_p99 / p99, p99 <= 5.0)
+    if len(points) > 1:
+        plot(points, args.plot)
 
 
 if __name__ == "__main__":
