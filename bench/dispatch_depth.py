@@ -25,7 +25,7 @@ from app.runtime import Runtime
 from app.store import cluster
 from app.store.embedded_redis import EmbeddedRedis
 from app.store.models import CANDIDATE_INDEXES, HOLDING_INDEX, Job
-from bench.harness import report
+from bench.harness import report, stop_cleanly_on_sigterm
 from scheduler.dispatch.allocator import Dispatcher
 
 HOST, GPUS = "bench", 8
@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=200)
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "scale.png")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     points = []
     for depth in (int(d) for d in args.depths.split(",")):
         # The baseline's passes sort the whole queue: fewer of them at depth.

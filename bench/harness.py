@@ -4,6 +4,7 @@ worker processes, all started here and stopped at the end."""
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,9 +53,16 @@ class Bench:
         raise RuntimeError("GPU workers did not come up")
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a CI runner) unwinds like Ctrl-C, so that the servers and
+    workers a benchmark started are stopped by its `finally`, not left running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @contextmanager
 def bench_stack(gpus: int = 0, control: bool = False) -> Iterator[Bench]:
     """A private stack: embedded Redis and SQLite, `gpus` fake GPUs with their workers."""
+    stop_cleanly_on_sigterm()
     home = Path(tempfile.mkdtemp(prefix="gpuq-bench-"))
     settings = Settings(home=home, fake_gpus=gpus, cpu_slots=0, hostname="bench",
                         log_level="ERROR", _env_file=None)
