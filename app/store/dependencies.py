@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, insert, literal, true, update
+from sqlalchemy import Select, insert, true, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import InvalidJobSpec, JobNotFound
 from app.core.states import JobState
-from app.store.models import Job, JobDependency
+from app.store.models import Job, JobDependency, fixed
 
 # Bound the ids bound into one statement (SQLite allows 32,766 variables).
 CHUNK = 10_000
@@ -95,7 +95,7 @@ def waiting_query() -> Select[int | None]:
     """The PENDING jobs waiting for others, written as their partial index has it
     (app/store/models.py): a planner matches such an index only against values it sees."""
     return select(col(Job.id)).where(
-        col(Job.state) == literal(JobState.PENDING.value, literal_execute=True),
+        col(Job.state) == fixed(JobState.PENDING.value),
         col(Job.waiting) == true())
 
 

@@ -7,13 +7,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Select, insert, literal, or_, text, update
+from sqlalchemy import ColumnElement, Select, insert, or_, text, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import dependencies, payload_store
-from app.store.models import HOLDING_STATES, Job, JobEvent, Launch, event_row
+from app.store.models import HOLDING_STATES, Job, JobEvent, Launch, event_row, fixed
 from app.store.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -227,10 +227,5 @@ def holding_query() -> Select[str | None, list[int] | None]:
     """Its conditions written as literals, as the partial index that serves it has them
     (app/store/models.py): a planner matches such an index only against values it sees."""
     return select(col(Job.host), col(Job.gpu_ids)).where(
-        col(Job.state).in_(literal_list(HOLDING_STATES)),
-        col(Job.backend) == literal("local", literal_execute=True),
-        col(Job.gpus) > literal(0, literal_execute=True))
-
-
-def literal_list(values: Sequence[str]) -> list[ColumnElement[str]]:
-    return [literal(v, literal_execute=True) for v in values]
+        col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
+        col(Job.backend) == fixed("local"), col(Job.gpus) > fixed(0))

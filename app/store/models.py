@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, text
+from sqlalchemy import JSON, Column, Index, literal, text
 from sqlmodel import Field, SQLModel
 
 from app.core.states import JobState
@@ -82,6 +82,12 @@ class Job(SQLModel, table=True):
 # any queue depth. Their conditions are written out in the dispatcher's query as literals
 # (scheduler/dispatch/allocator.py): a planner uses a partial index only for a query whose
 # conditions it can see imply the index's.
+def fixed(value: Any) -> Any:
+    """A constant written into a query's SQL, not bound: a planner matches a partial index
+    (below) only against conditions whose values it can see."""
+    return literal(value, literal_execute=True)
+
+
 PENDING_GPU_INDEX = "ix_jobs_pending_gpu"
 PENDING_CPU_INDEX = "ix_jobs_pending_cpu"
 

@@ -3,7 +3,7 @@ the launches and payloads nothing refers to any more, and their files on every h
 
 The control worker prunes the database (`gpuq.prune`, every GPUQ_PRUNE_INTERVAL_S from
 beat, or `gpuq db prune`), a thousand jobs per transaction so that no lock is held long;
-each host's CPU worker then deletes the files (logs, tmux scripts, run directories) of jobs
+each host's `gpuq worker` then deletes the files (logs, tmux scripts, run directories) of jobs
 the database no longer has, since a job's files lie on the host that ran it. A job is
 pruned only once it ended (a terminal state) before the cut-off: nothing that runs, waits
 or may still be restarted is touched.
@@ -15,8 +15,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -29,7 +28,8 @@ from app.store.models import Job, JobDependency, JobEvent, Launch, Payload
 log = logging.getLogger(__name__)
 
 CHUNK = 1000
-_JOB_FILE = re.compile(r"^(\d+)\.(log|tmux\.sh|exit)$")
+_JOB_FILE = re.compile(r"^(\d+)\.(log|tmux\.sh|exit)$")  # under logs/
+_RUN_DIR = re.compile(r"^(\d+)$")  # under run/
 
 
 @dataclass
@@ -38,7 +38,6 @@ class Pruned:
     events: int = 0
     launches: int = 0
     payloads: int = 0
-    job_ids: list[int] = field(default_factory=list)
 
 
 def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
@@ -79,7 +78,6 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
                 r.delete(*orphans)  # the cache of what is gone
             except redis.RedisError as e:  # it expires by itself
                 log.warning("prune: payload cache not cleared (%s)", e)
-        pruned.job_ids += ids
 
 
 def _unreferenced_launches(session: Session, launches: set[int]) -> list[int]:
@@ -104,15 +102,11 @@ def _file_job_ids(home: Path, older_than_s: float) -> dict[int, list[Path]]:
     """The job files under a gpuq home last written over `older_than_s` ago, by job id."""
     found: dict[int, list[Path]] = {}
     old = time.time() - older_than_s
-    candidates: Iterable[Path] = []
     logs, runs = home / "logs", home / "run"
-    if logs.is_dir():
-        candidates = [*candidates, *logs.iterdir()]
-    if runs.is_dir():
-        candidates = [*candidates, *runs.iterdir()]
+    candidates = [*(logs.iterdir() if logs.is_dir() else ()),
+                  *(runs.iterdir() if runs.is_dir() else ())]
     for path in candidates:
-        match = _JOB_FILE.match(path.name) if path.parent == logs else (
-            re.match(r"^(\d+)$", path.name))
+        match = (_JOB_FILE if path.parent == logs else _RUN_DIR).match(path.name)
         if match is None:
             continue
         try:

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Select, false, literal, or_, select, update
+from sqlalchemy import ColumnElement, Select, false, or_, select, update
 from sqlmodel import col
 
 from app.core import keys
@@ -22,7 +22,7 @@ from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.cluster import HostView, holder, inventory_settled, read_hosts, release, reserve
 from app.store.jobs import held_gpus, transition
-from app.store.models import Job
+from app.store.models import Job, fixed
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +103,14 @@ class Candidate(NamedTuple):
 CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None]
 
 
-def _fixed(value: object) -> ColumnElement[object]:
-    """A constant written into the SQL itself, not bound: a planner matches a partial index
-    only against conditions whose values it can see (app/store/models.py)."""
-    return literal(value, literal_execute=True)
-
-
 def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
     """PENDING local jobs that wait for no other job, GPU jobs or 0-GPU jobs, highest
     priority first, then oldest: the order of their partial index, read without a sort."""
-    gpus = col(Job.gpus) > _fixed(0) if gpu_jobs else col(Job.gpus) == _fixed(0)
+    gpus = col(Job.gpus) > fixed(0) if gpu_jobs else col(Job.gpus) == fixed(0)
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
                    col(Job.priority), col(Job.reason))
-            .where(col(Job.state) == _fixed(JobState.PENDING.value), col(Job.waiting) == false(),
-                   col(Job.backend) == _fixed("local"), gpus, *where,
+            .where(col(Job.state) == fixed(JobState.PENDING.value), col(Job.waiting) == false(),
+                   col(Job.backend) == fixed("local"), gpus, *where,
                    or_(col(Job.not_before).is_(None), col(Job.not_before) <= time.time()))
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
