@@ -60,6 +60,43 @@ return 1
 """
 
 
+# The dispatcher's turn: one pass at a time cluster-wide. A caller that finds the turn taken
+# flags its request (dirty) for the holder to serve; the holder, after each pass, either
+# takes the flag and goes round again or gives the turn up, in one step, so that a request
+# can never fall between its last look at the flag and its release.
+# KEYS = lock, dirty flag. ARGV = token, ttl (ms).
+_ENTER_DISPATCH = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('DEL', KEYS[2]); return 1
+end
+redis.call('SET', KEYS[2], 1)
+return 0
+"""
+# ARGV = token, ttl (ms), 1 when the holder may go round again.
+_NEXT_DISPATCH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' and redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
+
+def enter_dispatch(r: redis.Redis, token: str, ttl_s: float) -> bool:
+    """Take the dispatcher's turn; False (and the request flagged) when another has it."""
+    return bool(_script(r, _ENTER_DISPATCH)(keys=[keys.DISPATCH_LOCK, keys.DISPATCH_DIRTY],
+                                            args=[token, int(ttl_s * 1000)]))
+
+
+def next_dispatch(r: redis.Redis, token: str, ttl_s: float, may_continue: bool) -> bool:
+    """After a pass: True when a request came meanwhile and the turn is kept for another
+    pass (`may_continue`); else the turn is given up, a request left flagged."""
+    return bool(_script(r, _NEXT_DISPATCH)(keys=[keys.DISPATCH_LOCK, keys.DISPATCH_DIRTY],
+                                           args=[token, int(ttl_s * 1000),
+                                                 "1" if may_continue else "0"]))
+
+
 def holder(job_id: int, attempt: int) -> str:
     """What a reservation holds: one attempt of one job, so that a stale message of an
     earlier attempt can never release the GPUs of the current one."""

@@ -3,11 +3,12 @@ function."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, Select, insert, or_, text, update
+from sqlalchemy import ColumnElement, Select, Table, insert, or_, text, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
@@ -18,6 +19,11 @@ from app.store.spec import JobSpec
 
 if TYPE_CHECKING:
     import redis
+
+# Writes of the hot path go to the tables themselves: an ORM bulk UPDATE also evaluates its
+# WHERE against every object the session holds (none here), at a cost per statement.
+JOBS = cast(Table, Job.__table__)  # type: ignore[attr-defined]
+JOB_EVENTS = cast(Table, JobEvent.__table__)  # type: ignore[attr-defined]
 
 # One launch is one INSERT and one transaction: a bound keeps a typo from filling the table.
 MAX_JOBS_PER_LAUNCH = 100_000
@@ -115,14 +121,14 @@ def _move(session: Session, target: JobState, reason: str | None,
     for source in sources_of(target):
         if only_from is not None and source not in only_from:
             continue
-        stmt = (update(Job).where(*where, col(Job.state) == source.value)
+        stmt = (update(JOBS).where(*where, col(Job.state) == source.value)
                 .values(state=target.value, reason=reason, **(values or {}))
                 .returning(col(Job.id)))
         ids = [i for i in session.scalars(stmt) if i is not None]
         moved.extend(ids)
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:
-        session.execute(insert(JobEvent), events)
+        session.execute(insert(JOB_EVENTS), events)
     return moved
 
 
@@ -210,7 +216,7 @@ def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> 
     whose lease ran out may already run elsewhere, and is never revived)."""
     now = time.time()
     return session.scalars(
-        update(Job).where(*attempt_is(job_id, attempt),
+        update(JOBS).where(*attempt_is(job_id, attempt),
                           col(Job.state).in_([s.value for s in HOLDING]),
                           or_(col(Job.lease_until).is_(None), col(Job.lease_until) >= now))
         .values(lease_until=now + lease_s).returning(col(Job.state))).first()
@@ -223,6 +229,7 @@ def held_gpus(session: Session) -> set[tuple[str, int]]:
     return {(host, i) for host, ids in rows if host for i in ids or []}
 
 
+@functools.cache
 def holding_query() -> Select[str | None, list[int] | None]:
     """Its conditions written as literals, as the partial index that serves it has them
     (app/store/models.py): a planner matches such an index only against values it sees."""

@@ -8,25 +8,39 @@ a pass requested while another runs sets a flag so that the running one goes rou
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import time
+import uuid
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Select, false, or_, select, update
-from sqlmodel import col
+from sqlalchemy import ColumnElement, Float, Select, bindparam, false, or_, select, update
+from sqlmodel import Session, col
 
-from app.core import keys
 from app.core.keys import CPU_QUEUE, gpu_queue
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store.cluster import HostView, holder, inventory_settled, read_hosts, release, reserve
+from app.store.cluster import (
+    HostView,
+    enter_dispatch,
+    holder,
+    inventory_settled,
+    next_dispatch,
+    read_hosts,
+    release,
+    reserve,
+)
 from app.store.jobs import held_gpus, transition
 from app.store.models import Job, fixed
 
 log = logging.getLogger(__name__)
 
 DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass
+# How long one pass may hold the dispatcher's turn before another may take it (a holder
+# that died): far longer than a pass, which examines a bounded number of jobs.
+DISPATCH_TURN_S = 60.0
 # PENDING GPU jobs read at a time, until the free GPUs are spoken for: the first page is
 # small (most passes place a job or two), each next one twice the last, up to the largest,
 # so that passing over a deep run of jobs that cannot start takes a few reads.
@@ -106,18 +120,27 @@ CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None]
 def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
     """PENDING local jobs that wait for no other job, GPU jobs or 0-GPU jobs, highest
     priority first, then oldest: the order of their partial index, read without a sort."""
+    query = _candidates(gpu_jobs)
+    return query.where(*where) if where else query
+
+
+@functools.cache
+def _candidates(gpu_jobs: bool) -> CandidateQuery:
+    """Built once: the time a restart's backoff is held against is read when it runs."""
     gpus = col(Job.gpus) > fixed(0) if gpu_jobs else col(Job.gpus) == fixed(0)
+    now = bindparam("now", callable_=time.time, type_=Float)
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
                    col(Job.priority), col(Job.reason))
             .where(col(Job.state) == fixed(JobState.PENDING.value), col(Job.waiting) == false(),
-                   col(Job.backend) == fixed("local"), gpus, *where,
-                   or_(col(Job.not_before).is_(None), col(Job.not_before) <= time.time()))
+                   col(Job.backend) == fixed("local"), gpus,
+                   or_(col(Job.not_before).is_(None), col(Job.not_before) <= now))
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
 
 class Dispatcher:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._inventory_settled: bool | None = None
 
     def dispatch(self, max_passes: int | None = None) -> int:
         """Run passes while work keeps arriving; return how many jobs were routed.
@@ -126,37 +149,36 @@ class Dispatcher:
         they hold the lock. A client passes a small `max_passes` so that its call returns;
         a request left over stays flagged, and the GPU workers' heartbeat threads, which
         look at the flag twice a second, serve it."""
-        r = self.rt.redis
-        lock = r.lock(keys.DISPATCH_LOCK, timeout=60)
-        routed, passes = 0, 0
-        while True:
-            if not lock.acquire(blocking=False):
-                r.set(keys.DISPATCH_DIRTY, 1)
-                return routed
-            try:
-                while True:
-                    r.delete(keys.DISPATCH_DIRTY)
-                    routed += self._pass()
-                    passes += 1
-                    if not r.exists(keys.DISPATCH_DIRTY):
-                        break
-                    if max_passes is not None and passes >= max_passes:
-                        return routed
-            finally:
-                lock.release()
-            # A request may have come between our last check and the release.
-            if not r.exists(keys.DISPATCH_DIRTY):
-                return routed
+        r, token = self.rt.redis, uuid.uuid4().hex
+        if not enter_dispatch(r, token, DISPATCH_TURN_S):
+            return 0
+        routed, passes, go_again = 0, 0, True
+        try:
+            while go_again:
+                routed += self._pass()
+                passes += 1
+                go_again = next_dispatch(r, token, DISPATCH_TURN_S,
+                                         max_passes is None or passes < max_passes)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                next_dispatch(r, token, DISPATCH_TURN_S, False)
+            raise
+        return routed
 
     def _pass(self) -> int:
-        with self.rt.session() as session:
+        self._inventory_settled = None
+        hosts = read_hosts(self.rt.redis)
+        with self.rt.session() as session:  # the reads that open a pass: one transaction
             # The database is the truth of who holds which GPU: a hold Redis lost (a restart
             # without persistence, an eviction, an outage past its TTL) is still a hold.
             held = held_gpus(session)
-        hosts = read_hosts(self.rt.redis, held)
-        # A job is refused as never fitting only by a whole inventory.
-        judge = bool(hosts) and inventory_settled(self.rt.redis)
-        routed = self._start_cpu_jobs()
+            for host in hosts:
+                host.free = [i for i in host.free if (host.name, i) not in held]
+            cpu_jobs = [Candidate(*row) for row in session.execute(
+                candidates(False).limit(DISPATCH_BATCH))]
+            first = (self._pending_gpu_jobs(None, SCAN_CHUNK, session)
+                     if any(h.free for h in hosts) else [])
+        routed = sum(self._start(job, None, []) for job in cpu_jobs)
         earmarked: set[tuple[str, int]] = set()
 
         def usable() -> int:
@@ -170,27 +192,29 @@ class Dispatcher:
         after: Candidate | None = None
         size = SCAN_CHUNK
         while usable() > 0 and examined < limit:
-            chunk = self._pending_gpu_jobs(after, min(size, limit - examined))
+            chunk = first if after is None else self._pending_gpu_jobs(
+                after, min(size, limit - examined))
             size = min(size * 2, SCAN_CHUNK_MAX)
             if not chunk:
                 break
             for job in chunk:
                 examined += 1
-                routed += self._place(job, hosts, earmarked, judge, waiting_shapes)
+                routed += self._place(job, hosts, earmarked, waiting_shapes)
                 if usable() == 0 or examined >= limit:
                     break
             after = chunk[-1]
         return routed
 
     def _place(self, job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]],
-               judge: bool, waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
+               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
         """Start the job, refuse it, set GPUs aside for it, or say why it waits; 1 if it
         was routed."""
         shape = (job.gpus, tuple(job.allowed_gpu_ids)
                  if job.allowed_gpu_ids is not None else None)
         if shape in waiting_shapes:
             return 0
-        if judge and (why := never_fits(job, hosts)) is not None:
+        # A job is refused as never fitting only by a whole inventory.
+        if (why := never_fits(job, hosts)) is not None and hosts and self._settled():
             self._no_resource(job, why)
         elif (choice := _pick(job, hosts, earmarked)) is not None:
             host, gpus = choice
@@ -203,11 +227,20 @@ class Dispatcher:
             self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
         return 0
 
-    def _pending_gpu_jobs(self, after: Candidate | None, size: int = SCAN_CHUNK
-                          ) -> list[Candidate]:
+    def _settled(self) -> bool:
+        """Whether the inventory is whole, read once a pass and only when it matters."""
+        if self._inventory_settled is None:
+            self._inventory_settled = inventory_settled(self.rt.redis)
+        return self._inventory_settled
+
+    def _pending_gpu_jobs(self, after: Candidate | None, size: int,
+                          session: Session | None = None) -> list[Candidate]:
         """The next `size` PENDING GPU jobs by priority, then id, after `after`: the rest of
         its priority, then lower priorities; each a seek into the candidate index."""
-        with self.rt.session() as session:
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.rt.session())
+
             def read(*where: ColumnElement[bool], limit: int = size) -> list[Candidate]:
                 query = candidates(True, *where).limit(limit)
                 return [Candidate(*row) for row in session.execute(query)]
@@ -218,12 +251,6 @@ class Dispatcher:
             if len(found) < size:
                 found += read(col(Job.priority) < after.priority, limit=size - len(found))
             return found
-
-    def _start_cpu_jobs(self) -> int:
-        query = candidates(False).limit(DISPATCH_BATCH)
-        with self.rt.session() as session:
-            jobs = [Candidate(*row) for row in session.execute(query)]
-        return sum(self._start(job, None, []) for job in jobs)
 
     def _no_resource(self, job: Candidate, why: str) -> None:
         with self.rt.session() as session:

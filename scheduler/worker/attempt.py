@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
     """Run attempt `attempt` of a job if it is still wanted; return what became of it."""
+    placed: list[tuple[str, list[int]]] = []  # where the claimed attempt holds its GPUs
     try:
-        return _claim_and_run(rt, job_id, attempt)
+        return _claim_and_run(rt, job_id, attempt, placed)
     except Exception as e:
         # Whatever broke here, the job must not stay RUNNING with its GPUs held.
         log.exception("job %s attempt %s: internal error", job_id, attempt)
@@ -48,45 +49,41 @@ def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
                        only_from=[JobState.STARTING, JobState.RUNNING, JobState.CANCELLING])
         raise
     finally:
-        _release(rt, job_id, attempt)
+        _release(rt, job_id, attempt, placed[0] if placed else None)
 
 
 @riding_out_outages
-def _claim(rt: Runtime, job_id: int, attempt: int) -> Job | str:
-    """The job, if this attempt is the one to run; else why it is skipped."""
+def _claim(rt: Runtime, job_id: int, attempt: int) -> tuple[Job, Lease] | str:
+    """The job and its lease, taken, if this attempt is the one to run; else why it is
+    skipped. One transaction: the read, and the renewal that takes the lease."""
     with rt.session() as session:
         job = session.get(Job, job_id)
-    if job is None or job.attempt != attempt or job.state != JobState.STARTING.value:
-        # A duplicate or stale message: the database says this attempt is not ours to run.
-        state = job.state if job else "missing"
-        log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
-        return f"skipped ({state})"
-    return job
+        if job is None or job.attempt != attempt or job.state != JobState.STARTING.value:
+            # A duplicate or stale message: the database says this attempt is not ours.
+            state = job.state if job else "missing"
+            log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
+            return f"skipped ({state})"
+        lease = Lease(rt, job_id, attempt, job.host or rt.settings.hostname, job.gpu_ids or [])
+        # The claim: from here on this worker holds the attempt's lease, or it does not run it.
+        if not lease.renew(session):
+            log.info("job %s attempt %s skipped: its lease is gone", job_id, attempt)
+            return "skipped (superseded)"
+    return job, lease
 
 
-@riding_out_outages
-def _take_lease(lease: Lease) -> bool:
-    return lease.renew()
-
-
-def _claim_and_run(rt: Runtime, job_id: int, attempt: int) -> str:
-    settings = rt.settings
+def _claim_and_run(rt: Runtime, job_id: int, attempt: int,
+                   placed: list[tuple[str, list[int]]]) -> str:
     if shutting_down.is_set():  # delivered after the stop began: leave it to be requeued
         log.info("job %s attempt %s skipped: this worker is shutting down", job_id, attempt)
         return "skipped (shutting down)"
-    job = _claim(rt, job_id, attempt)
-    if isinstance(job, str):
-        return job
-    host = job.host or settings.hostname
-    gpu_ids = job.gpu_ids or []
-    lease = Lease(rt, job_id, attempt, host, gpu_ids)
-    # The claim: from here on this worker holds the attempt's lease, or it does not run it.
-    if not _take_lease(lease):
-        log.info("job %s attempt %s skipped: its lease is gone", job_id, attempt)
-        return "skipped (superseded)"
+    claimed = _claim(rt, job_id, attempt)
+    if isinstance(claimed, str):
+        return claimed
+    job, lease = claimed
+    placed.append((lease.host, lease.gpu_ids))
     lease.start()
     try:
-        return _run_leased(rt, job, attempt, lease, host, gpu_ids)
+        return _run_leased(rt, job, attempt, lease, lease.host, lease.gpu_ids)
     finally:
         lease.stop()
 
@@ -241,14 +238,18 @@ def _write_outcome(rt: Runtime, job_id: int, attempt: int, end: restart_policy.A
 
 
 @riding_out_outages
-def _release(rt: Runtime, job_id: int, attempt: int) -> None:
+def _release(rt: Runtime, job_id: int, attempt: int,
+             placed: tuple[str, list[int]] | None) -> None:
     """Hand the job's GPUs back and let the dispatcher give them out again. Redis away
-    here costs nothing but time: the reservation expires by itself."""
-    with rt.session() as session:
-        placed = session.exec(select(Job.host, Job.gpu_ids).where(
-            *attempt_is(job_id, attempt))).first()
+    here costs nothing but time: the reservation expires by itself. `placed` is where the
+    claimed attempt ran; an attempt not claimed here is looked up."""
+    if placed is None:
+        with rt.session() as session:
+            row = session.exec(select(Job.host, Job.gpu_ids).where(
+                *attempt_is(job_id, attempt))).first()
+        placed = (row[0], list(row[1])) if row is not None and row[0] and row[1] else None
     try:
-        if placed is not None and placed[0] and placed[1]:
+        if placed is not None and placed[1]:
             release(rt.redis, placed[0], placed[1], holder(job_id, attempt))
         Dispatcher(rt).dispatch()
     except Exception as e:

@@ -19,10 +19,13 @@ out by `lease_margin_s` (scheduler/dispatch/reconcile.py): a job never runs in t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
+
+from sqlmodel import Session
 
 from app.core import keys
 from app.core.states import JobState
@@ -66,10 +69,13 @@ class Lease:
     def stop(self) -> None:
         self._done.set()
 
-    def renew(self) -> bool:
-        """Renew now; False when this attempt holds no lease any more."""
+    def renew(self, session: Session | None = None) -> bool:
+        """Renew now, in `session` if given; False when this attempt holds no lease any
+        more."""
         started = time.monotonic()
-        with self.rt.session() as session:
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.rt.session())
             state = renew_lease(session, self.job_id, self.attempt,
                                 self.rt.settings.reservation_ttl_s)
         if state is None:
