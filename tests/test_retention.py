@@ -14,6 +14,7 @@ from app.client import Client
 from app.core.paths import JobPaths
 from app.core.settings import Settings
 from app.runtime import Runtime
+from app.store.counts import recount
 from app.store.models import Job, JobDependency, JobEvent, Launch, Payload
 from app.store.retention import sweep_files
 from scheduler.dispatch.reconcile import prune_finished_jobs
@@ -26,6 +27,7 @@ def _end(rt: Runtime, ids: list[int], state: str, days_ago: float) -> None:
     with rt.session() as session:
         session.execute(update(Job).where(col(Job.id).in_(ids))
                         .values(state=state, ended_at=time.time() - days_ago * DAY))
+        recount(session)  # as `gpuq db recount` after a hand edit
         session.commit()
 
 

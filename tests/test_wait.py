@@ -13,15 +13,18 @@ from app.cli.main import cli
 from app.core.errors import JobNotFound, LaunchNotFound
 from app.core.states import JobState
 from app.ops.read import MAX_PAGE
+from app.store.counts import recount
 from app.store.models import Job
 
 REPLICAS = MAX_PAGE + 1  # one more than a page of the queue
 
 
 def end(rt, state: JobState, *where) -> None:
+    """Set the state by hand, then count the jobs again (as `gpuq db recount` does)."""
     with rt.session() as session:
         session.execute(update(Job).where(*where).values(state=state.value, exit_code=(
             0 if state is JobState.SUCCEEDED else 1)))
+        recount(session)
 
 
 @pytest.fixture

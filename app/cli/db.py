@@ -84,3 +84,20 @@ def prune(older_than_days: float = typer.Option(
     finally:
         rt.close()
     typer.echo(f"pruned {pruned} jobs that ended over {days:g} days ago")
+
+
+@db.command()
+def recount() -> None:
+    """Count the jobs per launch and state again, replacing the kept counts that `gpuq
+    status`, `gpuq launches` and waits read (after the jobs table was edited by hand)."""
+    from app.cli.common import load_settings
+    from app.runtime import Runtime
+    from app.store.counts import recount as count_again
+
+    rt = Runtime(load_settings())
+    try:
+        with rt.session() as session:
+            found = count_again(session)
+    finally:
+        rt.close()
+    typer.echo(f"counted {found['jobs']} jobs in {found['rows']} launch and state pairs")

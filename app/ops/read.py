@@ -18,7 +18,7 @@ from app.core.states import JobState
 from app.ops.registry import operation
 from app.ops.rows import JobDetail, JobRow, LaunchRow
 from app.runtime import Runtime
-from app.store import cluster
+from app.store import cluster, counts
 from app.store.exits import recent_exits
 from app.store.jobs import (
     get_jobs,
@@ -115,7 +115,13 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
     order = _order(sort, launch_id)
     now = time.time()
     with rt.session() as session:
-        total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+        if name or ids:
+            total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+        elif launch_id is not None and not storable(launch_id):
+            total = 0
+        else:  # by state and launch: the kept counts, not a count of every row
+            states = [JobState(status.upper()).value] if status else None
+            total = counts.total(session, states, launch_id)
         jobs = session.exec(select(Job).where(*where).order_by(*order)
                             .offset(offset).limit(limit))
         rows = [JobRow.of(job, now).dump() for job in jobs]
@@ -146,13 +152,7 @@ def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
         rows = list(session.exec(query))
         if launch_id is not None and not rows:
             raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
-        counts = session.exec(
-            select(col(Job.launch_id), col(Job.state), func.count())
-            .where(col(Job.launch_id).in_([r.id for r in rows]))
-            .group_by(col(Job.launch_id), col(Job.state)))
-        by_launch: dict[int, dict[str, int]] = {}
-        for lid, state, n in counts:
-            by_launch.setdefault(int(lid or 0), {})[state] = n
+        by_launch = counts.of_launches(session, [r.id for r in rows if r.id is not None])
     return {"launches": [LaunchRow.of(r, by_launch.get(r.id or 0, {})).dump() for r in rows]}
 
 
@@ -189,9 +189,9 @@ def status(rt: Runtime) -> dict[str, Any]:
     r = rt.redis
     hosts = cluster.gpu_table(r)
     with rt.session() as session:
-        counts = dict(session.exec(select(Job.state, func.count()).group_by(Job.state)).all())
+        totals = counts.totals(session)
     s = rt.settings
-    return {"hosts": hosts, "counts": counts,
+    return {"hosts": hosts, "counts": totals,
             "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
                               for g in h["gpus"] if not g["alive"]],
             "programs": recent_exits(r),

@@ -13,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.states import TERMINAL, JobState, sources_of
-from app.store import dependencies, payload_store
+from app.store import counts, dependencies, payload_store
 from app.store.models import HOLDING_STATES, Job, JobEvent, Launch, event_row, fixed
 from app.store.spec import JobSpec
 
@@ -52,6 +52,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
     ids = [i for i in session.scalars(
         insert(Job).returning(col(Job.id), sort_by_parameter_order=True), rows) if i is not None]
+    counts.note(session, launch_id, JobState.PENDING.value, len(ids))
     if spec.after:
         dependencies.record(session, ids, spec.after)
     session.execute(insert(JobEvent), [
@@ -123,8 +124,10 @@ def _move(session: Session, target: JobState, reason: str | None,
             continue
         stmt = (update(JOBS).where(*where, col(Job.state) == source.value)
                 .values(state=target.value, reason=reason, **(values or {}))
-                .returning(col(Job.id)))
-        ids = [i for i in session.scalars(stmt) if i is not None]
+                .returning(col(Job.id), col(Job.launch_id)))
+        rows = session.execute(stmt).all()
+        ids = [i for i, _ in rows]
+        counts.note_moves(session, (launch for _, launch in rows), source.value, target.value)
         moved.extend(ids)
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, literal, text
+from sqlalchemy import JSON, BigInteger, Column, Index, literal, text
 from sqlmodel import Field, SQLModel
 
 from app.core.states import JobState
@@ -136,6 +136,20 @@ class Payload(SQLModel, table=True):
     key: str = Field(primary_key=True)
     data: bytes
     created_at: float
+
+
+class JobCount(SQLModel, table=True):
+    """How many jobs of a launch (0: jobs outside any launch) are in a state, summed over
+    slots: kept in the transaction of every change (app/store/counts.py), so that totals
+    are read in a few rows at any depth. A writer adds to its own slot, so that concurrent
+    writers of one launch and state seldom wait on one row."""
+
+    __tablename__ = "job_counts"
+
+    launch_id: int = Field(primary_key=True)
+    state: str = Field(primary_key=True)
+    slot: int = Field(primary_key=True)
+    n: int = Field(sa_type=BigInteger)
 
 
 class JobDependency(SQLModel, table=True):

@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from sqlalchemy import Engine, delete, or_, select
 from sqlmodel import Session, col
 
 from app.core.states import TERMINAL
+from app.store import counts
 from app.store.models import Job, JobDependency, JobEvent, Launch, Payload
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
     while True:
         with Session(engine) as session:
             rows = session.execute(
-                select(col(Job.id), col(Job.launch_id), col(Job.payload_key))
+                select(col(Job.id), col(Job.launch_id), col(Job.payload_key), col(Job.state))
                 .where(col(Job.ended_at) < before, col(Job.state).in_(terminal))
                 .order_by(col(Job.ended_at)).limit(chunk)).all()
             if not rows:
@@ -62,12 +64,15 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
                 col(JobDependency.job_id).in_(ids), col(JobDependency.after_id).in_(ids))))
             pruned.jobs += session.execute(  # type: ignore[attr-defined]
                 delete(Job).where(col(Job.id).in_(ids))).rowcount
+            for (launch_id, state), n in Counter((row[1], row[3]) for row in rows).items():
+                counts.note(session, launch_id, state, -n)
             empty = _unreferenced_launches(session, launches)
             if empty:
                 keys |= {k for (k,) in session.execute(
                     select(col(Launch.payload_key)).where(col(Launch.id).in_(empty))) if k}
                 pruned.launches += session.execute(  # type: ignore[attr-defined]
                     delete(Launch).where(col(Launch.id).in_(empty))).rowcount
+                counts.forget_launches(session, empty)
             orphans = _unreferenced_payloads(session, keys)
             if orphans:
                 pruned.payloads += session.execute(  # type: ignore[attr-defined]
