@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test lint bench soak clean gpu-wheels gpu-check
+.PHONY: install demo test lint bench bench-quick soak clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,18 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	@for b in startup bulk_launch throughput operations cancel latency dispatch_depth; do \
+	@for b in startup bulk_launch throughput operations cancel latency throughput_depth \
+			dispatch_depth; do \
 		$(BIN)/python -m bench.$$b || exit 1; \
 	done
+
+# The queue-depth benchmarks at small depths (minutes, not hours), their figures and plot
+# written to QUICK_DIR, so that the recorded bench/scale.png stays as `make bench` left it.
+QUICK_DIR ?= build/bench-quick
+
+bench-quick: install
+	$(BIN)/python -m bench.throughput_depth --depths 0,20000 --jobs 500 --dir $(QUICK_DIR)
+	$(BIN)/python -m bench.dispatch_depth --depths 1000,20000 --dir $(QUICK_DIR)
 
 # Two simulated hosts under seeded random hard faults; exit 1 if a job was lost, ran twice,
 # double-booked a GPU or was stuck (README, "Soak").

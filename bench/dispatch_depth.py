@@ -4,11 +4,16 @@ jobs (`--depths` to choose), on SQLite and the embedded Redis.
 
 Baseline, same run, same table: the same passes without the indexes of revision 0003, as
 gpuq ran them before, where each candidate query sorts the queue.
+
+Writes the p50 and p99 per depth to bench/scale-pass.json and redraws bench/scale.png
+(bench.plot_scale; `--dir` to write them elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -25,6 +30,7 @@ from app.runtime import Runtime
 from app.store import cluster
 from app.store.embedded_redis import EmbeddedRedis
 from app.store.models import CANDIDATE_INDEXES, HOLDING_INDEX, Job
+from bench import plot_scale
 from bench.harness import report, stop_cleanly_on_sigterm
 from scheduler.dispatch.allocator import Dispatcher
 
@@ -106,31 +112,18 @@ def measure(depth: int, passes: int, baseline_passes: int) -> tuple[list[float],
     return ours, theirs
 
 
-def plot(points: list[tuple[int, list[float], list[float]]], path: Path) -> None:
-    """Pass time against queue depth, gpuq beside the index set before revision 0003."""
-    import matplotlib
+def write_figures(points: list[tuple[int, list[float], list[float]]], path: Path) -> None:
+    """Per depth, p50 and p99 of gpuq's passes and of the baseline's, for bench.plot_scale."""
+    def summary(times: list[float]) -> dict[str, float]:
+        return {"p50_ms": round(statistics.median(times) * 1000, 3),
+                "p99_ms": round(_p(times, 0.99), 3), "passes": len(times)}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    depths = [depth for depth, _, _ in points]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, which, style, color in (("gpuq", 1, "o-", "C0"),
-                                       ("before revision 0003", 2, "s--", "C3")):
-        ax.plot(depths, [statistics.median(p[which]) * 1000 for p in points], style,
-                color=color, label=f"{label}, p50")
-        ax.plot(depths, [_p(p[which], 0.99) for p in points], style, color=color, alpha=0.35,
-                label=f"{label}, p99")
-    ax.axhline(5, color="grey", linewidth=0.8, linestyle=":", label="target p99, 5 ms")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("PENDING GPU jobs behind the pass")
-    ax.set_ylabel("dispatch pass (ms)")
-    ax.set_title("One dispatch pass against queue depth (8 GPUs, SQLite)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures = {"measured_at": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+               "gpus": GPUS, "database": "sqlite", "target_p99_ms": 5.0,
+               "depths": [{"depth": depth, "gpuq": summary(ours),
+                           "before_0003": summary(theirs)}
+                          for depth, ours, theirs in points]}
+    path.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {path}", flush=True)
 
 
@@ -138,7 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", default="1000,100000,1000000")
     parser.add_argument("--passes", type=int, default=200)
-    parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "scale.png")
+    parser.add_argument("--dir", type=Path, default=plot_scale.HERE,
+                        help=f"where to write {plot_scale.PASS_FILE} (and read "
+                             f"{plot_scale.THROUGHPUT_FILE}) for the plot")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help=f"the plot; default DIR/{plot_scale.PLOT_FILE}")
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     points = []
@@ -154,8 +151,9 @@ def main() -> None:
                f"p50 {statistics.median(theirs) * 1000:.1f} ms, p99 {base_p99:.1f} ms "
                f"({len(theirs)} passes)",
                base_p99 / p99, p99 <= 5.0)
-    if len(points) > 1:
-        plot(points, args.plot)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    write_figures(points, args.dir / plot_scale.PASS_FILE)
+    plot_scale.plot(args.dir, args.plot)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,12 @@ def stop_cleanly_on_sigterm() -> None:
 
 
 @contextmanager
-def bench_stack(gpus: int = 0, control: bool = False) -> Iterator[Bench]:
-    """A private stack: embedded Redis and SQLite, `gpus` fake GPUs with their workers."""
+def bench_stack(gpus: int = 0, control: bool = False,
+                prepare: Callable[[Bench], None] | None = None) -> Iterator[Bench]:
+    """A private stack: embedded Redis and SQLite, `gpus` fake GPUs with their workers.
+
+    `prepare` runs once Redis is up and before any worker starts: it may fill the database
+    (`bench.client.rt.engine` creates it under the stack's home) or Redis."""
     stop_cleanly_on_sigterm()
     home = Path(tempfile.mkdtemp(prefix="gpuq-bench-"))
     settings = Settings(home=home, fake_gpus=gpus, cpu_slots=0, hostname="bench",
@@ -70,6 +74,8 @@ def bench_stack(gpus: int = 0, control: bool = False) -> Iterator[Bench]:
     settings = settings.model_copy(update={"redis_url": server.start()})
     bench = Bench(settings, Client(settings))
     try:
+        if prepare is not None:
+            prepare(bench)
         if gpus:
             bench.start(str(BIN / "gpuq"), "worker")
             bench.wait_gpus(gpus)
@@ -95,10 +101,11 @@ def median_time(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
 
 
 def report(name: str, figure: str, target: str, baseline: str, ratio: float,
-           met: bool, ratio_means: str = "faster than the baseline") -> None:
+           met: bool, ratio_means: str = "faster than the baseline", digits: int = 1) -> None:
+    """One headline line; `digits` of the ratio (2 where a target is a ratio near 1)."""
     verdict = "meets target" if met else "MISSES target"
     print(f"{name}: {figure} (target {target}, {verdict}); baseline: {baseline}; "
-          f"ratio {ratio:.1f}x {ratio_means}", flush=True)
+          f"ratio {ratio:.{digits}f}x {ratio_means}", flush=True)
 
 
 def used_memory(bench: Bench) -> int:

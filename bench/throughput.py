@@ -14,18 +14,19 @@ JOBS = 2_000
 GPUS = 8
 
 
-def gpuq_rate(bench) -> float:  # type: ignore[no-untyped-def]
+def gpuq_rate(bench, jobs: int = JOBS, **options: object) -> float:  # type: ignore[no-untyped-def]
+    """`options` go to both launches (the warm-up's and the measured), e.g. a priority."""
     client = bench.client
-    client.launch("true", num_jobs=100).wait(timeout_s=120)  # warm-up
+    client.launch("true", num_jobs=100, **options).wait(timeout_s=120)  # warm-up
     start = time.perf_counter()
-    handle = client.launch("true", num_jobs=JOBS)
+    handle = client.launch("true", num_jobs=jobs, **options)
     rows = handle.wait(timeout_s=600)
     seconds = time.perf_counter() - start
     assert {r["status"] for r in rows} == {"SUCCEEDED"}, "every job succeeded"
-    return JOBS / seconds
+    return jobs / seconds
 
 
-def plain_rate(bench) -> float:  # type: ignore[no-untyped-def]
+def plain_rate(bench, jobs: int = JOBS) -> float:  # type: ignore[no-untyped-def]
     from bench.plain_celery import app as plain
 
     plain.conf.broker_url = bench.settings.redis_url
@@ -40,11 +41,11 @@ def plain_rate(bench) -> float:  # type: ignore[no-untyped-def]
     r.delete("bench:plain:done")
     start = time.perf_counter()
     with plain.producer_or_acquire() as producer:
-        for _ in range(JOBS):
+        for _ in range(jobs):
             plain.send_task("plain.run_true", queue="plain", producer=producer)
-    while int(r.get("bench:plain:done") or 0) < JOBS:
+    while int(r.get("bench:plain:done") or 0) < jobs:
         time.sleep(0.05)
-    return JOBS / (time.perf_counter() - start)
+    return jobs / (time.perf_counter() - start)
 
 
 def main() -> None:
