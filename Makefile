@@ -20,7 +20,8 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	@for b in startup bulk_launch throughput operations cancel latency throughput_depth \
+	@for b in startup bulk_launch throughput per_job operations cancel latency depth_ops \
+			throughput_depth \
 			dispatch_depth; do \
 		$(BIN)/python -m bench.$$b || exit 1; \
 	done
