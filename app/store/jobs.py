@@ -50,12 +50,13 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
                 waiting=waiting,
                 reason=f"after jobs {', '.join(map(str, spec.after))}" if waiting else None)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
-    ids = [i for i in session.scalars(
-        insert(Job).returning(col(Job.id), sort_by_parameter_order=True), rows) if i is not None]
+    conn = session.connection()  # Core: the ORM's bulk insert costs more than the rows
+    ids = [i for i in conn.scalars(
+        insert(JOBS).returning(JOBS.c.id, sort_by_parameter_order=True), rows) if i is not None]
     counts.note(session, launch_id, JobState.PENDING.value, len(ids))
     if spec.after:
         dependencies.record(session, ids, spec.after)
-    session.execute(insert(JobEvent), [
+    conn.execute(insert(JOB_EVENTS), [
         event_row(job_id, now, None, JobState.PENDING.value, "submitted") for job_id in ids
     ])
     return launch_id, ids
@@ -125,13 +126,13 @@ def _move(session: Session, target: JobState, reason: str | None,
         stmt = (update(JOBS).where(*where, col(Job.state) == source.value)
                 .values(state=target.value, reason=reason, **(values or {}))
                 .returning(col(Job.id), col(Job.launch_id)))
-        rows = session.execute(stmt).all()
-        ids = [i for i, _ in rows]
+        rows = session.connection().execute(stmt).all()  # Core: no ORM bulk-update path
+        ids = [i for i, _ in rows if i is not None]
         counts.note_moves(session, (launch for _, launch in rows), source.value, target.value)
         moved.extend(ids)
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:
-        session.execute(insert(JOB_EVENTS), events)
+        session.connection().execute(insert(JOB_EVENTS), events)
     return moved
 
 
@@ -196,7 +197,7 @@ def drop_payload_if_finished(session: Session, r: redis.Redis, job_id: int,
     if payload_key is None:
         return False
     scope = col(Job.launch_id) == launch_id if launch_id is not None else col(Job.id) == job_id
-    active = session.exec(select(Job.id).where(
+    active = session.connection().execute(select(JOBS.c.id).where(
         scope, col(Job.state).not_in([s.value for s in TERMINAL])).limit(1)).first()
     if active is not None:
         return False
@@ -218,7 +219,7 @@ def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> 
     lease any more (a newer attempt, an ended job, or a lease that ran out: an attempt
     whose lease ran out may already run elsewhere, and is never revived)."""
     now = time.time()
-    return session.scalars(
+    return session.connection().scalars(
         update(JOBS).where(*attempt_is(job_id, attempt),
                           col(Job.state).in_([s.value for s in HOLDING]),
                           or_(col(Job.lease_until).is_(None), col(Job.lease_until) >= now))
@@ -228,7 +229,7 @@ def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> 
 def held_gpus(session: Session) -> set[tuple[str, int]]:
     """Every (host, GPU index) that an attempt of a local job holds in the database, the
     truth the dispatcher checks beside Redis's reservations."""
-    rows = session.execute(holding_query())
+    rows = session.connection().execute(holding_query())
     return {(host, i) for host, ids in rows if host for i in ids or []}
 
 

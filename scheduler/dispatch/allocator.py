@@ -174,7 +174,7 @@ class Dispatcher:
             held = held_gpus(session)
             for host in hosts:
                 host.free = [i for i in host.free if (host.name, i) not in held]
-            cpu_jobs = [Candidate(*row) for row in session.execute(
+            cpu_jobs = [Candidate._make(row) for row in session.connection().execute(
                 candidates(False).limit(DISPATCH_BATCH))]
             first = (self._pending_gpu_jobs(None, SCAN_CHUNK, session)
                      if any(h.free for h in hosts) else [])
@@ -243,7 +243,7 @@ class Dispatcher:
 
             def read(*where: ColumnElement[bool], limit: int = size) -> list[Candidate]:
                 query = candidates(True, *where).limit(limit)
-                return [Candidate(*row) for row in session.execute(query)]
+                return [Candidate._make(row) for row in session.connection().execute(query)]
 
             if after is None:
                 return read()
