@@ -46,6 +46,9 @@ def _start_heartbeat(**_: Any) -> None:
 
     _heartbeat = Heartbeat(runtime, int(gpu))
     _heartbeat.start()
+    from scheduler.worker import attempt
+
+    attempt.dispatch_in_background = _heartbeat.wake
 
 
 @worker_ready.connect

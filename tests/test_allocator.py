@@ -14,7 +14,7 @@ from app.core import keys
 from app.core.keys import gpu_queue
 from app.runtime import Runtime
 from app.stack.host import register_host
-from app.store.cluster import refresh, release, reserve
+from app.store.cluster import enter_dispatch, refresh, release, reserve
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.worker.monitor import FakeProvider
@@ -257,3 +257,49 @@ def test_a_pass_examines_at_most_the_scan_limit_however_deep_the_blocked_queue(
     assert local.job(ids[500]).status == "STARTING"
     assert local.job(ids[2000]).status == "PENDING"
 
+
+
+def test_a_submission_that_heads_the_queue_starts_while_another_holds_the_turn(rt, local):
+    # Given two GPUs, one held by a running job, and another caller in the middle of a pass
+    _bring_up(rt, "h", 2)
+    assert local.submit("sleep 100 # holds one", priority=5).status == "STARTING"
+    assert enter_dispatch(rt.redis, "another caller", 60)
+    # When a job that heads the queue is submitted
+    head = local.submit("true # heads the queue", priority=5)
+    # Then it started at once, the request for the rest left flagged for the turn's holder
+    assert head.status == "STARTING"
+    assert rt.redis.exists(keys.DISPATCH_DIRTY)
+
+
+def test_a_submission_behind_a_waiting_job_does_not_pass_it_outside_the_turn(rt, local):
+    # Given a 2-GPU job waiting for the GPU a running job holds, and the turn taken
+    _bring_up(rt, "h", 2)
+    assert local.submit("sleep 100 # holds one", priority=9).status == "STARTING"
+    waiting = local.submit("true # needs both", gpus=2, priority=5)
+    assert enter_dispatch(rt.redis, "another caller", 60)
+    # When a smaller job of lower priority is submitted
+    small = local.submit("true # one GPU, lower priority", priority=1)
+    # Then it does not take the GPU set aside for the waiting job
+    assert (waiting.status, small.status) == ("PENDING", "PENDING")
+
+
+def test_a_pass_whose_gpu_was_taken_meanwhile_tries_it_no_more(rt, local, monkeypatch):
+    # Given one free GPU that another caller reserves after this pass read it free
+    _bring_up(rt, "h", 1)
+    local.launch("true # queued", num_jobs=50, priority=1)
+    rt.redis.delete(*rt.redis.keys("gpuq:hold:*"))
+    with rt.session() as session:
+        session.execute(update(Job).values(state="PENDING", host=None, gpu_ids=None))
+    tries: list[int] = []
+    original = reserve
+
+    def taken_meanwhile(r, host, gpus, token, ttl):  # type: ignore[no-untyped-def]
+        tries.append(1)
+        original(r, host, gpus, "another.1", ttl)
+        return original(r, host, gpus, token, ttl)
+
+    monkeypatch.setattr("scheduler.dispatch.allocator.reserve", taken_meanwhile)
+    # When a pass runs
+    routed = Dispatcher(rt)._pass()
+    # Then it tried the GPU once and routed nothing
+    assert (routed, len(tries)) == (0, 1)

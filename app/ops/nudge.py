@@ -24,6 +24,8 @@ def kick_dispatch(rt: Runtime) -> None:
     from scheduler.dispatch.allocator import Dispatcher
 
     try:
-        Dispatcher(rt).dispatch(max_passes=2)
+        dispatcher = Dispatcher(rt)
+        dispatcher.place_head()  # a job that heads the queue starts without waiting its turn
+        dispatcher.dispatch(max_passes=2)
     except (redis.RedisError, OSError) as e:
         log.warning("stored, but not routed yet (%s); the periodic dispatch will route it", e)

@@ -165,7 +165,17 @@ class Dispatcher:
             raise
         return routed
 
-    def _pass(self) -> int:
+    def place_head(self) -> int:
+        """Start the job at the head of the queue now, without waiting for the dispatcher's
+        turn: what any pass would do first, so a submission that heads the queue starts
+        while a pass of another caller is still under way. Callers that race for a GPU or
+        a job are settled as two passes are: the reservation script gives each GPU to one,
+        the move from PENDING each job to one."""
+        return self._pass(limit=1, cpu=False)
+
+    def _pass(self, limit: int | None = None, cpu: bool = True) -> int:
+        """Route what can start: 0-GPU jobs (`cpu`), then GPU jobs by priority, examining
+        at most `limit` of them (GPUQ_DISPATCH_SCAN_LIMIT)."""
         self._inventory_settled = None
         hosts = read_hosts(self.rt.redis)
         with self.rt.session() as session:  # the reads that open a pass: one transaction
@@ -175,10 +185,11 @@ class Dispatcher:
             for host in hosts:
                 host.free = [i for i in host.free if (host.name, i) not in held]
             cpu_jobs = [Candidate._make(row) for row in session.connection().execute(
-                candidates(False).limit(DISPATCH_BATCH))]
-            first = (self._pending_gpu_jobs(None, SCAN_CHUNK, session)
+                candidates(False).limit(DISPATCH_BATCH))] if cpu else []
+            limit = limit or self.rt.settings.dispatch_scan_limit
+            first = (self._pending_gpu_jobs(None, min(SCAN_CHUNK, limit), session)
                      if any(h.free for h in hosts) else [])
-        routed = sum(self._start(job, None, []) for job in cpu_jobs)
+        routed = sum(1 for job in cpu_jobs if self._start(job, None, []))
         earmarked: set[tuple[str, int]] = set()
 
         def usable() -> int:
@@ -188,7 +199,7 @@ class Dispatcher:
         # allowed ids) that found no place and set its GPUs aside finds none later in the
         # pass either, so the jobs of that shape behind it are passed over at once.
         waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
-        examined, limit = 0, self.rt.settings.dispatch_scan_limit
+        examined = 0
         after: Candidate | None = None
         size = SCAN_CHUNK
         while usable() > 0 and examined < limit:
@@ -218,9 +229,10 @@ class Dispatcher:
             self._no_resource(job, why)
         elif (choice := _pick(job, hosts, earmarked)) is not None:
             host, gpus = choice
-            if self._start(job, host.name, gpus):
+            started = self._start(job, host.name, gpus)
+            if started is not False:  # started, or its GPUs taken meanwhile by another
                 host.free = [i for i in host.free if i not in gpus]
-                return 1
+            return 1 if started else 0
         elif _earmark(job, hosts, earmarked):
             waiting_shapes.add(shape)
         else:
@@ -266,29 +278,31 @@ class Dispatcher:
                 col(Job.id) == job.id, col(Job.state) == JobState.PENDING.value,
                 col(Job.attempt) == job.attempt).values(reason=why))
 
-    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> int:
+    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> bool | None:
+        """True when the job was routed; False when it moved on meanwhile (cancelled,
+        started by another), its GPUs given back; None when its GPUs were taken meanwhile."""
         r, ttl = self.rt.redis, self.rt.settings.reservation_ttl_s
         attempt = job.attempt + 1
         token = holder(job.id, attempt)
         if host is not None and not reserve(r, host, gpus, token, ttl):
-            return 0
+            return None
         try:
             moved = self._mark_starting(job, host, gpus, attempt)
         except BaseException:  # the database refused: the reservation must not outlive it
             if host is not None:
                 release(r, host, gpus, token)
             raise
-        if not moved:  # cancelled meanwhile
+        if not moved:  # cancelled, or started by another, meanwhile
             if host is not None:
                 release(r, host, gpus, token)
-            return 0
+            return False
         queue = gpu_queue(host, gpus[0]) if host is not None else CPU_QUEUE
         # Nobody waits on this message's result: without ignore_result, Celery subscribes
         # to a result channel per message sent, and a long-lived dispatcher keeps them all.
         self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue,
                                  ignore_result=True)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
-        return 1
+        return True
 
     def _mark_starting(self, job: Candidate, host: str | None, gpus: list[int],
                        attempt: int) -> bool:

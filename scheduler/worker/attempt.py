@@ -35,6 +35,12 @@ from scheduler.worker.lease import Lease, shutting_down
 log = logging.getLogger(__name__)
 
 
+# In a GPU worker, its heartbeat's wake (tasks/worker_app.py): the pass that follows a job's
+# end then runs on the heartbeat's thread, and this thread takes its next message at once.
+# Unset (the CPU worker, a test calling run_attempt), the pass runs here.
+dispatch_in_background: Callable[[], None] | None = None
+
+
 def run_attempt(rt: Runtime, job_id: int, attempt: int) -> str:
     """Run attempt `attempt` of a job if it is still wanted; return what became of it."""
     placed: list[tuple[str, list[int]]] = []  # where the claimed attempt holds its GPUs
@@ -251,7 +257,12 @@ def _release(rt: Runtime, job_id: int, attempt: int,
     try:
         if placed is not None and placed[1]:
             release(rt.redis, placed[0], placed[1], holder(job_id, attempt))
-        Dispatcher(rt).dispatch()
+        wake = dispatch_in_background
+        if wake is None:
+            Dispatcher(rt).dispatch()
+        else:  # flagged first: if this process dies now, any GPU worker's heartbeat serves it
+            rt.redis.set(keys.DISPATCH_DIRTY, 1)
+            wake()
     except Exception as e:
         log.warning("job %s attempt %s: GPUs not released in Redis (%s); they expire", job_id,
                     attempt, e)

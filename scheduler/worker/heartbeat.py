@@ -38,6 +38,7 @@ class Heartbeat:
         self._was_foreign = False
         self._description: dict[str, object] | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a dispatch request to serve now
         self._thread = threading.Thread(target=self._loop, name="gpuq-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -96,10 +97,14 @@ class Heartbeat:
     def _loop(self) -> None:
         next_beat = time.monotonic() + min(self.rt.settings.heartbeat_s,
                                            self.rt.settings.monitor_interval_s)
-        while not self._stop.wait(DISPATCH_CHECK_S):
+        while True:
+            woken = self._wake.wait(DISPATCH_CHECK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 # A dispatch request nobody served yet (its caller had to return): serve it.
-                if self.rt.redis.exists(keys.DISPATCH_DIRTY):
+                if woken or self.rt.redis.exists(keys.DISPATCH_DIRTY):
                     Dispatcher(self.rt).dispatch(max_passes=HEARTBEAT_PASSES)
                 if time.monotonic() >= next_beat:
                     self.beat()
@@ -110,8 +115,13 @@ class Heartbeat:
             except Exception:  # anything else: say so, and keep the GPU in service
                 log.exception("heartbeat round failed; trying again")
 
+    def wake(self) -> None:
+        """Serve the flagged dispatch request now rather than at the next check."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)  # a beat under way ends before the key goes
         # If the broker went first, the key expires by itself.
