@@ -177,10 +177,11 @@ def test_submit_to_a_batch_backend_through_the_control_worker(stack, stack_setti
     row = json.loads(gpuq(stack_settings, "queue", "--json", "--limit", "200").stdout)
     job = next(r for r in row["jobs"] if r["id"] == int(job_id))
     assert job["backend"] == backend and job["backend_id"]
-    table = gpuq(stack_settings, "queue").stdout
+    # A terminal wide enough that the backend and its id share a line, whatever the id.
+    table = gpuq(stack_settings, "queue", COLUMNS="240").stdout
     assert f"{backend} " in table
     if backend == "slurm":
-        assert f"slurm {job['backend_id']}" in table
+        assert f"slurm {job['backend_id']}" in table, table
     assert os.uname().nodename in gpuq(stack_settings, "logs", job_id).stdout
 
 

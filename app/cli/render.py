@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from app.core.text import printable
 from app.ops.rows import JobRow, LaunchRow
 
 if TYPE_CHECKING:
@@ -26,11 +27,17 @@ def _short_time(iso: str | None) -> str:
     return iso[11:19] if iso else "-"
 
 
-def _where(row: JobRow) -> str:
+def _where(row: JobRow) -> Text:
     """The host of a local job; the backend and its id for a batch job."""
     if row.backend == "local":
-        return row.host or "-"
-    return f"{row.backend} {row.backend_id or '(not submitted)'}"
+        return _user_text(row.host or "-")
+    return _user_text(f"{row.backend} {row.backend_id or '(not submitted)'}")
+
+
+def _user_text(value: str, style: str = "") -> Text:
+    """Text another user (or a host) wrote, shown as it is: control characters escaped,
+    never read as Rich markup."""
+    return Text(printable(value), style=style)
 
 
 def queue_table(answer: list[dict[str, Any]], total: int) -> None:
@@ -45,7 +52,7 @@ def queue_table(answer: list[dict[str, Any]], total: int) -> None:
         style = STATE_STYLE.get(row.status, "")
         gpus = ",".join(map(str, row.gpu_ids)) if row.gpu_ids else str(row.gpus)
         duration = f"{row.duration_s:.1f}s" if row.duration_s is not None else "-"
-        table.add_row(str(row.id), row.name or "-", Text(row.status, style=style), gpus,
+        table.add_row(str(row.id), _user_text(row.name or "-"), Text(row.status, style=style), gpus,
                       _where(row), _short_time(row.submitted_at), duration,
                       str(row.restart_count))
     console.print(table)
@@ -54,10 +61,14 @@ def queue_table(answer: list[dict[str, Any]], total: int) -> None:
 def launch_lines(answer: list[dict[str, Any]]) -> None:
     """`launch 3 sweep: 10000 jobs  succeeded=9990 failed=2 running=8  python train.py`"""
     for launch in (LaunchRow.model_validate(row) for row in answer):
-        counts = " ".join(f"[{STATE_STYLE.get(k, 'default')}]{k.lower()}={v}[/]"
-                          for k, v in sorted(launch.counts.items()))
-        console.print(f"launch {launch.id} {launch.name or ''}: {launch.num_jobs} jobs"
-                      f"  {counts}  [dim]{launch.command}[/]", highlight=False)
+        line = Text(f"launch {launch.id} ")
+        line.append(_user_text(launch.name or ""))
+        line.append(f": {launch.num_jobs} jobs ")
+        for state, n in sorted(launch.counts.items()):
+            line.append(f" {state.lower()}={n}", style=STATE_STYLE.get(state, "default"))
+        line.append("  ")
+        line.append(_user_text(launch.command, style="dim"))
+        console.print(line, highlight=False)
 
 
 def status_table(status: dict[str, Any]) -> None:
@@ -71,7 +82,8 @@ def status_table(status: dict[str, Any]) -> None:
                       if reading else "-")
             util = f"{reading['utilization_pct']}%" if reading else "-"
             foreign = "[red]busy[/]" if reading.get("foreign") else "-"
-            table.add_row(host["host"], str(gpu["index"]), gpu.get("name", "-"), memory, util,
+            table.add_row(_user_text(host["host"]), str(gpu["index"]),
+                          _user_text(str(gpu.get("name", "-"))), memory, util,
                           "[green]up[/]" if gpu["alive"] else "[red]down[/]",
                           str(gpu["job_id"] or "-"), foreign)
     console.print(table)

@@ -15,6 +15,7 @@ from app.core import errors
 from app.core.settings import Settings
 from app.dashboard import api, pages
 from app.dashboard.auth import token_middleware
+from app.dashboard.limits import BodyLimit
 
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS: dict[type[errors.GpuqError], int] = {
@@ -50,6 +51,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.dashboard_token:
         app.middleware("http")(token_middleware(settings.dashboard_token))
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(errors.GpuqError)
     async def refused(request: Request, error: errors.GpuqError) -> Response:

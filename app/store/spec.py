@@ -26,6 +26,7 @@ from pydantic import (
 
 from app.core.backends import ADAPTERS, BACKENDS
 from app.core.errors import InvalidJobSpec
+from app.core.text import MAX_ENV_BYTES, MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_BYTES, has_control
 
 # Ids fit every database's integer column (PostgreSQL's INTEGER is 32-bit): a larger id
 # names nothing there is, and is answered as such instead of overflowing the driver.
@@ -100,9 +101,37 @@ class JobSpec(BaseModel):
             _check_text(value)
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _a_name_to_show(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if len(value) > MAX_NAME_CHARS:
+            raise ValueError(f"the name is {len(value):,} characters, over the limit of "
+                             f"{MAX_NAME_CHARS}; give a shorter --name")
+        if has_control(value):
+            raise ValueError("the name holds a control character (a newline, an escape); "
+                             "give a --name of printable characters")
+        return value
+
+    @field_validator("workdir", "venv", "conda_env", "preflight", "origin")
+    @classmethod
+    def _a_path_length(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) > MAX_PATH_BYTES:
+            raise ValueError(f"is {len(value.encode()):,} bytes, over the limit of "
+                             f"{MAX_PATH_BYTES:,} (PATH_MAX)")
+        return value
+
     @field_validator("env")
     @classmethod
     def _environment_names(cls, value: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode(errors="surrogatepass")) + len(v.encode(errors="surrogatepass"))
+                   for k, v in value.items())
+        if len(value) > MAX_ENV_VARS or size > MAX_ENV_BYTES:
+            raise ValueError(f"the environment has {len(value):,} variables of {size:,} bytes, "
+                             f"over the limit of {MAX_ENV_VARS:,} variables or "
+                             f"{MAX_ENV_BYTES:,} bytes; pass large values in a file the job "
+                             "reads")
         for name, text in value.items():
             if not name or "=" in name or "\0" in name or "\0" in text:
                 raise ValueError(f"bad variable {name!r}: a name is not empty and holds no "
