@@ -28,7 +28,7 @@ from app.core.states import JobState
 from app.store import counts
 from app.store.jobs import MAX_JOBS_PER_LAUNCH
 from app.store.models import Job, Launch
-from bench.harness import BIN, Bench, bench_stack, report
+from bench.harness import BIN, Bench, bench_stack, median_time, report
 
 FILL_BATCH = 50_000
 
@@ -51,16 +51,6 @@ def _fill(bench: Bench, stored: int) -> None:
         counts.recount(session)
 
 
-def _in_process(fn: Callable[[], object], runs: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _as_process(bench: Bench, *argv: str, runs: int = 3) -> float:
     times = []
     for _ in range(runs):
@@ -81,7 +71,7 @@ READS: dict[str, tuple[Callable[[Bench], object], list[str]]] = {
 
 
 def _reads(bench: Bench) -> dict[str, tuple[float, float]]:
-    return {name: (_in_process(functools.partial(call, bench)), _as_process(bench, *argv))
+    return {name: (median_time(functools.partial(call, bench), runs=20), _as_process(bench, *argv))
             for name, (call, argv) in READS.items()}
 
 

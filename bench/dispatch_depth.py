@@ -131,11 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", default="1000,100000,1000000")
     parser.add_argument("--passes", type=int, default=200)
-    parser.add_argument("--dir", type=Path, default=plot_scale.HERE,
-                        help=f"where to write {plot_scale.PASS_FILE} (and read "
-                             f"{plot_scale.THROUGHPUT_FILE}) for the plot")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help=f"the plot; default DIR/{plot_scale.PLOT_FILE}")
+    plot_scale.add_output_options(parser, plot_scale.PASS_FILE, plot_scale.THROUGHPUT_FILE)
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     points = []

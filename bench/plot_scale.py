@@ -23,6 +23,14 @@ PLOT_FILE = "scale.png"
 LINEAR_BELOW = 1_000
 
 
+def add_output_options(parser: argparse.ArgumentParser, writes: str, reads: str) -> None:
+    """--dir and --plot of a benchmark that writes `writes` and plots it beside `reads`."""
+    parser.add_argument("--dir", type=Path, default=HERE,
+                        help=f"where to write {writes} (and read {reads}) for the plot")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help=f"the plot; default DIR/{PLOT_FILE}")
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, literal, null, select
@@ -162,11 +161,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2_000, help="jobs of the measured launch")
     parser.add_argument("--slurm-tasks", type=int, default=1_000,
                         help="tasks of the Slurm array baseline")
-    parser.add_argument("--dir", type=Path, default=plot_scale.HERE,
-                        help=f"where to write {plot_scale.THROUGHPUT_FILE} (and read "
-                             f"{plot_scale.PASS_FILE}) for the plot")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help=f"the plot; default DIR/{plot_scale.PLOT_FILE}")
+    plot_scale.add_output_options(parser, plot_scale.THROUGHPUT_FILE, plot_scale.PASS_FILE)
     args = parser.parse_args()
     depths = sorted({int(d) for d in args.depths.split(",")})
     stop_cleanly_on_sigterm()
