@@ -12,6 +12,7 @@ from sqlmodel import Session
 
 from app.celery_app import create_celery
 from app.core.errors import BrokerUnavailable
+from app.core.paths import private_home
 from app.core.sentinel import SentinelUrl
 from app.core.settings import Settings, mask_url
 from app.store.db import make_engine
@@ -34,6 +35,7 @@ class Runtime:
         on; a command (the default) says at once that it is away."""
         self.settings = settings
         self.wait_for_broker = wait_for_broker
+        private_home(settings.home)
 
     @cached_property
     def redis_url(self) -> str:

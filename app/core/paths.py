@@ -8,6 +8,7 @@ output files in a store directory their nodes can read (`BatchStore`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +74,14 @@ class BatchStore:
     def backend_dir(self, backend: str) -> Path:
         """The backend's own files: Slurm's output files, the process backend's state."""
         return self.root / backend
+
+
+def private_home(home: Path) -> Path:
+    """GPUQ_HOME, made if missing and closed to other users (0700): its database, the
+    embedded Redis's data and password, job logs and run files are its owner's, whatever
+    the umask. A home another user owns is left as it is."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    found = home.stat()
+    if found.st_uid == os.getuid() and found.st_mode & 0o077:
+        home.chmod(0o700)
+    return home

@@ -18,6 +18,7 @@ from tenacity import (
 )
 
 from app.core.errors import DatabaseUnavailable
+from app.core.paths import private_home
 from app.core.settings import Settings, mask_url
 from app.store import models, schema  # noqa: F401  (models: the tables on SQLModel.metadata)
 
@@ -60,7 +61,7 @@ def make_engine(settings: Settings, check_revision: bool = True) -> Engine:
     Raise DatabaseUnavailable, or SchemaOutdated/SchemaTooNew, naming the fix."""
     url = settings.effective_database_url()
     if url.startswith("sqlite"):
-        settings.home.mkdir(parents=True, exist_ok=True)
+        private_home(settings.home)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.core.errors import BrokerUnavailable, EmbeddedRedisExposed
+from app.core.paths import private_home
 from app.core.security import is_loopback
 from app.core.settings import Settings, mask_url
 
@@ -101,6 +102,7 @@ def resolve_redis_url(settings: Settings) -> str:
 
 @contextlib.contextmanager
 def _start_lock(settings: Settings) -> Iterator[None]:
+    private_home(settings.home)
     settings.redis_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.redis_dir / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -1,0 +1,97 @@
+"""GPUQ_HOME is closed to the box's other users: a second OS user, made here, can neither
+list it nor read the database, the embedded Redis's files or a job's log, even where the
+home lies under a directory everyone may enter and the umask would open what gpuq writes.
+A home made open before is closed at the next start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.core.paths import JobPaths
+from app.core.settings import Settings
+from app.runtime import Runtime
+
+OTHER = "gpuq-other"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("runuser")),
+    reason="acting as a second local user needs root, useradd and runuser")
+
+
+@pytest.fixture(scope="module")
+def other_user() -> Iterator[str]:
+    made = subprocess.run(["id", OTHER], capture_output=True).returncode != 0
+    if made:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",
+                        OTHER], check=True)
+    yield OTHER
+    if made:
+        subprocess.run(["userdel", OTHER], check=False)
+
+
+@pytest.fixture
+def open_place() -> Iterator[Path]:
+    """A directory every user may enter, as /tmp or a shared /home are."""
+    place = Path(tempfile.mkdtemp(prefix="gpuq-shared-"))
+    place.chmod(0o755)
+    yield place
+    shutil.rmtree(place, ignore_errors=True)
+
+
+def as_other(user: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True,
+                          timeout=30)
+
+
+def _started(home: Path) -> Runtime:
+    previous = os.umask(0o022)  # a umask that leaves new files readable by all
+    try:
+        rt = Runtime(Settings(home=home, redis_url=None, database_url=None, _env_file=None))
+        rt.check_database()
+        log = JobPaths(home, 1).log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("the job's output\n")
+    finally:
+        os.umask(previous)
+    return rt
+
+
+def test_another_local_user_can_neither_list_the_home_nor_read_its_files(other_user,
+                                                                         open_place):
+    home = open_place / "gpuq"
+    rt = _started(home)
+    try:
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        # The second user reaches the directory around it (so a refusal below is the home's)
+        assert as_other(other_user, "ls", str(open_place)).returncode == 0
+        for argv in (["ls", str(home)], ["cat", str(home / "gpuq.db")],
+                     ["cat", str(JobPaths(home, 1).log)]):
+            result = as_other(other_user, *argv)
+            assert result.returncode != 0, argv
+            assert b"Permission denied" in result.stderr, result.stderr
+        # while its owner still reads what it wrote
+        assert JobPaths(home, 1).log.read_text() == "the job's output\n"
+    finally:
+        rt.close()
+
+
+def test_a_home_left_open_is_closed_at_the_next_start(other_user, open_place):
+    home = open_place / "gpuq"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    (home / "left.txt").write_text("written while the home was open\n")
+    assert as_other(other_user, "cat", str(home / "left.txt")).returncode == 0
+    rt = _started(home)
+    try:
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        assert as_other(other_user, "cat", str(home / "left.txt")).returncode != 0
+    finally:
+        rt.close()
