@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,10 +44,31 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
 
 
+def _remove_stale_namespaces() -> None:
+    """Namespaces of earlier runs killed before their clean-up (their pytest is gone): their
+    veth holds HOST_ADDR, and the routes to it would go astray."""
+    for line in _ip("netns", "list").stdout.splitlines():
+        found = re.match(r"gpuq-b(\d+)\b", line)
+        if not found:
+            continue
+        pid = int(found.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # its run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _ip("link", "del", f"gq{pid % 100000}h")
+        _ip("netns", "del", f"gpuq-b{pid}")
+
+
 @contextlib.contextmanager
 def namespace() -> Iterator[str | None]:
     """A network namespace joined to this one by a veth pair; None where none can be made
     (not root, no iproute2, or a sandbox that forbids it)."""
+    if os.geteuid() == 0 and shutil.which("ip"):
+        _remove_stale_namespaces()
     if os.geteuid() != 0 or not shutil.which("ip") or _ip("netns", "add", NS).returncode:
         yield None
         return
