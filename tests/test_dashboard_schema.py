@@ -41,15 +41,17 @@ def test_answers_match_the_published_schema(settings, local, path, method):
     def check(case: schemathesis.Case) -> None:
         # Which preflight checks exist is configuration, and whether a job named in `after`
         # can still succeed is data, not schema, and --gpu-ids must hold the job's GPUs,
-        # each named once (rules across items and fields): a well-formed request naming an
-        # unknown check, a job that ended unsuccessfully, or too few or repeated GPU ids is
-        # refused with 400. Any other 400 is a finding.
+        # each named once, and an environment's total size is bounded (rules across items
+        # and fields): a well-formed request naming an unknown check, a job that ended
+        # unsuccessfully, too few or repeated GPU ids, or a larger environment is refused
+        # with 400. Any other 400 is a finding.
         response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
         if response.status_code == 400:
             message = response.json()["message"]
             assert message.startswith("unknown preflight") or any(
                 rule in message for rule in ("so a job after it could never start",
-                                             "--gpu-ids names", "distinct GPU indices")
+                                             "--gpu-ids names", "distinct GPU indices",
+                                             "65,536 bytes")  # an environment's total size
             ), response.text
 
     check()

@@ -8,13 +8,13 @@ colleague's screen, nor reverse the text after it.
 
 from __future__ import annotations
 
-import unicodedata
+import re
 
 # The longest name a job may have (characters); longer ones are refused.
 MAX_NAME_CHARS = 256
-# The longest path-like value (workdir, venv, conda env, preflight, origin), in bytes:
+# The longest path-like value (workdir, venv, conda env, preflight, origin), in characters:
 # Linux's PATH_MAX.
-MAX_PATH_BYTES = 4096
+MAX_PATH_CHARS = 4096
 # A job's environment: at most this many variables, this many bytes in all.
 MAX_ENV_VARS = 1024
 MAX_ENV_BYTES = 64 * 1024
@@ -39,6 +39,19 @@ def _escape(ch: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+# What a name may not hold: the C0 and C1 controls and DEL (a newline, an escape sequence),
+# and the invisible format characters that reorder or hide text (zero-width, bidirectional
+# marks and overrides, the byte-order mark). One character class, so that the check here and
+# the dashboard's published schema (a pattern) say the same.
+CONTROL_CLASS = ("\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069"
+                 "\ufeff")
+_CONTROL = re.compile(f"[{CONTROL_CLASS}]")
+# The same class spelled with the characters themselves: a pattern every regex engine
+# reads alike (pydantic's, and the JSON Schema generator's).
+NAME_PATTERN = "^[^" + re.sub(
+    r"\\[xu]([0-9a-f]{2,4})", lambda m: chr(int(m.group(1), 16)), CONTROL_CLASS) + "]*$"
+
+
 def has_control(text: str) -> bool:
-    """Whether the text holds a control or format character (Unicode categories Cc, Cf)."""
-    return any(unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+    """Whether the text holds a control or an invisible format character."""
+    return _CONTROL.search(text) is not None

@@ -15,6 +15,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from app.core.backends import BACKENDS
+from app.core.text import MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_CHARS, NAME_PATTERN
 from app.store.spec import JobSpec, check_dependencies_allowed
 
 MAX_LAUNCH_REPLICAS = 10_000
@@ -33,9 +34,13 @@ class ErrorBody(BaseModel):
 Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 Command = Annotated[str, StringConstraints(pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[^=\x00]+$")]
+# A name: printable (app/core/text.py), and short; a path: at most PATH_MAX characters.
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS)]
+PathText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=MAX_PATH_CHARS)]
 TEXT_TYPES: dict[str, Any] = {
-    "command": Command, "name": Text | None, "workdir": Text | None, "venv": Text | None,
-    "conda_env": Text | None, "preflight": Text | None, "env": dict[EnvName, Text],
+    "command": Command, "name": Name | None, "workdir": PathText | None,
+    "venv": PathText | None, "conda_env": PathText | None, "preflight": PathText | None,
+    "env": Annotated[dict[EnvName, Text], Field(max_length=MAX_ENV_VARS)],
     "backend": Literal[BACKENDS],
 }
 

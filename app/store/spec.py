@@ -26,7 +26,7 @@ from pydantic import (
 
 from app.core.backends import ADAPTERS, BACKENDS
 from app.core.errors import InvalidJobSpec
-from app.core.text import MAX_ENV_BYTES, MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_BYTES, has_control
+from app.core.text import MAX_ENV_BYTES, MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_CHARS, has_control
 
 # Ids fit every database's integer column (PostgreSQL's INTEGER is 32-bit): a larger id
 # names nothing there is, and is answered as such instead of overflowing the driver.
@@ -117,9 +117,9 @@ class JobSpec(BaseModel):
     @field_validator("workdir", "venv", "conda_env", "preflight", "origin")
     @classmethod
     def _a_path_length(cls, value: str | None) -> str | None:
-        if value is not None and len(value.encode()) > MAX_PATH_BYTES:
-            raise ValueError(f"is {len(value.encode()):,} bytes, over the limit of "
-                             f"{MAX_PATH_BYTES:,} (PATH_MAX)")
+        if value is not None and len(value) > MAX_PATH_CHARS:
+            raise ValueError(f"is {len(value):,} characters, over the limit of "
+                             f"{MAX_PATH_CHARS:,} (PATH_MAX)")
         return value
 
     @field_validator("env")
