@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,11 +154,10 @@ def _inventory(r: redis.Redis) -> list[tuple[str, list[int]]]:
     return inventory
 
 
-def read_hosts(r: redis.Redis, held: AbstractSet[tuple[str, int]] = frozenset()
-               ) -> list[HostView]:
-    """Registered hosts with their free GPUs: worker alive, not held by a job (in Redis, or
-    in `held`: the database's holds), and not used by processes outside gpuq according to
-    the latest monitor reading."""
+def read_hosts(r: redis.Redis) -> list[HostView]:
+    """Registered hosts with their free GPUs: worker alive, not held in Redis, and not used
+    by processes outside gpuq according to the latest monitor reading. (The dispatcher takes
+    out the GPUs the database says are held, read in its own transaction.)"""
     inventory = _inventory(r)
     pipe = r.pipeline(transaction=False)
     for host, indices in inventory:
@@ -175,7 +173,7 @@ def read_hosts(r: redis.Redis, held: AbstractSet[tuple[str, int]] = frozenset()
             alive, held_here, reading = next(flags), next(flags), next(flags)
             if alive and not _foreign(reading):
                 serving.append(i)
-                if not held_here and (host, i) not in held:
+                if not held_here:
                     free.append(i)
         views.append(HostView(host, len(indices), free, list(indices), serving))
     return views

@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col
 
+from app.store.db import begin_writing
 from app.store.models import Job, JobCount
 
 COUNTS = cast(Table, JobCount.__table__)  # type: ignore[attr-defined]
@@ -53,8 +54,8 @@ def note_moves(session: Session, launch_ids: Iterable[int | None], source: str,
 def forget_launches(session: Session, launch_ids: Sequence[int]) -> None:
     """Launches deleted with all their jobs: their counts go, changes of this transaction
     included."""
-    changes = _changes(session)
-    for key in [k for k in changes if k[0] in set(launch_ids)]:
+    changes, gone = _changes(session), set(launch_ids)
+    for key in [k for k in changes if k[0] in gone]:
         del changes[key]
     session.execute(delete(COUNTS).where(COUNTS.c.launch_id.in_(launch_ids)))
 
@@ -124,10 +125,9 @@ def recount(session: Session) -> dict[str, Any]:
     jobs table is locked against writes meanwhile, so that no change falls between the
     count and its replacement; SQLite writes one transaction at a time anyway."""
     conn = session.connection()
+    begin_writing(conn)
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("LOCK TABLE jobs IN SHARE MODE")
-    else:
-        conn.exec_driver_sql("UPDATE job_counts SET n = n WHERE 0")  # take the write lock
     session.info.pop(_KEY, None)
     conn.execute(delete(COUNTS))
     launch = func.coalesce(col(Job.launch_id), 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import create_engine
 from tenacity import (
@@ -42,6 +42,14 @@ riding_out_outages = retry(
     before_sleep=before_sleep_log(log, logging.WARNING),
     reraise=True,
 )
+
+
+def begin_writing(conn: Connection) -> None:
+    """On SQLite, take the database's write lock now (BEGIN IMMEDIATE) rather than at the
+    transaction's first write, so that what this transaction reads stays true until it
+    ends; other databases lock finer, and their callers say what."""
+    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

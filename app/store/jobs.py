@@ -14,6 +14,7 @@ from sqlmodel import Session, col, select
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import counts, dependencies, payload_store
+from app.store.db import begin_writing
 from app.store.models import HOLDING_STATES, Job, JobEvent, Launch, event_row, fixed
 from app.store.spec import JobSpec
 
@@ -91,10 +92,8 @@ def serialize(session: Session, key: str) -> None:
     same hex `key` wait: SQLite takes its database write lock now (BEGIN IMMEDIATE; it has
     no finer lock); PostgreSQL a transaction-scoped advisory lock on the key."""
     conn = session.connection()
-    if conn.dialect.name == "sqlite":
-        if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-    elif conn.dialect.name == "postgresql":
+    begin_writing(conn)
+    if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:cls, :key)"),
                      {"cls": PG_LOCK_CLASS, "key": int(key[:8], 16) - 2**31})
 

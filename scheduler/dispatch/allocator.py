@@ -2,8 +2,10 @@
 
 A dispatch pass walks PENDING jobs by priority (then id, so FIFO within a priority), picks
 GPUs on one host, reserves them all-or-nothing with a Lua script, marks the job STARTING,
-and sends it to the queue of its first GPU. Only one pass runs at a time (a Redis lock);
-a pass requested while another runs sets a flag so that the running one goes round again.
+and sends it to the queue of its first GPU. Only one pass runs at a time (the dispatcher's
+turn, two Lua scripts in app/store/cluster.py); a pass requested while another runs sets a
+flag so that the running one goes round again. A submission that heads the queue is placed
+outside the turn (`place_head`), as any pass would place it first.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ class Dispatcher:
         """Run passes while work keeps arriving; return how many jobs were routed.
 
         Servers (workers, beat) pass no limit and serve every request that arrives while
-        they hold the lock. A client passes a small `max_passes` so that its call returns;
+        they hold the turn. A client passes a small `max_passes` so that its call returns;
         a request left over stays flagged, and the GPU workers' heartbeat threads, which
         look at the flag twice a second, serve it."""
         r, token = self.rt.redis, uuid.uuid4().hex
