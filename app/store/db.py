@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event, text
@@ -12,6 +13,7 @@ from tenacity import (
     RetryCallState,
     before_sleep_log,
     retry,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
     wait_exponential,
@@ -54,13 +56,30 @@ def begin_writing(conn: Connection) -> None:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets readers (the CLI) run while workers write; busy_timeout turns lock
-    # contention between worker processes into a short wait instead of an error.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # busy_timeout turns lock contention between worker processes into a short wait instead
+    # of an error; it is set first so that the statements below wait too.
     cursor.execute("PRAGMA busy_timeout=30000")
+    # WAL lets readers (the CLI) run while workers write. The mode is stored in the file, so
+    # it is set only where it is not set yet: asking for it again needs a lock that SQLite
+    # does not wait for while another process opens or checkpoints the database.
+    _while_locked(cursor, "PRAGMA journal_mode")
+    if cursor.fetchone()[0].lower() != "wal":
+        _while_locked(cursor, "PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _locked(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+
+
+# SQLite answers "database is locked" at once, without its busy handler, while another
+# connection runs the WAL's recovery; the statements that open a connection wait it out.
+@retry(retry=retry_if_exception(_locked), wait=wait_exponential(multiplier=0.005, max=0.25),
+       stop=stop_after_delay(30), reraise=True)
+def _while_locked(cursor: Any, statement: str) -> None:
+    cursor.execute(statement)
 
 
 def make_engine(settings: Settings, check_revision: bool = True) -> Engine:
