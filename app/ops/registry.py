@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from app.core.errors import InvalidArguments, UnknownOperation
+from app.core.identity import Actor, stack_owner
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,12 @@ def operation(fn: Operation) -> Operation:
     return fn
 
 
-def call_local(rt: Runtime, name: object, kwargs: object) -> dict[str, Any]:
-    """Run an operation on arguments that may come from the network: an unknown name or
-    arguments the operation does not take are refused before anything runs."""
+def call_local(rt: Runtime, name: object, kwargs: object,
+               actor: Actor | None = None) -> dict[str, Any]:
+    """Run an operation for `actor` (the stack's owner when None) on arguments that may come
+    from the network: an unknown name or arguments the operation does not take are refused
+    before anything runs."""
+    actor = actor or stack_owner()
     if not isinstance(name, str) or name not in OPERATIONS:
         raise UnknownOperation(
             f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}")
