@@ -5,7 +5,9 @@ carries the headers that keep it out of frames and unsniffed."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from app.dashboard import create_app, dashboard_token
 from tests.conftest import server_env, until
 from tests.dashboard_http import BASE_URL, bearer, dashboard_client
 from tests.netutil import free_port
+from tests.test_private_home import as_other, open_place, other_user  # noqa: F401
 
 ORIGIN = BASE_URL  # the dashboard's own origin, as its pages send it
 FOREIGN_HOSTS = ["evil.example", "evil.example:5556", "127.0.0.1:9999", "localhost:80",
@@ -193,6 +196,33 @@ def test_the_token_file_is_private_and_kept_across_starts(settings, local):
     with TestClient(create_app(settings, local), base_url=BASE_URL,
                     headers={"Authorization": f"Bearer {token}"}) as http:
         assert http.get("/api/jobs").status_code == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"),
+                    reason="acting as a second local user needs root, useradd and runuser")
+def test_another_local_user_cannot_read_the_token(settings, other_user, open_place):  # noqa: F811
+    """Even with the home under a directory everyone may enter, and a umask that would
+    open what gpuq writes."""
+    shared = settings.model_copy(update={"home": open_place / "home"})
+    previous = os.umask(0o022)
+    try:
+        token = dashboard_token(shared)
+    finally:
+        os.umask(previous)
+    path = shared.home / "dashboard.token"
+    assert as_other(other_user, "ls", str(open_place)).returncode == 0  # the place is open
+    seen = as_other(other_user, "cat", str(path))
+    assert seen.returncode != 0 and token.encode() not in seen.stdout
+    assert b"Permission denied" in seen.stderr
+
+
+def test_a_token_file_it_cannot_read_is_one_line_naming_the_fix(settings, tmp_path):
+    settings.home.mkdir(parents=True)
+    (settings.home / "dashboard.token").mkdir()  # not a file: reading it fails
+    out = subprocess.run([str(Path(sys.executable).parent / "gpuq"), "dashboard", "--url"],
+                         env=server_env(settings), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "set GPUQ_DASHBOARD_TOKEN" in out.stderr and out.stdout == ""
 
 
 def test_a_token_from_the_environment_wins_and_no_file_is_made(settings, local):

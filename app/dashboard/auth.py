@@ -12,6 +12,7 @@ from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from app.core.errors import GpuqError
 from app.core.identity import Actor, stack_owner
 from app.core.paths import private_home
 from app.core.settings import Settings
@@ -33,15 +34,20 @@ def dashboard_token(settings: Settings) -> str:
     if settings.dashboard_token:
         return settings.dashboard_token
     path = token_path(settings)
-    private_home(path.parent)
-    if not path.exists():
-        _create_token_file(path)
-    if path.stat().st_uid == os.getuid():
-        path.chmod(0o600)
-    token = path.read_text().strip()
+    try:
+        private_home(path.parent)
+        if not path.exists():
+            _create_token_file(path)
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o600)
+        token = path.read_text().strip()
+    except OSError as e:
+        raise GpuqError(f"cannot read or make the dashboard's token {path} ({e.strerror}): "
+                        "run as the user who owns GPUQ_HOME, or set GPUQ_DASHBOARD_TOKEN"
+                        ) from e
     if not token:
-        raise OSError(f"{path} is empty: delete it and start the dashboard again for a new "
-                      "token, or set GPUQ_DASHBOARD_TOKEN")
+        raise GpuqError(f"the dashboard's token file {path} is empty: delete it for a new "
+                        "token, or set GPUQ_DASHBOARD_TOKEN")
     return token
 
 
