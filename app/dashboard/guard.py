@@ -138,20 +138,21 @@ class Guard:
         own_port = int(server[1]) if server and server[1] else self.port
         host = headers.get("host", "")
         if not self.hosts.allow(host, scheme, own_port):
-            return (f"this dashboard does not answer to the host name {host!r}; open it by "
+            return (f"this dashboard does not answer to the host name {host[:100]!r}; open it by "
                     "its bind address or 127.0.0.1, or add the name to GPUQ_DASHBOARD_HOSTS")
         if scope["method"] not in UNSAFE_METHODS:
             return None
         origin = headers.get("origin")
         if origin is not None and not self._same_origin(origin, own_port):
-            return (f"a change requested from another origin ({origin!r}) is refused; use "
+            return (f"a change requested from another origin ({origin[:100]!r}) is refused; use "
                     "the dashboard's own pages or send no Origin header")
         if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
             return "a change requested from another site is refused"
         kind = headers.get("content-type", "").partition(";")[0].strip().lower()
         has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
         if kind != "application/json" and (kind or has_body):
-            return (f"a change must send its body as application/json, not {kind or 'none'!r}"
+            return (f"a change must send its body as application/json, not "
+                    f"{kind[:100] or 'none'!r}"
                     " (a form or text/plain body is what a web page can send from afar)")
         return None
 
