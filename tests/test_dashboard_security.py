@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from app.core.identity import Actor, stack_owner
 from app.core.procgroup import stop_groups
-from app.dashboard import create_app, dashboard_token
+from app.dashboard import create_app, dashboard_token, login_url
 from tests.conftest import server_env, until
 from tests.dashboard_http import BASE_URL, bearer, dashboard_client
 from tests.netutil import free_port
@@ -300,3 +300,16 @@ def test_gpuq_dashboard_prints_a_login_address_and_keeps_its_token_across_restar
             stop_groups([proc], grace_s=10)
     assert tokens[0] == tokens[1]
     assert (settings.home / "dashboard.token").read_text().strip() == tokens[0]
+
+
+@pytest.mark.parametrize(("address", "shown"), [
+    ("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("0.0.0.0", "127.0.0.1")])
+def test_the_login_address_names_a_reachable_host_and_quotes_the_token(
+        settings, local, address, shown):
+    given = settings.model_copy(update={"dashboard_token": "a+b/c&d", "dashboard_address":
+                                        address})
+    url = login_url(given, "a+b/c&d")
+    assert url == f"http://{shown}:5556/?token=a%2Bb%2Fc%26d"
+    with TestClient(create_app(given, local), base_url=f"http://{shown}:5556") as http:
+        assert http.get(url, follow_redirects=False).status_code == 303
+        assert http.get("/api/jobs").status_code == 200

@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -97,7 +98,7 @@ def login_url(settings: Settings, token: str) -> str:
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.dashboard_port}/?token={token}"
+    return f"http://{host}:{settings.dashboard_port}/?token={quote(token, safe='')}"
 
 
 def token_middleware(identify: Identify) -> Callable[[Request, Handler], Awaitable[Response]]:
@@ -107,9 +108,9 @@ def token_middleware(identify: Identify) -> Callable[[Request, Handler], Awaitab
     async def check(request: Request, call_next: Handler) -> Response:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         actor = None
-        if scheme.lower() == "bearer":
+        if scheme.lower() == "bearer" and given.strip():
             actor = await run_in_threadpool(identify, given.strip())
-        if actor is None and COOKIE in request.cookies:
+        if actor is None and request.cookies.get(COOKIE):
             actor = await run_in_threadpool(identify, request.cookies[COOKIE])
         if actor is not None:
             request.state.actor = actor
