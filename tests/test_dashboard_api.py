@@ -1,6 +1,6 @@
 """The dashboard's JSON API and pages through FastAPI's test client, on a real Redis and
 database: the same answers as the operations layer, refusals as HTTP errors, a token when
-one is set."""
+it always asks for."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from fastapi.testclient import TestClient
 
 from app.core import keys
 from app.core.paths import JobPaths
-from app.core.settings import Settings
-from app.dashboard import TokenRequired, check_bind, create_app
+from app.dashboard import create_app
 from app.ops.registry import call_local
 from app.stack.host import register_host
 from app.stack.supervisor import read_procfile
 from scheduler.worker.monitor import FakeProvider
 from tests.conftest import ROOT, server_env
+from tests.dashboard_http import BASE_URL, dashboard_client
 
 
 @pytest.fixture
 def api(settings, local):
-    with TestClient(create_app(settings, local)) as http:
+    with dashboard_client(create_app(settings, local)) as http:
         yield http
 
 
@@ -199,9 +199,9 @@ def test_pages_render_the_overview_jobs_and_a_job(api, local):
     assert api.get("/jobs", params={"status": "NAPPING"}).status_code == 400
 
 
-def test_a_token_guards_every_route_when_set(settings, local):
+def test_a_given_token_guards_every_route(settings, local):
     guarded = settings.model_copy(update={"dashboard_token": "open-sesame"})
-    with TestClient(create_app(guarded, local)) as http:
+    with TestClient(create_app(guarded, local), base_url=BASE_URL) as http:
         assert http.get("/api/jobs").status_code == 401
         assert http.get("/api/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
         ok = http.get("/api/jobs", headers={"Authorization": "Bearer open-sesame"})
@@ -211,21 +211,12 @@ def test_a_token_guards_every_route_when_set(settings, local):
         assert http.get("/api/status").status_code == 200  # the cookie it set
 
 
-def test_binding_beyond_loopback_needs_a_token(tmp_path):
-    def at(address: str, token: str | None = None) -> Settings:
-        return Settings(home=tmp_path, dashboard_address=address, dashboard_token=token,
-                        _env_file=None)
-
-    check_bind(at("127.0.0.1"))
-    check_bind(at("::1"))
-    check_bind(at("0.0.0.0", token="t"))
-    with pytest.raises(TokenRequired, match="set GPUQ_DASHBOARD_TOKEN"):
-        check_bind(at("0.0.0.0"))
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "gpuq"), "dashboard", "--address", "0.0.0.0"],
-        env=server_env(at("127.0.0.1")), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "GPUQ_DASHBOARD_TOKEN" in result.stderr
+def test_the_dashboard_command_prints_the_login_address_with_its_token(settings):
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "gpuq"), "dashboard", "--url", "--port", "6001"],
+        env=server_env(settings), capture_output=True, text=True, timeout=60, check=True)
+    token = (settings.home / "dashboard.token").read_text().strip()
+    assert out.stdout.strip() == f"http://127.0.0.1:6001/?token={token}"
 
 
 def test_the_procfile_serves_the_dashboard():

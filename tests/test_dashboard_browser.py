@@ -16,6 +16,7 @@ import pytest
 from app.client import Client
 from app.core.procgroup import stop_groups
 from app.core.settings import Settings
+from app.dashboard import dashboard_token
 from scheduler.worker.monitor import write_fake_foreign_use
 from tests.conftest import IN_CI, server_env, until
 
@@ -52,7 +53,9 @@ def dashboard(stack, stack_settings: Settings) -> Iterator[str]:  # type: ignore
 
     def up() -> bool:
         try:
-            return httpx.get(f"{url}/api/status", timeout=2).status_code == 200
+            return httpx.get(f"{url}/api/status", headers={
+                "Authorization": f"Bearer {dashboard_token(stack_settings)}"},
+                timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -76,10 +79,18 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(browser):  # type: ignore[no-untyped-def]
+def page(browser, dashboard: str, stack_settings: Settings):  # type: ignore[no-untyped-def]
+    """A page signed in as the owner signs in: by opening the login address once. Its
+    pages must load and run under the dashboard's Content-Security-Policy."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
-    yield context.new_page()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{dashboard}/?token={dashboard_token(stack_settings)}")
+    assert page.url == f"{dashboard}/"  # the token left the address bar for the cookie
+    yield page
     context.close()
+    assert not [e for e in errors if "Content Security Policy" in e], errors
 
 
 def _done(page, launch_id: int) -> int:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.core.settings import Settings
 from app.dashboard import create_app
+from tests.dashboard_http import bearer
 
 # Following a log streams until its job ends: test_dashboard_api covers it.
 UNFUZZED = {"/api/jobs/{job_id}/logs/stream"}
@@ -32,7 +33,10 @@ def test_answers_match_the_published_schema(settings, local, path, method):
     # A job and a launch, so that some of the ids the generator picks exist.
     local.submit("echo one", name="one")
     local.launch("echo {rank}", num_jobs=3, name="sweep")
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings, local))
+    # The ASGI client's requests name the host "testserver": the dashboard answers to it
+    # as to a proxy's name.
+    app = create_app(settings.model_copy(update={"dashboard_hosts": "testserver"}), local)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=bearer(app))
     operation = schema[path][method]
 
     @given(case=operation.as_strategy())
@@ -45,7 +49,8 @@ def test_answers_match_the_published_schema(settings, local, path, method):
         # and fields): a well-formed request naming an unknown check, a job that ended
         # unsuccessfully, too few or repeated GPU ids, or a larger environment is refused
         # with 400. Any other 400 is a finding.
-        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        response = case.call_and_validate(headers=bearer(app),
+                                          excluded_checks=[positive_data_acceptance])
         if response.status_code == 400:
             message = response.json()["message"]
             assert message.startswith("unknown preflight") or any(

@@ -132,14 +132,13 @@ def test_up_reports_a_crash_loop_in_status_with_the_exit_code(settings, tmp_path
 
 
 def test_dashboard_shows_a_crash_loop_in_its_status_api_and_gpu_page(settings, rt, local):
-    from fastapi.testclient import TestClient
-
     from app.dashboard import create_app
+    from tests.dashboard_http import dashboard_client
 
     for i in range(CRASH_LOOP_EXITS):
         record_exit(rt.redis, "testhost", "gpu", 3, 2.0 ** i)
 
-    with TestClient(create_app(settings, local)) as http:
+    with dashboard_client(create_app(settings, local)) as http:
         status = http.get("/api/status").json()
         page = http.get("/partials/gpus").text
 

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.core.settings import Settings
 from app.dashboard import create_app
 from app.store.models import Job
 from scheduler.worker.executor import SPLIT_LIMIT_CHARS, argv_for
 from tests.conftest import server_env
+from tests.dashboard_http import dashboard_client
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")
 
@@ -23,7 +23,7 @@ GPUQ = str(Path(sys.executable).parent / "gpuq")
 @pytest.mark.parametrize("path", ["/jobs/99999999999999999999", "/jobs/2147483648",
                                   "/partials/jobs/99999999999999999999", "/jobs/0"])
 def test_a_page_for_an_id_beyond_the_id_columns_is_404(settings, local, path):
-    with TestClient(create_app(settings, local), raise_server_exceptions=False) as http:
+    with dashboard_client(create_app(settings, local), raise_server_exceptions=False) as http:
         response = http.get(path)
     assert response.status_code == 404
     assert "no job with id" in response.text

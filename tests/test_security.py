@@ -186,11 +186,10 @@ def test_a_secret_reaches_the_job_and_nothing_else(remote_client, stack, stack_s
     assert value not in "\n".join(stored)
     for log in Path(stack.log_dir).glob("*.log"):  # gpuq's own processes
         assert value not in log.read_text(errors="replace"), log
-    from fastapi.testclient import TestClient
-
     from app.dashboard import create_app
+    from tests.dashboard_http import dashboard_client
 
-    with TestClient(create_app(stack_settings, remote_client)) as http:
+    with dashboard_client(create_app(stack_settings, remote_client)) as http:
         for path in (f"/api/jobs/{job.id}", "/api/jobs", f"/jobs/{job.id}"):
             page = http.get(path)
             assert page.status_code == 200 and value not in page.text, path

@@ -5,12 +5,12 @@ declared length or as it streams in."""
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.cli import render
 from app.core.text import printable
 from app.dashboard import create_app
 from app.dashboard.limits import MAX_BODY_BYTES
+from tests.dashboard_http import dashboard_client
 
 
 @pytest.mark.parametrize(("raw", "shown"), [
@@ -56,7 +56,7 @@ def test_queue_and_launch_lines_show_names_and_commands_inert(local, monkeypatch
 
 @pytest.fixture
 def api(settings, local):
-    with TestClient(create_app(settings, local)) as http:
+    with dashboard_client(create_app(settings, local)) as http:
         yield http
 
 

@@ -41,6 +41,8 @@ def _wait_for_workers(client: Client, timeout_s: float = 120) -> int:
 
 def main(keep: bool = False) -> int:
     """Run the demo; with `keep` (`make demo KEEP=1`) leave the stack up until Ctrl-C."""
+    from app.dashboard.auth import dashboard_token, login_url  # FastAPI only when run
+
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[2]
@@ -55,7 +57,7 @@ def main(keep: bool = False) -> int:
     try:
         gpus = _wait_for_workers(client)
         console.print(f"{gpus} GPU workers up; dashboard at "
-                      f"http://{settings.dashboard_address}:{settings.dashboard_port}, Flower at "
+                      f"{login_url(settings, dashboard_token(settings))}, Flower at "
                       f"http://{settings.flower_address}:{settings.flower_port}")
         sweep = client.launch(["python", "-c", TRAIN], num_jobs=8, name="demo-sweep")
         pair = client.submit(["bash", "-c", "echo two GPUs: $CUDA_VISIBLE_DEVICES"], gpus=2,

@@ -99,16 +99,24 @@ def flower_cmd(port: int | None = typer.Option(
 def dashboard(address: str | None = typer.Option(None, "--address",
                                                  help="Bind here (GPUQ_DASHBOARD_ADDRESS)."),
               port: int | None = typer.Option(None, "--port",
-                                              help="Listen here (GPUQ_DASHBOARD_PORT).")) -> None:
-    """Serve the web dashboard and its JSON API, on 127.0.0.1 unless told otherwise."""
-    from app.dashboard import serve
+                                              help="Listen here (GPUQ_DASHBOARD_PORT)."),
+              url: bool = typer.Option(False, "--url", help="Print the login address (with "
+                                       "the token) and exit, serving nothing.")) -> None:
+    """Serve the web dashboard and its JSON API, on 127.0.0.1 unless told otherwise. Every
+    request needs its token (GPUQ_DASHBOARD_TOKEN, else one kept in GPUQ_HOME): open the
+    login address it prints once, or send `Authorization: Bearer TOKEN`."""
+    from app.dashboard import dashboard_token, login_url, serve
 
     settings = load_settings()
     if port is not None:
         _port(port)
     changes = {k: v for k, v in (("dashboard_address", address), ("dashboard_port", port))
                if v is not None}
-    serve(settings.model_copy(update=changes))
+    settings = settings.model_copy(update=changes)
+    if url:
+        print(login_url(settings, dashboard_token(settings)))
+        return
+    serve(settings)
 
 
 def _port(port: int) -> int:

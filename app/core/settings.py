@@ -155,13 +155,18 @@ class Settings(BaseSettings):
         None, description="user:password that Flower asks for (several comma-separated); "
         "required when GPUQ_FLOWER_ADDRESS is beyond loopback.")
     dashboard_address: str = Field(
-        "127.0.0.1", description="Address the dashboard binds to; beyond loopback it needs "
-        "GPUQ_DASHBOARD_TOKEN.")
+        "127.0.0.1", description="Address the dashboard binds to.")
     dashboard_port: int = Field(5556, ge=0, le=65535, description="Port the dashboard "
                                 "listens on.")
     dashboard_token: str | None = Field(
-        None, description="Token the dashboard asks for (Bearer header, or ?token= once in a "
-        "browser); required when it binds beyond loopback.")
+        None, description="Token the dashboard asks for on every request (Bearer header, or "
+        "?token= once in a browser). Unset: one generated at first start and kept 0600 in "
+        "`home` (dashboard.token); `gpuq dashboard --url` prints the login address.")
+    dashboard_hosts: str = Field(
+        "", description="More host names the dashboard answers to, comma-separated (NAME "
+        "for any port, NAME:PORT for one), e.g. the name of a proxy in front of it. It "
+        "always answers to its bind address and to 127.0.0.1, localhost and [::1] on its "
+        "port; a request for any other Host gets 403 (DNS rebinding).")
     jobs_file: Path | None = Field(
         None, description="A jobs file that `gpuq up` watches (one job per line)."
     )

@@ -14,7 +14,13 @@ from app.client import Client
 from app.core import errors
 from app.core.settings import Settings
 from app.dashboard import api, pages
-from app.dashboard.auth import token_middleware
+from app.dashboard.auth import (
+    Identify,
+    either,
+    owner_identity,
+    token_middleware,
+)
+from app.dashboard.guard import AllowedHosts, Guard
 from app.dashboard.limits import BodyLimit
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -32,9 +38,14 @@ def http_status(error: errors.GpuqError) -> int:
     return 400
 
 
-def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
-    """The dashboard over `client` (by default one on `settings` and its transport)."""
+def create_app(settings: Settings, client: Client | None = None,
+               identify: Identify | None = None) -> FastAPI:
+    """The dashboard over `client` (by default one on `settings` and its transport).
+    Every request shows a token: the dashboard's own (`auth.dashboard_token`) stands for the
+    stack's owner; any other is asked of `identify` (named users), if given."""
     own = client or Client(settings)
+    hosts = AllowedHosts.of(settings)
+    who = either(owner_identity(settings), identify)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -49,9 +60,11 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    if settings.dashboard_token:
-        app.middleware("http")(token_middleware(settings.dashboard_token))
+    app.middleware("http")(token_middleware(who))
     app.add_middleware(BodyLimit)
+    # Outermost: a request for a foreign host or from a foreign origin is refused before
+    # anything else reads it, and every answer carries the security headers.
+    app.add_middleware(Guard, hosts=hosts, port=settings.dashboard_port)
 
     @app.exception_handler(errors.GpuqError)
     async def refused(request: Request, error: errors.GpuqError) -> Response:

@@ -1,48 +1,131 @@
-"""Who may use the dashboard: anyone on loopback, or whoever shows the token."""
+"""Who may use the dashboard: whoever shows a token that names an actor. There is always a
+token: GPUQ_DASHBOARD_TOKEN, or one generated at first start and kept 0600 in GPUQ_HOME."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from app.core.errors import TokenRequired
-from app.core.security import is_loopback
+from app.core.errors import GpuqError
+from app.core.identity import Actor, stack_owner
+from app.core.paths import private_home
 from app.core.settings import Settings
 
 COOKIE = "gpuq_dashboard_token"
+TOKEN_FILE = "dashboard.token"
+# An identity source: the actor a token names, or None for a token nobody holds. It may
+# read the database: the middleware calls it off the event loop.
+Identify = Callable[[str], Actor | None]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def check_bind(settings: Settings) -> None:
-    """Refuse to serve beyond loopback without a token: jobs run commands on GPU hosts."""
-    if not is_loopback(settings.dashboard_address) and not settings.dashboard_token:
-        raise TokenRequired(
-            f"the dashboard would listen on {settings.dashboard_address}, beyond this host, "
-            "with no token: set GPUQ_DASHBOARD_TOKEN, or keep GPUQ_DASHBOARD_ADDRESS=127.0.0.1")
+def token_path(settings: Settings) -> Path:
+    return settings.home / TOKEN_FILE
 
 
-def token_middleware(token: str) -> Callable[
-        [Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+def dashboard_token(settings: Settings) -> str:
+    """GPUQ_DASHBOARD_TOKEN, else the token kept in GPUQ_HOME, made on first use."""
+    if settings.dashboard_token:
+        return settings.dashboard_token
+    path = token_path(settings)
+    try:
+        private_home(path.parent)
+        if not path.exists():
+            _create_token_file(path)
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o600)
+        token = path.read_text().strip()
+    except OSError as e:
+        raise GpuqError(f"cannot read or make the dashboard's token {path} ({e.strerror}): "
+                        "run as the user who owns GPUQ_HOME, or set GPUQ_DASHBOARD_TOKEN"
+                        ) from e
+    if not token:
+        raise GpuqError(f"the dashboard's token file {path} is empty: delete it for a new "
+                        "token, or set GPUQ_DASHBOARD_TOKEN")
+    return token
+
+
+def _create_token_file(path: Path) -> None:
+    """Write a new token whole, 0600, under its final name only once complete: a second
+    dashboard starting at the same time reads the first one's token, never half of it."""
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+        os.link(draft, path)
+    except FileExistsError:
+        pass  # another process made it first; its token is the one
+    finally:
+        draft.unlink(missing_ok=True)
+
+
+def owner_identity(settings: Settings) -> Identify:
+    """Knows one token, the dashboard's, which names the stack's owner. The token is read
+    (or made) at the first request, not when the app is built."""
+    expected: list[bytes] = []
+
+    def identify(given: str) -> Actor | None:
+        if not expected:
+            expected.append(dashboard_token(settings).encode())
+        if given and secrets.compare_digest(given.encode(), expected[0]):
+            return stack_owner()
+        return None
+    return identify
+
+
+def either(first: Identify, then: Identify | None) -> Identify:
+    """`first`'s actor for a token, else `then`'s."""
+    if then is None:
+        return first
+
+    def identify(given: str) -> Actor | None:
+        return first(given) or then(given)
+    return identify
+
+
+def login_url(settings: Settings, token: str) -> str:
+    """The address the owner opens once in a browser to sign in."""
+    host = settings.dashboard_address
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.dashboard_port}/?token={quote(token, safe='')}"
+
+
+def token_middleware(identify: Identify) -> Callable[[Request, Handler], Awaitable[Response]]:
     """Accept `Authorization: Bearer TOKEN`, the cookie, or `?token=` (which sets the
-    cookie and redirects to the same page without it, so it leaves the address bar)."""
-    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                    ) -> Response:
+    cookie and redirects to the same page without it, so it leaves the address bar); put
+    the actor the token names on `request.state.actor`."""
+    async def check(request: Request, call_next: Handler) -> Response:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(given, token):
+        actor = None
+        if scheme.lower() == "bearer" and given.strip():
+            actor = await run_in_threadpool(identify, given.strip())
+        if actor is None and request.cookies.get(COOKIE):
+            actor = await run_in_threadpool(identify, request.cookies[COOKIE])
+        if actor is not None:
+            request.state.actor = actor
             return await call_next(request)
-        if secrets.compare_digest(request.cookies.get(COOKIE, ""), token):
-            return await call_next(request)
-        if secrets.compare_digest(request.query_params.get("token", ""), token):
+        query = request.query_params.get("token", "")
+        if request.method in ("GET", "HEAD") and query and \
+                await run_in_threadpool(identify, query) is not None:
             params = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             target = request.url.replace_query_params(**dict(params)) if params else \
                 request.url.remove_query_params("token")
             response = RedirectResponse(str(target), status_code=303)
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+            response.set_cookie(COOKIE, query, httponly=True, samesite="strict")
             return response
-        return JSONResponse({"code": "unauthorized", "message": "this dashboard needs its "
-                             "token: open it as /?token=TOKEN or send Authorization: Bearer "
-                             "TOKEN (GPUQ_DASHBOARD_TOKEN)"}, status_code=401,
+        return JSONResponse({"code": "unauthorized", "message": "this dashboard needs a "
+                             "token: open the address `gpuq dashboard --url` prints, or send "
+                             "Authorization: Bearer TOKEN"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
     return check

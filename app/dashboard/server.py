@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 from app.core.settings import Settings
-from app.dashboard.auth import check_bind
+from app.dashboard.auth import dashboard_token, login_url
 
 
 def serve(settings: Settings) -> None:
-    """Serve until interrupted; refused beyond loopback without a token."""
+    """Print the owner's login address, then serve until interrupted."""
     import uvicorn
 
     from app.dashboard.app import create_app
 
-    check_bind(settings)
-    uvicorn.run(create_app(settings), host=settings.dashboard_address,
-                port=settings.dashboard_port, log_level=settings.log_level.lower(),
-                access_log=False)
+    app = create_app(settings)
+    print(f"gpuq dashboard: open {login_url(settings, dashboard_token(settings))}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.dashboard_address, port=settings.dashboard_port,
+                log_level=settings.log_level.lower(), access_log=False)

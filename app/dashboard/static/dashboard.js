@@ -36,7 +36,13 @@ function startRefreshing() {
 async function cancel(button) {
   if (!window.confirm(button.dataset.confirm)) return;
   button.disabled = true;
-  const response = await fetch(button.dataset.cancel, { method: "POST", credentials: "same-origin" });
+  // A change is JSON from this page's origin: the dashboard refuses form and text bodies.
+  const response = await fetch(button.dataset.cancel, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json" },
+    body: "{}",
+  });
   const body = await response.json();
   if (response.ok) {
     flash(`cancelled ${body.cancelled.length}, stopping ${body.cancelling.length}`);
