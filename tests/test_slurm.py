@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.slurm import SlurmAdapter, _ids, _records, _status
+from adapters.slurm import POLL_FIELDS, TAG_FIELDS, SlurmAdapter, _status, records, safe_name
 from app.runtime import Runtime
 from tests.conftest import IN_CI
 from tests.test_adapters import drive, slurm_missing
@@ -70,17 +70,40 @@ def test_a_refused_submission_leaves_the_job_pending_with_the_reason(slurm, loca
     assert "invalid partition" in row["reason"].lower(), row["reason"]
 
 
-def test_scontrol_records_and_array_ranges():
-    text = ("JobId=7 ArrayJobId=7 ArrayTaskId=2-4,9 JobState=PENDING Reason=Resources "
-            "ExitCode=0:0 Command=(null)\n"
-            "JobId=12 JobName=wrap JobState=FAILED Reason=NonZeroExitCode ExitCode=9:0\n"
-            "JobId=8 ArrayJobId=7 ArrayTaskId=0 JobState=RUNNING Reason=None ExitCode=0:0\n"
-            "JobId=20 ArrayJobId=20 ArrayTaskId=0-6:3%2 JobState=PENDING "
-            "Reason=JobArrayTaskLimit\n")
-    records = _records(text)
-    assert [_ids(r) for r in records] == [["7_2", "7_3", "7_4", "7_9"], ["12"], ["7_0"],
-                                          ["20_0", "20_3", "20_6"]]
-    assert records[1]["Reason"] == "NonZeroExitCode"
+END = "@0123456789abcdef@"
+
+
+def test_squeue_records_keep_free_text_in_its_own_field():
+    text = (f"7|2|PENDING|0|Resources|gpuq-a-1-1-4{END}\n"
+            f"12|N/A|FAILED|2304|NonZeroExitCode|a name|with JobState=COMPLETED{END}\n"
+            f"13|N/A|RUNNING|0|None|two\nlines 14|N/A|FAILED|0|None|x{END}\n")
+    assert records(text, END, POLL_FIELDS) == [
+        ["7", "2", "PENDING", "0", "Resources", "gpuq-a-1-1-4"],
+        ["12", "N/A", "FAILED", "2304", "NonZeroExitCode", "a name|with JobState=COMPLETED"],
+        ["13", "N/A", "RUNNING", "0", "None", "two\nlines 14|N/A|FAILED|0|None|x"]]
+
+
+def test_malformed_squeue_records_are_skipped_and_logged(caplog):
+    text = (f"JobId=9 JobState=COMPLETED{END}\n"          # not squeue's fields at all
+            f"9|N/A|completed|0|None|x{END}\n"            # a state Slurm never writes
+            f"9|N/A|RUNNING|-1|None|x{END}\n"             # an exit status that is no number
+            f"9|N/A{END}\n"                               # too few fields
+            f"10|N/A|RUNNING|0|None|kept{END}\n"
+            f"11|N/A|RUNNING|0|None|no end")                # cut short: no end token
+    assert records(text, END, POLL_FIELDS) == [["10", "N/A", "RUNNING", "0", "None", "kept"]]
+    assert len([r for r in caplog.records if "does not parse" in r.getMessage()]) == 4
+    assert records(f"5|3|gpuq-x{END}\n", END, TAG_FIELDS) == [["5", "3", "gpuq-x"]]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("gpuq-0a1b2c3d-17-1-4", "gpuq-0a1b2c3d-17-1-4"),
+    ("train\nJobState=FAILED", "train_JobState_FAILED"),
+    ("a b=c\x1b[2J", "a_b_c_2J"),
+    ("", "gpuq"),
+    ("x" * 500, "x" * 128),
+])
+def test_job_names_and_comments_are_made_safe_for_slurm(name, expected):
+    assert safe_name(name) == expected
 
 
 @pytest.mark.parametrize(("state", "reason", "exit_code", "expected"), [
