@@ -4,14 +4,18 @@ scontrol's answers."""
 
 from __future__ import annotations
 
+import base64
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from adapters.runner import take_secrets_file
 from adapters.slurm import POLL_FIELDS, TAG_FIELDS, SlurmAdapter, _status, records, safe_name
 from app.runtime import Runtime
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, until
 from tests.test_adapters import drive, slurm_missing
 
 
@@ -68,6 +72,75 @@ def test_a_refused_submission_leaves_the_job_pending_with_the_reason(slurm, loca
     row = job.row()
     assert row["status"] == "PENDING"
     assert "invalid partition" in row["reason"].lower(), row["reason"]
+
+
+SECRET = "s3cr3t-for-slurm-only"
+# What the runner itself gives a job: its place in the launch and where its payload and
+# result are. Nothing else named GPUQ_* reaches a job.
+RUNNER_VARIABLES = {"GPUQ_JOB_RANK", "GPUQ_JOB_ID", "GPUQ_NUM_JOBS", "GPUQ_RANK_OFFSET",
+                    "GPUQ_RESTART_COUNT", "GPUQ_LAUNCH_ID", "GPUQ_PAYLOAD", "GPUQ_PAYLOAD_FILE",
+                    "GPUQ_RESULT_DIR"}
+
+
+def _slurm_text(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.e2e
+def test_a_secret_reaches_the_slurm_job_and_nothing_slurm_keeps(slurm, local, tmp_path: Path,
+                                                                monkeypatch):
+    # Given a control worker whose environment holds what no job may see
+    monkeypatch.setenv("GPUQ_SECRET", "the-workers-own-secret")
+    monkeypatch.setenv("GPUQ_DATABASE_URL_FOR_TEST", "postgresql://gpuq:db-password@db/gpuq")
+    out = tmp_path / "out"
+    out.mkdir()
+    # When a job is given a secret and runs on Slurm
+    job = local.submit(f"env -0 > {out}/env; touch {out}/started; sleep 600", backend="slurm",
+                       secrets={"API_TOKEN": SECRET})
+    until(lambda: slurm.sync() is not None and (out / "started").exists(), timeout_s=120)
+    backend_id = job.row()["backend_id"]
+    # Then the job sees its secret and none of the worker's variables
+    seen = dict(v.split("=", 1) for v in (out / "env").read_text().split("\0") if "=" in v)
+    assert seen["API_TOKEN"] == SECRET
+    assert {k for k in seen if k.startswith("GPUQ_")} <= RUNNER_VARIABLES, sorted(seen)
+    assert "db-password" not in "".join(seen.values())
+    if "GPUQ_PAYLOAD" in seen:  # the inline payload (also in the script) carries no secret
+        assert SECRET.encode() not in base64.b64decode(seen["GPUQ_PAYLOAD"])
+    # and what Slurm keeps of the job (its details, its script, its stored environment)
+    # holds neither the secret nor the worker's variables
+    kept = [_slurm_text("scontrol", "show", "job", "-dd", backend_id),
+            _slurm_text("scontrol", "write", "batch_script", backend_id, "-")]
+    state_dir = Path(slurm.config["StateSaveLocation"])
+    stored = list(state_dir.glob(f"hash.*/job.{backend_id}/environment"))
+    assert stored, f"no stored environment of job {backend_id} under {state_dir}"
+    kept += [p.read_bytes().decode(errors="replace") for p in stored]
+    if slurm.config.get("AccountingStorageType", "").endswith("slurmdbd"):
+        kept.append(_slurm_text("sacct", "--env-vars", "-j", backend_id))
+    for text in kept:
+        assert SECRET not in text
+        assert "the-workers-own-secret" not in text and "db-password" not in text
+    assert "exec /usr/bin/env" in kept[1], "the script shown is the one gpuq wrote"
+    # and the private file that carried the secret is gone once the job started
+    assert not list(slurm.secrets_dir().iterdir())
+    for path in slurm.store_dir(slurm.rt.settings).rglob("*"):
+        assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+    job.cancel()
+    assert drive(slurm, local, [job.id])[0]["status"] == "CANCELLED"
+
+
+def test_the_runner_takes_its_secrets_file_and_deletes_it(tmp_path: Path):
+    secrets_file = tmp_path / "s"
+    secrets_file.write_bytes(b"API_TOKEN=a=b\nc\0OTHER=x")
+    env = {"GPUQ_SECRETS_FILE": str(secrets_file)}
+    try:
+        take_secrets_file(env)
+        assert (os.environ["API_TOKEN"], os.environ["OTHER"]) == ("a=b\nc", "x")
+        assert not secrets_file.exists() and "GPUQ_SECRETS_FILE" not in env
+        with pytest.raises(SystemExit, match=r"secrets file .* is gone"):
+            take_secrets_file({"GPUQ_SECRETS_FILE": str(secrets_file)})
+    finally:
+        os.environ.pop("API_TOKEN", None)
+        os.environ.pop("OTHER", None)
 
 
 END = "@0123456789abcdef@"
