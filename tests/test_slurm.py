@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,11 +68,13 @@ def test_a_launch_over_max_array_size_is_split_and_keeps_every_rank(slurm, local
 @pytest.mark.e2e
 def test_a_refused_submission_leaves_the_job_pending_with_the_reason(slurm, local):
     slurm.rt.settings.slurm_partition = "no-such-partition"
-    job = local.submit("true", backend="slurm")
+    job = local.submit("true", backend="slurm", secrets={"API_TOKEN": SECRET})
     assert slurm.sync()["submitted"] == 0
     row = job.row()
     assert row["status"] == "PENDING"
     assert "invalid partition" in row["reason"].lower(), row["reason"]
+    # and the secrets file written for it is gone with the refusal
+    assert slurm.secrets_dir().is_dir() and not list(slurm.secrets_dir().iterdir())
 
 
 SECRET = "s3cr3t-for-slurm-only"
@@ -126,6 +129,18 @@ def test_a_secret_reaches_the_slurm_job_and_nothing_slurm_keeps(slurm, local, tm
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
     job.cancel()
     assert drive(slurm, local, [job.id])[0]["status"] == "CANCELLED"
+
+
+def test_each_replica_gets_a_secrets_file_only_its_owner_reads(rt):
+    adapter = SlurmAdapter()
+    adapter.rt = rt
+    paths = adapter._secret_files("gpuq-0a1b2c3d-5-1-2", 2, {"API_TOKEN": SECRET, "B": "x"})
+    assert [p.name for p in paths] == ["gpuq-0a1b2c3d-5-1-2.0", "gpuq-0a1b2c3d-5-1-2.1"]
+    assert stat.S_IMODE(adapter.secrets_dir().stat().st_mode) == 0o700
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_bytes() == f"API_TOKEN={SECRET}\0B=x".encode()
+    assert adapter._secret_files("gpuq-0a1b2c3d-6-1-1", 1, {}) == []
 
 
 def test_the_runner_takes_its_secrets_file_and_deletes_it(tmp_path: Path):
