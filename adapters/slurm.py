@@ -76,6 +76,9 @@ def safe_name(text: str) -> str:
 class SlurmAdapter(BatchAdapter):
     backend_name = "slurm"
     name = "gpuq.batch.slurm"
+    # The secrets of the payload submit() is about to send, by payload key (payload_bytes
+    # takes them out of the payload).
+    _secrets: dict[str | None, dict[str, str]] | None = None
 
     @classmethod
     def store_dir(cls, settings: Settings) -> Path:
@@ -170,9 +173,6 @@ class SlurmAdapter(BatchAdapter):
                 path.unlink(missing_ok=True)
             raise
         return handle.strip().split(";")[0]
-
-    # The secrets of the payload submit() is about to send, by payload key.
-    _secrets: dict[str | None, dict[str, str]] | None = None
 
     def secrets_dir(self) -> Path:
         return BatchStore(self.store_dir(self.rt.settings)).backend_dir("slurm") / "secrets"
