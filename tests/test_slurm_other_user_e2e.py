@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,8 +53,8 @@ def slurm(rt: Runtime) -> SlurmAdapter:
 
 
 @pytest.fixture
-def hostile(other_user: str) -> Iterator[list[str]]:
-    """Submits jobs as the other user; their ids. Every one is cancelled at the end."""
+def hostile(other_user: str) -> Iterator[Callable[..., str]]:
+    """Submits a job as the other user; returns its id. Every one is cancelled at the end."""
     place = Path(tempfile.mkdtemp(prefix="gpuq-hostile-"))
     place.chmod(0o777)
     ids: list[str] = []
@@ -71,7 +71,7 @@ def hostile(other_user: str) -> Iterator[list[str]]:
         ids.append(done.stdout.strip().split(";")[0])
         return ids[-1]
 
-    yield submit  # type: ignore[misc]
+    yield submit
     if ids:
         subprocess.run(["scancel", *ids], check=False)
     shutil.rmtree(place, ignore_errors=True)
