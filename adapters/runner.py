@@ -142,6 +142,25 @@ def call(spec: dict[str, Any]) -> Any:
     return call_spec["fn"](*args, **call_spec.get("kwargs", {}))
 
 
+def take_secrets_file(env: dict[str, str]) -> None:
+    """Secrets a backend left in a private file named by GPUQ_SECRETS_FILE (NAME=VALUE
+    records separated by NUL, as no variable holds one): read, deleted before the job runs,
+    and put in the job's environment (never in the one the backend stores)."""
+    path = env.pop("GPUQ_SECRETS_FILE", None)
+    os.environ.pop("GPUQ_SECRETS_FILE", None)
+    if not path:
+        return
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SystemExit(f"the secrets file {path} is gone: a runner of this job already "
+                         "took it (the job was started twice?); submit the job again") from None
+    Path(path).unlink()
+    for record in filter(None, data.split(b"\0")):
+        name, _, value = record.decode(errors="surrogateescape").partition("=")
+        os.environ[name] = value
+
+
 class Terminated(Exception):
     """The job was told to stop (SIGTERM)."""
 
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = read_payload(options.payload_file, env)
     # Secret variables travel in the payload, never in the job's recorded environment.
     os.environ.update(spec.get("secrets") or {})
+    take_secrets_file(env)
     if "command" in spec:
         return run_command(spec, rank, env.get("GPUQ_NUM_JOBS", "1"))
     result: Path | str

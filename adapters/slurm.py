@@ -1,26 +1,46 @@
-"""Slurm: sbatch (a launch is an array job), scontrol for state, scancel.
+"""Slurm: sbatch (a launch is an array job), squeue for state, scancel.
 
-Works without Slurm accounting: states come from `scontrol show job`, which knows a job
-until MinJobAge after it ends; where the cluster runs slurmdbd (`scontrol show config`
-says so), jobs scontrol has forgotten are looked up with `sacct`. Payloads over the inline
-limit, results and output files live in GPUQ_SLURM_SHARED_DIR, which every node must see.
+Works without Slurm accounting: states come from `squeue`, which knows a job until
+MinJobAge after it ends; where the cluster runs slurmdbd (`scontrol show config` says so),
+jobs squeue has forgotten are looked up with `sacct`. Payloads over the inline limit,
+results, output files and secrets files live in GPUQ_SLURM_SHARED_DIR, which every node
+must see.
+
+The cluster is shared: other users' jobs are none of gpuq's business, and their text
+(names, working directories) is hostile. gpuq asks only for its own jobs (`--me`, and by id
+when it polls), reads fields in a fixed order with the one free-text field last, and ends
+every record with a token drawn for that call, so that no job's text can end a record early
+or pass for another field; a record that does not parse is logged and skipped.
+
+A job gets no environment from the control worker (`--export=NONE`): the batch script sets
+the few variables the runner needs and the job's own, and its secrets go to a 0600 file the
+runner reads and deletes before the job starts, never to the script or the environment
+Slurm stores.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import secrets
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
+
+import cloudpickle
 
 from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore
 from app.core.settings import Settings
 from app.store.models import Job
+
+log = logging.getLogger(__name__)
 
 WAITING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
            "RESV_DEL_HOLD"}
@@ -30,11 +50,35 @@ CANCELLED = {"CANCELLED"}
 # BOOT_FAIL, DEADLINE) is a failure; a state not named here is a running one.
 ENDED_BADLY = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
                "DEADLINE"}
+ENDED = ENDED_WELL | CANCELLED | ENDED_BADLY
+
+# squeue's fields for a poll and for finding tags; the last of each is free text.
+POLL_FIELDS = ("ArrayJobID", "ArrayTaskID", "State", "exit_code", "Reason", "Name")
+TAG_FIELDS = ("ArrayJobID", "ArrayTaskID", "Name")
+# What Slurm writes in each fixed field; a record with anything else is skipped.
+_FIELD_PATTERNS = {"ArrayJobID": re.compile(r"[0-9]+"), "ArrayTaskID": re.compile(r"[0-9]+|N/A"),
+                   "State": re.compile(r"[A-Z_]+"), "exit_code": re.compile(r"[0-9]+"),
+                   "Reason": re.compile(r"[^\n]*")}
+_SACCT_LINE = re.compile(r"([0-9]+(?:_[0-9]+)?)\|([A-Z_]+)(?: by [0-9]+)?\|([0-9]+):([0-9]+)\|")
+# What Slurm gets as a job name or comment: no spaces, `=` or control characters.
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_CHARS = 128
+# What a job's environment holds besides its own variables and the runner's: a minimal
+# allow-list from the control worker's (no GPUQ_*, no URLs or passwords).
+PASSED_THROUGH = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+
+
+def safe_name(text: str) -> str:
+    """`text` as a Slurm job name or comment: only [A-Za-z0-9._-], at most 128 characters."""
+    return _UNSAFE_NAME.sub("_", text)[:MAX_NAME_CHARS] or "gpuq"
 
 
 class SlurmAdapter(BatchAdapter):
     backend_name = "slurm"
     name = "gpuq.batch.slurm"
+    # The secrets of the payload submit() is about to send, by payload key (payload_bytes
+    # takes them out of the payload).
+    _secrets: dict[str | None, dict[str, str]] | None = None
 
     @classmethod
     def store_dir(cls, settings: Settings) -> Path:
@@ -53,7 +97,8 @@ class SlurmAdapter(BatchAdapter):
         no answer within call_timeout_s: GpuqError (it may have been done)."""
         try:
             done = subprocess.run(args, capture_output=True, text=True, env=env, input=stdin,
-                                  timeout=self.call_timeout_s, check=False)
+                                  timeout=self.call_timeout_s, check=False,
+                                  errors="replace")
         except FileNotFoundError:
             raise SubmitRefused(f"{args[0]} is not installed here: run the control worker on "
                                 "a Slurm login node (deploy/slurm/setup.sh makes a one-node "
@@ -61,12 +106,23 @@ class SlurmAdapter(BatchAdapter):
         except subprocess.TimeoutExpired:
             raise GpuqError(f"{args[0]} did not answer in {self.call_timeout_s:.0f}s") from None
         if done.returncode != 0:
+            # Older squeue versions fail when none of the ids asked for is known.
+            if args[0] == "squeue" and "invalid job id" in done.stderr.lower():
+                return ""
             message = f"{' '.join(args[:2])} failed: {done.stderr.strip()}"
             # sbatch's own time-outs talking to the controller leave its fate unknown.
             if args[0] == "sbatch" and "timed out" not in done.stderr.lower():
                 raise SubmitRefused(message)
             raise GpuqError(message)
         return done.stdout
+
+    def _squeue(self, fields: Sequence[str], *filters: str) -> list[list[str]]:
+        """gpuq's own jobs (`--me`), one record of `fields` per job or array task."""
+        end = f"@{secrets.token_hex(16)}@"
+        spec = ",".join([f"{f}:|" for f in fields[:-1]] + [f"{fields[-1]}:{end}"])
+        text = self._run("squeue", "--me", "--noheader", "--array", "--states=all",
+                         f"--Format={spec}", *filters)
+        return records(text, end, fields)
 
     @cached_property
     def config(self) -> dict[str, str]:
@@ -76,15 +132,22 @@ class SlurmAdapter(BatchAdapter):
     def array_limit(self) -> int:
         return int(self.config.get("MaxArraySize", "1001"))  # indices stay below it
 
+    def payload_bytes(self, job: Job) -> bytes:
+        """The payload without its secrets, which submit() puts in a private file."""
+        spec: dict[str, Any] = cloudpickle.loads(super().payload_bytes(job))
+        self._secrets = {job.payload_key: spec.pop("secrets", None) or {}}
+        return bytes(cloudpickle.dumps(spec))
+
     def submit(self, submission: Submission) -> str:
         """One sbatch: an array when the part has several replicas. The job name is the
-        submission's tag; the user's name goes in the comment."""
+        submission's tag; the user's name, made safe, goes in the comment."""
         settings = self.rt.settings
         out_dir = BatchStore(self.store_dir(settings)).backend_dir("slurm")
         out_dir.mkdir(parents=True, exist_ok=True)
-        comment = re.sub(r"[\s=]+", "_", submission.name)[:128]
-        command = ["sbatch", "--parsable", f"--job-name={submission.tag}",
-                   f"--comment={comment}"]
+        part = submission.jobs
+        command = ["sbatch", "--parsable", "--export=NONE",
+                   f"--job-name={safe_name(submission.tag)}",
+                   f"--comment={safe_name(submission.name)}"]
         for option, value in (("partition", settings.slurm_partition),
                               ("account", settings.slurm_account),
                               ("time", settings.slurm_time_limit),
@@ -94,71 +157,114 @@ class SlurmAdapter(BatchAdapter):
         if submission.gpus:
             command.append(f"--gpus={submission.gpus}" if settings.slurm_gpu_option == "gpus"
                            else f"--gres=gpu:{submission.gpus}")
-        script = f"#!/bin/sh\nexec {sys.executable} -m adapters.runner\n"
-        part = submission.jobs
-        env = {**os.environ, **submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
+        env = {**{k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
+               **submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
         if len(part) == 1:
             env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
             array = [f"--output={out_dir}/%j.out"]
         else:
             array = [f"--array=0-{len(part) - 1}", f"--output={out_dir}/%A_%a.out"]
-        return self._run(*command, *array, env=env, stdin=script).strip().split(";")[0]
+        found = (self._secrets or {}).get(part[0].payload_key) if part[0].payload_key else None
+        secret_files = self._secret_files(submission.tag, len(part), found or {})
+        try:
+            handle = self._run(*command, *array, stdin=_script(env, secret_files))
+        except SubmitRefused:
+            for path in secret_files:
+                path.unlink(missing_ok=True)
+            raise
+        return handle.strip().split(";")[0]
+
+    def secrets_dir(self) -> Path:
+        return BatchStore(self.store_dir(self.rt.settings)).backend_dir("slurm") / "secrets"
+
+    def _secret_files(self, tag: str, count: int, values: dict[str, str]) -> list[Path]:
+        """One 0600 file per replica (each runner deletes its own): NAME=VALUE records
+        separated by NUL, which no variable holds."""
+        if not values:
+            return []
+        folder = self.secrets_dir()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        data = b"\0".join(f"{k}={v}".encode(errors="surrogateescape")
+                          for k, v in values.items())
+        paths = [folder / f"{safe_name(tag)}.{index}" for index in range(count)]
+        for path in paths:
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return paths
 
     def member_ids(self, handle: str, count: int) -> list[str]:
         return [handle] if count == 1 else [f"{handle}_{index}" for index in range(count)]
 
     def tagged(self) -> dict[str, str]:
-        """Jobs the controller knows by their name (a tag); an array's handle is its id."""
+        """gpuq's jobs by their name (a tag); an array's handle is its id."""
         found = {}
-        for record in _records(self._run("scontrol", "show", "job", "--oneliner")):
-            name = record.get("JobName", "")
+        for parent, _, name in self._squeue(TAG_FIELDS):
             if name.startswith("gpuq-"):
-                found[name] = record.get("ArrayJobId") or record["JobId"]
+                found[name] = parent
         return found
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
-        """One `scontrol show job` for every job the controller still knows; `sacct` for
-        the rest when accounting is there."""
+        """One `squeue` for the jobs asked about; `sacct` for those it has forgotten when
+        accounting is there."""
         statuses: dict[str, Status] = {}
-        for record in _records(self._run("scontrol", "show", "job", "--oneliner")):
-            for backend_id in _ids(record):
-                statuses[backend_id] = _status(record["JobState"], record.get("Reason"),
-                                               record.get("ExitCode"))
+        parents = sorted({i.split("_")[0] for i in backend_ids})
+        for parent, task, state, wait_status, reason, name in self._squeue(
+                POLL_FIELDS, f"--jobs={','.join(parents)}"):
+            backend_id = parent if task == "N/A" else f"{parent}_{task}"
+            status = int(wait_status)
+            statuses[backend_id] = _status(state, reason, f"{status >> 8}:{status & 0x7F}")
+            if state in ENDED:  # a runner that never started leaves its secrets: drop them
+                index = "0" if task == "N/A" else task
+                (self.secrets_dir() / f"{safe_name(name)}.{index}").unlink(missing_ok=True)
         forgotten = [i for i in backend_ids if i not in statuses]
         if forgotten and self.config.get("AccountingStorageType", "").endswith("slurmdbd"):
-            for line in self._run("sacct", "--noheader", "--parsable2", "-X",
-                                  "--format=JobID,State,ExitCode,Reason",
-                                  f"--jobs={','.join(forgotten)}").splitlines():
-                job_id, state, exit_code, reason = line.split("|")
-                statuses[job_id] = _status(state.split()[0], reason, exit_code)
+            text = self._run("sacct", "--noheader", "--parsable2", "-X",
+                             "--format=JobID,State,ExitCode,Reason",
+                             f"--jobs={','.join(forgotten)}")
+            for line in text.splitlines():
+                if not (match := _SACCT_LINE.match(line)):
+                    log.warning("slurm: skipped an sacct line that does not parse: %r",
+                                line[:200])
+                    continue
+                job_id, state, code, signal = match.groups()
+                statuses[job_id] = _status(state, line[match.end():], f"{code}:{signal}")
         return {i: statuses[i] for i in backend_ids if i in statuses}
 
     def cancel(self, backend_ids: Sequence[str]) -> None:
         self._run("scancel", *backend_ids)
 
 
-def _records(text: str) -> list[dict[str, str]]:
-    """`scontrol --oneliner` lines as key=value dicts (values hold no spaces but Command)."""
-    records = []
-    for line in text.splitlines():
-        if line.startswith("JobId="):
-            records.append(dict(re.findall(r"(\w+)=(\S*)", line)))
-    return records
+def _script(env: dict[str, str], secret_files: list[Path]) -> str:
+    """The batch script: the runner with exactly `env` (and SLURM_*), and where each
+    replica finds its secrets. Names and values are quoted; the script holds no secret."""
+    lines = ["#!/bin/sh", "exec /usr/bin/env -- \\"]
+    lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in env.items()]
+    if secret_files:
+        folder = shlex.quote(str(secret_files[0].parent))
+        stem = shlex.quote(secret_files[0].name.rsplit(".", 1)[0])
+        lines.append(f'  GPUQ_SECRETS_FILE={folder}/{stem}."${{SLURM_ARRAY_TASK_ID:-0}}" \\')
+    lines.append(f"  {shlex.quote(sys.executable)} -m adapters.runner")
+    return "\n".join(lines) + "\n"
 
 
-def _ids(record: dict[str, str]) -> list[str]:
-    """The backend ids one record stands for: `A_i` for array tasks (a pending record may
-    stand for a range, `1-4,7` or `0-9:2`), the job id otherwise."""
-    parent, tasks = record.get("ArrayJobId"), record.get("ArrayTaskId")
-    if not parent or not tasks:
-        return [record["JobId"]]
-    ids = []
-    for chunk in tasks.split("%")[0].split(","):
-        first, _, rest = chunk.partition("-")
-        last, _, step = rest.partition(":")
-        ids += [f"{parent}_{i}" for i in range(int(first), int(last or first) + 1,
-                                               int(step or 1))]
-    return ids
+def records(text: str, end: str, fields: Sequence[str]) -> list[list[str]]:
+    """squeue's answer as records of `fields`. Each record ends with `end` (drawn per
+    call, so no job's text holds it); fields are split at the first count-1 `|`, so the last
+    one, the only free text, keeps any `|` or newline it has. A record whose fixed fields
+    are not what Slurm writes is logged and skipped."""
+    found = []
+    for chunk in text.split(end)[:-1]:
+        values = chunk.removeprefix("\n").split("|", len(fields) - 1)
+        if len(values) == len(fields) and all(
+                pattern.fullmatch(value) for field, value in zip(fields, values, strict=True)
+                if (pattern := _FIELD_PATTERNS.get(field))):
+            found.append(values)
+        else:
+            log.warning("slurm: skipped a squeue record that does not parse: %r", chunk[:200])
+    return found
 
 
 def _status(state: str, reason: str | None, exit_code: str | None) -> Status:
