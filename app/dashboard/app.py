@@ -16,10 +16,12 @@ from app.core.settings import Settings
 from app.dashboard import api, pages
 from app.dashboard.auth import token_middleware
 from app.dashboard.limits import BodyLimit
+from app.store import users
 
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS: dict[type[errors.GpuqError], int] = {
     errors.JobNotFound: 404, errors.LaunchNotFound: 404, errors.DuplicateJob: 409,
+    errors.NotPermitted: 403, errors.InvalidToken: 401,
     errors.PayloadTooLarge: 413, errors.BrokerUnavailable: 503,
     errors.DatabaseUnavailable: 503, errors.OperationTimeout: 503,
 }
@@ -34,7 +36,8 @@ def http_status(error: errors.GpuqError) -> int:
 
 def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     """The dashboard over `client` (by default one on `settings` and its transport)."""
-    own = client or Client(settings)
+    # The dashboard serves the http transport: it never is a client of it itself.
+    own = client or Client(settings, settings.transport)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +53,9 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.dashboard_token:
-        app.middleware("http")(token_middleware(settings.dashboard_token))
+        app.middleware("http")(token_middleware(
+            settings.dashboard_token,
+            lambda token: users.actor_for_token(own.rt.engine, token)))
     app.add_middleware(BodyLimit)
 
     @app.exception_handler(errors.GpuqError)

@@ -6,9 +6,11 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.core.errors import TokenRequired
+from app.core.identity import Actor, stack_owner
 from app.core.security import is_loopback
 from app.core.settings import Settings
 
@@ -23,15 +25,24 @@ def check_bind(settings: Settings) -> None:
             "with no token: set GPUQ_DASHBOARD_TOKEN, or keep GPUQ_DASHBOARD_ADDRESS=127.0.0.1")
 
 
-def token_middleware(token: str) -> Callable[
+def token_middleware(token: str, identify: Callable[[str], Actor | None] | None = None
+                     ) -> Callable[
         [Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
     """Accept `Authorization: Bearer TOKEN`, the cookie, or `?token=` (which sets the
-    cookie and redirects to the same page without it, so it leaves the address bar)."""
+    cookie and redirects to the same page without it, so it leaves the address bar): the
+    stack's owner. A named user's token (`identify` finds its user) is accepted as Bearer
+    and the request acts for that user (request.state.actor)."""
     async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                     ) -> Response:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and secrets.compare_digest(given, token):
+            request.state.actor = stack_owner()
             return await call_next(request)
+        if scheme.lower() == "bearer" and identify is not None and given:
+            actor = await run_in_threadpool(identify, given)
+            if actor is not None:
+                request.state.actor = actor
+                return await call_next(request)
         if secrets.compare_digest(request.cookies.get(COOKIE, ""), token):
             return await call_next(request)
         if secrets.compare_digest(request.query_params.get("token", ""), token):
