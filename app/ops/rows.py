@@ -49,7 +49,7 @@ class JobRow(Row):
     ended_at: str | None
     restart_count: int
     duration_s: float | None
-    owner: str = Field(description="Who submitted it: the stack's owner or a named user.")
+    owner: str = Field("", description="Who submitted it: the stack's owner or a named user.")
 
     @classmethod
     def of(cls, job: Job, now: float | None = None) -> JobRow:
@@ -109,7 +109,7 @@ class LaunchRow(Row):
     command: str
     counts: dict[str, int] = Field(description="Replicas per state.")
     done: int = Field(description="Replicas in a terminal state.")
-    owner: str = Field(description="Who launched it.")
+    owner: str = Field("", description="Who launched it.")
 
     @classmethod
     def of(cls, launch: Launch, counts: dict[str, int]) -> LaunchRow:
