@@ -20,6 +20,7 @@ from sqlalchemy import Engine, MetaData, create_engine, insert, make_url, text
 from sqlmodel import SQLModel
 
 from app.core.errors import SchemaOutdated
+from app.core.identity import stack_owner
 from app.core.settings import Settings
 from app.ops.registry import call_local
 from app.runtime import Runtime
@@ -165,6 +166,9 @@ def test_a_database_made_before_migrations_is_upgraded_with_every_job_intact(set
             _assert_reads_back(call_local(rt, "job", {"job_id": written["id"]}), written)
         launch = call_local(rt, "launches", {"launch_id": 1})["launches"][0]
         assert launch["counts"] == {"SUCCEEDED": 1, "FAILED": 1}
+        # And the jobs and launches from before owners belong to the stack's owner
+        assert {row["owner"] for row in queue["jobs"]} == {stack_owner().name}
+        assert launch["owner"] == stack_owner().name
         # And a new launch takes ids after the old ones, running after an old job
         with rt.session() as session:
             spec = JobSpec(command="true", gpus=0, after=[1])

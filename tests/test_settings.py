@@ -53,7 +53,7 @@ def test_passwords_are_masked():
 @pytest.mark.parametrize(("name", "value", "fix"), [
     ("GPUQ_FAKE_GPUS", "-1", "fake_gpus"),
     ("GPUQ_HOSTNAME", "bad host!", "GPUQ_HOSTNAME may hold only"),
-    ("GPUQ_TRANSPORT", "carrier-pigeon", "'local' or 'remote'"),
+    ("GPUQ_TRANSPORT", "carrier-pigeon", "'local', 'remote' or 'http'"),
 ])
 def test_bad_settings_name_the_variable(monkeypatch, name, value, fix):
     monkeypatch.setenv(name, value)

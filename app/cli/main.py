@@ -9,9 +9,11 @@ import typer
 from app.cli import jobs, servers  # noqa: F401  (register their commands)
 from app.cli.common import State, cli
 from app.cli.db import db
+from app.cli.users import users
 from app.core.errors import GpuqError
 
 cli.add_typer(db, name="db")
+cli.add_typer(users, name="user")
 
 __all__ = ["cli", "main"]
 

@@ -7,23 +7,27 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from app.client.http import call_http, default_transport
 from app.core import keys
 from app.core.errors import (
     DatabaseUnavailable,
     GpuqError,
     InvalidJobSpec,
     JobNotFound,
+    NotPermitted,
     OperationTimeout,
     PayloadTooLarge,
     RemoteError,
     error_from_envelope,
 )
+from app.core.identity import Actor, stack_owner
 from app.core.keys import CONTROL_QUEUE
 from app.core.settings import Settings
 from app.core.states import JobState
@@ -39,24 +43,48 @@ IDS_PER_CALL = 1000
 
 
 class Client:
-    """Entry point of the API; `transport` is 'local' (in process) or 'remote' (broker)."""
+    """Entry point of the API; `transport` is 'local' (in process), 'remote' (broker) or
+    'http' (a dashboard at GPUQ_URL, as the named user whose token it shows)."""
 
     def __init__(self, settings: Settings | None = None, transport: str | None = None) -> None:
         self.settings = settings or Settings()
-        self.transport = transport or self.settings.transport
-        if self.transport not in ("local", "remote"):
-            raise GpuqError(f"unknown transport {self.transport!r}; use 'local' or 'remote'")
-        self.rt = Runtime(self.settings)
+        self.transport = transport or default_transport(self.settings)
+        if self.transport not in ("local", "remote", "http"):
+            raise GpuqError(f"unknown transport {self.transport!r}; use 'local', 'remote' "
+                            "or 'http'")
+        self.actor: Actor | None = None  # None: the stack's owner
+        if self.transport != "http":
+            self.rt = Runtime(self.settings)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "rt":  # only an http client has none
+            raise GpuqError("this needs the stack's Redis and database (function jobs, "
+                            "secrets, results), which a named user reaching gpuq over "
+                            "GPUQ_URL does not reach; submit shell commands")
+        raise AttributeError(name)
+
+    def acting_for(self, actor: Actor) -> Client:
+        """This client, sharing its connections, running operations for `actor`."""
+        other = copy.copy(self)
+        other.actor = actor
+        return other
 
     def call(self, op: str, /, **kwargs: Any) -> dict[str, Any]:
         """Run one operation of the operations layer over this client's transport."""
+        if self.transport == "http":
+            return call_http(self.settings, op, kwargs)
         if self.transport == "local":
             from sqlalchemy.exc import OperationalError
 
             try:
-                return call_local(self.rt, op, kwargs)
+                return call_local(self.rt, op, kwargs, self.actor)
             except OperationalError as e:
                 raise database_unavailable(e) from e
+        if self.actor is not None and self.actor != stack_owner():
+            # A control message names no actor yet: the control worker would run it as
+            # the stack's owner.
+            raise NotPermitted("a named user's operation cannot travel over the remote "
+                               "transport; serve the dashboard with GPUQ_TRANSPORT=local")
         return self._call_remote(op, kwargs)
 
     def _call_remote(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +270,8 @@ class Client:
                 return rows
 
     def close(self) -> None:
-        self.rt.close()
+        if self.transport != "http":
+            self.rt.close()
 
 
 def database_unavailable(error: Exception) -> DatabaseUnavailable:

@@ -96,6 +96,29 @@ class IllegalTransition(GpuqError):
     code = "illegal_transition"
 
 
+class UserNotFound(GpuqError):
+    code = "user_not_found"
+
+
+# Who may do what
+
+
+class NotPermitted(GpuqError):
+    """A named user asked to see or change what is another user's (a job, a launch)."""
+
+    code = "not_permitted"
+
+
+class InvalidToken(GpuqError):
+    """A token that names no user, a revoked one's, or a token file others may read."""
+
+    code = "invalid_token"
+
+
+class UserExists(GpuqError):
+    code = "user_exists"
+
+
 class RemoteError(GpuqError):
     """A function job raised an exception that could not be rebuilt here."""
 

@@ -41,8 +41,19 @@ class Settings(BaseSettings):
         description="This host's name in queue names; override to simulate several hosts.",
     )
     transport: str = Field(
-        "local", description="How the client runs operations: local (in process) or remote."
+        "local", description="How the client runs operations: local (in process), remote "
+        "(the control worker, over the broker) or http (a gpuq dashboard at GPUQ_URL, as the "
+        "named user whose token it shows; chosen by itself when GPUQ_URL and a token are set)."
     )
+    url: str | None = Field(
+        None, description="A gpuq dashboard's address (http://host:port) that a named user "
+        "reaches gpuq through, with their token.")
+    token: str | None = Field(
+        None, description="A named user's token (`gpuq user add` printed it); else read from "
+        "GPUQ_TOKEN_FILE.")
+    token_file: Path = Field(
+        Path("~/.config/gpuq/token"), description="A file holding a named user's token; "
+        "refused unless only its owner may read it (chmod 600).")
     kill_grace_s: float = Field(
         10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job is cancelled."
     )
@@ -199,8 +210,8 @@ class Settings(BaseSettings):
     @field_validator("transport")
     @classmethod
     def _known_transport(cls, value: str) -> str:
-        if value not in ("local", "remote"):
-            raise ValueError("GPUQ_TRANSPORT must be 'local' or 'remote'")
+        if value not in ("local", "remote", "http"):
+            raise ValueError("GPUQ_TRANSPORT must be 'local', 'remote' or 'http'")
         return value
 
     @field_validator("flower_basic_auth")
@@ -277,7 +288,7 @@ class Settings(BaseSettings):
                 values[key] = mask_url(value)
         if self.dashboard_token:
             values["dashboard_token"] = SECRET_MASK
-        for name in ("secret", "embedded_redis_password"):
+        for name in ("secret", "embedded_redis_password", "token"):
             if getattr(self, name):
                 values[name] = SECRET_MASK
         if self.flower_basic_auth:

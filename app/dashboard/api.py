@@ -7,11 +7,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app.client import Client
+from app.core.identity import Actor
 from app.core.states import JobState
 from app.dashboard import present
 from app.dashboard.schemas import ErrorBody, LaunchRequest, SubmitRequest
@@ -31,7 +32,9 @@ from app.store.spec import MAX_ID
 # Refusals every route may answer with (app.dashboard.app.HTTP_STATUS).
 REFUSALS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
-        (400, "Refused: the message names the fix."), (404, "No such job or launch."),
+        (400, "Refused: the message names the fix."),
+        (403, "Another user's job or launch: a named user touches only their own."),
+        (404, "No such job or launch."),
         (503, "Redis or the control worker cannot be reached."))}
 SUBMIT_REFUSALS: dict[int | str, dict[str, Any]] = {
     **REFUSALS, 409: {"model": ErrorBody, "description": "An identical job has not ended."},
@@ -47,8 +50,11 @@ router = APIRouter(prefix="/api", responses=REFUSALS)
 
 
 def client_of(request: Request) -> Client:
+    """The dashboard's client, acting for whoever the request's token names (the auth
+    middleware sets request.state.actor; none set: the stack's owner)."""
     client: Client = request.app.state.client
-    return client
+    actor: Actor | None = getattr(request.state, "actor", None)
+    return client if actor is None else client.acting_for(actor)
 
 
 @router.get("/jobs", response_model=JobPage, tags=["jobs"])
@@ -175,3 +181,14 @@ def get_status(request: Request) -> dict[str, Any]:
     for host in out["hosts"]:
         host["stale"] = host["workers_alive"] < len(host["gpus"])
     return out
+
+
+@router.post("/ops/{name}", tags=["ops"], responses={
+    200: {"description": "The operation's answer, as the local transport returns it."}})
+def run_operation(request: Request,
+                  name: Annotated[str, Path(max_length=64, pattern=r"^[a-z_]+$")],
+                  kwargs: Annotated[dict[str, Any], Body(
+                      description="The operation's named arguments.")]) -> dict[str, Any]:
+    """Run any operation of the operations layer as the token's user: what the Python
+    client and the CLI send over the http transport (GPUQ_URL)."""
+    return client_of(request).call(name, **kwargs)

@@ -22,10 +22,12 @@ from app.dashboard.auth import (
 )
 from app.dashboard.guard import AllowedHosts, Guard
 from app.dashboard.limits import BodyLimit
+from app.store import users
 
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS: dict[type[errors.GpuqError], int] = {
     errors.JobNotFound: 404, errors.LaunchNotFound: 404, errors.DuplicateJob: 409,
+    errors.NotPermitted: 403, errors.InvalidToken: 401,
     errors.PayloadTooLarge: 413, errors.BrokerUnavailable: 503,
     errors.DatabaseUnavailable: 503, errors.OperationTimeout: 503,
 }
@@ -42,10 +44,13 @@ def create_app(settings: Settings, client: Client | None = None,
                identify: Identify | None = None) -> FastAPI:
     """The dashboard over `client` (by default one on `settings` and its transport).
     Every request shows a token: the dashboard's own (`auth.dashboard_token`) stands for the
-    stack's owner; any other is asked of `identify` (named users), if given."""
-    own = client or Client(settings)
+    stack's owner; any other is asked of `identify`, by default the named users
+    (`gpuq user add`)."""
+    # The dashboard serves the http transport: it never is a client of it itself.
+    own = client or Client(settings, settings.transport)
     hosts = AllowedHosts.of(settings)
-    who = either(owner_identity(settings), identify)
+    who = either(owner_identity(settings),
+                 identify or (lambda token: users.actor_for_token(own.rt.engine, token)))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from app.client import Client
 from app.core.states import JobState
 from app.dashboard import present
+from app.dashboard.api import client_of
 from app.ops.read import MAX_PAGE, SORT_KEYS
 from app.store.spec import MAX_ID
 
@@ -29,8 +29,7 @@ JOB_COLUMNS = [("id", "id"), ("name", "name"), ("status", "status"), ("gpus", "g
 
 
 def _call(request: Request, op: str, **kwargs: Any) -> dict[str, Any]:
-    client: Client = request.app.state.client
-    return client.call(op, **kwargs)
+    return client_of(request).call(op, **kwargs)
 
 
 def _render(request: Request, name: str, **context: Any) -> HTMLResponse:

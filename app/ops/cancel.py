@@ -11,9 +11,17 @@ from sqlmodel import col, select
 
 from app.core import keys
 from app.core.errors import InvalidJobSpec, LaunchNotFound
+from app.core.identity import Actor
 from app.core.states import JobState
 from app.ops.nudge import kick_batch
-from app.ops.read import check_job_ids, check_launch_id, filters
+from app.ops.read import (
+    check_job_ids,
+    check_launch_id,
+    check_launch_owner,
+    check_may_touch,
+    filters,
+    own,
+)
 from app.ops.registry import operation
 from app.runtime import Runtime
 from app.store.jobs import (
@@ -28,19 +36,26 @@ log = logging.getLogger(__name__)
 
 @operation
 def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
-           launch_id: int | None = None, all_jobs: bool = False) -> dict[str, Any]:
-    """Cancel jobs: waiting ones end CANCELLED now, running ones are told to stop."""
+           launch_id: int | None = None, all_jobs: bool = False,
+           actor: Actor | None = None) -> dict[str, Any]:
+    """Cancel jobs: waiting ones end CANCELLED now, running ones are told to stop. A named
+    user who is not an admin cancels only their own: naming another's job or launch is
+    refused, and --name and --all reach only their own jobs."""
     if not (ids or name or launch_id is not None or all_jobs):
         raise InvalidJobSpec("say what to cancel: job ids, --name, --launch or --all")
     check_job_ids(ids or [])
     if launch_id is not None:
         check_launch_id(launch_id)
-    where = filters(None, launch_id, name, ids)
+    where = [*filters(None, launch_id, name, ids), *own(actor)]
     with rt.session() as session:
-        if ids:
-            get_jobs(session, ids)  # unknown ids: refuse before changing anything
-        if launch_id is not None and session.get(Launch, launch_id) is None:
-            raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
+        if ids:  # unknown ids, or another's: refuse before changing anything
+            check_may_touch(actor, get_jobs(session, ids))
+        if launch_id is not None:
+            found = session.get(Launch, launch_id)
+            if found is None:
+                raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows "
+                                     "launch ids")
+            check_launch_owner(actor, found)
         gpu_queue_job = col(Job.backend) == "local"
         ended = {"ended_at": time.time()}
         cancelled = transition(session, JobState.CANCELLED, "cancelled by user", where, ended,

@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, false, func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.core.backends import adapter_class
-from app.core.errors import InvalidArguments, InvalidJobSpec, JobNotFound, LaunchNotFound
+from app.core.errors import (
+    InvalidArguments,
+    InvalidJobSpec,
+    JobNotFound,
+    LaunchNotFound,
+    NotPermitted,
+)
+from app.core.identity import Actor, stack_owner
 from app.core.paths import JobPaths
 from app.core.states import JobState
 from app.ops.registry import operation
@@ -66,6 +73,31 @@ def filters(status: str | None, launch_id: int | None, name: str | None,
     return where
 
 
+def own(actor: Actor | None) -> list[ColumnElement[bool]]:
+    """The condition that keeps an actor to their own jobs: none for an admin (the stack's
+    owner is one), so that their reads cost what they did before owners."""
+    if actor is None or actor.admin:
+        return []
+    return [col(Job.owner) == actor.name]
+
+
+def check_may_touch(actor: Actor | None, jobs: list[Job]) -> None:
+    """Refuse, naming them, jobs that are not the actor's."""
+    if actor is None or actor.admin:
+        return
+    theirs = sorted(j.id or 0 for j in jobs if not actor.may_touch(j.owner))
+    if theirs:
+        shown = ", ".join(map(str, theirs[:10]))
+        raise NotPermitted(f"job {shown} belongs to another user; you ({actor.name}) may see "
+                           "and cancel only your own jobs (`gpuq queue` lists them)")
+
+
+def check_launch_owner(actor: Actor | None, launch: Launch) -> None:
+    if actor is not None and not actor.may_touch(launch.owner):
+        raise NotPermitted(f"launch {launch.id} belongs to another user; you ({actor.name}) "
+                           "may see and cancel only your own launches")
+
+
 def _encodable(text: str) -> bool:
     """Whether text can be sent to the database: a name of bytes that are not UTF-8 (lone
     surrogates from a shell's argv) is no stored job's name."""
@@ -104,18 +136,20 @@ MAX_PAGE = 10_000
 @operation
 def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
           name: str | None = None, ids: list[int] | None = None, limit: int = 50,
-          offset: int = 0, sort: str | None = None) -> dict[str, Any]:
-    """A page of jobs (newest first; by rank within a launch; or by `sort`) and the total
-    that match."""
+          offset: int = 0, sort: str | None = None, actor: Actor | None = None
+          ) -> dict[str, Any]:
+    """A page of the actor's jobs (every job for an admin; newest first; by rank within a
+    launch; or by `sort`) and the total that match."""
     if not 0 < limit <= MAX_PAGE:
         raise InvalidJobSpec(f"--limit must be between 1 and {MAX_PAGE}")
     if offset < 0:
         raise InvalidArguments("offset counts rows to skip: 0 or more")
-    where = filters(status, launch_id, name, ids)
+    mine = own(actor)
+    where = [*filters(status, launch_id, name, ids), *mine]
     order = _order(sort, launch_id)
     now = time.time()
     with rt.session() as session:
-        if name or ids:
+        if name or ids or mine:  # the kept counts are of every owner's jobs
             total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
         elif launch_id is not None and not storable(launch_id):
             total = 0
@@ -129,11 +163,12 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
 
 
 @operation
-def job(rt: Runtime, job_id: int) -> dict[str, Any]:
+def job(rt: Runtime, job_id: int, actor: Actor | None = None) -> dict[str, Any]:
     """One job with its events, oldest first."""
     check_job_ids([job_id])
     with rt.session() as session:
         found = get_jobs(session, [job_id])[0]
+        check_may_touch(actor, [found])
         events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
                               .order_by(col(JobEvent.id)))
         after = sorted(session.scalars(select(JobDependency.after_id).where(
@@ -142,16 +177,22 @@ def job(rt: Runtime, job_id: int) -> dict[str, Any]:
 
 
 @operation
-def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
-    """Launches with their replica counts per state."""
+def launches(rt: Runtime, launch_id: int | None = None, actor: Actor | None = None
+             ) -> dict[str, Any]:
+    """The actor's launches (every launch for an admin) with their replica counts per
+    state."""
     with rt.session() as session:
         query = select(Launch).order_by(col(Launch.id).desc()).limit(100)
+        if actor is not None and not actor.admin:
+            query = query.where(Launch.owner == actor.name)
         if launch_id is not None:
             check_launch_id(launch_id)
             query = select(Launch).where(Launch.id == launch_id)
         rows = list(session.exec(query))
         if launch_id is not None and not rows:
             raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
+        for row in rows:
+            check_launch_owner(actor, row)
         by_launch = counts.of_launches(session, [r.id for r in rows if r.id is not None])
     return {"launches": [LaunchRow.of(r, by_launch.get(r.id or 0, {})).dump() for r in rows]}
 
@@ -159,7 +200,8 @@ def launches(rt: Runtime, launch_id: int | None = None) -> dict[str, Any]:
 
 
 @operation
-def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
+def logs(rt: Runtime, job_id: int, offset: int = 0, actor: Actor | None = None
+         ) -> dict[str, Any]:
     """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from.
     A job whose backend keeps its output elsewhere gets a `where` naming the place."""
     if offset < 0:
@@ -167,6 +209,7 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
     check_job_ids([job_id])
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
+    check_may_touch(actor, [job])
     state = job.state
     path: Path | None = JobPaths(rt.settings.home, job_id).log
     where = None
@@ -182,14 +225,17 @@ def logs(rt: Runtime, job_id: int, offset: int = 0) -> dict[str, Any]:
 
 
 @operation
-def status(rt: Runtime) -> dict[str, Any]:
+def status(rt: Runtime, actor: Actor | None = None) -> dict[str, Any]:
     """Hosts and their GPUs (alive, held by which job), job counts per state, workers whose
     heartbeat stopped, recent exits of supervised programs (crash loops), and the
-    addresses of Flower and the dashboard."""
+    addresses of Flower and the dashboard. A named user who is not an admin sees the
+    counts of every job (how busy the stack is) but the ids of their own jobs only."""
     r = rt.redis
     hosts = cluster.gpu_table(r)
     with rt.session() as session:
         totals = counts.totals(session)
+        if own(actor):
+            _hide_others_jobs(session, hosts, actor or stack_owner())
     s = rt.settings
     return {"hosts": hosts, "counts": totals,
             "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
@@ -197,3 +243,14 @@ def status(rt: Runtime) -> dict[str, Any]:
             "programs": recent_exits(r),
             "flower": f"http://{s.flower_address}:{s.flower_port}",
             "dashboard": f"http://{s.dashboard_address}:{s.dashboard_port}"}
+
+
+def _hide_others_jobs(session: Session, hosts: list[dict[str, Any]], actor: Actor) -> None:
+    """Blank the job ids of GPUs held by jobs that are not the actor's."""
+    held = {g["job_id"] for h in hosts for g in h["gpus"] if g.get("job_id") is not None}
+    mine = set(session.scalars(select(Job.id).where(
+        col(Job.id).in_(held), col(Job.owner) == actor.name))) if held else set()
+    for host in hosts:
+        for gpu in host["gpus"]:
+            if gpu.get("job_id") not in mine:
+                gpu["job_id"] = None

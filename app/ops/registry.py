@@ -3,7 +3,9 @@ the network (checked first), by either transport.
 
 Every operation takes the process's Runtime and JSON-able keyword arguments and returns a
 JSON-able dict, so that the same function serves both transports: called directly in
-local mode, or run by the control worker as the `gpuq.op` task in remote mode.
+local mode, or run by the control worker as the `gpuq.op` task in remote mode. An operation
+that declares an `actor` parameter is told who calls it (app/core/identity.py); the caller
+never gives it as an argument.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 Operation = Callable[..., dict[str, Any]]
 OPERATIONS: dict[str, Operation] = {}
+# The parameter an operation declares to be told who calls it; never a network argument.
+ACTOR = "actor"
 
 
 
@@ -53,8 +57,21 @@ def call_local(rt: Runtime, name: object, kwargs: object,
                              f"{err['msg']}" for err in e.errors())
         raise InvalidArguments(f"operation {name!r}: {problems}; it takes "
                                f"{_described(name)}") from None
-    return OPERATIONS[name](rt, **{field: getattr(checked, field)
-                                   for field in model.model_fields})
+    given = {field: getattr(checked, field) for field in model.model_fields}
+    if _takes_actor(name):
+        given[ACTOR] = actor
+    return OPERATIONS[name](rt, **given)
+
+
+@cache
+def _takes_actor(name: str) -> bool:
+    return ACTOR in inspect.signature(OPERATIONS[name]).parameters
+
+
+def _parameters(name: str) -> list[inspect.Parameter]:
+    """An operation's network arguments: every parameter after the Runtime but the actor."""
+    return [p for p in list(inspect.signature(OPERATIONS[name]).parameters.values())[1:]
+            if p.name != ACTOR]
 
 
 @cache
@@ -64,11 +81,11 @@ def _arguments(name: str) -> type[BaseModel]:
     hints = typing.get_type_hints(fn)
     fields: dict[str, Any] = {
         p.name: (hints[p.name], ... if p.default is inspect.Parameter.empty else p.default)
-        for p in list(inspect.signature(fn).parameters.values())[1:]}
+        for p in _parameters(name)}
     return create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 def _described(name: str) -> str:
-    params = list(inspect.signature(OPERATIONS[name]).parameters.values())[1:]
+    params = _parameters(name)
     return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}="
                      f"{p.default!r}" for p in params) or "no arguments"

@@ -49,6 +49,7 @@ class JobRow(Row):
     ended_at: str | None
     restart_count: int
     duration_s: float | None
+    owner: str = Field("", description="Who submitted it: the stack's owner or a named user.")
 
     @classmethod
     def of(cls, job: Job, now: float | None = None) -> JobRow:
@@ -59,7 +60,7 @@ class JobRow(Row):
             exit_code=job.exit_code, gpus=job.gpus, gpu_ids=job.gpu_ids, host=job.host,
             priority=job.priority, backend=job.backend, backend_id=job.backend_id,
             submitted_at=iso(job.submitted_at), started_at=iso(job.started_at),
-            ended_at=iso(job.ended_at), restart_count=job.restart_count,
+            ended_at=iso(job.ended_at), restart_count=job.restart_count, owner=job.owner,
             duration_s=round(job.runtime_s + (end - job.started_at), 3)
             if end and job.started_at else (round(job.runtime_s, 3) or None))
 
@@ -108,11 +109,12 @@ class LaunchRow(Row):
     command: str
     counts: dict[str, int] = Field(description="Replicas per state.")
     done: int = Field(description="Replicas in a terminal state.")
+    owner: str = Field("", description="Who launched it.")
 
     @classmethod
     def of(cls, launch: Launch, counts: dict[str, int]) -> LaunchRow:
         return cls(id=launch.id or 0, name=launch.name, num_jobs=launch.num_jobs,
-                   command=launch.command, counts=counts,
+                   command=launch.command, counts=counts, owner=launch.owner,
                    done=sum(n for state, n in counts.items() if state in TERMINAL))
 
 

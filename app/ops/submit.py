@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col
 
-from app.core.errors import GpuqError, InvalidJobSpec
+from app.core.errors import GpuqError, InvalidJobSpec, NotPermitted
+from app.core.identity import Actor, stack_owner
 from app.core.states import JobState
 from app.ops.nudge import kick_batch, kick_dispatch
 from app.ops.registry import operation
@@ -24,23 +25,36 @@ from app.store.spec import JobSpec
 log = logging.getLogger(__name__)
 
 @operation
-def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False) -> dict[str, Any]:
-    """Store one job PENDING and try to route it at once.
+def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False,
+           actor: Actor | None = None) -> dict[str, Any]:
+    """Store one job PENDING, owned by `actor`, and try to route it at once.
 
-    A job identical (same content hash) to one that has not ended is refused, naming the
-    existing id, unless `allow_duplicate`."""
+    A job identical (same content hash) to one of the actor's that has not ended is
+    refused, naming the existing id, unless `allow_duplicate`."""
+    owner = _owner(actor, spec)
     with payload_store.dropped_if_refused(rt.redis, rt.engine, spec.get("payload_key")):
         job_spec = JobSpec.parse(spec)
         _check_preflight(rt, job_spec)
         rt.check_broker()  # refuse before storing anything when the broker is unreachable
         with rt.session() as session:
             if not allow_duplicate:
-                refuse_duplicate(session, job_spec)
+                refuse_duplicate(session, job_spec, owner)
             _adopt_payload(rt, session, job_spec)
-            _, ids = create_jobs(session, job_spec, 1, launch=False)
+            _, ids = create_jobs(session, job_spec, 1, launch=False, owner=owner)
             _fail_if_too_big(rt, session, job_spec, col(Job.id).in_(ids))
     _route(rt, job_spec.backend)
     return {"job_ids": ids, "launch_id": None}
+
+
+def _owner(actor: Actor | None, spec: dict[str, Any]) -> str:
+    """Who will own the jobs. A payload (a function call, secrets) is stored in Redis, which
+    only the stack's owner reaches: a payload key from anyone else names another's payload,
+    whose secrets their job would receive."""
+    actor = actor or stack_owner()
+    if spec.get("payload_key") is not None and actor != stack_owner():
+        raise NotPermitted("only the stack's owner submits jobs with a stored payload "
+                           "(function calls, secrets); submit a shell command")
+    return actor.name
 
 
 def _adopt_payload(rt: Runtime, session: Session, spec: JobSpec) -> None:
@@ -90,13 +104,19 @@ FILE_PAUSE_S = 0.15
 
 
 @operation
-def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
+def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]],
+                actor: Actor | None = None) -> dict[str, Any]:
     """Submit the lines of a jobs file: each distinct job once per origin, ever.
 
     A spec that is not a job spec refuses the whole call; a line that the server refuses
     (an unknown preflight, `after=` naming no such job) is reported in its own entry of
     `lines` (one per spec, in order) while the others are stored. Large files are stored
-    in bounded transactions; a re-run after a crash stores each line once."""
+    in bounded transactions; a re-run after a crash stores each line once. The jobs file
+    is the stack owner's (its lines may reprioritize the jobs it stored before): a named
+    user who is not an admin is refused."""
+    if actor is not None and not actor.admin:
+        raise NotPermitted("a jobs file is the stack owner's to submit; submit your jobs one "
+                           "by one (gpuq submit)")
     parsed = [JobSpec.parse({**spec, "origin": origin}) for spec in specs]
     lines: list[dict[str, Any]] = [{} for _ in parsed]
     first: dict[Identity, int] = {}
@@ -152,15 +172,19 @@ def _store_chunk(rt: Runtime, origin: str, specs: dict[int, JobSpec]) -> dict[
 
 
 @operation
-def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int) -> dict[str, Any]:
-    """Store N replicas PENDING in one statement and route as many as GPUs allow."""
+def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int,
+           actor: Actor | None = None) -> dict[str, Any]:
+    """Store N replicas PENDING in one statement, owned by `actor`, and route as many as
+    GPUs allow."""
+    owner = _owner(actor, spec)
     with payload_store.dropped_if_refused(rt.redis, rt.engine, spec.get("payload_key")):
         job_spec = JobSpec.parse(spec)
         _check_preflight(rt, job_spec)
         rt.check_broker()  # refuse before storing anything when the broker is unreachable
         with rt.session() as session:
             _adopt_payload(rt, session, job_spec)
-            launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True)
+            launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True,
+                                         owner=owner)
             _fail_if_too_big(rt, session, job_spec, col(Job.launch_id) == launch_id)
     _route(rt, job_spec.backend)
     return {"job_ids": ids, "launch_id": launch_id}

@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Select, Table, insert, or_, text, update
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
+from app.core.identity import stack_owner
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import counts, dependencies, payload_store
 from app.store.db import begin_writing
@@ -30,9 +31,11 @@ JOB_EVENTS = cast(Table, JobEvent.__table__)  # type: ignore[attr-defined]
 MAX_JOBS_PER_LAUNCH = 100_000
 
 
-def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool) -> tuple[
-        int | None, list[int]]:
-    """Insert `num_jobs` PENDING rows in one statement; return (launch id, job ids)."""
+def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
+                owner: str | None = None) -> tuple[int | None, list[int]]:
+    """Insert `num_jobs` PENDING rows in one statement, owned by `owner` (the stack's owner
+    when None); return (launch id, job ids)."""
+    owner = stack_owner().name if owner is None else owner
     if not 1 <= num_jobs <= MAX_JOBS_PER_LAUNCH:
         raise InvalidJobSpec(f"--num-jobs must be between 1 and {MAX_JOBS_PER_LAUNCH:,}; "
                              "split a larger sweep into several launches")
@@ -40,7 +43,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     launch_id = None
     if launch:
         row = Launch(name=spec.name, num_jobs=num_jobs, command=spec.command, created_at=now,
-                     payload_key=spec.payload_key)
+                     payload_key=spec.payload_key, owner=owner)
         session.add(row)
         session.flush()
         launch_id = row.id
@@ -48,7 +51,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     base = spec.model_dump(exclude={"after"})  # its edges go to job_dependencies
     base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
                 submitted_at=now, launch_id=launch_id, num_jobs=num_jobs,
-                waiting=waiting,
+                waiting=waiting, owner=owner,
                 reason=f"after jobs {', '.join(map(str, spec.after))}" if waiting else None)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
     conn = session.connection()  # Core: the ORM's bulk insert costs more than the rows
@@ -63,8 +66,9 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool)
     return launch_id, ids
 
 
-def refuse_duplicate(session: Session, spec: JobSpec) -> None:
-    """Refuse a job identical to one not yet ended; the database is the only memory.
+def refuse_duplicate(session: Session, spec: JobSpec, owner: str | None = None) -> None:
+    """Refuse a job identical to one of the same owner's not yet ended; the database is the
+    only memory. (Another user's identical job is theirs: naming it would tell of it.)
 
     Call it first in the transaction that stores the job: the check and the insert then
     hold a lock that an identical submission waits on, so that only one of two concurrent
@@ -74,6 +78,7 @@ def refuse_duplicate(session: Session, spec: JobSpec) -> None:
     found = session.exec(
         select(Job.id, Job.state).where(
             col(Job.content_hash) == digest, col(Job.launch_id).is_(None),
+            col(Job.owner) == (stack_owner().name if owner is None else owner),
             col(Job.state).not_in([s.value for s in TERMINAL]))
         .order_by(col(Job.id)).limit(1)).first()
     if found is not None:

@@ -1,4 +1,5 @@
-"""Database tables: jobs, their events, and launches. Times are UTC epoch seconds."""
+"""Database tables: jobs, their events, launches, and named users. Times are UTC epoch
+seconds."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Launch(SQLModel, table=True):
     command: str
     created_at: float
     payload_key: str | None = None
+    owner: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
 class Job(SQLModel, table=True):
@@ -30,6 +32,7 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_ended", "ended_at"),  # finished jobs pruned by age
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
+        Index("ix_jobs_owner", "owner", "id"),  # a named user's own jobs, newest first
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -74,6 +77,8 @@ class Job(SQLModel, table=True):
     started_at: float | None = None
     ended_at: float | None = None
     runtime_s: float = 0.0
+    # Who submitted it (app/core/identity.py): the stack's owner or a named user.
+    owner: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
 # The dispatcher's candidates: PENDING local jobs that wait for nothing, highest priority
@@ -176,3 +181,16 @@ def event_row(job_id: int, at: float, source: str | None, target: str, reason: s
               ) -> dict[str, Any]:
     return {"job_id": job_id, "at": at, "from_state": source, "to_state": target,
             "reason": reason}
+
+
+class User(SQLModel, table=True):
+    """A named gpuq user, who shows a token (app/store/users.py). Only the token's SHA-256 is
+    kept: the token itself is printed once, when the user is added."""
+
+    __tablename__ = "users"
+
+    name: str = Field(primary_key=True)
+    token_hash: str = Field(unique=True)
+    admin: bool = False
+    created_at: float
+    revoked_at: float | None = None
