@@ -19,6 +19,7 @@ from app.core.settings import Settings
 from app.dashboard import create_app
 from app.ops.registry import call_local
 from app.store import users
+from tests.dashboard_http import BASE_URL
 
 ALICE = Actor("alice")
 BOB = Actor("bob")
@@ -170,7 +171,7 @@ def test_status_shows_a_user_the_gpus_their_own_jobs_hold_only(rt):
 @pytest.fixture
 def api(settings, local):  # type: ignore[no-untyped-def]
     with TestClient(create_app(settings.model_copy(update={"dashboard_token": "owner-t"}),
-                               local)) as http:
+                               local), base_url=BASE_URL) as http:
         yield http
 
 
