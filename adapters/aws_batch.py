@@ -36,6 +36,7 @@ WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
 class AwsBatchAdapter(BatchAdapter):
     backend_name = "aws_batch"
     name = "gpuq.batch.aws_batch"
+    carries_secrets = True
 
     def _client(self, service: str) -> Any:
         import boto3

@@ -101,6 +101,10 @@ class BatchAdapter(Task):  # type: ignore[misc]
     # a dead sync has ended by then.
     unrecorded_timeout_s: float = 300.0
     refused_retry_s: float = 10.0  # a refused submission is tried again after this
+    # Whether submit() delivers Submission.secrets through the backend's own secret store
+    # (or the runner's environment), never in plain: a backend that does not is never
+    # handed a job with secrets.
+    carries_secrets: ClassVar[bool] = False
     rt: Runtime
 
     # -- the contract -----------------------------------------------------------------

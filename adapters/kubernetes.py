@@ -56,6 +56,7 @@ INSTALL_LABEL, TAG_LABEL = "gpuq/install", "gpuq/tag"  # found again by tagged()
 class KubernetesAdapter(BatchAdapter):
     backend_name = "kubernetes"
     name = "gpuq.batch.kubernetes"
+    carries_secrets = True
 
     @cached_property
     def api(self) -> Any:

@@ -25,6 +25,7 @@ from app.core.procgroup import group_exists
 class ProcessAdapter(BatchAdapter):
     backend_name = "process"
     name = "gpuq.batch.process"
+    carries_secrets = True
 
     def _state_dir(self) -> Path:
         path = BatchStore(self.store_dir(self.rt.settings)).backend_dir("process")

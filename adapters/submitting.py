@@ -158,6 +158,9 @@ def _submission(adapter: BatchAdapter, jobs: list[Job]) -> Submission:
     """What every part of a group is submitted with: the runner's env and payload."""
     first = jobs[0]
     data, secrets = adapter.payload_bytes(first)
+    if secrets and not adapter.carries_secrets:
+        raise GpuqError(f"{adapter.backend_name} cannot pass a job's secrets without writing "
+                        "them in plain; cancel it and submit it to another backend")
     # Only a job's first attempt is ever submitted with others, so every job of a group
     # has restarted as often as the first.
     env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),

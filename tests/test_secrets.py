@@ -131,9 +131,13 @@ def test_a_process_backend_job_inherits_no_worker_setting(local: Client, rt, tmp
     monkeypatch.setenv("SOME_WORKER_ONLY_VARIABLE", "leaked")
     adapter = ProcessAdapter()
     adapter.rt = rt
+    adapter.inline_limit_bytes = 16  # the payload goes in a file the runner reads
     dump = tmp_path / "env.dump"
     job = local.submit(f"env -0 > {dump}", backend="process", secrets={"API_TOKEN": "t0k"})
     assert drive(adapter, local, [job.id])[0]["status"] == "SUCCEEDED"
+    (payload,) = (adapter.store_dir(rt.settings) / "payloads").rglob("*")
+    assert stat.S_IMODE(payload.stat().st_mode) == 0o600
+    assert b"t0k" not in payload.read_bytes()
     env = dict(e.split("=", 1) for e in dump.read_text().split("\0") if e)
     assert env["API_TOKEN"] == "t0k" and "SOME_WORKER_ONLY_VARIABLE" not in env
     assert {k for k in env if k.startswith("GPUQ_")} <= set(JOB_VARIABLES)
