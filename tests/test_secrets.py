@@ -168,3 +168,12 @@ def test_a_tmux_script_holds_no_value_and_is_gone_when_the_attempt_ends(tmp_path
     assert outcome.exit_code == 0 and seen.read_text() == "pane-s3cret\n"
     assert scripts and "pane-s3cret" not in scripts[0]
     assert not paths.tmux_script.exists() and not tmux.env_fifo(paths).exists()
+
+
+def test_every_variable_a_job_reads_about_itself_is_one_gpuq_gives_it():
+    import re
+
+    import app.client.environment as environment
+
+    read = set(re.findall(r"GPUQ_[A-Z_]+", Path(environment.__file__).read_text()))
+    assert read and read <= set(JOB_VARIABLES)
