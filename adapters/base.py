@@ -5,6 +5,9 @@ A backend implements these calls and nothing else:
     submit(submission) -> handle         one job, or one part of a launch as one array,
                                          under the submission's tag; raises SubmitRefused
                                          when the backend surely took nothing
+                                         (a backend with carries_secrets delivers
+                                         submission.secrets through its own secret
+                                         store, never in env, payload or files)
     member_ids(handle, count)            the backend ids of a submission's replicas
     tagged() -> {tag: handle}            what this installation submitted, by tag
     poll(backend_ids) -> {id: Status}    one batched call for every live job

@@ -84,7 +84,7 @@ class Client:
 
         Options are JobSpec fields (gpus, name, priority, env, ...). `secrets` are
         environment variables that reach the job but are kept out of the job table, the
-        broker's messages and gpuq's logs (they travel in the job's stored payload). A
+        broker's messages and gpuq's logs (they travel sealed in the job's stored payload). A
         command identical to one not yet ended raises DuplicateJob, unless allow_duplicate
         (a job with secrets has a payload of its own, so it is never a duplicate)."""
         hidden = self._secrets(secrets)
