@@ -1,7 +1,17 @@
-"""AWS Batch: jobs and array jobs through boto3; large payloads and results in S3."""
+"""AWS Batch: jobs and array jobs through boto3; large payloads and results in S3.
+
+A job's secrets are stored in Secrets Manager, one secret per variable, and reach the
+container through the `secrets` of a job definition registered for that submission (a copy
+of GPUQ_AWS_BATCH_JOB_DEFINITION, named by the submission's tag): the job's description
+and its definition carry only their ARNs, never a value. Its execution role must be allowed
+`secretsmanager:GetSecretValue`. When the job (an array: its parent) has ended, its secrets
+are deleted and its definition deregistered.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -12,8 +22,13 @@ from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.store.models import Job
 
+log = logging.getLogger(__name__)
 MAX_ARRAY = 10_000  # AWS Batch array sizes are 2..10,000
 DESCRIBE_CHUNK = 100  # describe_jobs takes at most 100 ids
+ENDED = {"SUCCEEDED", "FAILED"}
+# What a submission's definition copies of the configured one.
+DEFINITION_FIELDS = ("type", "parameters", "containerProperties", "retryStrategy", "timeout",
+                     "platformCapabilities", "propagateTags")
 CANCEL_REASON = "gpuq: cancelled by user"
 WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
 
@@ -21,6 +36,7 @@ WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
 class AwsBatchAdapter(BatchAdapter):
     backend_name = "aws_batch"
     name = "gpuq.batch.aws_batch"
+    carries_secrets = True
 
     def _client(self, service: str) -> Any:
         import boto3
@@ -36,6 +52,10 @@ class AwsBatchAdapter(BatchAdapter):
     @cached_property
     def s3(self) -> Any:
         return self._client("s3")
+
+    @cached_property
+    def secretsmanager(self) -> Any:
+        return self._client("secretsmanager")
 
     def _bucket(self) -> str:
         if not self.rt.settings.aws_s3_bucket:
@@ -102,10 +122,57 @@ class AwsBatchAdapter(BatchAdapter):
         }
         if len(part) > 1:
             request["arrayProperties"] = {"size": len(part)}
+        if submission.secrets:
+            request["jobDefinition"] = self._definition_with_secrets(submission)
         try:
             return str(self.batch.submit_job(**request)["jobId"])
         except ClientError as e:  # an answer: the request was refused, nothing was made
+            if submission.secrets:
+                self._drop_definition(request["jobDefinition"])
             raise SubmitRefused(f"AWS Batch refused the job: {e}") from e
+
+    def _definition_with_secrets(self, submission: Submission) -> str:
+        """Store the secrets in Secrets Manager; register the configured job definition
+        again, under the submission's tag, with `secrets` naming them; return its ARN."""
+        from botocore.exceptions import ClientError
+
+        base = self.rt.settings.aws_batch_job_definition
+        try:
+            found = self.batch.describe_job_definitions(
+                **({"jobDefinitions": [base]} if ":" in base else
+                   {"jobDefinitionName": base, "status": "ACTIVE"}))["jobDefinitions"]
+        except ClientError as e:
+            raise SubmitRefused(f"AWS Batch: job definition {base!r}: {e}") from e
+        if not found:
+            raise SubmitRefused(f"no AWS Batch job definition {base!r}: register it, or set "
+                                "GPUQ_AWS_BATCH_JOB_DEFINITION")
+        definition = max(found, key=lambda d: d.get("revision", 0))
+        refs = []
+        for i, (variable, value) in enumerate(sorted(submission.secrets.items())):
+            arn = self.secretsmanager.create_secret(
+                Name=f"{submission.tag}/{i}", SecretString=value,
+                Tags=[{"Key": "gpuq/install", "Value": self.install}])["ARN"]
+            refs.append({"name": variable, "valueFrom": arn})
+        fields = {k: definition[k] for k in DEFINITION_FIELDS if k in definition}
+        fields["containerProperties"] = {**fields.get("containerProperties", {}),
+                                         "secrets": refs}
+        return str(self.batch.register_job_definition(
+            jobDefinitionName=submission.tag, **fields)["jobDefinitionArn"])
+
+    def _drop_definition(self, arn: str) -> None:
+        """Delete the secrets a submission's definition names, and deregister it."""
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self.batch.describe_job_definitions(jobDefinitions=[arn])["jobDefinitions"]
+            for definition in found:
+                for ref in definition.get("containerProperties", {}).get("secrets", []):
+                    with contextlib.suppress(ClientError):
+                        self.secretsmanager.delete_secret(SecretId=ref["valueFrom"],
+                                                          ForceDeleteWithoutRecovery=True)
+            self.batch.deregister_job_definition(jobDefinition=arn)
+        except ClientError as e:  # tried again when the job is polled next
+            log.warning("aws_batch: secrets of %s not deleted yet: %s", arn, e)
 
     def member_ids(self, handle: str, count: int) -> list[str]:
         return [handle] if count == 1 else [f"{handle}:{index}" for index in range(count)]
@@ -122,16 +189,29 @@ class AwsBatchAdapter(BatchAdapter):
         return found
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
+        """describe_jobs for the ids, and for the parents of array children: a job (an
+        array: its parent) that has ended gives its secrets up."""
+        parents = sorted({i.split(":")[0] for i in backend_ids if ":" in i} - set(backend_ids))
+        asked = [*backend_ids, *parents]
         statuses: dict[str, Status] = {}
-        for start in range(0, len(backend_ids), DESCRIBE_CHUNK):
-            answer = self.batch.describe_jobs(jobs=list(backend_ids[start:start + DESCRIBE_CHUNK]))
+        for start in range(0, len(asked), DESCRIBE_CHUNK):
+            answer = self.batch.describe_jobs(jobs=asked[start:start + DESCRIBE_CHUNK])
             for job in answer["jobs"]:
                 statuses[job["jobId"]] = _status(job)
-        return statuses
+                if job["status"] in ENDED and ":" not in job["jobId"] and _own_definition(job):
+                    self._drop_definition(job["jobDefinition"])
+        return {i: statuses[i] for i in backend_ids if i in statuses}
 
     def cancel(self, backend_ids: Sequence[str]) -> None:
         for backend_id in backend_ids:
             self.batch.terminate_job(jobId=backend_id, reason=CANCEL_REASON)
+
+
+def _own_definition(job: dict[str, Any]) -> bool:
+    """Whether a job runs under the definition registered for its secrets (named by its
+    tag, the job's name) and not yet deregistered."""
+    name = str(job.get("jobDefinition", "")).rsplit("/", 1)[-1].rsplit(":", 1)[0]
+    return name == job.get("jobName")
 
 
 def _status(job: dict[str, Any]) -> Status:

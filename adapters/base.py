@@ -5,6 +5,9 @@ A backend implements these calls and nothing else:
     submit(submission) -> handle         one job, or one part of a launch as one array,
                                          under the submission's tag; raises SubmitRefused
                                          when the backend surely took nothing
+                                         (a backend with carries_secrets delivers
+                                         submission.secrets through its own secret
+                                         store, never in env, payload or files)
     member_ids(handle, count)            the backend ids of a submission's replicas
     tagged() -> {tag: handle}            what this installation submitted, by tag
     poll(backend_ids) -> {id: Status}    one batched call for every live job
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +50,7 @@ from sqlmodel import col, select
 
 from adapters import intent, submitting
 from adapters.intent import Submission, SubmitRefused, contiguous_parts
-from app.core import keys, payloads
+from app.core import keys, payloads, sealing
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore, JobPaths
 from app.core.settings import Settings
@@ -100,6 +104,10 @@ class BatchAdapter(Task):  # type: ignore[misc]
     # a dead sync has ended by then.
     unrecorded_timeout_s: float = 300.0
     refused_retry_s: float = 10.0  # a refused submission is tried again after this
+    # Whether submit() delivers Submission.secrets through the backend's own secret store
+    # (or the runner's environment), never in plain: a backend that does not is never
+    # handed a job with secrets.
+    carries_secrets: ClassVar[bool] = False
     rt: Runtime
 
     # -- the contract -----------------------------------------------------------------
@@ -143,7 +151,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
         object-store backends override this."""
         path = BatchStore(self.store_dir(self.rt.settings)).payload(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        write_private(path, data)
         return {"GPUQ_PAYLOAD_FILE": str(path)}
 
     def result_env(self, job: Job) -> dict[str, str]:
@@ -337,14 +345,30 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
                                      secret=s.secret, keep_s=s.keep_result_s)
 
-    def payload_bytes(self, job: Job) -> bytes:
-        """The runner's payload: the launch's stored payload, or the job's own command."""
+    def payload_bytes(self, job: Job) -> tuple[bytes, dict[str, str]]:
+        """The runner's payload (the launch's stored payload, or the job's own command)
+        without the job's secrets, and those secrets, unsealed: a backend carries them apart
+        from the payload, in its own secret store (`Submission.secrets`)."""
         spec: dict[str, Any]
+        secrets: dict[str, str] = {}
         if job.payload_key is not None:
             s = self.rt.settings
             spec = payload_store.load(self.rt.redis, self.rt.engine, job.payload_key,
                                       cache_ttl_s=s.payload_ttl_s, secret=s.secret,
                                       limit_bytes=s.max_payload_bytes)
+            secrets = sealing.payload_secrets(spec, s.secret, s.home)
+            spec = sealing.without_secrets(spec)
         else:
             spec = {"command": job.command, "rank_args": None}
-        return bytes(cloudpickle.dumps(spec))
+        return bytes(cloudpickle.dumps(spec)), secrets
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file that only gpuq's user may read (0600 whatever the umask), whole or not
+    at all: a node reads it under the same name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -43,6 +43,9 @@ class Submission:
     name: str
     workdir: str | None = None
     tag: str = ""  # the name to submit under, found again by tagged() (adapters/intent.py)
+    # The job's secret variables, unsealed: a backend passes them through its own secret
+    # store, never in `env`, the payload, a job's parameters or a file others can read.
+    secrets: dict[str, str] = field(default_factory=dict)
 
 
 def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:

@@ -11,6 +11,10 @@ go to GPUQ_RESULT_DIR in gpuq's store directory, which GPUQ_K8S_STORE_CLAIM (a R
 claim) mounts into every pod at the same path; a function job whose runner cannot write
 there ends without a result.
 
+A job's secrets go in a Secret of their own, owned by the Job like the ConfigMap, and
+reach the container through `secretKeyRef`: never in the Job's spec, the payload or a
+ConfigMap.
+
 Cancelling every live index of a Job deletes the Job (foreground, with its pods).
 Cancelling only some deletes those indexes' pods: with a per-index backoff of 0 the Job
 marks them failed rather than running them again (clusters older than 1.28 may rerun
@@ -21,6 +25,7 @@ missing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import secrets
@@ -51,6 +56,7 @@ INSTALL_LABEL, TAG_LABEL = "gpuq/install", "gpuq/tag"  # found again by tagged()
 class KubernetesAdapter(BatchAdapter):
     backend_name = "kubernetes"
     name = "gpuq.batch.kubernetes"
+    carries_secrets = True
 
     @cached_property
     def api(self) -> Any:
@@ -91,7 +97,8 @@ class KubernetesAdapter(BatchAdapter):
         return MAX_COMPLETIONS
 
     def submit(self, submission: Submission) -> str:
-        """One Indexed Job for the part (a whole launch, normally), labelled with the tag."""
+        """One Indexed Job for the part (a whole launch, normally), labelled with the tag;
+        its secrets in a Secret of its own, which the Job owns."""
         from kubernetes.client.exceptions import ApiException
 
         namespace = self.rt.settings.k8s_namespace
@@ -99,7 +106,9 @@ class KubernetesAdapter(BatchAdapter):
         env = {**submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
         if len(part) == 1:
             env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
-        body = self._job_body(_unique_name(submission.name), len(part), submission, env)
+        name = _unique_name(submission.name)
+        secret = self._create_secret(name, namespace, submission.secrets)
+        body = self._job_body(name, len(part), submission, env, secret)
         try:
             created = _json(self.batch.create_namespaced_job(namespace, body,
                                                              _preload_content=False))
@@ -107,13 +116,17 @@ class KubernetesAdapter(BatchAdapter):
             # A 4xx other than a time-out or throttling is a refusal; the rest may have
             # created it.
             if e.status is not None and 400 <= e.status < 500 and e.status not in (408, 429):
+                self._drop_secret(secret, namespace)
                 raise SubmitRefused(f"Kubernetes refused the Job: {e.reason}") from e
             raise
         meta = created["metadata"]
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                 "uid": meta.get("uid", "")}
         if PAYLOAD_CONFIGMAP in submission.env:
-            self._own_payload(submission.env[PAYLOAD_CONFIGMAP], namespace, {
-                "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                "uid": meta.get("uid", "")})
+            self._own_payload(submission.env[PAYLOAD_CONFIGMAP], namespace, owner)
+        if secret is not None:  # collected with the Job
+            self.core.patch_namespaced_secret(secret["name"], namespace,
+                                              {"metadata": {"ownerReferences": [owner]}})
         return f"{namespace}/{meta['name']}"
 
     def _own_payload(self, configmap: str, namespace: str, owner: dict[str, str]) -> None:
@@ -123,6 +136,30 @@ class KubernetesAdapter(BatchAdapter):
         owners = [*current["metadata"].get("ownerReferences", []), owner]
         self.core.patch_namespaced_config_map(configmap, namespace,
                                               {"metadata": {"ownerReferences": owners}})
+
+    def _create_secret(self, job_name: str, namespace: str, values: dict[str, str]
+                       ) -> dict[str, Any] | None:
+        """A Secret holding the job's secret variables (keys v0, v1...: any variable name
+        is allowed, a Secret's keys are not); None when it has none."""
+        if not values:
+            return None
+        name = _unique_name(f"{job_name}-secrets")
+        keyed = {f"v{i}": (variable, value) for i, (variable, value)
+                 in enumerate(sorted(values.items()))}
+        self.core.create_namespaced_secret(namespace, {
+            "metadata": {"name": name, "labels": {MANAGED: "gpuq"}}, "type": "Opaque",
+            "data": {key: base64.b64encode(value.encode()).decode()
+                     for key, (_, value) in keyed.items()}})
+        return {"name": name, "refs": [
+            {"name": variable, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+            for key, (variable, _) in keyed.items()]}
+
+    def _drop_secret(self, secret: dict[str, Any] | None, namespace: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        if secret is not None:
+            with contextlib.suppress(ApiException):
+                self.core.delete_namespaced_secret(secret["name"], namespace)
 
     def member_ids(self, handle: str, count: int) -> list[str]:
         return [f"{handle}/{index}" for index in range(count)]
@@ -136,7 +173,7 @@ class KubernetesAdapter(BatchAdapter):
                 for j in listed if TAG_LABEL in j["metadata"].get("labels", {})}
 
     def _job_body(self, name: str, replicas: int, submission: Submission,
-                  env: dict[str, str]) -> dict[str, Any]:
+                  env: dict[str, str], secret: dict[str, Any] | None) -> dict[str, Any]:
         first = submission.jobs[0]
         labels = {MANAGED: "gpuq", INSTALL_LABEL: self.install, TAG_LABEL: submission.tag,
                   **({"gpuq/launch": str(first.launch_id)} if first.launch_id else
@@ -144,7 +181,8 @@ class KubernetesAdapter(BatchAdapter):
         container: dict[str, Any] = {
             "name": "job", "image": self.rt.settings.k8s_image,
             "command": ["python", "-m", "adapters.runner"],
-            "env": [{"name": k, "value": v} for k, v in env.items()]}
+            "env": [{"name": k, "value": v} for k, v in env.items()]
+            + (secret["refs"] if secret else [])}
         pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
         if submission.gpus:
             container["resources"] = {"limits": {"nvidia.com/gpu": str(submission.gpus)}}

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission
+from app.core.job_env import job_environment
 from app.core.paths import BatchStore, JobPaths
 from app.core.procgroup import group_exists
 
@@ -24,6 +25,7 @@ from app.core.procgroup import group_exists
 class ProcessAdapter(BatchAdapter):
     backend_name = "process"
     name = "gpuq.batch.process"
+    carries_secrets = True
 
     def _state_dir(self) -> Path:
         path = BatchStore(self.store_dir(self.rt.settings)).backend_dir("process")
@@ -34,8 +36,11 @@ class ProcessAdapter(BatchAdapter):
         """One replica (array_limit is 1), its files named by the submission's tag."""
         (job,) = submission.jobs
         base = self._state_dir() / submission.tag
-        env = {**os.environ, **submission.env, "GPUQ_JOB_ID": str(job.id),
-               "GPUQ_JOB_RANK": str(job.rank)}
+        # Like every backend's: an allow-list of this worker's environment, never its
+        # GPUQ_* settings; the secrets live in the runner's environment only.
+        env = job_environment(submission.env, {"GPUQ_JOB_ID": str(job.id),
+                                               "GPUQ_JOB_RANK": str(job.rank)},
+                              submission.secrets)
         runner = shlex.join([sys.executable, "-m", "adapters.runner"])
         # The wrapper keeps the exit code where poll() finds it after the process is gone;
         # it runs in the background of a shell that exits at once, so that the job is

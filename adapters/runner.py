@@ -68,6 +68,9 @@ def _write(path: Path | str, envelope: dict[str, Any]) -> None:
     tmp.replace(path)  # the reader never sees half an envelope
 
 
+# The runner's own variables, not the job's.
+RUNNER_ONLY = ("GPUQ_PAYLOAD", "GPUQ_PAYLOAD_FILE", "GPUQ_PAYLOAD_URI", "GPUQ_PAYLOAD_CONFIGMAP",
+               "GPUQ_RESULT_DIR", "GPUQ_RESULT_URI", "GPUQ_RANK_OFFSET")
 ARRAY_INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "AWS_BATCH_JOB_ARRAY_INDEX",
                          "JOB_COMPLETION_INDEX")
 
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = rank_from_environment(env)
     os.environ["GPUQ_JOB_RANK"] = str(rank)
     spec = read_payload(options.payload_file, env)
+    for name in RUNNER_ONLY:  # where the payload and result are: the job has no use for them
+        os.environ.pop(name, None)
     # Secret variables travel in the payload, never in the job's recorded environment.
     os.environ.update(spec.get("secrets") or {})
     take_secrets_file(env)

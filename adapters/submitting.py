@@ -118,7 +118,8 @@ def _submit_group(adapter: BatchAdapter, jobs: list[Job], lock: Any) -> int:
         tag = intent.tag(adapter.install, part[0], len(part))
         try:
             handle = adapter.submit(Submission(part, submission.env, submission.gpus,
-                                            submission.name, submission.workdir, tag))
+                                            submission.name, submission.workdir, tag,
+                                            submission.secrets))
         except SubmitRefused as e:
             log.warning("%s refused jobs %s: %s", adapter.backend_name,
                         [j.id for j in part], e)
@@ -156,7 +157,10 @@ def _claimed_parts(adapter: BatchAdapter, jobs: list[Job], limit: int) -> Iterat
 def _submission(adapter: BatchAdapter, jobs: list[Job]) -> Submission:
     """What every part of a group is submitted with: the runner's env and payload."""
     first = jobs[0]
-    data = adapter.payload_bytes(first)
+    data, secrets = adapter.payload_bytes(first)
+    if secrets and not adapter.carries_secrets:
+        raise GpuqError(f"{adapter.backend_name} cannot pass a job's secrets without writing "
+                        "them in plain; cancel it and submit it to another backend")
     # Only a job's first attempt is ever submitted with others, so every job of a group
     # has restarted as often as the first.
     env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
@@ -168,4 +172,4 @@ def _submission(adapter: BatchAdapter, jobs: list[Job]) -> Submission:
     else:
         env.update(adapter.payload_env(first.payload_key or f"job-{first.id}", data))
     return Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
-                      first.workdir)
+                      first.workdir, secrets=secrets)

@@ -84,7 +84,7 @@ class Cluster:
 
     async def _serve(self) -> None:
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for resource in ("batch/v1/jobs", "v1/pods", "v1/configmaps"):
+            for resource in ("batch/v1/jobs", "v1/pods", "v1/configmaps", "v1/secrets"):
                 emulator.resources[resource] = {}
             self.emulator, self.url = emulator, str(server.url).rstrip("/")
             self._ready.set()
@@ -158,7 +158,12 @@ class Cluster:
 
     def _run(self, pod: str, spec: dict[str, Any], index: int) -> subprocess.Popen[bytes]:
         container = spec["containers"][0]
-        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        for e in container.get("env", []):  # the kubelet resolves secretKeyRef
+            if ref := e.get("valueFrom", {}).get("secretKeyRef"):
+                secret = json.loads(self.core.read_namespaced_secret(
+                    ref["name"], "default", _preload_content=False).data)
+                env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
         for mount in container.get("volumeMounts", []):
             local = self.workdir / pod / mount["name"]
             local.mkdir(parents=True)

@@ -302,3 +302,17 @@ def test_a_submission_whose_record_was_lost_is_adopted_by_its_tag(adapter, local
     assert all(r["backend_id"] for r in rows)
     assert sorted((out / str(rank)).read_text().split().count("ran") for rank in range(3)) == [
         1, 1, 1]
+
+
+def test_a_secret_reaches_the_job_or_the_job_waits_saying_why(adapter, local, tmp_path):
+    seen = tmp_path / "seen"
+    job = local.submit(f"echo $API_TOKEN > {seen}", backend=adapter.backend_name,
+                       secrets={"API_TOKEN": "contract-s3cret"})
+    if not adapter.carries_secrets:  # never handed over in plain
+        adapter.sync()
+        row = local.rows([job.id])[0]
+        assert row["status"] == "PENDING" and "cannot pass a job's secrets" in row["reason"]
+        local.call("cancel", ids=[job.id])
+        return
+    assert drive(adapter, local, [job.id])[0]["status"] == "SUCCEEDED"
+    assert seen.read_text() == "contract-s3cret\n"

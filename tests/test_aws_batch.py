@@ -4,8 +4,11 @@ container would get, as a container would."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from adapters.aws_batch import AwsBatchAdapter
 from app.client import Client
 from app.core.states import JobState
 from app.runtime import Runtime
-from tests.conftest import ROOT
+from tests.conftest import ROOT, until
 
 pytestmark = pytest.mark.e2e
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -99,6 +102,7 @@ def _run_containers(adapter: AwsBatchAdapter, backend_ids: list[str]) -> list[in
     codes = []
     for job in adapter.batch.describe_jobs(jobs=backend_ids)["jobs"]:
         env = {e["name"]: e["value"] for e in job["container"]["environment"]}
+        env.update(_resolved_secrets(adapter, job))
         if ":" in job["jobId"]:
             env["AWS_BATCH_JOB_ARRAY_INDEX"] = job["jobId"].rsplit(":", 1)[1]
         env.update(CREDENTIALS, AWS_ENDPOINT_URL=adapter.rt.settings.aws_endpoint_url or "",
@@ -106,6 +110,15 @@ def _run_containers(adapter: AwsBatchAdapter, backend_ids: list[str]) -> list[in
         codes.append(subprocess.run([sys.executable, "-m", "adapters.runner"], env=env,
                                     timeout=60).returncode)
     return codes
+
+
+def _resolved_secrets(adapter: AwsBatchAdapter, job: dict) -> dict[str, str]:
+    """What ECS would add: each `secrets` entry of the job's definition, from Secrets Manager."""
+    (definition,) = adapter.batch.describe_job_definitions(
+        jobDefinitions=[job["jobDefinition"]])["jobDefinitions"]
+    return {ref["name"]: adapter.secretsmanager.get_secret_value(
+        SecretId=ref["valueFrom"])["SecretString"]
+        for ref in definition["containerProperties"].get("secrets", [])}
 
 
 def cube(x: int) -> int:
@@ -186,3 +199,45 @@ def test_a_submission_whose_record_was_lost_is_adopted_by_its_name(aws, monkeypa
     listed = adapter.batch.list_jobs(jobQueue="gpuq-queue", jobStatus="SUBMITTED")
     others = adapter.batch.list_jobs(jobQueue="gpuq-queue", jobStatus="RUNNABLE")
     assert len(listed["jobSummaryList"] + others["jobSummaryList"]) <= 1, "one array job"
+
+
+def _decoded(obj: object) -> str:
+    """An object as JSON, with every base64 value in it decoded beside it (the inline
+    payload is base64)."""
+    text = json.dumps(obj, default=str)
+    for word in re.findall(r"[A-Za-z0-9+/=]{16,}", text):
+        with contextlib.suppress(ValueError):
+            text += "\n" + base64.b64decode(word, validate=True).decode("latin-1")
+    return text
+
+
+@pytest.mark.parametrize("inline_limit", [1 << 20, 16])
+def test_a_secret_reaches_the_container_through_secrets_manager_only(aws, tmp_path,
+                                                                     inline_limit):
+    from botocore.exceptions import ClientError
+
+    adapter, client, mode = aws
+    adapter.inline_limit_bytes = inline_limit
+    value = "aws-secret-" + tmp_path.name
+    job = client.submit(f"echo $API_TOKEN > {tmp_path}/seen", backend="aws_batch",
+                        secrets={"API_TOKEN": value})
+    adapter.sync()
+    backend_id = client.rows([job.id])[0]["backend_id"]
+    described = adapter.batch.describe_jobs(jobs=[backend_id])["jobs"][0]
+    definitions = adapter.batch.describe_job_definitions(
+        jobDefinitions=[described["jobDefinition"]])["jobDefinitions"]
+    assert value not in _decoded(described), "not in the job's environment nor its payload"
+    assert value not in _decoded(definitions)
+    objects = adapter.s3.list_objects_v2(Bucket="gpuq-bucket").get("Contents", [])
+    stored = [adapter.s3.get_object(Bucket="gpuq-bucket", Key=o["Key"])["Body"].read()
+              for o in objects]
+    assert (len(stored) == 1) == (inline_limit == 16)
+    assert not any(value.encode() in data for data in stored), "not in the S3 payload"
+    (ref,) = definitions[0]["containerProperties"]["secrets"]
+    assert ref["name"] == "API_TOKEN" and ref["valueFrom"].startswith("arn:aws:secretsmanager:")
+    assert _run_containers(adapter, [backend_id]) == [0]
+    assert (tmp_path / "seen").read_text() == f"{value}\n", "the job sees its secret"
+    until(lambda: adapter.sync() is not None and job.done(), 30)
+    assert job.status == ("SUCCEEDED" if mode == "succeeds" else "FAILED")
+    with pytest.raises(ClientError):  # deleted once the job ended
+        adapter.secretsmanager.get_secret_value(SecretId=ref["valueFrom"])

@@ -4,6 +4,9 @@ each Job index's container (the universal runner) as a local process (tests/k8s_
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +35,7 @@ def k8s(settings) -> Iterator[tuple[Cluster, KubernetesAdapter]]:
 
 def _pod_env(job: dict) -> dict[str, str]:
     container = job["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 def cube(x: int) -> int:
@@ -226,3 +229,41 @@ def test_the_store_claim_and_workdir_reach_every_pod(k8s, local):
     assert container["workingDir"] == "/workspace"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["GPUQ_RESULT_DIR"].startswith(store), "results land on the claim"
+
+
+def _decoded(obj: object) -> str:
+    """An object as JSON, with every base64 value it holds decoded beside it (a payload or
+    a ConfigMap's binaryData hides text that way)."""
+    text = json.dumps(obj, default=str)
+    for word in re.findall(r"[A-Za-z0-9+/=]{16,}", text):
+        with contextlib.suppress(ValueError):
+            text += "\n" + base64.b64decode(word, validate=True).decode("latin-1")
+    return text
+
+
+@pytest.mark.parametrize("inline_limit", [1 << 20, 64])
+def test_a_secret_reaches_the_pod_only_through_a_secret_the_job_owns(k8s, local, tmp_path,
+                                                                     inline_limit):
+    cluster, adapter = k8s
+    adapter.inline_limit_bytes = inline_limit
+    value = "k8s-secret-" + tmp_path.name
+    job = local.submit(f"echo $API_TOKEN > {tmp_path}/seen", backend="kubernetes",
+                       secrets={"API_TOKEN": value})
+    rows = drive(adapter, local, [job.id])
+    assert rows[0]["status"] == "SUCCEEDED"
+    assert (tmp_path / "seen").read_text() == f"{value}\n", "the job sees its secret"
+    (created,) = cluster.jobs()
+    assert value not in _decoded(created), "not in the Job's spec, nor in its inline payload"
+    config_maps = [c.to_dict() for c in cluster.core.list_namespaced_config_map("default").items]
+    assert (len(config_maps) == 1) == (inline_limit == 64)
+    assert value not in _decoded(config_maps)
+    (secret,) = cluster.core.list_namespaced_secret("default").items
+    assert [o.name for o in secret.metadata.owner_references] == [created["metadata"]["name"]]
+    assert [base64.b64decode(v).decode() for v in secret.data.values()] == [value]
+    (ref,) = [e for e in _pod_env_entries(created) if "valueFrom" in e]
+    assert ref == {"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": secret.metadata.name, "key": next(iter(secret.data))}}}
+
+
+def _pod_env_entries(job: dict) -> list[dict]:
+    return list(job["spec"]["template"]["spec"]["containers"][0]["env"])

@@ -200,10 +200,10 @@ def test_cli_secret_from_the_environment_reaches_the_job(stack, stack_settings, 
                                                          tmp_path):
     value = "from-env-" + tmp_path.name
     submitted = subprocess.run(
-        [GPUQ, "submit", "--gpus", "0", "--secret", "DB_PASSWORD", "--secret", "MODE=quiet",
+        [GPUQ, "submit", "--gpus", "0", "--secret", "DB_PASSWORD", "--secret", "MODE",
          "--", "bash", "-c", "echo $DB_PASSWORD $MODE"],
-        env=server_env(stack_settings, DB_PASSWORD=value), capture_output=True, text=True,
-        timeout=60)
+        env=server_env(stack_settings, DB_PASSWORD=value, MODE="quiet"), capture_output=True,
+        text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     handle = client.job(int(submitted.stdout))
     assert handle.wait(60) == "SUCCEEDED"

@@ -20,27 +20,55 @@ if TYPE_CHECKING:
     from app.client import Client
 
 
-def _parse_secrets(pairs: list[str]) -> dict[str, str] | None:
-    """--secret NAME=VALUE, or --secret NAME to take the value from gpuq's own environment
-    (which keeps it out of the shell's history and the process list)."""
-    secrets = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            if key not in os.environ:
-                raise GpuqError(f"--secret {key}: no such variable in this environment; pass "
-                                "--secret NAME=VALUE or export NAME first")
-            value = os.environ[key]
-        if not key:
-            raise GpuqError(f"--secret takes NAME=VALUE or NAME, got {pair!r}")
-        secrets[key] = value
+def _parse_secrets(names: list[str], files: list[Path]) -> dict[str, str] | None:
+    """--secret NAME takes the value from gpuq's own environment, --secret-file PATH from a
+    file of NAME=VALUE lines that only its owner may read: a value never stands in the
+    command line, which every local user sees in `ps`."""
+    secrets: dict[str, str] = {}
+    for path in files:
+        secrets.update(_read_secret_file(path))
+    for name in names:
+        if "=" in name:
+            raise GpuqError(f"--secret takes a NAME, not NAME=VALUE (a value in the command "
+                            f"line is visible in `ps`): export it and pass --secret "
+                            f"{name.partition('=')[0] or 'NAME'}, or list it in a "
+                            "--secret-file PATH")
+        if not name:
+            raise GpuqError("--secret takes the NAME of an exported variable, got ''")
+        if name not in os.environ:
+            raise GpuqError(f"--secret {name}: no such variable in this environment; export "
+                            f"{name} first, or list it in a --secret-file PATH")
+        secrets[name] = os.environ[name]
     return secrets or None
 
 
+def _read_secret_file(path: Path) -> dict[str, str]:
+    """NAME=VALUE lines (blank lines and # comments skipped) of a file that neither its
+    group nor others may read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as e:
+        raise GpuqError(f"--secret-file {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise GpuqError(f"--secret-file {path} may be read by others (mode {mode & 0o777:o}); "
+                        f"make it private with `chmod 600 {path}`")
+    values = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise GpuqError(f"--secret-file {path}: line {lineno} is not NAME=VALUE")
+        values[name.strip()] = value
+    return values
 
-SecretOpt = typer.Option([], "--secret", metavar="NAME[=VALUE]",
-                         help="NAME=VALUE (or NAME, from this environment) for the job's "
-                         "environment, kept out of the job table and logs.")
+
+SecretOpt = typer.Option([], "--secret", metavar="NAME",
+                         help="An exported variable passed to the job as a secret: sealed, "
+                         "kept out of the job table, logs and command lines.")
+SecretFileOpt = typer.Option([], "--secret-file", metavar="PATH",
+                             help="A file of NAME=VALUE lines (mode 600) passed as secrets.")
 CommandArg = typer.Argument(
     ..., metavar="COMMAND", help=f"The command, after `--`; at most {MAX_COMMAND_BYTES // 1024} "
     "KiB (put a longer one in a script file and run that).")
@@ -49,14 +77,14 @@ CommandArg = typer.Argument(
 @cli.command()
 @job_options
 def submit(options: dict[str, Any], command: list[str] = CommandArg,
-           secret: list[str] = SecretOpt,
+           secret: list[str] = SecretOpt, secret_file: list[Path] = SecretFileOpt,
            allow_duplicate: bool = typer.Option(
                False, "--allow-duplicate",
                help="Queue it even when an identical job is pending or running."),
            as_json: bool = JsonOpt) -> None:
     """Queue one job and print its id. An identical job not yet ended is refused."""
     handle = client().submit(command, allow_duplicate=allow_duplicate,
-                             secrets=_parse_secrets(secret), **options)
+                             secrets=_parse_secrets(secret, secret_file), **options)
     print_json({"job_id": handle.id}) if as_json else typer.echo(handle.id)
 
 
@@ -64,12 +92,13 @@ def submit(options: dict[str, Any], command: list[str] = CommandArg,
 @job_options
 def launch(options: dict[str, Any], command: list[str] = CommandArg,
            num_jobs: int = typer.Option(..., "--num-jobs", "-n", help="Replicas to launch."),
-           secret: list[str] = SecretOpt,
+           secret: list[str] = SecretOpt, secret_file: list[Path] = SecretFileOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until all end."),
            as_json: bool = JsonOpt) -> None:
     """Queue N replicas of one command; each sees GPUQ_JOB_RANK and GPUQ_NUM_JOBS."""
     c = client()
-    handle = c.launch(command, num_jobs, secrets=_parse_secrets(secret), **options)
+    handle = c.launch(command, num_jobs, secrets=_parse_secrets(secret, secret_file),
+                      **options)
     if as_json:
         print_json({"launch_id": handle.id, "job_ids": handle.job_ids})
     else:

@@ -112,10 +112,10 @@ class Client:
 
         Options are JobSpec fields (gpus, name, priority, env, ...). `secrets` are
         environment variables that reach the job but are kept out of the job table, the
-        broker's messages and gpuq's logs (they travel in the job's stored payload). A
+        broker's messages and gpuq's logs (they travel sealed in the job's stored payload). A
         command identical to one not yet ended raises DuplicateJob, unless allow_duplicate
         (a job with secrets has a payload of its own, so it is never a duplicate)."""
-        hidden = _secrets(secrets)
+        hidden = self._secrets(secrets)
         if callable(command):
             payload = {"kind": "function", "call": _pickled_call(command, args), **hidden}
             spec = {**_spec(_describe(command), _function_options(options)), "kind": "function"}
@@ -144,7 +144,7 @@ class Client:
         `{rank}` and `{num_jobs}` in a command are replaced per replica; `rank_args`
         gives each replica its own arguments (N defaults to their number). A function is
         called with `args` in every replica. `secrets` as for `submit`."""
-        hidden = _secrets(secrets)
+        hidden = self._secrets(secrets)
         if callable(command):
             if num_jobs is None:
                 raise GpuqError("say how many replicas: launch(fn, num_jobs, *args)")
@@ -179,7 +179,7 @@ class Client:
         the values in the order of `items`."""
         import cloudpickle
 
-        hidden = _secrets(secrets)
+        hidden = self._secrets(secrets)
         values = list(items)
         if not values:
             raise GpuqError("map() needs at least one item")
@@ -189,6 +189,22 @@ class Client:
         out = self._with_payload(payload, lambda key: self.call(
             "launch", spec={**spec, "payload_key": key}, num_jobs=len(values)))
         return LaunchHandle(self, out["launch_id"], out["job_ids"])
+
+    def _secrets(self, secrets: dict[str, str] | None) -> dict[str, Any]:
+        """The payload entry of secret variables, sealed (app/core/sealing.py): the payload
+        passes through Redis, whose append-only file would keep them in plain. Sealed with
+        GPUQ_SECRET, else (in process only) with the stack's own key in GPUQ_HOME."""
+        if not secrets:
+            return {}
+        _check_secrets(secrets)
+        from app.core import sealing
+
+        if not self.settings.secret and self.transport == "remote":
+            raise InvalidJobSpec("secrets need GPUQ_SECRET over the remote transport (they "
+                                 "are sealed with it before they reach Redis): set the same "
+                                 "GPUQ_SECRET as the workers")
+        material = sealing.key_material(self.settings.secret, self.settings.home, create=True)
+        return {"sealed_secrets": sealing.seal(dict(secrets), material)}
 
     def _with_payload(self, payload: dict[str, Any],
                       enqueue: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -325,17 +341,14 @@ def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
     return bytes(cloudpickle.dumps({"fn": fn, "args": args, "kwargs": {}}))
 
 
-def _secrets(secrets: dict[str, str] | None) -> dict[str, Any]:
-    """The payload entry of secret variables, checked like any environment variable."""
-    if not secrets:
-        return {}
+def _check_secrets(secrets: dict[str, str]) -> None:
+    """Secret variables are checked like any environment variable."""
     for name, value in secrets.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidJobSpec("secrets are names and values, both strings")
         if not name or "=" in name or "\0" in name or "\0" in value:
             raise InvalidJobSpec(f"bad secret name {name!r}: a variable name is not empty and "
                                  "holds no '=' or NUL (and its value no NUL)")
-    return {"secrets": dict(secrets)}
 
 
 def _function_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@
     shard = dataset[env.rank::env.num_jobs]
 
 Code inside a job imports this, so it imports only the standard library: reading a rank
-must not cost a Celery import.
+must not cost a Celery import. The variables are those app/core/job_env.py lets through
+(JOB_VARIABLES): a job sees no other GPUQ_* variable.
 """
 
 from __future__ import annotations

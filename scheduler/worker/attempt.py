@@ -98,13 +98,14 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
                 gpu_ids: list[int]) -> str:
     assert job.id is not None
     job_id, settings = job.id, rt.settings
-    env = executor.job_environment(job, dict(os.environ), gpu_ids, host)
     path = JobPaths(rt.settings.home, job_id).log
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
         f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
     try:
-        env.update(calls.job_secrets(rt, job))  # from the payload: never in the job table
+        # The secrets come from the payload, unsealed here: never in the job table.
+        env = executor.job_environment(job, dict(os.environ), gpu_ids, host,
+                                       calls.job_secrets(rt, job))
         command = calls.resolve_command(rt, job)
     except PayloadError as e:
         return _refuse_payload(rt, job_id, attempt, e)

@@ -11,7 +11,7 @@ from typing import Any
 
 import cloudpickle
 
-from app.core import payloads
+from app.core import payloads, sealing
 from app.core.paths import JobPaths
 from app.runtime import Runtime
 from app.store import payload_store
@@ -33,11 +33,12 @@ def resolve_command(rt: Runtime, job: Job) -> str:
 
 
 def job_secrets(rt: Runtime, job: Job) -> dict[str, str]:
-    """The secret environment variables of a job: they travel in its payload only."""
+    """The secret environment variables of a job: they travel in its payload only, sealed
+    (app/core/sealing.py), and are unsealed here, where the job starts."""
     if job.payload_key is None:
         return {}
-    secrets: dict[str, str] = _load_cached(rt, job.payload_key).get("secrets") or {}
-    return secrets
+    return sealing.payload_secrets(_load_cached(rt, job.payload_key), rt.settings.secret,
+                                   rt.settings.home)
 
 
 _CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core import job_env
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
 from app.store.models import Job
 
@@ -36,29 +37,28 @@ class Outcome:
         return self.stopped == CANCEL
 
 
-def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: str
-                    ) -> dict[str, str]:
-    """The environment a replica sees: the worker's, the user's, then gpuq's own.
-
-    The worker's own GPUQ_* settings are left out: they may hold the broker's or the
-    database's password, and a job that prints its environment would log them."""
-    env = {k: v for k, v in base.items() if not k.startswith("GPUQ_")}
-    env.update(job.env)
+def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: str,
+                    secrets: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a replica sees (app/core/job_env.py): the allow-listed part of the
+    worker's `base`, the user's variables, gpuq's own, then its secrets. Nothing else of
+    the worker's reaches it: its GPUQ_* settings hold the broker's and the database's
+    passwords, and a job that prints its environment would log them."""
+    own = dict(job.env)
     if job.venv:
         venv = str(Path(job.venv).expanduser())
-        env["VIRTUAL_ENV"] = venv
-        env["PATH"] = f"{venv}/bin:{env.get('PATH', '')}"
-    env.update(
-        GPUQ_JOB_ID=str(job.id),
-        GPUQ_LAUNCH_ID="" if job.launch_id is None else str(job.launch_id),
-        GPUQ_JOB_RANK=str(job.rank),
-        GPUQ_NUM_JOBS=str(job.num_jobs),
-        GPUQ_RESTART_COUNT=str(job.restart_count),
-        GPUQ_HOST=host,
-        CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids),
-        CUDA_DEVICE_ORDER="PCI_BUS_ID",
-    )
-    return env
+        own["VIRTUAL_ENV"] = venv
+        own["PATH"] = f"{venv}/bin:{own.get('PATH', base.get('PATH', ''))}"
+    gpuq = {
+        "GPUQ_JOB_ID": str(job.id),
+        "GPUQ_LAUNCH_ID": "" if job.launch_id is None else str(job.launch_id),
+        "GPUQ_JOB_RANK": str(job.rank),
+        "GPUQ_NUM_JOBS": str(job.num_jobs),
+        "GPUQ_RESTART_COUNT": str(job.restart_count),
+        "GPUQ_HOST": host,
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+    return job_env.job_environment(own, gpuq, secrets, environ=base)
 
 
 def shell_script(job: Job, command: str) -> str:

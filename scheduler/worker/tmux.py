@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,30 +31,78 @@ def tmux_command(socket: Path, *args: str) -> list[str]:
     return ["tmux", "-S", str(socket), *args]
 
 
-def _script(job: Job, command: str, env: dict[str, str], log_path: Path, exit_path: Path
-            ) -> str:
-    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()
-                        if k.isidentifier())
+def env_fifo(paths: JobPaths) -> Path:
+    """The pipe an attachable attempt's script reads its environment from."""
+    return paths.tmux_script.with_name(f"{paths.job_id}.tmux.env")
+
+
+def _script(job: Job, command: str, fifo: Path, log_path: Path, exit_path: Path) -> str:
+    """The script the pane runs: its environment comes through the pipe, never from the
+    file (the script holds no value of it) nor from the tmux server, which has the
+    environment of the worker that started it (the pane starts under `env -i`)."""
     workdir = f"cd {shlex.quote(job.workdir)}\n" if job.workdir else ""
     script = shlex.quote(shell_script(job, command))
-    return (f"{exports}\n{workdir}"
+    return (f'eval "$(cat {shlex.quote(str(fifo))})"\nrm -f {shlex.quote(str(fifo))}\n'
+            f"{workdir}"
             f"bash -c {script} 2>&1 | tee -a {shlex.quote(str(log_path))}\n"
             f"echo ${{PIPESTATUS[0]}} > {shlex.quote(str(exit_path))}\n")
+
+
+def _exports(env: dict[str, str]) -> bytes:
+    """The job's environment as shell; TERM stays the pane's own."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()
+                   if k.isidentifier() and k != "TERM").encode()
+
+
+def _hand_over(fifo: Path, data: bytes, alive: Callable[[], bool]) -> None:
+    """Write the environment into the pipe once the script opens it (a pipe holds it in
+    memory only); give up when the pane is gone first."""
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO or not alive():  # ENXIO: no reader yet
+                return
+            time.sleep(POLL_S)
+    try:
+        os.set_blocking(fd, True)
+        with open(fd, "wb", closefd=True) as pipe:
+            pipe.write(data)
+    except BrokenPipeError:
+        pass
 
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
         paths: JobPaths, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
-    """Run the job in `tmux new-session -d` and wait for it like the direct executor."""
+    """Run the job in `tmux new-session -d` and wait for it like the direct executor.
+    Its script and pipe are removed when the attempt ends."""
+    script_path, fifo = paths.tmux_script, env_fifo(paths)
+    try:
+        return _run(job, command, env, log_path, socket, paths, grace_s, should_stop, on_start)
+    finally:
+        script_path.unlink(missing_ok=True)
+        fifo.unlink(missing_ok=True)
+
+
+def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Path,
+         paths: JobPaths, grace_s: float, should_stop: Callable[[], str | None],
+         on_start: Callable[[int], bool]) -> Outcome:
     name = session_name(job.id)
-    script_path, exit_path = paths.tmux_script, paths.tmux_exit
+    script_path, exit_path, fifo = paths.tmux_script, paths.tmux_exit, env_fifo(paths)
     exit_path.unlink(missing_ok=True)
-    script_path.write_text(_script(job, command, env, log_path, exit_path))
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo, 0o600)
+    script_path.write_text(_script(job, command, fifo, log_path, exit_path))
+    bash = shutil.which("bash") or "/bin/bash"
     # -P prints the pane's pid as the session is made: a short job may be gone a moment later.
     pane_pid = int(subprocess.run(
         tmux_command(socket, "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name,
-                     "-x", "200", "-y", "50", f"bash {shlex.quote(str(script_path))}"),
+                     "-x", "200", "-y", "50",
+                     f'env -i TERM="$TERM" {shlex.quote(bash)} {shlex.quote(str(script_path))}'),
         check=True, capture_output=True, text=True).stdout.strip())
+    _hand_over(fifo, _exports(env), lambda: _alive(socket, name))
     wanted = on_start(pane_pid)
     while not exit_path.exists() and _alive(socket, name):
         reason = should_stop() if wanted else (should_stop() or CANCEL)
