@@ -30,11 +30,9 @@ import sys
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import cloudpickle
 
 from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
+from app.core import job_env
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore
 from app.core.settings import Settings
@@ -63,9 +61,6 @@ _SACCT_LINE = re.compile(r"([0-9]+(?:_[0-9]+)?)\|([A-Z_]+)(?: by [0-9]+)?\|([0-9
 # What Slurm gets as a job name or comment: no spaces, `=` or control characters.
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME_CHARS = 128
-# What a job's environment holds besides its own variables and the runner's: a minimal
-# allow-list from the control worker's (no GPUQ_*, no URLs or passwords).
-PASSED_THROUGH = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
 
 
 def safe_name(text: str) -> str:
@@ -76,9 +71,8 @@ def safe_name(text: str) -> str:
 class SlurmAdapter(BatchAdapter):
     backend_name = "slurm"
     name = "gpuq.batch.slurm"
-    # The secrets of the payload submit() is about to send, by payload key (payload_bytes
-    # takes them out of the payload).
-    _secrets: dict[str | None, dict[str, str]] | None = None
+    # A job's secrets go to a 0600 file its runner reads and removes (never the script).
+    carries_secrets = True
 
     @classmethod
     def store_dir(cls, settings: Settings) -> Path:
@@ -132,12 +126,6 @@ class SlurmAdapter(BatchAdapter):
     def array_limit(self) -> int:
         return int(self.config.get("MaxArraySize", "1001"))  # indices stay below it
 
-    def payload_bytes(self, job: Job) -> bytes:
-        """The payload without its secrets, which submit() puts in a private file."""
-        spec: dict[str, Any] = cloudpickle.loads(super().payload_bytes(job))
-        self._secrets = {job.payload_key: spec.pop("secrets", None) or {}}
-        return bytes(cloudpickle.dumps(spec))
-
     def submit(self, submission: Submission) -> str:
         """One sbatch: an array when the part has several replicas. The job name is the
         submission's tag; the user's name, made safe, goes in the comment."""
@@ -157,15 +145,16 @@ class SlurmAdapter(BatchAdapter):
         if submission.gpus:
             command.append(f"--gpus={submission.gpus}" if settings.slurm_gpu_option == "gpus"
                            else f"--gres=gpu:{submission.gpus}")
-        env = {**{k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
-               **submission.env, "GPUQ_RANK_OFFSET": str(part[0].rank)}
+        # The job inherits only job_env's allow-list from the control worker: no GPUQ_*,
+        # no URLs or passwords.
+        env = {**job_env.inherited(os.environ), **submission.env,
+               "GPUQ_RANK_OFFSET": str(part[0].rank)}
         if len(part) == 1:
             env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
             array = [f"--output={out_dir}/%j.out"]
         else:
             array = [f"--array=0-{len(part) - 1}", f"--output={out_dir}/%A_%a.out"]
-        found = (self._secrets or {}).get(part[0].payload_key) if part[0].payload_key else None
-        secret_files = self._secret_files(submission.tag, len(part), found or {})
+        secret_files = self._secret_files(submission.tag, len(part), submission.secrets)
         try:
             handle = self._run(*command, *array, stdin=_script(env, secret_files))
         except SubmitRefused:
