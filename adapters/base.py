@@ -46,7 +46,7 @@ from sqlmodel import col, select
 
 from adapters import intent, submitting
 from adapters.intent import Submission, SubmitRefused, contiguous_parts
-from app.core import keys, payloads
+from app.core import keys, results
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore, JobPaths
 from app.core.settings import Settings
@@ -334,8 +334,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         if data is None:
             return None
         s = self.rt.settings
-        return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
-                                     secret=s.secret, keep_s=s.keep_result_s)
+        return results.route(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
+                             secret=s.secret, keep_s=s.keep_result_s)
 
     def payload_bytes(self, job: Job) -> bytes:
         """The runner's payload: the launch's stored payload, or the job's own command."""
