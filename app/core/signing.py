@@ -129,8 +129,8 @@ def verify_run(secret: str | None, job_id: object, attempt: object, auth: object
     MessageNotAuthentic otherwise.
 
     A run message is bound to its (job id, attempt) but has no time window and no one-shot
-    nonce: it may wait in its GPU's queue for hours, and Celery delivers it again after a
-    worker dies (acks_late), so either would lose jobs. Replaying one gains nothing: the
+    nonce: it may wait in its GPU's queue for hours, and the broker may deliver it again
+    (a worker that died holding it, a visibility timeout), so either would lose jobs. Replaying one gains nothing: the
     attempt starts only by the database's conditional claim of that (job id, attempt), which
     succeeds once, and a message for a job not dispatched with that attempt runs nothing."""
     owner, arguments = verify(secret, RUN_PURPOSE, "run", auth)
