@@ -48,8 +48,11 @@ def derive_key(secret: str, purpose: str) -> bytes:
 
 
 def canonical_json(value: Any) -> str:
-    """One text for one value: sorted keys, no spaces, ASCII only."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """One text for one value: sorted keys, no spaces, ASCII only; anything JSON has no
+    type for (a path) as its text, which is what the operation validates anyway. The text
+    itself travels, signed, so the receiver never has to re-encode what it got."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=str)
 
 
 def _mac(secret: str, purpose: str, name: str, auth: dict[str, Any]) -> str:
@@ -130,9 +133,10 @@ def verify_run(secret: str | None, job_id: object, attempt: object, auth: object
 
     A run message is bound to its (job id, attempt) but has no time window and no one-shot
     nonce: it may wait in its GPU's queue for hours, and the broker may deliver it again
-    (a worker that died holding it, a visibility timeout), so either would lose jobs. Replaying one gains nothing: the
-    attempt starts only by the database's conditional claim of that (job id, attempt), which
-    succeeds once, and a message for a job not dispatched with that attempt runs nothing."""
+    (a worker that died holding it, a visibility timeout), so either would lose jobs.
+    Replaying one gains nothing: the attempt starts only by the database's conditional claim
+    of that (job id, attempt), which succeeds once, and a message for a job not dispatched
+    with that attempt runs nothing."""
     owner, arguments = verify(secret, RUN_PURPOSE, "run", auth)
     if arguments != [job_id, attempt]:
         raise _refuse(RUN_PURPOSE, "its signature is for another job or attempt")
