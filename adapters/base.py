@@ -50,7 +50,7 @@ from sqlmodel import col, select
 
 from adapters import intent, submitting
 from adapters.intent import Submission, SubmitRefused, contiguous_parts
-from app.core import keys, payloads, sealing
+from app.core import keys, results, sealing
 from app.core.errors import GpuqError
 from app.core.paths import BatchStore, JobPaths
 from app.core.settings import Settings
@@ -342,8 +342,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
         if data is None:
             return None
         s = self.rt.settings
-        return payloads.route_result(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
-                                     secret=s.secret, keep_s=s.keep_result_s)
+        return results.route(self.rt.redis, job.id, data, limit_bytes=s.max_result_bytes,
+                             secret=s.secret, keep_s=s.keep_result_s)
 
     def payload_bytes(self, job: Job) -> tuple[bytes, dict[str, str]]:
         """The runner's payload (the launch's stored payload, or the job's own command)

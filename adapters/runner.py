@@ -1,15 +1,16 @@
 """The universal runner: `python -m adapters.runner [--payload-file F] [--result-file R]`.
 
-It reads a payload, runs the function call or shell command it holds, and writes a
-success-or-error envelope. It needs only the standard library and cloudpickle (and a
-backend's SDK where its payload lives there), so it runs wherever the job runs: on a GPU
-worker, in a Slurm allocation, in a Batch or Kubernetes container. SIGTERM ends it with the
-conventional exit code 143 (after stopping a command's process group).
+It reads a payload, runs the function call or shell command it holds, and writes its
+result (a JSON status and the pickled value or exception). It needs only the standard
+library and cloudpickle (and a backend's SDK where its payload lives there), so it runs
+wherever the job runs: on a GPU worker, in a Slurm allocation, in a Batch or Kubernetes
+container. SIGTERM ends it with the conventional exit code 143 (after stopping a command's
+process group).
 
 Where the payload comes from: `--payload-file`, else GPUQ_PAYLOAD (base64, for small
 payloads passed inline), else GPUQ_PAYLOAD_FILE (a path on a shared filesystem), else
 GPUQ_PAYLOAD_URI (s3://bucket/key, read with boto3).
-Where the envelope goes: `--result-file`, else GPUQ_RESULT_URI/<rank>.pkl (s3://), else
+Where the result goes: `--result-file`, else GPUQ_RESULT_URI/<rank>.pkl (s3://), else
 GPUQ_RESULT_DIR/<rank>.pkl.
 The rank: GPUQ_JOB_RANK, else the backend's array index (SLURM_ARRAY_TASK_ID,
 AWS_BATCH_JOB_ARRAY_INDEX, JOB_COMPLETION_INDEX) plus GPUQ_RANK_OFFSET (an array split in
@@ -20,10 +21,11 @@ Payload (cloudpickled dict): {"call": <cloudpickled {"fn", "args", "kwargs"}>, "
 "rank_args": [[...], ...] or None} for a shell command. Either may hold "secrets": {name:
 value}, variables exported to the job and kept out of its recorded environment.
 
-Envelope (cloudpickled dict): {"ok": True, "value": <cloudpickled value>} or {"ok": False,
-"type": "...", "message": "...", "traceback": "...", "exception": <cloudpickled exception,
-when it pickles>}. Values and exceptions are pickled inside the envelope so that a reader
-can learn whether a job succeeded without importing the user's modules.
+Result (the format app/core/results.py reads): a line `GPQR1`, a JSON status line
+{"ok": true} or {"ok": false, "type": "...", "message": "...", "traceback": "..."} (at most
+64 KiB: long texts are cut), then the pickled value, or the pickled exception (nothing when
+it does not pickle). gpuq's processes read the status line only; the pickled part is
+unpickled by the client that asked for the result, never by gpuq.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -46,19 +49,39 @@ EXIT_ERROR = 1
 EXIT_TERMINATED = 143
 
 
-def _error_envelope(exc: BaseException) -> dict[str, Any]:
-    envelope: dict[str, Any] = {
-        "ok": False, "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc), "traceback": "".join(traceback.format_exception(exc)),
-    }
+RESULT_MAGIC = b"GPQR1\n"
+MAX_STATUS_BYTES = 64 * 1024
+# Characters kept of a message and of a traceback: at 4 UTF-8 bytes a character at most,
+# the status line stays well under MAX_STATUS_BYTES.
+_TEXT_CHARS = 4 * 1024
+
+
+def _cut(text: str, keep: int) -> str:
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} characters cut ...]\n{text[-keep:]}"
+
+
+def _error_result(exc: BaseException) -> tuple[dict[str, Any], bytes]:
+    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    status = {"ok": False, "type": _cut(kind, 128), "message": _cut(str(exc), _TEXT_CHARS // 2),
+              "traceback": _cut("".join(traceback.format_exception(exc)), _TEXT_CHARS)}
     # An exception that does not pickle still reports its type, text and traceback.
+    pickled = b""
     with contextlib.suppress(Exception):
-        envelope["exception"] = cloudpickle.dumps(exc)
-    return envelope
+        pickled = cloudpickle.dumps(exc)
+    return status, pickled
 
 
-def _write(path: Path | str, envelope: dict[str, Any]) -> None:
-    data = cloudpickle.dumps(envelope)
+def _result_bytes(status: dict[str, Any], pickled: bytes) -> bytes:
+    # A lone surrogate becomes its JSON escape; no raw newline survives json.dumps.
+    line = json.dumps(status, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    assert len(line) <= MAX_STATUS_BYTES and b"\n" not in line
+    return RESULT_MAGIC + line + b"\n" + pickled
+
+
+def _write(path: Path | str, status: dict[str, Any], pickled: bytes) -> None:
+    data = _result_bytes(status, pickled)
     if isinstance(path, str):  # s3://bucket/key
         bucket, key = _s3_location(path)
         _s3().put_object(Bucket=bucket, Key=key, Body=data)
@@ -203,17 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         value = call(spec)
     except Terminated as e:
-        _write(result, _error_envelope(e))
+        _write(result, *_error_result(e))
         return EXIT_TERMINATED
     except BaseException as e:
         traceback.print_exc()
-        _write(result, _error_envelope(e))
+        _write(result, *_error_result(e))
         return EXIT_ERROR
     try:
-        _write(result, {"ok": True, "value": cloudpickle.dumps(value)})
+        pickled = cloudpickle.dumps(value)
     except Exception as e:  # the value does not pickle: say so rather than lose it silently
-        _write(result, _error_envelope(e))
+        _write(result, *_error_result(e))
         return EXIT_ERROR
+    _write(result, {"ok": True}, pickled)
     return 0
 
 

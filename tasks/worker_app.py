@@ -13,6 +13,8 @@ from typing import Any
 from celery.app import trace as celery_trace
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
+from app.core.errors import SecretRequired
+from app.core.security import require_secret
 from app.core.settings import Settings
 from app.runtime import Runtime
 from tasks import batch, control, run
@@ -25,6 +27,10 @@ celery_trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 settings = Settings()
 logging.basicConfig(level=settings.log_level.upper(),
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+try:  # before the broker is reached: no message is taken from a Redis open to others
+    require_secret(settings)
+except SecretRequired as e:
+    raise SystemExit(f"gpuq: {e}") from None
 runtime = Runtime(settings, wait_for_broker=True)
 celery = runtime.celery
 control.register(celery, runtime)

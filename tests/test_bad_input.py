@@ -356,36 +356,44 @@ def test_fuzzed_submit_launch_and_cancel_refuse_bad_input_and_keep_what_was_acce
 
 # -- stored payloads ------------------------------------------------------------------------
 
+KEY = "gpuq:payload:launch:0123456789abcdef"
+
+
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_unpickle(data):
     with pytest.raises(PayloadError):
-        payloads.unpack(data)
+        payloads.unpack(data, key=KEY)
 
 
 def _framed(body: bytes, flags: int) -> bytes:
-    header = struct.pack(">4sB32s", payloads.MAGIC, flags, hashlib.sha256(body).digest())
+    """A frame with a valid digest for KEY around any bytes."""
+    length = len(body)
+    signed = (payloads.MAGIC + bytes([flags]) + length.to_bytes(8, "big")
+              + payloads.PAYLOAD.encode() + b"\0" + KEY.encode() + b"\0" + body)
+    header = struct.pack(">4sBQ32s", payloads.MAGIC, flags, length,
+                         hashlib.sha256(signed).digest())
     return header + body
 
 
 @given(st.binary(max_size=300), st.sampled_from([0, payloads.GZIPPED]))
 def test_intact_frames_around_garbage_are_refused_as_payload_errors(body, flags):
     with pytest.raises(PayloadError):
-        payloads.unpack(_framed(body, flags))
+        payloads.unpack(_framed(body, flags), key=KEY)
 
 
 @given(st.data())
 def test_every_truncation_and_bit_flip_of_a_payload_is_refused(data):
     secret = data.draw(st.none() | st.just("s"))
     value = {"command": "train", "pad": data.draw(st.text(max_size=5000))}
-    framed = payloads.pack(value, 2**20, secret)
+    framed = payloads.pack(value, 2**20, secret, key=KEY)
     cut = data.draw(st.integers(0, len(framed) - 1))
     with pytest.raises(PayloadError):
-        payloads.unpack(framed[:cut], secret)
+        payloads.unpack(framed[:cut], secret, key=KEY)
     at = data.draw(st.integers(0, len(framed) - 1))
     bit = data.draw(st.integers(0, 7))
     flipped = framed[:at] + bytes([framed[at] ^ (1 << bit)]) + framed[at + 1:]
     with pytest.raises(PayloadError):
-        payloads.unpack(flipped, secret)
+        payloads.unpack(flipped, secret, key=KEY)
 
 
 @pytest.mark.parametrize(("damage", "message"), [

@@ -13,26 +13,28 @@ from app.core.errors import PayloadError, PayloadTooLarge
 from app.store import payload_store
 from app.store.models import Payload
 
+KEY = "gpuq:payload:launch:0123456789abcdef"
+
 
 def test_small_and_large_payloads_round_trip_and_large_ones_are_gzipped():
     small = {"command": "python train.py"}
     large = {"data": "x" * 100_000}
-    assert payloads.unpack(payloads.pack(small, 2**20)) == small
-    packed = payloads.pack(large, 2**20)
-    assert payloads.unpack(packed) == large
+    assert payloads.unpack(payloads.pack(small, 2**20, key=KEY), key=KEY) == small
+    packed = payloads.pack(large, 2**20, key=KEY)
+    assert payloads.unpack(packed, key=KEY) == large
     assert len(packed) < 2_000, "repetitive data above 4 KiB is compressed"
 
 
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda b: b[:10], "truncated"),
     (lambda b: b[:-1], "corrupted"),
-    (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "corrupted"),
+    (lambda b: b[:50] + bytes([b[50] ^ 1]) + b[51:], "corrupted"),
     (lambda b: b"GPQ0" + b[4:], "not a gpuq payload of this version"),
 ])
 def test_damaged_payloads_are_refused_before_unpickling(damage, message):
-    data = payloads.pack({"fn": "anything", "pad": "y" * 100}, 2**20)
+    data = payloads.pack({"fn": "anything", "pad": "y" * 100}, 2**20, key=KEY)
     with pytest.raises(PayloadError, match=message):
-        payloads.unpack(damage(data))
+        payloads.unpack(damage(data), key=KEY)
 
 
 def test_oversize_payload_is_refused_and_not_stored(rt):

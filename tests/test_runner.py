@@ -1,5 +1,6 @@
 """The universal runner as a backend would start it: payload inline, in a file, by array
-index; envelopes for function calls; exit codes for commands; SIGTERM."""
+index; results (a JSON status beside the pickled value) for function calls; exit codes for
+commands; SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import cloudpickle
 import pytest
 
 from adapters.runner import rank_from_environment
+from app.core import results
 from tests.conftest import ROOT, until
 
 
@@ -44,26 +46,28 @@ def test_rank_comes_from_gpuq_or_the_backend_array_index(env, rank):
     assert rank_from_environment(env) == rank
 
 
-def test_function_payload_inline_writes_a_success_envelope(tmp_path):
+def test_function_payload_inline_writes_a_json_status_beside_the_pickled_value(tmp_path):
     call = cloudpickle.dumps({"fn": pow, "args": (2,), "kwargs": {}})
     items = [cloudpickle.dumps(n) for n in (5, 6, 7)]
     env = _env(GPUQ_PAYLOAD=_inline({"call": call, "items": items}),
                AWS_BATCH_JOB_ARRAY_INDEX="1", GPUQ_RESULT_DIR=str(tmp_path))
     assert _run(env).returncode == 0
-    envelope = cloudpickle.loads((tmp_path / "1.pkl").read_bytes())
-    assert envelope["ok"] and cloudpickle.loads(envelope["value"]) == 36
+    status, pickled = results.split((tmp_path / "1.pkl").read_bytes())
+    assert status.ok and cloudpickle.loads(pickled) == 36
 
 
-def test_failing_call_writes_an_error_envelope_with_its_traceback(tmp_path):
+def test_failing_call_writes_an_error_status_with_its_traceback(tmp_path):
     call = cloudpickle.dumps({"fn": int, "args": ("not a number",), "kwargs": {}})
     payload = tmp_path / "payload.pkl"
     payload.write_bytes(cloudpickle.dumps({"call": call}))
     result = _run(_env(), "--payload-file", str(payload), "--result-file",
                   str(tmp_path / "r.pkl"))
     assert result.returncode == 1
-    envelope = cloudpickle.loads((tmp_path / "r.pkl").read_bytes())
-    assert envelope["type"] == "builtins.ValueError" and "invalid literal" in envelope["message"]
-    assert "Traceback" in envelope["traceback"]
+    status, pickled = results.split((tmp_path / "r.pkl").read_bytes())
+    assert not status.ok
+    assert status.type == "builtins.ValueError" and "invalid literal" in status.message
+    assert "Traceback" in status.traceback
+    assert isinstance(cloudpickle.loads(pickled), ValueError)
 
 
 def test_command_payload_runs_per_rank_and_keeps_its_exit_code(tmp_path):

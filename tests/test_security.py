@@ -31,6 +31,7 @@ from tests.conftest import EXTERNAL_DB, IN_CI, PREFLIGHT_FAKES, Stack, server_en
 from tests.netutil import free_port
 
 SECRET = "correct horse battery staple"
+KEY = "gpuq:payload:launch:0123456789abcdef"
 GPUQ = str(Path(sys.executable).parent / "gpuq")
 
 
@@ -50,36 +51,37 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
 # -- payload authentication -----------------------------------------------------------------
 
 def test_signed_payloads_verify_only_with_the_same_secret():
-    data = payloads.pack({"command": "true"}, 2**20, SECRET)
-    assert payloads.unpack(data, SECRET) == {"command": "true"}
+    data = payloads.pack({"command": "true"}, 2**20, SECRET, key=KEY)
+    assert payloads.unpack(data, SECRET, key=KEY) == {"command": "true"}
     with pytest.raises(PayloadNotAuthentic, match="does not verify with GPUQ_SECRET"):
-        payloads.unpack(data, "another secret")
+        payloads.unpack(data, "another secret", key=KEY)
     with pytest.raises(PayloadNotAuthentic, match="GPUQ_SECRET is not set here"):
-        payloads.unpack(data)
+        payloads.unpack(data, key=KEY)
     with pytest.raises(PayloadNotAuthentic, match=r"not signed.*GPUQ_SECRET"):
-        payloads.unpack(payloads.pack({"command": "true"}, 2**20), SECRET)
+        payloads.unpack(payloads.pack({"command": "true"}, 2**20, key=KEY), SECRET, key=KEY)
 
 
 def test_the_signature_covers_the_flags_so_a_signed_frame_cannot_be_downgraded():
-    data = payloads.pack({"x": "y" * 10_000}, 2**20, SECRET)  # gzipped and signed
+    data = payloads.pack({"x": "y" * 10_000}, 2**20, SECRET, key=KEY)  # gzipped and signed
     flags = data[4]
     with pytest.raises(PayloadError):
-        payloads.unpack(data[:4] + bytes([flags & ~payloads.GZIPPED]) + data[5:], SECRET)
+        payloads.unpack(data[:4] + bytes([flags & ~payloads.GZIPPED]) + data[5:], SECRET,
+                        key=KEY)
     with pytest.raises(PayloadError):  # unsigned now: its digest is no SHA-256 of the body
-        payloads.unpack(data[:4] + bytes([flags & ~payloads.SIGNED]) + data[5:])
+        payloads.unpack(data[:4] + bytes([flags & ~payloads.SIGNED]) + data[5:], key=KEY)
 
 
-def _attack(kind: str, marker: Path) -> bytes:
+def _attack(kind: str, marker: Path, key: str) -> bytes:
     """What someone who can write to Redis but lacks the secret can store."""
     def forged(command: str) -> dict[str, str | None]:
         return {"kind": "command", "command": command, "rank_args": None}
 
     if kind == "unsigned":
-        return payloads.pack(forged(f"touch {marker}"), 2**20)
+        return payloads.pack(forged(f"touch {marker}"), 2**20, key=key)
     if kind == "other-secret":
-        return payloads.pack(forged(f"touch {marker}"), 2**20, "guessed")
+        return payloads.pack(forged(f"touch {marker}"), 2**20, "guessed", key=key)
     # An honestly signed, harmless payload, its command edited in place.
-    signed = payloads.pack(forged(f"ls -d {marker}"), 2**20, SECRET)
+    signed = payloads.pack(forged(f"ls -d {marker}"), 2**20, SECRET, key=key)
     assert b"ls -d" in signed
     return signed.replace(b"ls -d", b"touch")
 
@@ -90,7 +92,7 @@ def test_a_worker_refuses_a_payload_that_does_not_verify(client, stack_settings,
                                                          attack):
     marker = tmp_path / "ran"
     key = keys.new_payload()
-    client.rt.redis.set(key, _attack(attack, marker), ex=600)
+    client.rt.redis.set(key, _attack(attack, marker, key), ex=600)
     out = client.call("launch", spec={"command": "forged", "payload_key": key, "gpus": 1},
                       num_jobs=1)
     row = client.wait(out["job_ids"], 60)[0]

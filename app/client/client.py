@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from app.client.http import call_http, default_transport
-from app.core import keys
+from app.core import keys, signing
 from app.core.errors import (
     DatabaseUnavailable,
     GpuqError,
@@ -80,17 +80,24 @@ class Client:
                 return call_local(self.rt, op, kwargs, self.actor)
             except OperationalError as e:
                 raise database_unavailable(e) from e
-        if self.actor is not None and self.actor != stack_owner():
-            # A control message names no actor yet: the control worker would run it as
-            # the stack's owner.
-            raise NotPermitted("a named user's operation cannot travel over the remote "
-                               "transport; serve the dashboard with GPUQ_TRANSPORT=local")
+        if self.actor is not None and self.actor != stack_owner() and \
+                not self.settings.secret:
+            # Only a signed control message names its actor: unsigned, the control worker
+            # would run it as the stack's owner.
+            raise NotPermitted("a named user's operation travels over the remote transport "
+                               "only signed: set GPUQ_SECRET, or serve the dashboard with "
+                               "GPUQ_TRANSPORT=local")
         return self._call_remote(op, kwargs)
 
     def _call_remote(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        result = self.rt.celery.send_task("gpuq.op", args=[name, kwargs], queue=CONTROL_QUEUE)
+        secret = self.settings.secret
+        # With a shared secret the arguments travel only inside the signed part.
+        args = ([name, None, signing.sign(secret, signing.OP_PURPOSE, name, kwargs,
+                                          self.actor or stack_owner())]
+                if secret else [name, kwargs])
+        result = self.rt.celery.send_task("gpuq.op", args=args, queue=CONTROL_QUEUE)
         try:
             envelope = result.get(timeout=self.settings.op_timeout_s)
         except CeleryTimeout:
@@ -299,30 +306,31 @@ def database_unavailable(error: Exception) -> DatabaseUnavailable:
         "try again shortly, and check GPUQ_DATABASE_URL if it persists")
 
 
-def _outcome(client: Client, job_id: int, status: str, data: Any) -> Any:
-    """The value of an ended function job from its stored result envelope, or its remote
-    exception raised with the remote traceback as a note."""
+def _outcome(client: Client, job_id: int, state: str, data: Any) -> Any:
+    """The value of an ended function job from its stored result, or its remote exception
+    raised with the remote traceback as a note."""
     import cloudpickle
 
-    from app.core import payloads
+    from app.core import results
     if data is None:
         reason = client.rows([job_id])[0]["reason"]
-        raise GpuqError(f"job {job_id} ended {status} without a result"
+        raise GpuqError(f"job {job_id} ended {state} without a result"
                         + (f": {reason}" if reason else ""))
-    envelope = payloads.unpack(bytes(data), client.settings.secret)
-    if envelope["ok"]:
-        return cloudpickle.loads(envelope["value"])
-    error = _rebuild(envelope.get("exception"))
+    # Only this client, which asked for the job, unpickles what the job wrote.
+    status, pickled = results.load(bytes(data), job_id, client.settings.secret)
+    if status.ok:
+        return cloudpickle.loads(pickled)
+    error = _rebuild(pickled)
     if error is not None:
-        error.add_note(f"remote traceback (job {job_id}):\n{envelope['traceback']}")
+        error.add_note(f"remote traceback (job {job_id}):\n{status.traceback}")
         raise error
-    raise RemoteError(f"job {job_id} raised {envelope['type']}: {envelope['message']}\n"
-                      f"{envelope['traceback']}")
+    raise RemoteError(f"job {job_id} raised {status.type}: {status.message}\n"
+                      f"{status.traceback}")
 
 
-def _rebuild(pickled: bytes | None) -> BaseException | None:
+def _rebuild(pickled: bytes) -> BaseException | None:
     """The remote exception, when it unpickles here."""
-    if pickled is None:
+    if not pickled:
         return None
     import cloudpickle
 

@@ -76,6 +76,13 @@ class PayloadNotAuthentic(PayloadError):
     code = "payload_not_authentic"
 
 
+class MessageNotAuthentic(GpuqError):
+    """A control or run message that is unsigned, signed with another secret, stale or
+    replayed: refused before anything runs."""
+
+    code = "message_not_authentic"
+
+
 # Things that are not there
 
 
@@ -171,6 +178,12 @@ class TokenRequired(GpuqError):
     """The dashboard would listen beyond this host without a token."""
 
     code = "token_required"
+
+
+class SecretRequired(GpuqError):
+    """A worker would take messages from a Redis beyond this host without GPUQ_SECRET."""
+
+    code = "secret_required"
 
 
 def error_from_envelope(code: str, message: str) -> GpuqError:

@@ -78,6 +78,12 @@ def new_payload(kind: str = "launch") -> str:
     return f"{PREFIX}:payload:{kind}:{secrets.token_hex(8)}"
 
 
+def op_nonce(nonce: str) -> str:
+    """Set (NX, with a TTL) by the control worker that accepts a signed operation: a copy of
+    the message is refused while it lives (app/core/signing.py)."""
+    return f"{PREFIX}:nonce:{nonce}"
+
+
 def result(job_id: int) -> str:
     """The framed result (or error envelope) of a Python-function job."""
     return f"{PREFIX}:result:{job_id}"

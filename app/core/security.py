@@ -1,5 +1,6 @@
-"""Who may talk to gpuq: the start-up warning without a shared secret, loopback checks, and
-TLS options for `rediss://` broker URLs."""
+"""Who may talk to gpuq: the start-up refusal (Redis beyond loopback) or warning (on
+loopback) without a shared secret, loopback checks, and TLS options for `rediss://` broker
+URLs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from app.core.errors import SecretRequired
 from app.core.settings import Settings
 
 log = logging.getLogger("gpuq.security")
@@ -21,11 +23,38 @@ NO_SECRET_WARNING = (
 
 def warn_without_secret(settings: Settings) -> bool:
     """Say once, as a worker starts, that without a secret Redis is the only door; True
-    when it was said."""
+    when it was said. Beyond loopback, refuse instead (`require_secret`)."""
+    require_secret(settings)
     if settings.secret:
         return False
     log.warning(NO_SECRET_WARNING)
     return True
+
+
+def redis_beyond_loopback(url: str | None) -> bool:
+    """Whether a Redis URL may be reached from other hosts: any host but a loopback address,
+    and every sentinel:// URL (its master is found at run time). Unset means the embedded
+    server, which never listens beyond loopback without a secret."""
+    if not url:
+        return False
+    parts = urlsplit(url)
+    if parts.scheme in ("unix", "redis+socket"):
+        return False
+    if parts.scheme not in ("redis", "rediss"):
+        return True
+    return not is_loopback(parts.hostname or "")
+
+
+def require_secret(settings: Settings) -> None:
+    """Refuse to start a worker without GPUQ_SECRET where Redis is reachable beyond this
+    host: whoever reaches that Redis could have the workers run anything."""
+    if settings.secret or not redis_beyond_loopback(settings.redis_url):
+        return
+    host = urlsplit(settings.redis_url or "").hostname or settings.redis_url
+    raise SecretRequired(
+        f"GPUQ_SECRET is not set and Redis ({host}) is reachable beyond this host, so anyone "
+        "who can write to it could run code on the workers; set the same GPUQ_SECRET on "
+        "every client and worker (or use a Redis on 127.0.0.1)")
 
 
 def is_loopback(address: str) -> bool:

@@ -183,9 +183,10 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("WARNING", description="Log level of gpuq's processes.")
     secret: str | None = Field(
-        None, description="Shared secret: every stored payload and result carries an "
-        "HMAC-SHA256 with it, and workers refuse one that does not verify. Unset: anyone who "
-        "can write to Redis can run code on the workers.")
+        None, description="Shared secret: every control and run message, stored payload "
+        "and result carries an HMAC-SHA256 with a key derived from it, and workers refuse "
+        "one that does not verify. Unset: anyone who can write to Redis can run code on the "
+        "workers, so workers refuse to start unless Redis is on loopback.")
     embedded_redis_bind: str = Field(
         "127.0.0.1", description="Address the embedded Redis binds to; beyond loopback it "
         "needs GPUQ_EMBEDDED_REDIS_PASSWORD and GPUQ_SECRET.")

@@ -76,7 +76,9 @@ def run_host_workers(settings: Settings) -> None:
 
     lock = HostLock(settings, "gpuq worker")
     fd = lock.acquire()  # before anything starts: a second one for this host is refused
-    warn_without_secret(settings)  # once for the host, not once per GPU worker
+    # Refused without GPUQ_SECRET where Redis is beyond loopback; else a warning, once for
+    # the host, not once per GPU worker.
+    warn_without_secret(settings)
     rt = Runtime(settings, wait_for_broker=True)
     rt.check_database()  # refused here in one line, not by every GPU worker in a loop
     count = register_host(rt, detect_provider(settings), settings.hostname)

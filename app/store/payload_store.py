@@ -99,8 +99,9 @@ def fetch(r: redis.Redis, engine: Engine, key: str, cache_ttl_s: int) -> bytes:
 
 def load(r: redis.Redis, engine: Engine, key: str, *, cache_ttl_s: int,
          secret: str | None, limit_bytes: int | None) -> Any:
-    """A stored payload's value, checked (and authenticated) before it is unpickled."""
-    return payloads.unpack(fetch(r, engine, key, cache_ttl_s), secret, limit_bytes)
+    """A stored payload's value, checked (and authenticated, for this key) before it is
+    unpickled: bytes copied here from another payload's key are refused."""
+    return payloads.unpack(fetch(r, engine, key, cache_ttl_s), secret, limit_bytes, key=key)
 
 
 def drop(session: Session, r: redis.Redis, key: str) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Float, Select, bindparam, false, or_, sele
 from sqlmodel import Session, col
 
 from app.core.keys import CPU_QUEUE, gpu_queue
+from app.core.signing import run_message
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.cluster import (
@@ -301,8 +302,8 @@ class Dispatcher:
         queue = gpu_queue(host, gpus[0]) if host is not None else CPU_QUEUE
         # Nobody waits on this message's result: without ignore_result, Celery subscribes
         # to a result channel per message sent, and a long-lived dispatcher keeps them all.
-        self.rt.celery.send_task("gpuq.run", args=[job.id, attempt], queue=queue,
-                                 ignore_result=True)
+        message = run_message(self.rt.settings.secret, job.id, attempt)
+        self.rt.celery.send_task("gpuq.run", args=message, queue=queue, ignore_result=True)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
         return True
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import cloudpickle
 
-from app.core import payloads, sealing
+from app.core import results, sealing
 from app.core.paths import JobPaths
 from app.runtime import Runtime
 from app.store import payload_store
@@ -86,7 +86,8 @@ def _function_command(rt: Runtime, job: Job, payload: dict[str, Any]) -> str:
 
 
 def collect_result(rt: Runtime, job: Job) -> str | None:
-    """Store a function job's envelope for `result()`; return why the job failed, if it did."""
+    """Store a function job's result for `result()`, read only for its JSON status (the
+    value stays pickled: app/core/results.py); return why the job failed, if it did."""
     assert job.id is not None
     paths = JobPaths(rt.settings.home, job.id)
     try:
@@ -95,5 +96,5 @@ def collect_result(rt: Runtime, job: Job) -> str | None:
         return None
     finally:
         shutil.rmtree(paths.run_dir, ignore_errors=True)
-    return payloads.route_result(rt.redis, job.id, data, limit_bytes=rt.settings.max_result_bytes,
-                                 secret=rt.settings.secret, keep_s=rt.settings.keep_result_s)
+    return results.route(rt.redis, job.id, data, limit_bytes=rt.settings.max_result_bytes,
+                         secret=rt.settings.secret, keep_s=rt.settings.keep_result_s)
