@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from app.core.errors import GpuqError
+from app.core.security import require_secret
 from app.core.settings import Settings
 from app.runtime import Runtime
 from app.stack import reaper
@@ -54,6 +55,10 @@ def run_stack(settings: Settings, procfile: Path, flower: bool,
         raise GpuqError(f"no Procfile at {procfile}; run from the project root or pass "
                         "--procfile PATH")
     programs = stack_programs(settings, procfile, flower, jobs_file)
+    if any(is_host_worker(p.command) for p in programs):
+        # Workers beyond loopback without GPUQ_SECRET would refuse one by one, restarted
+        # on backoff: say it once, before anything starts.
+        require_secret(settings)
     lock = None
     if any(is_host_worker(p.command) for p in programs):
         # A second stack for this host would take the first one's running jobs for orphans.
