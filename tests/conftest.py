@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -237,3 +238,29 @@ def remote_client(stack: Stack, stack_settings: Settings) -> Iterator[Client]:
     c = Client(stack_settings, "remote")
     yield c
     c.close()
+
+
+# -- a second local user --------------------------------------------------------------------
+
+OTHER_USER = "gpuq-other"
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[str]:
+    """A second local OS user, made for the session (and removed after it) where the tests
+    run as root; elsewhere the test is skipped."""
+    if os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("runuser")):
+        pytest.skip("acting as a second local user needs root, useradd and runuser")
+    made = subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0
+    if made:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",
+                        OTHER_USER], check=True)
+    yield OTHER_USER
+    if made:
+        subprocess.run(["userdel", OTHER_USER], check=False)
+
+
+def as_other(user: str, *argv: str, timeout_s: float = 30) -> subprocess.CompletedProcess[bytes]:
+    """Run a command as `user` (made by `other_user`)."""
+    return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True,
+                          timeout=timeout_s)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -24,10 +23,10 @@ from fastapi.testclient import TestClient
 from app.core.identity import Actor, stack_owner
 from app.core.procgroup import stop_groups
 from app.dashboard import create_app, dashboard_token, login_url
-from tests.conftest import server_env, until
+from tests.conftest import as_other, server_env, until
 from tests.dashboard_http import BASE_URL, bearer, dashboard_client
 from tests.netutil import free_port
-from tests.test_private_home import as_other, open_place, other_user  # noqa: F401
+from tests.test_private_home import open_place  # noqa: F401
 
 ORIGIN = BASE_URL  # the dashboard's own origin, as its pages send it
 FOREIGN_HOSTS = ["evil.example", "evil.example:5556", "127.0.0.1:9999", "localhost:80",
@@ -198,8 +197,6 @@ def test_the_token_file_is_private_and_kept_across_starts(settings, local):
         assert http.get("/api/jobs").status_code == 200
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"),
-                    reason="acting as a second local user needs root, useradd and runuser")
 def test_another_local_user_cannot_read_the_token(settings, other_user, open_place):  # noqa: F811
     """Even with the home under a directory everyone may enter, and a umask that would
     open what gpuq writes."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,23 +17,7 @@ import pytest
 from app.core.paths import JobPaths
 from app.core.settings import Settings
 from app.runtime import Runtime
-
-OTHER = "gpuq-other"
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("runuser")),
-    reason="acting as a second local user needs root, useradd and runuser")
-
-
-@pytest.fixture(scope="module")
-def other_user() -> Iterator[str]:
-    made = subprocess.run(["id", OTHER], capture_output=True).returncode != 0
-    if made:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",
-                        OTHER], check=True)
-    yield OTHER
-    if made:
-        subprocess.run(["userdel", OTHER], check=False)
+from tests.conftest import as_other
 
 
 @pytest.fixture
@@ -44,11 +27,6 @@ def open_place() -> Iterator[Path]:
     place.chmod(0o755)
     yield place
     shutil.rmtree(place, ignore_errors=True)
-
-
-def as_other(user: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True,
-                          timeout=30)
 
 
 def _started(home: Path) -> Runtime:

@@ -5,7 +5,6 @@ nothing. gpuq's jobs are submitted and settled as usual while those jobs run and
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -20,25 +19,7 @@ from app.runtime import Runtime
 from tests.conftest import IN_CI
 from tests.test_adapters import drive, slurm_missing
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("useradd")
-                                                 and shutil.which("runuser")),
-                       reason="acting as a second local user needs root, useradd and runuser"),
-]
-
-OTHER = "gpuq-other"
-
-
-@pytest.fixture(scope="module")
-def other_user() -> Iterator[str]:
-    made = subprocess.run(["id", OTHER], capture_output=True).returncode != 0
-    if made:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",
-                        OTHER], check=True)
-    yield OTHER
-    if made:
-        subprocess.run(["userdel", OTHER], check=False)
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
