@@ -214,7 +214,8 @@ class Soak:
                         database_url=self.database_url, hostname=self.host_a, fake_gpus=2,
                         cpu_slots=1, heartbeat_s=1, kill_grace_s=1, reservation_ttl_s=8,
                         lease_margin_s=2, reconcile_interval_s=1, dispatch_interval_s=1,
-                        monitor_interval_s=2, log_level="WARNING", _env_file=None)
+                        monitor_interval_s=2, log_level="WARNING",
+                        secret=f"soak {self.token}", _env_file=None)
         if host == self.host_a:
             return base
         changes: dict[str, object] = {"hostname": self.host_b,

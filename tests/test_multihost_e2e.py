@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import make_url
@@ -137,7 +138,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, redis_url: str
     base = Settings(home=home, redis_url=redis_url, database_url=EXTERNAL_DB, fake_gpus=2,
                     heartbeat_s=1, reservation_ttl_s=6, lease_margin_s=2,
                     reconcile_interval_s=1, cpu_slots=0, kill_grace_s=1, hostname="hosta",
-                    _env_file=None)
+                    secret="two hosts' shared secret", _env_file=None)
     with namespace() as ns:
         proxies: list[PausableProxy] = []
         b_settings = base.model_copy(update={"hostname": "hostb"})
@@ -146,7 +147,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, redis_url: str
             redis_at = make_url(redis_url.replace("redis://", "postgresql://", 1))
             proxies.append(PausableProxy((redis_at.host or "", redis_at.port or 6379),
                                          HOST_ADDR))
-            changes = {"redis_url": f"redis://{HOST_ADDR}:{proxies[-1].port}/"
+            auth = f":{quote(redis_at.password, safe='')}@" if redis_at.password else ""
+            changes = {"redis_url": f"redis://{auth}{HOST_ADDR}:{proxies[-1].port}/"
                                     f"{redis_at.database or 0}"}
             if EXTERNAL_DB:
                 db = make_url(EXTERNAL_DB)

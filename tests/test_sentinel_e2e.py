@@ -129,7 +129,7 @@ def ha_stack(redis_set: RedisSet, tmp_path_factory: pytest.TempPathFactory) -> I
     settings = Settings(home=home, redis_url=redis_set.url(), database_url=EXTERNAL_DB,
                         hostname="e2e-sentinel", fake_gpus=2, kill_grace_s=1, heartbeat_s=1,
                         monitor_interval_s=0.5, cpu_slots=2, reconcile_interval_s=2,
-                        _env_file=None)
+                        secret="the sentinel stack's secret", _env_file=None)
     with Stack(settings, home).up(gpus=2) as stack:
         yield stack
 

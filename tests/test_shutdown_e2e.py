@@ -29,7 +29,7 @@ from tests.conftest import EXTERNAL_DB, clean_servers, processes_with, server_en
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
-MARK = "SHUTDOWN_TEST_MARK"  # not GPUQ_*: jobs see it too
+MARK = "SHUTDOWN_TEST_MARK"  # jobs inherit nothing of the stack's: launches pass it on
 
 
 def marked(mark: str) -> list[int]:
@@ -156,8 +156,9 @@ def test_stopping_up_stops_every_process_and_records_every_running_job(tmp_path,
                  tmp_path / "up.log", tmp_path) as up:
         until(lambda: alive_workers(env) == 8, 300, poll_s=1)
         launched = subprocess.run(
-            [GPUQ, "launch", "-n", "3000", "--max-restarts", str(max_restarts), "--",
-             "sleep", "1000"], env=env, capture_output=True, text=True, timeout=300)
+            [GPUQ, "launch", "--env", f"{MARK}={env[MARK]}", "-n", "3000",
+             "--max-restarts", str(max_restarts), "--", "sleep", "1000"],
+            env=env, capture_output=True, text=True, timeout=300)
         assert launched.returncode == 0, launched.stderr
         running = until(lambda: (found := running_pids(settings)) and len(found) == 8 and found,
                         240, poll_s=1)
@@ -198,9 +199,9 @@ def test_a_second_worker_for_the_same_host_is_refused_until_the_first_is_gone(
     env = server_env(settings, **{MARK: mark})
     with started(["worker"], env, tmp_path / "first.log", tmp_path) as first:
         until(lambda: alive_workers(env) == 2, 180, poll_s=1)
-        launched = subprocess.run([GPUQ, "launch", "-n", "2", "--max-restarts", "1", "--",
-                                   "sleep", "1000"], env=env, capture_output=True, text=True,
-                                  timeout=120)
+        launched = subprocess.run([GPUQ, "launch", "--env", f"{MARK}={env[MARK]}", "-n", "2",
+                                   "--max-restarts", "1", "--", "sleep", "1000"],
+                                  env=env, capture_output=True, text=True, timeout=120)
         assert launched.returncode == 0, launched.stderr
         running = until(lambda: (found := running_pids(settings)) and len(found) == 2 and found,
                         120, poll_s=0.5)
@@ -252,8 +253,9 @@ def test_a_worker_that_does_not_stop_is_killed_and_its_job_still_stopped_and_set
     with started(["worker"], env, tmp_path / "worker.log", tmp_path) as worker:
         until(lambda: alive_workers(env) == 2, 180, poll_s=1)
         # A job whose work runs in a child of its leader: killing the leader is not enough.
-        launched = subprocess.run([GPUQ, "launch", "-n", "2", "--max-restarts", "1", "--",
-                                   "sh", "-c", "sleep 1000; echo done"], env=env,
+        launched = subprocess.run([GPUQ, "launch", "--env", f"{MARK}={env[MARK]}", "-n", "2",
+                                   "--max-restarts", "1", "--", "sh", "-c",
+                                   "sleep 1000; echo done"], env=env,
                                   capture_output=True, text=True, timeout=120)
         assert launched.returncode == 0, launched.stderr
         running = until(lambda: (found := running_pids(settings)) and len(found) == 2 and found,

@@ -5,6 +5,7 @@ scontrol's answers."""
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import stat
 import subprocess
@@ -178,7 +179,10 @@ def test_malformed_squeue_records_are_skipped_and_logged(caplog):
             f"9|N/A{END}\n"                               # too few fields
             f"10|N/A|RUNNING|0|None|kept{END}\n"
             f"11|N/A|RUNNING|0|None|no end")                # cut short: no end token
-    assert records(text, END, POLL_FIELDS) == [["10", "N/A", "RUNNING", "0", "None", "kept"]]
+    # (whatever level an earlier test left on the loggers above it)
+    with caplog.at_level(logging.WARNING, logger="adapters.slurm"):
+        kept = records(text, END, POLL_FIELDS)
+    assert kept == [["10", "N/A", "RUNNING", "0", "None", "kept"]]
     assert len([r for r in caplog.records if "does not parse" in r.getMessage()]) == 4
     assert records(f"5|3|gpuq-x{END}\n", END, TAG_FIELDS) == [["5", "3", "gpuq-x"]]
 

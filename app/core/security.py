@@ -50,11 +50,13 @@ def require_secret(settings: Settings) -> None:
     host: whoever reaches that Redis could have the workers run anything."""
     if settings.secret or not redis_beyond_loopback(settings.redis_url):
         return
-    host = urlsplit(settings.redis_url or "").hostname or settings.redis_url
+    parts = urlsplit(settings.redis_url or "")
+    where = (f"Redis (found through Sentinel at {parts.hostname}) may be" if
+             parts.scheme == "sentinel" else f"Redis ({parts.hostname or parts.netloc}) is")
     raise SecretRequired(
-        f"GPUQ_SECRET is not set and Redis ({host}) is reachable beyond this host, so anyone "
-        "who can write to it could run code on the workers; set the same GPUQ_SECRET on "
-        "every client and worker (or use a Redis on 127.0.0.1)")
+        f"GPUQ_SECRET is not set and {where} reachable beyond this host, so anyone who can "
+        "write to it could run code on the workers; set the same GPUQ_SECRET on every "
+        "client and worker (or use a Redis on 127.0.0.1)")
 
 
 def is_loopback(address: str) -> bool:
