@@ -53,7 +53,7 @@ def adapter(request: pytest.FixtureRequest, rt: Runtime) -> Iterator[BatchAdapte
         yield instance
 
 
-def drive(adapter: BatchAdapter, client: Client, ids: Sequence[int], timeout_s: float = 60
+def drive(adapter: BatchAdapter, client: Client, ids: Sequence[int], timeout_s: float = 120
           ) -> list[dict]:
     """Sync until every job has ended; return their rows."""
     deadline = time.monotonic() + timeout_s

@@ -30,7 +30,7 @@ def test_cli_runs_a_job_from_submit_to_logs(stack, stack_settings):
                      "bash", "-c", "echo hi from $WHO")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
-    waited = gpuq(stack_settings, "wait", job_id, "--timeout", "60")
+    waited = gpuq(stack_settings, "wait", job_id, "--timeout", "110")
     assert waited.returncode == 0, waited.stderr
     assert "hi from cli" in gpuq(stack_settings, "logs", job_id).stdout
     rows = json.loads(gpuq(stack_settings, "queue", "--name", "cli-job", "--json").stdout)
@@ -172,7 +172,7 @@ def test_submit_to_a_batch_backend_through_the_control_worker(stack, stack_setti
     submitted = gpuq(stack_settings, "submit", "--backend", backend, "--", "hostname")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
-    waited = gpuq(stack_settings, "wait", job_id, "--timeout", "60")
+    waited = gpuq(stack_settings, "wait", job_id, "--timeout", "110")
     assert waited.returncode == 0, waited.stderr
     row = json.loads(gpuq(stack_settings, "queue", "--json", "--limit", "200").stdout)
     job = next(r for r in row["jobs"] if r["id"] == int(job_id))
