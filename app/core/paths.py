@@ -9,6 +9,7 @@ output files in a store directory their nodes can read (`BatchStore`).
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +86,28 @@ def private_home(home: Path) -> Path:
     if found.st_uid == os.getuid() and found.st_mode & 0o077:
         home.chmod(0o700)
     return home
+
+
+def kept_secret(path: Path) -> str:
+    """A random value kept 0600 at `path` (a password, a token, a key): made on first use,
+    written whole under a draft name and linked into place, so that two processes starting
+    at once read the same value, never half of one. A copy found open is closed again."""
+    if not path.exists():
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process made it first; its value is the one
+        finally:
+            draft.unlink(missing_ok=True)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o600)
+    value = path.read_text().strip()
+    if not value:
+        from app.core.errors import GpuqError
+
+        raise GpuqError(f"{path} is empty: delete it, and gpuq makes a new one")
+    return value

@@ -14,7 +14,6 @@ the values to its backend's own secret store.
 from __future__ import annotations
 
 import json
-import os
 import secrets as random
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from app.core.errors import PayloadError, PayloadNotAuthentic
+from app.core.paths import kept_secret
 
 MAGIC = b"GPS1"
 PURPOSE = b"gpuq secrets v1"  # HKDF info: this key seals job secrets and nothing else
@@ -64,23 +64,10 @@ def local_key(home: Path, *, create: bool) -> str | None:
     """The stack's own sealing key (GPUQ_HOME/seal.key, 0600), made on first use when
     `create`; None when there is none and none is to be made."""
     path = home / LOCAL_KEY_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        if not create:
-            return None
+    if not create and not path.exists():
+        return None
     home.mkdir(parents=True, exist_ok=True)
-    tmp = home / f".{LOCAL_KEY_FILE}.{os.getpid()}.{random.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(random.token_urlsafe(32))
-    try:
-        os.link(tmp, path)  # of two first users, one key wins and both read it
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return path.read_text().strip()
+    return kept_secret(path)
 
 
 def key_material(secret: str | None, home: Path, *, create: bool = False) -> str:

@@ -59,6 +59,14 @@ def require_secret(settings: Settings) -> None:
         "client and worker (or use a Redis on 127.0.0.1)")
 
 
+def reachable_host(bind: str) -> str:
+    """How this host reaches a server bound to `bind`, as a URL's host: loopback for a
+    wildcard address, an IPv6 address in brackets."""
+    if bind in ("0.0.0.0", "::", "*", ""):
+        return "127.0.0.1"
+    return f"[{bind}]" if ":" in bind else bind
+
+
 def is_loopback(address: str) -> bool:
     """True for 127.0.0.0/8, ::1 and `localhost`; False for every other address or name."""
     if address == "localhost":

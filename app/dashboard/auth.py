@@ -3,7 +3,6 @@ token: GPUQ_DASHBOARD_TOKEN, or one generated at first start and kept 0600 in GP
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,7 +14,8 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.core.errors import GpuqError
 from app.core.identity import Actor, stack_owner
-from app.core.paths import private_home
+from app.core.paths import kept_secret, private_home
+from app.core.security import reachable_host
 from app.core.settings import Settings
 
 COOKIE = "gpuq_dashboard_token"
@@ -37,34 +37,12 @@ def dashboard_token(settings: Settings) -> str:
     path = token_path(settings)
     try:
         private_home(path.parent)
-        if not path.exists():
-            _create_token_file(path)
-        if path.stat().st_uid == os.getuid():
-            path.chmod(0o600)
-        token = path.read_text().strip()
+        token = kept_secret(path)
     except OSError as e:
         raise GpuqError(f"cannot read or make the dashboard's token {path} ({e.strerror}): "
                         "run as the user who owns GPUQ_HOME, or set GPUQ_DASHBOARD_TOKEN"
                         ) from e
-    if not token:
-        raise GpuqError(f"the dashboard's token file {path} is empty: delete it for a new "
-                        "token, or set GPUQ_DASHBOARD_TOKEN")
     return token
-
-
-def _create_token_file(path: Path) -> None:
-    """Write a new token whole, 0600, under its final name only once complete: a second
-    dashboard starting at the same time reads the first one's token, never half of it."""
-    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-        os.link(draft, path)
-    except FileExistsError:
-        pass  # another process made it first; its token is the one
-    finally:
-        draft.unlink(missing_ok=True)
 
 
 def owner_identity(settings: Settings) -> Identify:
@@ -93,11 +71,7 @@ def either(first: Identify, then: Identify | None) -> Identify:
 
 def login_url(settings: Settings, token: str) -> str:
     """The address the owner opens once in a browser to sign in."""
-    host = settings.dashboard_address
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
+    host = reachable_host(settings.dashboard_address)
     return f"http://{host}:{settings.dashboard_port}/?token={quote(token, safe='')}"
 
 

@@ -10,8 +10,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
-import secrets
 import socket
 import subprocess
 import time
@@ -19,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.core.errors import BrokerUnavailable, EmbeddedRedisExposed
-from app.core.paths import private_home
-from app.core.security import is_loopback
+from app.core.paths import kept_secret, private_home
+from app.core.security import is_loopback, reachable_host
 from app.core.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -51,19 +49,7 @@ def password(settings: Settings) -> str:
     still cannot read or write a message."""
     if settings.embedded_redis_password:
         return settings.embedded_redis_password
-    path = settings.redis_dir / PASSWORD_FILE
-    try:
-        kept = path.read_text().strip()
-    except FileNotFoundError:
-        kept = ""
-    if kept:
-        path.chmod(0o600)
-        return kept
-    made = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(made + "\n")
-    return made
+    return kept_secret(settings.redis_dir / PASSWORD_FILE)
 
 
 def _client_url(settings: Settings, port: int) -> str:
@@ -71,11 +57,7 @@ def _client_url(settings: Settings, port: int) -> str:
     its password."""
     from urllib.parse import quote
 
-    host = settings.embedded_redis_bind
-    if host in ("0.0.0.0", "::", "*"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
+    host = reachable_host(settings.embedded_redis_bind)
     return f"redis://:{quote(password(settings), safe='')}@{host}:{port}/0"
 
 
