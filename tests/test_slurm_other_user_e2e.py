@@ -13,24 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from adapters.slurm import SlurmAdapter
 from app.client import Client
-from app.runtime import Runtime
-from tests.conftest import IN_CI
-from tests.test_adapters import drive, slurm_missing
+from tests.test_adapters import drive
+from tests.test_slurm import slurm  # noqa: F401  (the adapter on the test's cluster)
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def slurm(rt: Runtime) -> SlurmAdapter:
-    if why := slurm_missing():
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
-    adapter = SlurmAdapter()
-    adapter.rt = rt
-    return adapter
 
 
 @pytest.fixture
@@ -64,8 +51,8 @@ def _forged(gpuq_id: str) -> str:
     return f"JobId={gpuq_id} JobState=FAILED Reason=Forged ExitCode=3:0"
 
 
-def test_other_users_crafted_jobs_change_nothing_in_gpuqs_view(slurm, local: Client, hostile,
-                                                               other_user):
+def test_other_users_crafted_jobs_change_nothing_in_gpuqs_view(
+        slurm, local: Client, hostile, other_user):  # noqa: F811
     # Given a gpuq job on Slurm
     first = local.submit("sleep 5; echo first done", backend="slurm")
     slurm.sync()
