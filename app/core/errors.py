@@ -174,12 +174,6 @@ class FlowerAuthRequired(GpuqError):
     code = "flower_auth_required"
 
 
-class TokenRequired(GpuqError):
-    """The dashboard would listen beyond this host without a token."""
-
-    code = "token_required"
-
-
 class SecretRequired(GpuqError):
     """A worker would take messages from a Redis beyond this host without GPUQ_SECRET."""
 
