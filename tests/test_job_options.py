@@ -20,7 +20,7 @@ from scheduler.jobsfile import parse_line
 GIVEN = {"gpus": "2", "name": "sweep", "priority": "5", "workdir": "/srv/run",
          "venv": "/opt/venv", "conda-env": "torch", "max-restarts": "3",
          "recover-on-exit-codes": "137,143", "gpu-ids": "0,3", "preflight": "nccl",
-         "backend": "local", "after": "4,9"}
+         "backend": "local", "after": "4,9", "project": "vision"}
 
 
 def _options_from_the_command_line(args: list[str]) -> dict[str, Any]:

@@ -126,6 +126,12 @@ class UserExists(GpuqError):
     code = "user_exists"
 
 
+class OverLimit(GpuqError):
+    """A submission that would put a user or a project over its pending limit."""
+
+    code = "over_limit"
+
+
 class RemoteError(GpuqError):
     """A function job raised an exception that could not be rebuilt here."""
 

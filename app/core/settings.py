@@ -79,6 +79,24 @@ class Settings(BaseSettings):
         "most, highest priority first (Slurm's default_queue_depth): a pass costs the same "
         "however deep the queue, and a job deeper than this waits for those ahead of it."
     )
+    fair_share: bool = Field(
+        True, description="Among PENDING jobs of equal priority, start first those of the "
+        "user (or project, GPUQ_FAIR_SHARE_BY) with the least decayed GPU time per unit of "
+        "weight; off: oldest first.")
+    fair_share_by: str = Field(
+        "user", pattern="^(user|project)$", description="Whom fair share compares: user or "
+        "project (each weighted by its `gpuq limits set --weight`).")
+    fair_share_half_life_days: float = Field(
+        7.0, gt=0, description="GPU time used this long ago counts half in fair share.")
+    fair_share_min_charge_s: float = Field(
+        60.0, ge=0, description="Fair share counts a running attempt as at least this many "
+        "seconds per GPU, so that GPUs freed together are shared out, not all given to one "
+        "user whose jobs just started.")
+    limits_file: Path | None = Field(
+        None, description="A TOML file of limits and weights ([user.NAME] / [project.NAME] "
+        "tables of max_gpus, max_pending, weight, default_project; NAME * for everyone), "
+        "read beside `gpuq limits set`, which wins where both name one field. Unset: "
+        "limits.toml in `home` when it exists.")
     consumer_stall_s: float = Field(
         30.0, gt=0, description="A worker whose queue has held messages this long while it "
         "held none is restarted (its broker consumer stopped taking messages)."

@@ -27,7 +27,7 @@ from app.store import users
 STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS: dict[type[errors.GpuqError], int] = {
     errors.JobNotFound: 404, errors.LaunchNotFound: 404, errors.DuplicateJob: 409,
-    errors.NotPermitted: 403, errors.InvalidToken: 401,
+    errors.NotPermitted: 403, errors.InvalidToken: 401, errors.OverLimit: 429,
     errors.PayloadTooLarge: 413, errors.BrokerUnavailable: 503,
     errors.DatabaseUnavailable: 503, errors.OperationTimeout: 503,
 }

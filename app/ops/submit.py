@@ -16,7 +16,7 @@ from app.core.states import JobState
 from app.ops.nudge import kick_batch, kick_dispatch
 from app.ops.registry import operation
 from app.runtime import Runtime
-from app.store import cluster, payload_store
+from app.store import cluster, limits, payload_store
 from app.store.file_jobs import Identity, identity, store_lines
 from app.store.jobs import create_jobs, refuse_duplicate, transition
 from app.store.models import Job
@@ -39,6 +39,7 @@ def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False,
         with rt.session() as session:
             if not allow_duplicate:
                 refuse_duplicate(session, job_spec, owner)
+            job_spec = _within_limits(rt, session, job_spec, owner, 1)
             _adopt_payload(rt, session, job_spec)
             _, ids = create_jobs(session, job_spec, 1, launch=False, owner=owner)
             _fail_if_too_big(rt, session, job_spec, col(Job.id).in_(ids))
@@ -55,6 +56,16 @@ def _owner(actor: Actor | None, spec: dict[str, Any]) -> str:
         raise NotPermitted("only the stack's owner submits jobs with a stored payload "
                            "(function calls, secrets); submit a shell command")
     return actor.name
+
+
+def _within_limits(rt: Runtime, session: Session, spec: JobSpec, owner: str,
+                   adding: int) -> JobSpec:
+    """The spec in its project (the owner's default when it names none), once the owner and
+    the project have room for `adding` more PENDING jobs; else OverLimit names the limit."""
+    found = limits.read(session, rt.settings)
+    project = spec.project or found.project_of(owner)
+    limits.refuse_over_pending(session, found, owner, project, adding)
+    return spec.model_copy(update={"project": project})
 
 
 def _adopt_payload(rt: Runtime, session: Session, spec: JobSpec) -> None:
@@ -182,6 +193,7 @@ def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int,
         _check_preflight(rt, job_spec)
         rt.check_broker()  # refuse before storing anything when the broker is unreachable
         with rt.session() as session:
+            job_spec = _within_limits(rt, session, job_spec, owner, num_jobs)
             _adopt_payload(rt, session, job_spec)
             launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True,
                                          owner=owner)

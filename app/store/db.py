@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 from typing import Any
 
@@ -68,6 +69,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    # Fair share decays usage in SQL (app/store/accounting.py); SQLite builds without its
+    # math functions lack power().
+    dbapi_connection.create_function("power", 2, math.pow, deterministic=True)
 
 
 def _locked(e: BaseException) -> bool:
@@ -93,6 +97,9 @@ def make_engine(settings: Settings, check_revision: bool = True) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # Fair share's half-life, which usage is decayed with as it is written (accounting.py).
+    engine.update_execution_options(
+        gpuq_half_life_s=settings.fair_share_half_life_days * 86400)
     try:
         if check_revision:
             schema.check(engine, mask_url(url))

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.identity import stack_owner
 from app.core.states import TERMINAL, JobState, sources_of
-from app.store import counts, dependencies, payload_store
+from app.store import accounting, counts, dependencies, payload_store
 from app.store.db import begin_writing
 from app.store.models import HOLDING_STATES, Job, JobEvent, Launch, event_row, fixed
 from app.store.spec import JobSpec
@@ -34,8 +34,10 @@ MAX_JOBS_PER_LAUNCH = 100_000
 def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
                 owner: str | None = None) -> tuple[int | None, list[int]]:
     """Insert `num_jobs` PENDING rows in one statement, owned by `owner` (the stack's owner
-    when None); return (launch id, job ids)."""
+    when None), in the spec's project (the owner's name when it names none); return
+    (launch id, job ids)."""
     owner = stack_owner().name if owner is None else owner
+    project = spec.project or owner
     if not 1 <= num_jobs <= MAX_JOBS_PER_LAUNCH:
         raise InvalidJobSpec(f"--num-jobs must be between 1 and {MAX_JOBS_PER_LAUNCH:,}; "
                              "split a larger sweep into several launches")
@@ -43,7 +45,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
     launch_id = None
     if launch:
         row = Launch(name=spec.name, num_jobs=num_jobs, command=spec.command, created_at=now,
-                     payload_key=spec.payload_key, owner=owner)
+                     payload_key=spec.payload_key, owner=owner, project=project)
         session.add(row)
         session.flush()
         launch_id = row.id
@@ -51,7 +53,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
     base = spec.model_dump(exclude={"after"})  # its edges go to job_dependencies
     base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
                 submitted_at=now, launch_id=launch_id, num_jobs=num_jobs,
-                waiting=waiting, owner=owner,
+                waiting=waiting, owner=owner, project=project,
                 reason=f"after jobs {', '.join(map(str, spec.after))}" if waiting else None)
     rows = [{**base, "rank": rank} for rank in range(num_jobs)]
     conn = session.connection()  # Core: the ORM's bulk insert costs more than the rows
@@ -124,15 +126,23 @@ def _move(session: Session, target: JobState, reason: str | None,
     now = time.time()
     moved: list[int] = []
     events: list[dict[str, Any]] = []
+    if target is JobState.STARTING:  # a new attempt: it has not run yet
+        values = {"started_at": None, **(values or {})}
     for source in sources_of(target):
         if only_from is not None and source not in only_from:
             continue
+        # An attempt ends where a job leaves the states that hold its GPUs.
+        ends = source in HOLDING and target not in HOLDING
         stmt = (update(JOBS).where(*where, col(Job.state) == source.value)
                 .values(state=target.value, reason=reason, **(values or {}))
-                .returning(col(Job.id), col(Job.launch_id)))
+                .returning(col(Job.launch_id), *accounting.ENDED_COLUMNS if ends
+                           else (col(Job.id),)))
         rows = session.connection().execute(stmt).all()  # Core: no ORM bulk-update path
-        ids = [i for i, _ in rows if i is not None]
-        counts.note_moves(session, (launch for _, launch in rows), source.value, target.value)
+        ids = [row[1] for row in rows if row[1] is not None]
+        counts.note_moves(session, (row[0] for row in rows), source.value, target.value)
+        if ends and rows:
+            accounting.record_ends(session, [row[1:] for row in rows], target.value,
+                                   (values or {}).get("ended_at") or now)
         moved.extend(ids)
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)
     if events:

@@ -1,5 +1,6 @@
-"""Database tables: jobs, their events, launches, and named users. Times are UTC epoch
-seconds."""
+"""Database tables: jobs, their events, launches, named users, their limits and weights,
+the record of every attempt, and each user's and project's decayed GPU use. Times are UTC
+epoch seconds."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Launch(SQLModel, table=True):
     created_at: float
     payload_key: str | None = None
     owner: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    project: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
 class Job(SQLModel, table=True):
@@ -33,6 +35,9 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_launch_rank", "launch_id", "rank"),
         Index("ix_jobs_launch_state", "launch_id", "state"),
         Index("ix_jobs_owner", "owner", "id"),  # a named user's own jobs, newest first
+        # A user's or a project's PENDING jobs, counted against its pending limit.
+        Index("ix_jobs_owner_state", "owner", "state"),
+        Index("ix_jobs_project_state", "project", "state"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -79,12 +84,17 @@ class Job(SQLModel, table=True):
     runtime_s: float = 0.0
     # Who submitted it (app/core/identity.py): the stack's owner or a named user.
     owner: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    # Whose GPU time it is (limits, fair share, accounting): the submitter's --project, else
+    # the owner's default project (app/store/limits.py).
+    project: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
-# The dispatcher's candidates: PENDING local jobs that wait for nothing, highest priority
-# first, then oldest. One partial index for GPU jobs, one for 0-GPU jobs, each in exactly
-# the order the dispatcher reads, so that a pass reads its first rows without sorting, at
-# any queue depth. Their conditions are written out in the dispatcher's query as literals
+# The dispatcher's candidates: PENDING local jobs that wait for nothing. GPU jobs by owner
+# and project, then highest priority first, then oldest: a pass finds the (owner, project)
+# pairs that have candidates in one seek each and reads each pair's head in order (fair
+# share merges the heads). 0-GPU jobs highest priority first, then oldest. Each index in
+# exactly the order the dispatcher reads, so that a pass reads its first rows without
+# sorting, at any queue depth. Their conditions are written out in the dispatcher's query as literals
 # (scheduler/dispatch/allocator.py): a planner uses a partial index only for a query whose
 # conditions it can see imply the index's.
 def fixed(value: Any) -> Any:
@@ -93,7 +103,7 @@ def fixed(value: Any) -> Any:
     return literal(value, literal_execute=True)
 
 
-PENDING_GPU_INDEX = "ix_jobs_pending_gpu"
+PENDING_GPU_INDEX = "ix_jobs_pending_gpu_by_owner"
 PENDING_CPU_INDEX = "ix_jobs_pending_cpu"
 
 
@@ -115,8 +125,9 @@ _jobs = Job.__table__.c  # type: ignore[attr-defined]
 for _name, _gpus in CANDIDATE_INDEXES:
     # The equality columns lead, though the condition fixes them: SQLite's planner then
     # sees this index serve the query's every equality and its order, and prefers it.
-    Index(_name, _jobs.state, _jobs.waiting, _jobs.backend, _jobs.priority.desc(), _jobs.id,
-          sqlite_where=text(candidate_condition(_gpus, "sqlite")),
+    _groups = (_jobs.owner, _jobs.project) if _name == PENDING_GPU_INDEX else ()
+    Index(_name, _jobs.state, _jobs.waiting, _jobs.backend, *_groups, _jobs.priority.desc(),
+          _jobs.id, sqlite_where=text(candidate_condition(_gpus, "sqlite")),
           postgresql_where=text(candidate_condition(_gpus, "postgresql")))
 Index(HOLDING_INDEX, _jobs.host, sqlite_where=text(HOLDING_CONDITION),
       postgresql_where=text(HOLDING_CONDITION))
@@ -194,3 +205,58 @@ class User(SQLModel, table=True):
     admin: bool = False
     created_at: float
     revoked_at: float | None = None
+
+
+class Limit(SQLModel, table=True):
+    """An admin's limits and fair-share weight for one user or one project (`gpuq limits`);
+    the name `*` holds the default of every user (or project) without a row of its own."""
+
+    __tablename__ = "limits"
+
+    kind: str = Field(primary_key=True)  # user | project
+    name: str = Field(primary_key=True)
+    max_gpus: int | None = None  # GPUs its jobs may hold at once
+    max_pending: int | None = None  # jobs it may have PENDING
+    weight: float | None = None  # fair share: twice the weight, twice the GPU time
+    default_project: str | None = None  # a user's jobs' project when they name none
+
+
+class Attempt(SQLModel, table=True):
+    """One attempt of a job, written when it ended (app/store/accounting.py): what a report
+    adds up. Kept apart from the jobs, whose rows are pruned."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (
+        Index("ix_attempts_ended", "ended_at"),
+        Index("ix_attempts_job", "job_id", "attempt"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int
+    attempt: int
+    owner: str
+    project: str
+    launch_id: int | None = None
+    backend: str
+    host: str | None = None
+    gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    gpus: int
+    started_at: float | None = None  # None: it never ran (cancelled or lost while STARTING)
+    ended_at: float
+    gpu_seconds: float  # GPUs x seconds from started_at to ended_at
+    outcome: str  # the state it ended in (PENDING: it is to run again)
+    wait_s: float | None = None  # first attempts: from submission to start
+    peak_memory_mb: int | None = None  # from the GPU monitor's readings of its GPUs
+    mean_utilization_pct: float | None = None
+
+
+class Usage(SQLModel, table=True):
+    """A user's or a project's GPU-seconds of ended attempts, decayed to `at` with the
+    fair-share half-life: what fair share ranks by."""
+
+    __tablename__ = "usage"
+
+    kind: str = Field(primary_key=True)  # user | project
+    name: str = Field(primary_key=True)
+    gpu_seconds: float
+    at: float

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ from app.core.text import MAX_ENV_BYTES, MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_
 # Ids fit every database's integer column (PostgreSQL's INTEGER is 32-bit): a larger id
 # names nothing there is, and is answered as such instead of overflowing the driver.
 MAX_ID = 2**31 - 1
+
+# A project's name: shown in reports and matched against limits, so short and plain.
+MAX_PROJECT_CHARS = 64
+PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # The longest command a job may have, in UTF-8 bytes. A command that needs a shell reaches
 # it as one argument of `bash -c`, and Linux caps one argument at 128 KiB (MAX_ARG_STRLEN);
@@ -69,6 +74,8 @@ class JobSpec(BaseModel):
     origin: str | None = None
     kind: str = "command"
     payload_key: str | None = None
+    # Whose GPU time it is (limits, fair share, accounting); the owner's default when None.
+    project: str | None = None
     # Jobs that must SUCCEED first (ids fit every database's integer column).
     after: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(default_factory=list,
                                                                   max_length=1000)
@@ -138,6 +145,16 @@ class JobSpec(BaseModel):
                                  "'=' or NUL, and a value holds no NUL")
             _check_text(name)
             _check_text(text)
+        return value
+
+    @field_validator("project")
+    @classmethod
+    def _plain_project(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > MAX_PROJECT_CHARS
+                                  or not PROJECT_NAME.fullmatch(value)):
+            raise ValueError(f"bad project {value[:MAX_PROJECT_CHARS]!r}: up to "
+                             f"{MAX_PROJECT_CHARS} letters, digits, '.', '_' or '-', starting "
+                             "with a letter or digit")
         return value
 
     @field_validator("kind")
@@ -277,6 +294,8 @@ JOB_OPTIONS: tuple[JobOption, ...] = (
     JobOption("backend", "backend", "text",
               "local (this cluster's GPU workers) or a batch backend: "
               f"{', '.join(ADAPTERS)}."),
+    JobOption("project", "project", "text", "The project its GPU time counts to (limits, "
+              "fair share, `gpuq report`); your default project when unset."),
     JobOption("after", "after", "ints", "Start only once these jobs have SUCCEEDED, e.g. "
               "12,13 (repeatable); cancelled if one of them does not.", repeatable=True),
 )

@@ -1,0 +1,201 @@
+"""Limits and fair-share weights per user and per project, set by an admin (`gpuq limits
+set`, the `limits` table) or in a TOML file (GPUQ_LIMITS_FILE, else limits.toml in the
+home), and the pending limit checked at submission.
+
+An entry holds any of max_gpus (GPUs its jobs may hold at once), max_pending (jobs it may
+have PENDING), weight (fair share: twice the weight, twice the GPU time) and, for a user,
+default_project. The name `*` is the default of every user (or project) without an entry
+of its own; a field an entry leaves unset falls back to `*`'s, then to no limit, weight 1
+and the owner's own name as project. The database wins over the file field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col
+
+from app.core.errors import InvalidArguments, OverLimit
+from app.core.settings import Settings
+from app.core.states import JobState
+from app.store.jobs import serialize
+from app.store.models import Job, Limit
+from app.store.spec import MAX_PROJECT_CHARS, PROJECT_NAME
+
+LIMITS = Limit.__table__  # type: ignore[attr-defined]
+KINDS = ("user", "project")
+FIELDS = ("max_gpus", "max_pending", "weight", "default_project")
+EVERYONE = "*"
+
+
+def check_project(name: str) -> str:
+    """Refuse a project name that is not short and plain, naming the rule."""
+    if len(name) > MAX_PROJECT_CHARS or not PROJECT_NAME.fullmatch(name):
+        raise InvalidArguments(
+            f"bad project name {name[:MAX_PROJECT_CHARS]!r}: up to {MAX_PROJECT_CHARS} "
+            "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class Entry:
+    max_gpus: int | None = None
+    max_pending: int | None = None
+    weight: float | None = None
+    default_project: str | None = None
+
+    def over(self, other: Entry) -> Entry:
+        """This entry, its unset fields taken from `other`."""
+        return Entry(**{f: getattr(self, f) if getattr(self, f) is not None
+                        else getattr(other, f) for f in FIELDS})
+
+    def fields(self) -> dict[str, Any]:
+        return {f: v for f, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every entry, the file's under the database's: what one dispatch pass or one
+    submission reads once."""
+
+    entries: dict[tuple[str, str], Entry]
+
+    def of(self, kind: str, name: str) -> Entry:
+        own = self.entries.get((kind, name), Entry())
+        return own.over(self.entries.get((kind, EVERYONE), Entry()))
+
+    def weight(self, kind: str, name: str) -> float:
+        weight = self.of(kind, name).weight
+        return 1.0 if weight is None else weight
+
+    def project_of(self, owner: str) -> str:
+        return self.of("user", owner).default_project or owner
+
+
+def check_entry(kind: str, name: str, values: dict[str, Any]) -> None:
+    """Refuse an entry no limit can mean, naming the field and what it takes."""
+    if kind not in KINDS:
+        raise InvalidArguments(f"limits are per user or per project, not {kind!r}")
+    if name != EVERYONE:
+        if kind == "project":
+            check_project(name)
+        elif not PROJECT_NAME.fullmatch(name) or len(name) > MAX_PROJECT_CHARS:
+            raise InvalidArguments(f"bad user name {name[:64]!r}; `gpuq user list` shows them")
+    for field, value in values.items():
+        if field not in FIELDS:
+            raise InvalidArguments(f"unknown limit {field!r}; the fields are "
+                                   f"{', '.join(FIELDS)}")
+        if value is None:
+            continue
+        if field in ("max_gpus", "max_pending") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidArguments(f"{field} takes a whole number of 0 or more, got {value!r}")
+        if field == "weight" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 < value <= 1e6):
+            raise InvalidArguments(f"weight takes a number above 0 (1 is everyone's), "
+                                   f"got {value!r}")
+        if field == "default_project":
+            if kind != "user":
+                raise InvalidArguments("default_project is a user's, not a project's")
+            if not isinstance(value, str):
+                raise InvalidArguments("default_project takes a project name")
+            check_project(value)
+
+
+# The file is read again only when it changed: (path, mtime, size) -> entries.
+_FILE_CACHE: dict[Path, tuple[tuple[float, int], dict[tuple[str, str], Entry]]] = {}
+
+
+def limits_file(settings: Settings) -> Path:
+    return settings.limits_file or settings.home / "limits.toml"
+
+
+def _file_entries(settings: Settings) -> dict[tuple[str, str], Entry]:
+    path = limits_file(settings)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return {}
+    mark = (stat.st_mtime, stat.st_size)
+    cached = _FILE_CACHE.get(path)
+    if cached is not None and cached[0] == mark:
+        return cached[1]
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArguments(f"{path}: not TOML ({e}); fix the file or remove it") from None
+    entries: dict[tuple[str, str], Entry] = {}
+    for kind, table in data.items():
+        if kind not in KINDS or not isinstance(table, dict):
+            raise InvalidArguments(f"{path}: unknown table [{kind}]; write [user.NAME] or "
+                                   "[project.NAME] tables")
+        for name, values in table.items():
+            if not isinstance(values, dict):
+                raise InvalidArguments(f"{path}: [{kind}.{name}] must be a table of "
+                                       f"{', '.join(FIELDS)}")
+            try:
+                check_entry(kind, name, values)
+            except InvalidArguments as e:
+                raise InvalidArguments(f"{path}: [{kind}.{name}]: {e}") from None
+            entries[(kind, name)] = Entry(**values)
+    _FILE_CACHE[path] = (mark, entries)
+    return entries
+
+
+def read(conn: Connection | Session, settings: Settings) -> Limits:
+    rows = conn.execute(select(LIMITS)).mappings().all()
+    entries = dict(_file_entries(settings))
+    for row in rows:
+        key = (row["kind"], row["name"])
+        entries[key] = Entry(**{f: row[f] for f in FIELDS}).over(entries.get(key, Entry()))
+    return Limits(entries)
+
+
+def write(conn: Connection, kind: str, name: str, values: dict[str, Any]) -> None:
+    """Set the given fields of an entry (None clears one); the others stay as they were."""
+    check_entry(kind, name, values)
+    stmt = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(LIMITS)
+    row = {"kind": kind, "name": name, **{f: None for f in FIELDS}, **values}
+    conn.execute(stmt.values(row).on_conflict_do_update(
+        index_elements=["kind", "name"], set_={f: stmt.excluded[f] for f in values}))
+    conn.execute(delete(LIMITS).where(
+        LIMITS.c.kind == kind, LIMITS.c.name == name,
+        *(LIMITS.c[f].is_(None) for f in FIELDS)))
+
+
+def remove(conn: Connection, kind: str, name: str) -> bool:
+    """Drop an entry of the database (the file's stays); whether there was one."""
+    return bool(conn.execute(delete(LIMITS).where(
+        LIMITS.c.kind == kind, LIMITS.c.name == name)).rowcount)
+
+
+def pending_of(session: Session, column: Any, name: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        column == name, col(Job.state) == JobState.PENDING.value)) or 0
+
+
+def refuse_over_pending(session: Session, limits: Limits, owner: str, project: str,
+                        adding: int) -> None:
+    """Refuse `adding` jobs that would put their owner or project over its pending limit,
+    naming the limit. Called in the transaction that stores them, after serializing on
+    the owner, so that two submissions of one user never both pass the last places."""
+    for kind, name, column in (("user", owner, col(Job.owner)),
+                               ("project", project, col(Job.project))):
+        limit = limits.of(kind, name).max_pending
+        if limit is None:
+            continue
+        serialize(session, hashlib.sha256(f"pending:{kind}:{name}".encode()).hexdigest())
+        pending = pending_of(session, column, name)
+        if pending + adding > limit:
+            raise OverLimit(
+                f"{kind} {name} may have {limit:,} jobs pending (max_pending) and has "
+                f"{pending:,}; these {adding:,} would make {pending + adding:,}: wait for "
+                "some to start, cancel some, or ask an admin to raise it (gpuq limits set "
+                f"--{kind} {name} --max-pending N)")
