@@ -20,7 +20,7 @@ from app.store.db import make_engine
 from app.store.dependencies import waiting_query as stranded_query
 from app.store.jobs import holding_query
 from app.store.models import Job
-from scheduler.dispatch.allocator import candidates
+from scheduler.dispatch.allocator import candidates, next_group
 from tests.conftest import EXTERNAL_DB
 
 
@@ -64,7 +64,8 @@ def _fill(engine: Engine, analyse: bool) -> None:
         rows.append({"command": f"train --seed {i}", "submitted_at": now, "env": {},
                      "recover_exit_codes": [], "state": state, "priority": (0, 0, 1, 5)[i % 4],
                      "gpus": (1, 1, 2, 0)[i % 4], "waiting": i % 11 == 0,
-                     "backend": "slurm" if i % 13 == 0 else "local"})
+                     "backend": "slurm" if i % 13 == 0 else "local",
+                     "owner": f"user{i % 7}", "project": f"project{i % 3}"})
     with engine.begin() as conn:
         conn.execute(insert(Job.__table__), rows)  # type: ignore[arg-type]
         if analyse:
@@ -90,11 +91,14 @@ def _plan(engine: Engine, query: Any) -> tuple[list[str], str]:
         return nodes, json.dumps(plan)
 
 
+GROUP = (col(Job.owner) == "user3", col(Job.project) == "project1")
 QUERIES = {
-    "first GPU candidates": lambda: candidates(True).limit(64),
+    "the first (owner, project) with GPU candidates": lambda: next_group(None),
+    "the next (owner, project)": lambda: next_group(("user3", "project1")),
+    "first GPU candidates of a group": lambda: candidates(True, *GROUP).limit(64),
     "the rest of a priority": lambda: candidates(
-        True, col(Job.priority) == 1, col(Job.id) > 12_000).limit(64),
-    "lower priorities": lambda: candidates(True, col(Job.priority) < 5).limit(64),
+        True, *GROUP, col(Job.priority) == 1, col(Job.id) > 12_000).limit(64),
+    "lower priorities": lambda: candidates(True, *GROUP, col(Job.priority) < 5).limit(64),
     "0-GPU candidates": lambda: candidates(False).limit(1000),
     "GPUs held in the database": holding_query,
     "jobs waiting for others": lambda: stranded_query(),
@@ -121,7 +125,7 @@ def test_a_dispatch_query_reads_an_index_in_order_without_sorting(engine: Engine
 def test_the_check_fails_on_a_query_that_sorts(engine: Engine):
     """The same check on a query no index serves in order (by submission time): the test
     above can fail."""
-    query = candidates(True).order_by(None).order_by(col(Job.submitted_at)).limit(64)
+    query = candidates(True, *GROUP).order_by(None).order_by(col(Job.submitted_at)).limit(64)
     lines, _ = _plan(engine, query)
     if engine.dialect.name == "sqlite":
         assert any("TEMP B-TREE" in line for line in lines)

@@ -134,6 +134,8 @@ class HostView:
     indices: list[int] = field(default_factory=list)  # every GPU it registered
     # GPUs that are free or will be once a gpuq job ends: worker alive, not used by others.
     serving: list[int] = field(default_factory=list)
+    foreign: list[int] = field(default_factory=list)  # used by processes outside gpuq
+    down: list[int] = field(default_factory=list)  # their worker's heartbeat stopped
 
 
 INVENTORY_TTL_S = 1.0  # hosts and their GPU lists change rarely: re-read once a second
@@ -168,14 +170,18 @@ def read_hosts(r: redis.Redis) -> list[HostView]:
     flags = iter(pipe.execute())
     views = []
     for host, indices in inventory:
-        free, serving = [], []
+        view = HostView(host, len(indices), indices=list(indices))
         for i in indices:
             alive, held_here, reading = next(flags), next(flags), next(flags)
-            if alive and not _foreign(reading):
-                serving.append(i)
+            if not alive:
+                view.down.append(i)
+            elif _foreign(reading):
+                view.foreign.append(i)
+            else:
+                view.serving.append(i)
                 if not held_here:
-                    free.append(i)
-        views.append(HostView(host, len(indices), free, list(indices), serving))
+                    view.free.append(i)
+        views.append(view)
     return views
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from sqlalchemy import ColumnElement, Select, Table, insert, or_, text, update
 from sqlmodel import Session, col, select
@@ -240,17 +240,35 @@ def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> 
         .values(lease_until=now + lease_s).returning(col(Job.state))).first()
 
 
-def held_gpus(session: Session) -> set[tuple[str, int]]:
-    """Every (host, GPU index) that an attempt of a local job holds in the database, the
-    truth the dispatcher checks beside Redis's reservations."""
-    rows = session.connection().execute(holding_query())
-    return {(host, i) for host, ids in rows if host for i in ids or []}
+class Holding(NamedTuple):
+    """A local attempt that holds GPUs, as the dispatcher reads it each pass."""
+
+    id: int
+    host: str | None
+    gpu_ids: list[int] | None
+    gpus: int
+    owner: str
+    project: str
+    started_at: float | None
+
+
+def holding(session: Session) -> list[Holding]:
+    """Every local attempt that holds GPUs in the database: the truth the dispatcher checks
+    beside Redis's reservations, and what limits and fair share count as running."""
+    return [Holding._make(row) for row in session.connection().execute(holding_query())]
+
+
+def held_gpus(rows: Sequence[Holding]) -> set[tuple[str, int]]:
+    """Every (host, GPU index) these attempts hold."""
+    return {(row.host, i) for row in rows if row.host for i in row.gpu_ids or []}
 
 
 @functools.cache
-def holding_query() -> Select[str | None, list[int] | None]:
+def holding_query() -> Select[int | None, str | None, list[int] | None, int, str, str,
+                              float | None]:
     """Its conditions written as literals, as the partial index that serves it has them
     (app/store/models.py): a planner matches such an index only against values it sees."""
-    return select(col(Job.host), col(Job.gpu_ids)).where(
+    return select(col(Job.id), col(Job.host), col(Job.gpu_ids), col(Job.gpus), col(Job.owner),
+                  col(Job.project), col(Job.started_at)).where(
         col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
         col(Job.backend) == fixed("local"), col(Job.gpus) > fixed(0))

@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import json
 import logging
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable, Container, Sequence
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Float, Select, bindparam, false, or_, select, update
+from sqlalchemy import ColumnElement, Float, Select, bindparam, false, or_, select, tuple_, update
 from sqlmodel import Session, col
 
 from app.core.keys import CPU_QUEUE, gpu_queue
+from app.core.settings import Settings
 from app.core.signing import run_message
 from app.core.states import JobState
 from app.runtime import Runtime
+from app.store import accounting, limits
 from app.store.cluster import (
     HostView,
     enter_dispatch,
@@ -35,7 +40,7 @@ from app.store.cluster import (
     release,
     reserve,
 )
-from app.store.jobs import held_gpus, transition
+from app.store.jobs import Holding, held_gpus, holding, transition
 from app.store.models import Job, fixed
 
 log = logging.getLogger(__name__)
@@ -49,9 +54,12 @@ DISPATCH_TURN_S = 60.0
 # so that passing over a deep run of jobs that cannot start takes a few reads.
 SCAN_CHUNK = 64
 SCAN_CHUNK_MAX = 512
+# The first read of each group's candidates when several groups have some: a pass places a
+# job or two, so most groups' heads are all it looks at.
+GROUP_CHUNK = 4
 
 
-def _pick(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]
+def _pick(job: Candidate, hosts: list[HostView], earmarked: Container[tuple[str, int]]
           ) -> tuple[HostView, list[int]] | None:
     """Best fit: the host with the fewest usable free GPUs that still holds the job."""
     options = []
@@ -70,7 +78,8 @@ def _allowed(job: Candidate, ids: list[int]) -> list[int]:
     return [i for i in ids if job.allowed_gpu_ids is None or i in job.allowed_gpu_ids]
 
 
-def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]]) -> bool:
+def _earmark(job: Candidate, hosts: list[HostView], earmarked: dict[tuple[str, int], int]
+             ) -> bool:
     """Set free GPUs aside for a job that cannot start yet, so smaller jobs behind it do
     not take them one by one forever (no starvation of multi-GPU jobs); False, setting
     nothing aside, when no host can hold it even once its gpuq jobs end (GPUs used by
@@ -81,7 +90,7 @@ def _earmark(job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, in
         return False
     host = max(fitting, key=lambda h: len([i for i in h.free if (h.name, i) not in earmarked]))
     usable = [i for i in _allowed(job, host.free) if (host.name, i) not in earmarked]
-    earmarked.update((host.name, i) for i in usable[: job.gpus])
+    earmarked.update({(host.name, i): job.id for i in usable[: job.gpus]})
     return True
 
 
@@ -115,29 +124,135 @@ class Candidate(NamedTuple):
     attempt: int
     priority: int
     reason: str | None
+    owner: str
+    project: str
 
 
-CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None]
+CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None, str, str]
 
 
 def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
     """PENDING local jobs that wait for no other job, GPU jobs or 0-GPU jobs, highest
-    priority first, then oldest: the order of their partial index, read without a sort."""
+    priority first, then oldest: the order of their partial index, read without a sort
+    (GPU jobs one (owner, project) group at a time: `where` names it)."""
     query = _candidates(gpu_jobs)
     return query.where(*where) if where else query
+
+
+def _candidate_condition(gpu_jobs: bool) -> list[ColumnElement[bool]]:
+    gpus = col(Job.gpus) > fixed(0) if gpu_jobs else col(Job.gpus) == fixed(0)
+    return [col(Job.state) == fixed(JobState.PENDING.value), col(Job.waiting) == false(),
+            col(Job.backend) == fixed("local"), gpus]
 
 
 @functools.cache
 def _candidates(gpu_jobs: bool) -> CandidateQuery:
     """Built once: the time a restart's backoff is held against is read when it runs."""
-    gpus = col(Job.gpus) > fixed(0) if gpu_jobs else col(Job.gpus) == fixed(0)
     now = bindparam("now", callable_=time.time, type_=Float)
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
-                   col(Job.priority), col(Job.reason))
-            .where(col(Job.state) == fixed(JobState.PENDING.value), col(Job.waiting) == false(),
-                   col(Job.backend) == fixed("local"), gpus,
+                   col(Job.priority), col(Job.reason), col(Job.owner), col(Job.project))
+            .where(*_candidate_condition(gpu_jobs),
                    or_(col(Job.not_before).is_(None), col(Job.not_before) <= now))
             .order_by(col(Job.priority).desc(), col(Job.id)))
+
+
+Group = tuple[str, str]  # (owner, project)
+
+
+def candidate_groups(session: Session) -> list[Group]:
+    """The (owner, project) pairs that have GPU candidates: one seek into the candidate
+    index per pair (a loose index scan), however many jobs each has."""
+    groups: list[Group] = []
+    while (found := session.connection().execute(
+            next_group(groups[-1] if groups else None)).first()) is not None:
+        groups.append((found[0], found[1]))
+    return groups
+
+
+def next_group(after: Group | None) -> Select[str, str]:
+    """The first (owner, project) pair with GPU candidates after `after`."""
+    query = (select(col(Job.owner), col(Job.project)).where(*_candidate_condition(True))
+             .order_by(col(Job.owner), col(Job.project)).limit(1))
+    if after is None:
+        return query
+    return query.where(tuple_(col(Job.owner), col(Job.project)) > tuple_(*after))
+
+
+class Shares:
+    """What one pass knows of who holds what: the GPUs each user and project runs (their
+    limits), and each one's fair-share usage: decayed GPU-seconds of ended attempts, plus
+    each running attempt's GPUs times its time so far, at least GPUQ_FAIR_SHARE_MIN_CHARGE_S
+    (so that a job placed in this pass counts at once)."""
+
+    def __init__(self, session: Session, settings: Settings, held: list[Holding]) -> None:
+        now = time.time()
+        self.limits = limits.read(session, settings)
+        self.by = settings.fair_share_by
+        self.enabled = settings.fair_share
+        self.min_charge = settings.fair_share_min_charge_s
+        self.running: Counter[tuple[str, str]] = Counter()
+        self.used: dict[tuple[str, str], float] = (
+            accounting.decayed_usage(session, now) if self.enabled else {})
+        for row in held:
+            ran = now - row.started_at if row.started_at is not None else 0.0
+            self._add(row.owner, row.project, row.gpus, row.gpus * max(ran, self.min_charge))
+
+    def _add(self, owner: str, project: str, gpus: int, charge: float) -> None:
+        for key in (("user", owner), ("project", project)):
+            self.running[key] += gpus
+            if self.enabled:
+                self.used[key] = self.used.get(key, 0.0) + charge
+
+    def entity(self, job: Candidate) -> tuple[str, str]:
+        """Whom fair share compares for this job."""
+        return (self.by, job.owner if self.by == "user" else job.project)
+
+    def key(self, job: Candidate) -> float:
+        """Its place among jobs of its priority: usage per unit of weight (0 with fair share
+        off, leaving the oldest first)."""
+        if not self.enabled:
+            return 0.0
+        entity = self.entity(job)
+        return self.used.get(entity, 0.0) / self.limits.weight(*entity)
+
+    def over_limit(self, job: Candidate) -> str | None:
+        """Why starting the job would put its user or project over its GPU limit, or None."""
+        for kind, name in (("user", job.owner), ("project", job.project)):
+            most = self.limits.of(kind, name).max_gpus
+            runs = self.running[(kind, name)]
+            if most is not None and runs + job.gpus > most:
+                return (f"over a limit: {kind} {name} runs {runs}/{most} GPUs (max_gpus) and "
+                        f"this job asks for {job.gpus}")
+        return None
+
+    def started(self, job: Candidate) -> None:
+        self._add(job.owner, job.project, job.gpus, job.gpus * self.min_charge)
+
+
+class Cursor:
+    """One (owner, project) group's candidates in order, read a chunk at a time."""
+
+    def __init__(self, dispatcher: Dispatcher, group: Group, first: int,
+                 session: Session) -> None:
+        self.dispatcher, self.group = dispatcher, group
+        self.where = [col(Job.owner) == group[0], col(Job.project) == group[1]]
+        self.size = first
+        self.buffer = dispatcher._pending_gpu_jobs(None, first, session, self.where)
+        self.done = len(self.buffer) < first
+        self.last: Candidate | None = None
+
+    def head(self, room: int) -> Candidate | None:
+        """The group's next job, reading at most `room` more (what the pass may examine)."""
+        if not self.buffer and not self.done and self.last is not None and room > 0:
+            self.size = min(self.size * 2, SCAN_CHUNK_MAX, room)
+            self.buffer = self.dispatcher._pending_gpu_jobs(self.last, self.size, None,
+                                                            self.where)
+            self.done = len(self.buffer) < self.size
+        return self.buffer[0] if self.buffer else None
+
+    def pop(self) -> Candidate:
+        self.last = self.buffer.pop(0)
+        return self.last
 
 
 class Dispatcher:
@@ -177,23 +292,34 @@ class Dispatcher:
         return self._pass(limit=1, cpu=False)
 
     def _pass(self, limit: int | None = None, cpu: bool = True) -> int:
-        """Route what can start: 0-GPU jobs (`cpu`), then GPU jobs by priority, examining
-        at most `limit` of them (GPUQ_DISPATCH_SCAN_LIMIT)."""
+        """Route what can start: 0-GPU jobs (`cpu`), then GPU jobs, examining at most
+        `limit` of them (GPUQ_DISPATCH_SCAN_LIMIT): by priority, then, within a priority,
+        the user (or project) with the least fair-share usage per weight first, then the
+        oldest; a group over its GPU limit waits."""
         self._inventory_settled = None
-        hosts = read_hosts(self.rt.redis)
+        self.hosts = hosts = read_hosts(self.rt.redis)
+        limit = limit or self.rt.settings.dispatch_scan_limit
         with self.rt.session() as session:  # the reads that open a pass: one transaction
             # The database is the truth of who holds which GPU: a hold Redis lost (a restart
             # without persistence, an eviction, an outage past its TTL) is still a hold.
-            held = held_gpus(session)
+            self.held = holding(session)
+            held = held_gpus(self.held)
             for host in hosts:
                 host.free = [i for i in host.free if (host.name, i) not in held]
             cpu_jobs = [Candidate._make(row) for row in session.connection().execute(
                 candidates(False).limit(DISPATCH_BATCH))] if cpu else []
-            limit = limit or self.rt.settings.dispatch_scan_limit
-            first = (self._pending_gpu_jobs(None, min(SCAN_CHUNK, limit), session)
-                     if any(h.free for h in hosts) else [])
+            cursors: list[Cursor] = []
+            if self._wanted(hosts):
+                self.shares = Shares(session, self.rt.settings, self.held)
+                groups = candidate_groups(session)
+                first = min(SCAN_CHUNK, limit) if len(groups) == 1 else GROUP_CHUNK
+                cursors = [Cursor(self, group, first, session) for group in groups]
         routed = sum(1 for job in cpu_jobs if self._start(job, None, []))
-        earmarked: set[tuple[str, int]] = set()
+        if not cursors:
+            return routed
+        shares = self.shares
+        self.earmarked: dict[tuple[str, int], int] = {}
+        earmarked = self.earmarked
 
         def usable() -> int:
             return sum(1 for h in hosts for i in h.free if (h.name, i) not in earmarked)
@@ -202,24 +328,47 @@ class Dispatcher:
         # allowed ids) that found no place and set its GPUs aside finds none later in the
         # pass either, so the jobs of that shape behind it are passed over at once.
         waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
+        heads = [(-job.priority, shares.key(job), job.id, n)
+                 for n, cursor in enumerate(cursors) if (job := cursor.head(0)) is not None]
+        heapq.heapify(heads)
         examined = 0
-        after: Candidate | None = None
-        size = SCAN_CHUNK
-        while usable() > 0 and examined < limit:
-            chunk = first if after is None else self._pending_gpu_jobs(
-                after, min(size, limit - examined))
-            size = min(size * 2, SCAN_CHUNK_MAX)
-            if not chunk:
-                break
-            for job in chunk:
-                examined += 1
-                routed += self._place(job, hosts, earmarked, waiting_shapes)
-                if usable() == 0 or examined >= limit:
-                    break
-            after = chunk[-1]
+        while heads and examined < limit and self._going(usable):
+            priority, key, job_id, n = heapq.heappop(heads)
+            cursor = cursors[n]
+            job = cursor.head(0)
+            assert job is not None and job.id == job_id
+            # Usage only grows within a pass: a group whose usage grew since it was queued
+            # goes back at its new place.
+            if (fresh := shares.key(job)) > key:
+                heapq.heappush(heads, (priority, fresh, job_id, n))
+                continue
+            cursor.pop()
+            examined += 1
+            if (why := shares.over_limit(job)) is not None:
+                self._over_limit(job, why)
+                continue  # the group waits: its later jobs do not pass its head
+            placed = self._place(job, hosts, earmarked, waiting_shapes)
+            if placed:
+                shares.started(job)
+            routed += placed
+            if (following := cursor.head(limit - examined)) is not None:
+                heapq.heappush(heads, (-following.priority, shares.key(following),
+                                       following.id, n))
         return routed
 
-    def _place(self, job: Candidate, hosts: list[HostView], earmarked: set[tuple[str, int]],
+    def _wanted(self, hosts: list[HostView]) -> bool:
+        """Whether GPU jobs are worth reading this pass: some GPU is free."""
+        return any(h.free for h in hosts)
+
+    def _going(self, usable: Callable[[], int]) -> bool:
+        """Whether the pass goes on to the next job: while a GPU is left to give."""
+        return usable() > 0
+
+    def _over_limit(self, job: Candidate, why: str) -> None:
+        self._note_waiting(job, why)
+
+    def _place(self, job: Candidate, hosts: list[HostView],
+               earmarked: dict[tuple[str, int], int],
                waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
         """Start the job, refuse it, set GPUs aside for it, or say why it waits; 1 if it
         was routed."""
@@ -249,15 +398,17 @@ class Dispatcher:
         return self._inventory_settled
 
     def _pending_gpu_jobs(self, after: Candidate | None, size: int,
-                          session: Session | None = None) -> list[Candidate]:
-        """The next `size` PENDING GPU jobs by priority, then id, after `after`: the rest of
-        its priority, then lower priorities; each a seek into the candidate index."""
+                          session: Session | None = None,
+                          group: Sequence[ColumnElement[bool]] = ()) -> list[Candidate]:
+        """The next `size` PENDING GPU jobs of a group by priority, then id, after `after`:
+        the rest of its priority, then lower priorities; each a seek into the candidate
+        index."""
         with contextlib.ExitStack() as stack:
             if session is None:
                 session = stack.enter_context(self.rt.session())
 
             def read(*where: ColumnElement[bool], limit: int = size) -> list[Candidate]:
-                query = candidates(True, *where).limit(limit)
+                query = candidates(True, *group, *where).limit(limit)
                 return [Candidate._make(row) for row in session.connection().execute(query)]
 
             if after is None:
