@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from app.cli import jobs, servers  # noqa: F401  (register their commands)
+from app.cli import jobs, servers, shares  # noqa: F401  (register their commands)
 from app.cli.common import State, cli
 from app.cli.db import db
 from app.cli.users import users
@@ -14,6 +14,7 @@ from app.core.errors import GpuqError
 
 cli.add_typer(db, name="db")
 cli.add_typer(users, name="user")
+cli.add_typer(shares.limits_app, name="limits")
 
 __all__ = ["cli", "main"]
 

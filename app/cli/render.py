@@ -44,17 +44,20 @@ def queue_table(answer: list[dict[str, Any]], total: int) -> None:
     """A page of the `queue` operation's rows."""
     rows = [JobRow.model_validate(row) for row in answer]
     table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
-    for column in ("id", "name", "status", "gpus", "where", "submitted", "duration", "restarts"):
+    for column in ("id", "name", "user", "status", "gpus", "where", "submitted", "duration",
+                   "restarts", "reason"):
         table.add_column(column, justify="right" if column in ("id", "restarts") else "left",
-                         overflow="fold" if column == "where" else "ellipsis",
+                         overflow="fold" if column in ("where", "reason") else "ellipsis",
                          no_wrap=column in ("id", "status"))
     for row in rows:
         style = STATE_STYLE.get(row.status, "")
         gpus = ",".join(map(str, row.gpu_ids)) if row.gpu_ids else str(row.gpus)
         duration = f"{row.duration_s:.1f}s" if row.duration_s is not None else "-"
-        table.add_row(str(row.id), _user_text(row.name or "-"), Text(row.status, style=style), gpus,
-                      _where(row), _short_time(row.submitted_at), duration,
-                      str(row.restart_count))
+        reason = f"{row.why}: {row.reason}" if row.why else (row.reason or "")
+        table.add_row(str(row.id), _user_text(row.name or "-"), _user_text(row.owner),
+                      Text(row.status, style=style), gpus, _where(row),
+                      _short_time(row.submitted_at), duration, str(row.restart_count),
+                      _user_text(reason))
     console.print(table)
 
 
@@ -89,6 +92,8 @@ def status_table(status: dict[str, Any]) -> None:
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())) or "no jobs"
     console.print(f"jobs: {counts}")
+    if status.get("limits"):
+        limits_table(status["limits"])
     if status.get("stale_workers"):
         console.print(f"[red]stale workers[/] (no heartbeat): "
                       f"{', '.join(status['stale_workers'])}", highlight=False)
@@ -97,6 +102,32 @@ def status_table(status: dict[str, Any]) -> None:
     if "flower" in status:
         console.print(f"flower: {status['flower']}  dashboard: {status['dashboard']}",
                       highlight=False)
+
+
+def limits_table(out: dict[str, Any]) -> None:
+    """The `limits_table` operation: per user and project, limits, weight and use now."""
+    share = (f"fair share by {out['fair_share_by']}, half-life {out['half_life_days']:g} days"
+             if out["fair_share"] else "fair share off (oldest first within a priority)")
+    table = Table(title=f"limits ({share}; file {out['file']})", title_justify="left")
+    for column in ("kind", "name", "max gpus", "max pending", "weight", "default project",
+                   "gpus running", "pending", "usage (GPU-h)"):
+        table.add_column(column)
+    for e in out["entries"]:
+        table.add_row(e["kind"], _user_text(e["name"]), _or_dash(e["max_gpus"]),
+                      _or_dash(e["max_pending"]), f"{e['weight']:g}",
+                      _user_text(e["default_project"] or "-"),
+                      _usage_of(e["running_gpus"], e["max_gpus"]),
+                      "-" if e["pending"] is None else _usage_of(e["pending"], e["max_pending"]),
+                      f"{e['usage_gpu_hours']:.2f}")
+    console.print(table)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _usage_of(value: int, limit: int | None) -> str:
+    return f"{value}/{limit}" if limit is not None else str(value)
 
 
 def program_line(p: dict[str, Any]) -> str:

@@ -156,10 +156,31 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
         else:  # by state and launch: the kept counts, not a count of every row
             states = [JobState(status.upper()).value] if status else None
             total = counts.total(session, states, launch_id)
-        jobs = session.exec(select(Job).where(*where).order_by(*order)
-                            .offset(offset).limit(limit))
-        rows = [JobRow.of(job, now).dump() for job in jobs]
+        jobs = list(session.exec(select(Job).where(*where).order_by(*order)
+                                 .offset(offset).limit(limit)))
+    reasons = pending_reasons(rt, jobs)
+    rows = [JobRow.of(job, now, reasons.get(job.id or 0)).dump() for job in jobs]
     return {"jobs": rows, "total": total}
+
+
+# A page of the queue explains at most this many PENDING jobs (one pass that changes
+# nothing, app/ops/shares.py); `gpuq why ID` explains any.
+MAX_EXPLAINED = 500
+
+
+def pending_reasons(rt: Runtime, jobs: list[Job]) -> dict[int, tuple[str, str]]:
+    """Why each PENDING job of a page waits (code, sentence), as `gpuq why` says; none
+    when the cluster's state cannot be read (the page shows the stored reason)."""
+    from scheduler.dispatch.explain import explain
+
+    pending = [j for j in jobs if j.state == JobState.PENDING.value][:MAX_EXPLAINED]
+    if not pending:
+        return {}
+    try:
+        return {i: (r.code, r.text) for i, r in explain(rt, pending).items()}
+    except Exception as e:  # Redis away: the page is still worth showing
+        log.warning("cannot say why jobs wait (%s: %s)", type(e).__name__, e)
+        return {}
 
 
 @operation
@@ -236,8 +257,10 @@ def status(rt: Runtime, actor: Actor | None = None) -> dict[str, Any]:
         totals = counts.totals(session)
         if own(actor):
             _hide_others_jobs(session, hosts, actor or stack_owner())
+    from app.ops.shares import shares_table
+
     s = rt.settings
-    return {"hosts": hosts, "counts": totals,
+    return {"hosts": hosts, "counts": totals, "limits": shares_table(rt, count_pending=False),
             "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
                               for g in h["gpus"] if not g["alive"]],
             "programs": recent_exits(r),

@@ -50,13 +50,19 @@ class JobRow(Row):
     restart_count: int
     duration_s: float | None
     owner: str = Field("", description="Who submitted it: the stack's owner or a named user.")
+    project: str = Field("", description="Whose GPU time it is (limits, fair share).")
+    why: str | None = Field(None, description="Why a PENDING job waits, as a code (`gpuq "
+                            "why`); `reason` says it in a sentence.")
 
     @classmethod
-    def of(cls, job: Job, now: float | None = None) -> JobRow:
+    def of(cls, job: Job, now: float | None = None,
+           waits: tuple[str, str] | None = None) -> JobRow:
         end = job.ended_at or (now if job.started_at else None)
         return cls(
             id=job.id or 0, name=job.name, launch_id=job.launch_id, rank=job.rank,
-            num_jobs=job.num_jobs, status=job.state, reason=job.reason, command=job.command,
+            num_jobs=job.num_jobs, status=job.state,
+            reason=waits[1] if waits else job.reason, why=waits[0] if waits else None,
+            project=job.project, command=job.command,
             exit_code=job.exit_code, gpus=job.gpus, gpu_ids=job.gpu_ids, host=job.host,
             priority=job.priority, backend=job.backend, backend_id=job.backend_id,
             submitted_at=iso(job.submitted_at), started_at=iso(job.started_at),

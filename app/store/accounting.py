@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Connection, Insert, Row, Table, case, event, func, insert, select
+from sqlalchemy import Connection, Insert, Table, case, event, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col
@@ -41,7 +41,7 @@ ENDED_COLUMNS = (col(Job.id), col(Job.attempt), col(Job.owner), col(Job.project)
                  col(Job.gpus), col(Job.started_at), col(Job.submitted_at))
 
 
-def record_ends(session: Session, rows: Sequence[Row[Any]], outcome: str,
+def record_ends(session: Session, rows: Sequence[Sequence[Any]], outcome: str,
                 ended_at: float) -> None:
     """The attempts of these jobs (ENDED_COLUMNS rows) ended at `ended_at` in `outcome`."""
     records = []
@@ -162,11 +162,9 @@ def seconds(span: str) -> float:
     """`7d`, `12h`, `30m`, `90s` or a number of seconds, as seconds."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
     text = span.strip().lower()
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
     try:
-        if text and text[-1] in units:
-            value = float(text[:-1]) * units[text[-1]]
-        else:
-            value = float(text)
+        value = float(number) * unit
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:

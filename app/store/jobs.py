@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from sqlalchemy import ColumnElement, Select, Table, insert, or_, text, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
@@ -268,7 +269,7 @@ def holding_query() -> Select[int | None, str | None, list[int] | None, int, str
                               float | None]:
     """Its conditions written as literals, as the partial index that serves it has them
     (app/store/models.py): a planner matches such an index only against values it sees."""
-    return select(col(Job.id), col(Job.host), col(Job.gpu_ids), col(Job.gpus), col(Job.owner),
-                  col(Job.project), col(Job.started_at)).where(
+    return sa_select(col(Job.id), col(Job.host), col(Job.gpu_ids), col(Job.gpus),
+                     col(Job.owner), col(Job.project), col(Job.started_at)).where(
         col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
         col(Job.backend) == fixed("local"), col(Job.gpus) > fixed(0))

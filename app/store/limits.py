@@ -92,21 +92,24 @@ def check_entry(kind: str, name: str, values: dict[str, Any]) -> None:
         if field not in FIELDS:
             raise InvalidArguments(f"unknown limit {field!r}; the fields are "
                                    f"{', '.join(FIELDS)}")
-        if value is None:
-            continue
-        if field in ("max_gpus", "max_pending") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise InvalidArguments(f"{field} takes a whole number of 0 or more, got {value!r}")
-        if field == "weight" and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not 0 < value <= 1e6):
-            raise InvalidArguments(f"weight takes a number above 0 (1 is everyone's), "
-                                   f"got {value!r}")
-        if field == "default_project":
-            if kind != "user":
-                raise InvalidArguments("default_project is a user's, not a project's")
-            if not isinstance(value, str):
-                raise InvalidArguments("default_project takes a project name")
-            check_project(value)
+        if value is not None:
+            _check_value(kind, field, value)
+
+
+def _check_value(kind: str, field: str, value: Any) -> None:
+    if field in ("max_gpus", "max_pending") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidArguments(f"{field} takes a whole number of 0 or more, got {value!r}")
+    if field == "weight" and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not 0 < value <= 1e6):
+        raise InvalidArguments(f"weight takes a number above 0 (1 is everyone's), "
+                               f"got {value!r}")
+    if field == "default_project":
+        if kind != "user":
+            raise InvalidArguments("default_project is a user's, not a project's")
+        if not isinstance(value, str):
+            raise InvalidArguments("default_project takes a project name")
+        check_project(value)
 
 
 # The file is read again only when it changed: (path, mtime, size) -> entries.

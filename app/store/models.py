@@ -94,9 +94,9 @@ class Job(SQLModel, table=True):
 # pairs that have candidates in one seek each and reads each pair's head in order (fair
 # share merges the heads). 0-GPU jobs highest priority first, then oldest. Each index in
 # exactly the order the dispatcher reads, so that a pass reads its first rows without
-# sorting, at any queue depth. Their conditions are written out in the dispatcher's query as literals
-# (scheduler/dispatch/allocator.py): a planner uses a partial index only for a query whose
-# conditions it can see imply the index's.
+# sorting, at any queue depth. Their conditions are written out in the dispatcher's query
+# as literals (scheduler/dispatch/allocator.py): a planner uses a partial index only for a
+# query whose conditions it can see imply the index's.
 def fixed(value: Any) -> Any:
     """A constant written into a query's SQL, not bound: a planner matches a partial index
     (below) only against conditions whose values it can see."""

@@ -1,0 +1,234 @@
+"""Why a job is PENDING: a code and a sentence, from a dispatch pass that changes nothing.
+
+The explainer runs the dispatcher's own pass over the cluster as it is (the same hosts,
+holds, limits, fair-share order and earmarks) but reserves, routes and writes nothing, and
+goes on past the point where a real pass stops for want of GPUs, until it reaches the jobs
+asked about or the pass's scan limit. What it would do with each of them, and what stood
+ahead of it, is the reason. Reasons that need no pass (a dependency, a restart's backoff,
+a batch backend) are read from the job itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sqlmodel import col, select
+
+from app.core.states import JobState
+from app.runtime import Runtime
+from app.store.cluster import HostView
+from app.store.models import Job, JobDependency
+from scheduler.dispatch.allocator import (
+    WAITING_REASON,
+    Candidate,
+    Dispatcher,
+    Group,
+    _pick,
+    never_fits,
+)
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    text: str
+
+    def dump(self) -> dict[str, str]:
+        return {"code": self.code, "reason": self.text}
+
+
+# Every code `why` answers with, and what it means.
+CODES = {
+    "READY": "GPUs are free for it: the next dispatch pass starts it",
+    "NOT_PENDING": "it is not waiting (it runs, or it ended)",
+    "DEPENDENCY": "waiting for jobs it runs after (--after)",
+    "BACKOFF": "a restart waiting out its backoff",
+    "BATCH": "queued at a batch backend, which decides when it starts",
+    "CPU": "a 0-GPU job waiting for a CPU slot",
+    "LIMIT": "its user or project runs as many GPUs as its limit allows",
+    "FAIR_SHARE": "jobs of another user (or project) that used less go first",
+    "PRIORITY": "jobs of higher priority go first",
+    "EARMARKED": "the GPUs it could use are set aside for a larger job ahead of it",
+    "RESOURCES": "the GPUs it may use run other gpuq jobs",
+    "FOREIGN": "the GPUs it may use are busy with processes outside gpuq",
+    "WORKER_DOWN": "the worker of a GPU it needs is down",
+    "NEVER_FITS": "no registered host can ever hold it",
+    "DEPTH": "deeper in the queue than one dispatch pass looks",
+}
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ", ".join(map(str, ids))
+
+
+class Explainer(Dispatcher):
+    """A pass that changes nothing and says what it would do with the jobs asked about."""
+
+    def __init__(self, rt: Runtime, targets: set[int]) -> None:
+        super().__init__(rt)
+        self.targets = targets
+        self.reasons: dict[int, Reason] = {}
+        self.ahead: list[Candidate] = []
+        self.blocked: dict[Group, str] = {}
+
+    def explain(self) -> dict[int, Reason]:
+        self._pass(cpu=False)
+        for job_id in self.targets - self.reasons.keys():
+            self.reasons[job_id] = self._unreached(job_id)
+        return self.reasons
+
+    # -- the pass's hooks: reserve, route and write nothing, and look until the targets --
+
+    def _wanted(self, hosts: list[HostView]) -> bool:
+        return True
+
+    def _going(self, usable: Callable[[], int]) -> bool:
+        return bool(self.targets - self.reasons.keys())
+
+    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> bool | None:
+        return True
+
+    def _no_resource(self, job: Candidate, why: str) -> None:
+        pass
+
+    def _note_waiting(self, job: Candidate, why: str) -> None:
+        pass
+
+    def _over_limit(self, job: Candidate, why: str) -> None:
+        self.blocked[(job.owner, job.project)] = why
+        if job.id in self.targets:
+            self.reasons[job.id] = Reason("LIMIT", why)
+        self.ahead.append(job)
+
+    def _place(self, job: Candidate, hosts: list[HostView],
+               earmarked: dict[tuple[str, int], int],
+               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
+        if job.id in self.targets:
+            self.reasons[job.id] = self._decide(job, hosts, earmarked)
+        placed = super()._place(job, hosts, earmarked, waiting_shapes)
+        self.ahead.append(job)
+        return placed
+
+    # -- the reasons -------------------------------------------------------------------
+
+    def _decide(self, job: Candidate, hosts: list[HostView],
+                earmarked: dict[tuple[str, int], int]) -> Reason:
+        if (why := never_fits(job, hosts)) is not None and hosts and self._settled():
+            return Reason("NEVER_FITS", why)
+        if _pick(job, hosts, earmarked) is not None:
+            return Reason("READY", CODES["READY"])
+        return self._diagnose(job, hosts, earmarked)
+
+    def _diagnose(self, job: Candidate, hosts: list[HostView],
+                  earmarked: dict[tuple[str, int], int]) -> Reason:
+        def allowed(ids: list[int]) -> list[int]:
+            return [i for i in ids if job.allowed_gpu_ids is None or i in job.allowed_gpu_ids]
+
+        serving = [h for h in hosts if len(allowed(h.serving)) >= job.gpus]
+        if not serving:
+            return _unserved(job, hosts, allowed)
+        for h in serving:
+            marks = sorted({earmarked[(h.name, i)] for i in allowed(h.free)
+                            if (h.name, i) in earmarked})
+            if marks and len(allowed(h.free)) >= job.gpus:
+                return Reason("EARMARKED", f"GPUs it could use on host {h.name} are set aside "
+                              f"for job {marks[0]}, ahead of it, which needs more at once")
+        higher = [c for c in self.ahead if c.priority > job.priority]
+        if higher:
+            return Reason("PRIORITY", f"behind {len(higher)} job{'s' if len(higher) > 1 else ''}"
+                          f" of higher priority (first: job {higher[0].id})")
+        shares = self.shares
+        mine = shares.entity(job)
+        passed = [c for c in self.ahead if c.priority == job.priority and c.id > job.id
+                  and shares.entity(c) != mine]
+        if passed and shares.enabled:
+            kind, name = shares.entity(passed[0])
+            return Reason("FAIR_SHARE", f"behind {kind} {name} in fair share: {name} has used "
+                          f"{self._hours(passed[0])} GPU-hours per unit of weight, "
+                          f"{mine[1]} {self._hours(job)}")
+        held = {(h.host, i): h.id for h in self.held if h.host for i in h.gpu_ids or []}
+        busy = sorted({held[(h.name, i)] for h in serving for i in allowed(h.serving)
+                       if (h.name, i) in held})
+        queued = len(self.ahead)
+        return Reason("RESOURCES", "waiting for GPUs: those it may use run gpuq jobs "
+                      f"{_ids(busy[:10]) or '(starting)'}"
+                      + (f"; {queued} job{'s' if queued > 1 else ''} go first" if queued else ""))
+
+    def _hours(self, job: Candidate) -> str:
+        return f"{self.shares.key(job) / 3600:.2f}"
+
+    def _unreached(self, job_id: int) -> Reason:
+        """A job the pass did not reach: its group waits on a limit, or it is deeper."""
+        with self.rt.session() as session:
+            row = session.exec(select(Job.owner, Job.project).where(Job.id == job_id)).first()
+        if row is not None and (why := self.blocked.get((row[0], row[1]))) is not None:
+            return Reason("LIMIT", why)
+        depth = self.rt.settings.dispatch_scan_limit
+        return Reason("DEPTH", f"more than {depth:,} jobs go first; a dispatch pass looks at "
+                      f"{depth:,} (GPUQ_DISPATCH_SCAN_LIMIT), so it waits for those ahead")
+
+
+def _unserved(job: Candidate, hosts: list[HostView],
+              allowed: Callable[[list[int]], list[int]]) -> Reason:
+    """Why no host serves enough of the GPUs a job may use: others use them, or their
+    workers are down."""
+    for h in hosts:
+        if allowed(h.foreign) and len(allowed(h.serving + h.foreign)) >= job.gpus:
+            return Reason("FOREIGN", f"the GPUs it may use are busy with processes outside "
+                          f"gpuq on host {h.name} ({_ids(allowed(h.foreign))})")
+    for h in hosts:
+        if allowed(h.down) and len(allowed(h.indices)) >= job.gpus:
+            down = allowed(h.down)
+            return Reason("WORKER_DOWN", f"the worker{'s' if len(down) > 1 else ''} of GPU "
+                          f"{_ids(down)} on host {h.name}, which it needs, "
+                          f"{'are' if len(down) > 1 else 'is'} down (no heartbeat)")
+    return Reason("RESOURCES", WAITING_REASON.format(gpus=job.gpus))
+
+
+def explain(rt: Runtime, jobs: list[Job]) -> dict[int, Reason]:
+    """Why each of these jobs waits (jobs that are not PENDING say what they are)."""
+    reasons: dict[int, Reason] = {}
+    targets: set[int] = set()
+    now = time.time()
+    waiting = [j.id for j in jobs if j.state == JobState.PENDING.value and j.waiting and j.id]
+    after = _unfinished_after(rt, waiting)
+    for job in jobs:
+        assert job.id is not None
+        if job.state != JobState.PENDING.value:
+            where = f" on {job.host} (GPUs {_ids(job.gpu_ids or [])})" if job.host else ""
+            reasons[job.id] = Reason("NOT_PENDING", f"it is {job.state}{where}")
+        elif job.backend != "local":
+            reasons[job.id] = Reason("BATCH", f"queued at the {job.backend} backend"
+                                     + (f": {job.reason}" if job.reason else ""))
+        elif job.waiting:
+            reasons[job.id] = Reason("DEPENDENCY", f"waiting for job "
+                                     f"{_ids(after.get(job.id, []))} to SUCCEED (--after)")
+        elif job.not_before is not None and job.not_before > now:
+            reasons[job.id] = Reason("BACKOFF", "restarting: it may start again in "
+                                     f"{job.not_before - now:.0f} s (restart backoff)")
+        elif job.gpus == 0:
+            reasons[job.id] = Reason("CPU", "waiting for a CPU slot (GPUQ_CPU_SLOTS 0-GPU jobs "
+                                     "run at once)")
+        else:
+            targets.add(job.id)
+    if targets:
+        reasons.update(Explainer(rt, targets).explain())
+    return reasons
+
+
+def _unfinished_after(rt: Runtime, job_ids: list[int]) -> dict[int, list[int]]:
+    if not job_ids:
+        return {}
+    found: dict[int, list[int]] = {}
+    with rt.session() as session:
+        rows = session.exec(
+            select(JobDependency.job_id, JobDependency.after_id)
+            .join(Job, col(Job.id) == col(JobDependency.after_id))
+            .where(col(JobDependency.job_id).in_(job_ids),
+                   col(Job.state) != JobState.SUCCEEDED.value)
+            .order_by(col(JobDependency.after_id)))
+        for job_id, after_id in rows:
+            found.setdefault(job_id, []).append(after_id)
+    return found
