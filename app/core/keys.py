@@ -24,6 +24,15 @@ def gpu_queue(host: str, index: int) -> str:
 DISPATCH_LOCK = f"{PREFIX}:dispatch:lock"
 DISPATCH_DIRTY = f"{PREFIX}:dispatch:dirty"  # a pass was asked for while one ran
 
+# -- metrics (owned by app/store/histograms.py) -----------------------------------------
+
+
+def histogram(name: str) -> str:
+    """Hash: one histogram's count per bucket, its sum and its count, added to by whichever
+    process observes it and read by the dashboard's /metrics."""
+    return f"{PREFIX}:histogram:{name}"
+
+
 # -- the cluster's live state (owned by app/store/cluster.py) ---------------------------
 HOSTS = f"{PREFIX}:hosts"  # set of host names that registered GPUs
 # Since when the inventory is whole: 0 once a host's `gpuq worker` wrote it, the time of the

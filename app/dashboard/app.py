@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from app.client import Client
 from app.core import errors
 from app.core.settings import Settings
-from app.dashboard import api, pages
+from app.dashboard import api, metrics, pages
 from app.dashboard.auth import (
     Identify,
     either,
@@ -64,6 +64,8 @@ def create_app(settings: Settings, client: Client | None = None,
     app.state.settings = settings
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.state.metrics = metrics.registry_for(own)
+    app.include_router(metrics.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.middleware("http")(token_middleware(who))
     app.add_middleware(BodyLimit)
@@ -74,7 +76,7 @@ def create_app(settings: Settings, client: Client | None = None,
     @app.exception_handler(errors.GpuqError)
     async def refused(request: Request, error: errors.GpuqError) -> Response:
         status = http_status(error)
-        if request.url.path.startswith("/api/"):
+        if request.url.path.startswith("/api/") or request.url.path == "/metrics":
             return JSONResponse({"code": error.code, "message": str(error)}, status_code=status)
         return pages.templates.TemplateResponse(request, "error.html", {"error": error},
                                                 status_code=status)
