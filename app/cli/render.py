@@ -53,7 +53,7 @@ def queue_table(answer: list[dict[str, Any]], total: int) -> None:
         style = STATE_STYLE.get(row.status, "")
         gpus = ",".join(map(str, row.gpu_ids)) if row.gpu_ids else str(row.gpus)
         duration = f"{row.duration_s:.1f}s" if row.duration_s is not None else "-"
-        reason = f"{row.why}: {row.reason}" if row.why else (row.reason or "")
+        reason = f"{row.why}: {row.why_reason}" if row.why else (row.reason or "")
         table.add_row(str(row.id), _user_text(row.name or "-"), _user_text(row.owner),
                       Text(row.status, style=style), gpus, _where(row),
                       _short_time(row.submitted_at), duration, str(row.restart_count),

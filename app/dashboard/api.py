@@ -22,10 +22,12 @@ from app.ops.rows import (
     JobDetail,
     JobPage,
     Launches,
+    LimitsTable,
     LaunchRow,
     Logs,
     Status,
     Submitted,
+    Why,
 )
 from app.store.spec import MAX_ID
 
@@ -92,6 +94,19 @@ def submit_job(request: Request, body: SubmitRequest) -> dict[str, Any]:
     handle = client_of(request).submit(options.pop("command"),
                                        allow_duplicate=body.allow_duplicate, **options)
     return {"job_ids": [handle.id], "launch_id": None}
+
+
+@router.get("/jobs/{job_id}/why", response_model=Why, tags=["jobs"])
+def why_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """Why a job is PENDING, as a code and a sentence (`gpuq why`)."""
+    return client_of(request).call("why", job_id=job_id)
+
+
+@router.get("/limits", response_model=LimitsTable, tags=["gpus"])
+def get_limits(request: Request) -> dict[str, Any]:
+    """Limits, weights, GPUs running, jobs pending and fair-share usage per user and
+    project (`gpuq limits`)."""
+    return client_of(request).call("limits_table")
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=CancelResult, tags=["jobs"])

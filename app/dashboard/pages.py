@@ -23,9 +23,10 @@ templates.env.filters["clock"] = present.clock
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 RECENT_FAILURES = 10
 # Columns of the jobs table: (label, sort key or None).
-JOB_COLUMNS = [("id", "id"), ("name", "name"), ("status", "status"), ("gpus", "gpus"),
-               ("host", "host"), ("priority", "priority"), ("submitted", "submitted"),
-               ("duration", None), ("exit", "exit_code"), ("restarts", "restarts")]
+JOB_COLUMNS = [("id", "id"), ("name", "name"), ("user", None), ("status", "status"),
+               ("gpus", "gpus"), ("host", "host"), ("priority", "priority"),
+               ("submitted", "submitted"), ("duration", None), ("exit", "exit_code"),
+               ("restarts", "restarts"), ("reason", None)]
 
 
 def _call(request: Request, op: str, **kwargs: Any) -> dict[str, Any]:
@@ -132,4 +133,6 @@ def _job(request: Request, job_id: int) -> dict[str, Any]:
     job = _call(request, "job", job_id=job_id)
     job["env"] = present.mask_env(job["env"])
     job["terminal"] = JobState(job["status"]).terminal
+    if job["status"] == JobState.PENDING.value:
+        job["why"] = _call(request, "why", job_id=job_id)
     return job

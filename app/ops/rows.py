@@ -52,7 +52,8 @@ class JobRow(Row):
     owner: str = Field("", description="Who submitted it: the stack's owner or a named user.")
     project: str = Field("", description="Whose GPU time it is (limits, fair share).")
     why: str | None = Field(None, description="Why a PENDING job waits, as a code (`gpuq "
-                            "why`); `reason` says it in a sentence.")
+                            "why`).")
+    why_reason: str | None = Field(None, description="The same, in a sentence.")
 
     @classmethod
     def of(cls, job: Job, now: float | None = None,
@@ -60,8 +61,8 @@ class JobRow(Row):
         end = job.ended_at or (now if job.started_at else None)
         return cls(
             id=job.id or 0, name=job.name, launch_id=job.launch_id, rank=job.rank,
-            num_jobs=job.num_jobs, status=job.state,
-            reason=waits[1] if waits else job.reason, why=waits[0] if waits else None,
+            num_jobs=job.num_jobs, status=job.state, reason=job.reason,
+            why=waits[0] if waits else None, why_reason=waits[1] if waits else None,
             project=job.project, command=job.command,
             exit_code=job.exit_code, gpus=job.gpus, gpu_ids=job.gpu_ids, host=job.host,
             priority=job.priority, backend=job.backend, backend_id=job.backend_id,
@@ -169,6 +170,35 @@ class ProgramExits(Row):
     crash_loop: bool
 
 
+class LimitEntry(Row):
+    kind: str = Field(description="user or project")
+    name: str = Field(description="Its name; * is everyone without an entry of their own.")
+    max_gpus: int | None = Field(description="GPUs its jobs may hold at once (none: no limit).")
+    max_pending: int | None = Field(description="Jobs it may have PENDING (none: no limit).")
+    weight: float = Field(description="Fair-share weight: twice the weight, twice the GPU time.")
+    default_project: str | None = Field(description="A user's jobs' project when unnamed.")
+    running_gpus: int = Field(description="GPUs its jobs hold now.")
+    pending: int | None = Field(description="Jobs PENDING now (not counted by `status`).")
+    usage_gpu_hours: float = Field(description="Fair-share usage: decayed GPU-hours.")
+
+
+class LimitsTable(Row):
+    entries: list[LimitEntry]
+    fair_share: bool
+    fair_share_by: str
+    half_life_days: float
+    file: str = Field(description="The limits file read beside the database's entries.")
+
+
+class Why(Row):
+    job_id: int
+    status: str
+    code: str = Field(description="READY, NOT_PENDING, DEPENDENCY, BACKOFF, BATCH, CPU, LIMIT, "
+                      "FAIR_SHARE, PRIORITY, EARMARKED, RESOURCES, FOREIGN, WORKER_DOWN, "
+                      "NEVER_FITS or DEPTH.")
+    reason: str
+
+
 class Status(Row):
     hosts: list[Host]
     counts: dict[str, int] = Field(description="Jobs per state.")
@@ -177,6 +207,8 @@ class Status(Row):
                                          "lately; crash_loop marks those that keep dying.")
     flower: str | None = Field(None, description="Where Flower listens.")
     dashboard: str | None = Field(None, description="Where the dashboard listens.")
+    limits: LimitsTable | None = Field(None, description="Limits, weights and GPUs running "
+                                       "per user and project.")
 
 
 class Logs(Row):

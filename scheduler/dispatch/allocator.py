@@ -29,7 +29,7 @@ from app.core.settings import Settings
 from app.core.signing import run_message
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import accounting, limits
+from app.store import accounting, histograms, limits
 from app.store.cluster import (
     HostView,
     enter_dispatch,
@@ -126,9 +126,11 @@ class Candidate(NamedTuple):
     reason: str | None
     owner: str
     project: str
+    submitted_at: float
 
 
-CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None, str, str]
+CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None, str, str,
+                        float]
 
 
 def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
@@ -150,7 +152,8 @@ def _candidates(gpu_jobs: bool) -> CandidateQuery:
     """Built once: the time a restart's backoff is held against is read when it runs."""
     now = bindparam("now", callable_=time.time, type_=Float)
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
-                   col(Job.priority), col(Job.reason), col(Job.owner), col(Job.project))
+                   col(Job.priority), col(Job.reason), col(Job.owner), col(Job.project),
+                   col(Job.submitted_at))
             .where(*_candidate_condition(gpu_jobs),
                    or_(col(Job.not_before).is_(None), col(Job.not_before) <= now))
             .order_by(col(Job.priority).desc(), col(Job.id)))
@@ -273,7 +276,9 @@ class Dispatcher:
         routed, passes, go_again = 0, 0, True
         try:
             while go_again:
+                began = time.perf_counter()
                 routed += self._pass()
+                histograms.observe(r, histograms.DISPATCH_PASS, time.perf_counter() - began)
                 passes += 1
                 go_again = next_dispatch(r, token, DISPATCH_TURN_S,
                                          max_passes is None or passes < max_passes)
@@ -455,6 +460,8 @@ class Dispatcher:
         # to a result channel per message sent, and a long-lived dispatcher keeps them all.
         message = run_message(self.rt.settings.secret, job.id, attempt)
         self.rt.celery.send_task("gpuq.run", args=message, queue=queue, ignore_result=True)
+        if job.attempt == 0:  # a first start: how long it queued
+            histograms.observe(r, histograms.QUEUE_WAIT, time.time() - job.submitted_at)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
         return True
 
