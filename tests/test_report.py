@@ -259,3 +259,15 @@ def test_dashboard_shows_the_report_and_its_api_answers_it(settings, local, reco
         fragment = http.get("/partials/usage", params={"by": "user"})
         assert "dave" in fragment.text
         assert http.get("/usage", params={"since": "soon"}).status_code == 400
+
+
+def test_nvml_process_records_become_pid_and_megabytes():
+    from types import SimpleNamespace
+
+    from scheduler.worker.monitor import _process_memory
+
+    records = [SimpleNamespace(pid=11, usedGpuMemory=3 * 2**30),
+               SimpleNamespace(pid=12, usedGpuMemory=None),  # the driver does not say
+               SimpleNamespace(pid=13, usedGpuMemory=2**64 - 1),  # NVML's NOT_AVAILABLE
+               object()]
+    assert _process_memory(records) == [[11, 3072], [12, None], [13, None]]
