@@ -121,7 +121,6 @@ class JobDetail(JobRow):
     preflight: str | None
     after: list[int] | None = Field(description="Jobs that must SUCCEED before it starts.")
     events: list[Event]
-    project: str | None = Field(None, description="The project its GPU time counts to.")
     attempts: list[AttemptRow] = Field([], description="Its ended attempts, first first, "
                                        "with their GPU figures.")
 
@@ -130,7 +129,7 @@ class JobDetail(JobRow):
                attempts: list[dict[str, Any]] | None = None) -> JobDetail:
         return cls(**JobRow.of(job, now).model_dump(), env=dict(job.env), pid=job.pid,
                    tmux=job.tmux, preflight=job.preflight, after=after or None,
-                   events=[Event.of(e) for e in events], project=job.project,
+                   events=[Event.of(e) for e in events],
                    attempts=[AttemptRow.of(a) for a in attempts or []])
 
 
