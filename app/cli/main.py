@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from app.cli import jobs, servers, shares  # noqa: F401  (register their commands)
+from app.cli import jobs, report, servers, shares  # noqa: F401  (register their commands)
 from app.cli.common import State, cli
 from app.cli.db import db
 from app.cli.users import users

@@ -25,10 +25,12 @@ from app.ops.rows import (
     LimitsTable,
     LaunchRow,
     Logs,
+    Report,
     Status,
     Submitted,
     Why,
 )
+from app.store.accounting import GROUPS, SPAN_PATTERN
 from app.store.spec import MAX_ID
 
 # Refusals every route may answer with (app.dashboard.app.HTTP_STATUS).
@@ -196,6 +198,18 @@ def get_status(request: Request) -> dict[str, Any]:
     for host in out["hosts"]:
         host["stale"] = host["workers_alive"] < len(host["gpus"])
     return out
+
+
+@router.get("/report", response_model=Report, tags=["usage"])
+def get_report(
+    request: Request,
+    since: Annotated[str, Query(max_length=32, pattern=SPAN_PATTERN,
+                                description="7d, 12h, 30m, 90s or seconds.")] = "7d",
+    by: Annotated[str, Query(pattern=f"^({'|'.join(GROUPS)})$")] = "user",
+) -> dict[str, Any]:
+    """GPU use of the attempts that ended within `since`, by user, project or launch, as
+    `gpuq report` (a named user's own attempts only)."""
+    return client_of(request).call("report", since=since, by=by)
 
 
 @router.post("/ops/{name}", tags=["ops"], responses={

@@ -15,6 +15,7 @@ from app.core.states import JobState
 from app.dashboard import present
 from app.dashboard.api import client_of
 from app.ops.read import MAX_PAGE, SORT_KEYS
+from app.store.accounting import GROUPS
 from app.store.spec import MAX_ID
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -136,3 +137,21 @@ def _job(request: Request, job_id: int) -> dict[str, Any]:
     if job["status"] == JobState.PENDING.value:
         job["why"] = _call(request, "why", job_id=job_id)
     return job
+
+
+@router.get("/usage")
+def usage(request: Request, since: Annotated[str, Query(max_length=32)] = "7d",
+          by: Annotated[str, Query(max_length=16)] = "user") -> HTMLResponse:
+    return _render(request, "usage.html", page="usage", **_usage(request, since, by))
+
+
+@router.get("/partials/usage")
+def usage_fragment(request: Request, since: Annotated[str, Query(max_length=32)] = "7d",
+                   by: Annotated[str, Query(max_length=16)] = "user") -> HTMLResponse:
+    return _render(request, "_usage.html", **_usage(request, since, by))
+
+
+def _usage(request: Request, since: str, by: str) -> dict[str, Any]:
+    """The `report` operation's groups (a named user's own attempts only)."""
+    return {"report": _call(request, "report", since=since, by=by), "since": since,
+            "choices": list(GROUPS), "query": urlencode({"since": since, "by": by})}

@@ -3,7 +3,7 @@
 Importing the package registers every operation; `call_local` runs one by name.
 """
 
-from app.ops import cancel, read, shares, submit
+from app.ops import accounts, cancel, read, shares, submit
 from app.ops.registry import OPERATIONS, call_local
 
-__all__ = ["OPERATIONS", "call_local", "cancel", "read", "shares", "submit"]
+__all__ = ["OPERATIONS", "accounts", "call_local", "cancel", "read", "shares", "submit"]

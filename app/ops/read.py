@@ -25,7 +25,7 @@ from app.core.states import JobState
 from app.ops.registry import operation
 from app.ops.rows import JobDetail, JobRow, LaunchRow
 from app.runtime import Runtime
-from app.store import cluster, counts
+from app.store import accounting, cluster, counts
 from app.store.exits import recent_exits
 from app.store.jobs import (
     get_jobs,
@@ -194,7 +194,8 @@ def job(rt: Runtime, job_id: int, actor: Actor | None = None) -> dict[str, Any]:
                               .order_by(col(JobEvent.id)))
         after = sorted(session.scalars(select(JobDependency.after_id).where(
             JobDependency.job_id == job_id)))
-        return JobDetail.of_job(found, time.time(), after, list(events)).dump()
+        return JobDetail.of_job(found, time.time(), after, list(events),
+                                accounting.of_job(session, job_id)).dump()
 
 
 @operation

@@ -93,6 +93,27 @@ class Event(Row):
                    reason=event.reason)
 
 
+class AttemptRow(Row):
+    """One ended attempt of a job, from the accounting record."""
+
+    attempt: int
+    outcome: str = Field(description="The state it ended in; PENDING: it runs again.")
+    host: str | None
+    gpu_ids: list[int] | None
+    gpus: int
+    started_at: str | None = Field(description="None: it never ran.")
+    ended_at: str | None
+    gpu_seconds: float = Field(description="GPUs x seconds from its start to its end.")
+    wait_s: float | None = Field(None, description="First attempts: submission to start.")
+    peak_memory_mb: int | None = Field(None, description="Most memory its GPUs held at once.")
+    mean_utilization_pct: float | None = Field(None, description="Its GPUs' mean utilisation.")
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> AttemptRow:
+        return cls(**{**record, "started_at": iso(record["started_at"]),
+                      "ended_at": iso(record["ended_at"])})
+
+
 class JobDetail(JobRow):
     env: dict[str, str] = Field(description="The job's own variables, secrets masked.")
     pid: int | None
@@ -100,13 +121,34 @@ class JobDetail(JobRow):
     preflight: str | None
     after: list[int] | None = Field(description="Jobs that must SUCCEED before it starts.")
     events: list[Event]
+    attempts: list[AttemptRow] = Field([], description="Its ended attempts, first first, "
+                                       "with their GPU figures.")
 
     @classmethod
-    def of_job(cls, job: Job, now: float, after: list[int], events: list[JobEvent]
-               ) -> JobDetail:
+    def of_job(cls, job: Job, now: float, after: list[int], events: list[JobEvent],
+               attempts: list[dict[str, Any]] | None = None) -> JobDetail:
         return cls(**JobRow.of(job, now).model_dump(), env=dict(job.env), pid=job.pid,
                    tmux=job.tmux, preflight=job.preflight, after=after or None,
-                   events=[Event.of(e) for e in events])
+                   events=[Event.of(e) for e in events],
+                   attempts=[AttemptRow.of(a) for a in attempts or []])
+
+
+class ReportTotals(Row):
+    gpu_hours: float
+    gpu_seconds: float
+    jobs: int
+    attempts: int
+    success_rate: float | None = Field(description="SUCCEEDED of the attempts that ended "
+                                       "their job.")
+    mean_wait_s: float | None = Field(description="Submission to first start.")
+    mean_utilization_pct: float | None
+    peak_memory_mb: int | None
+
+
+class Report(Row):
+    since: str = Field(description="Attempts that ended from then on (UTC).")
+    by: str = Field(description="user, project or launch.")
+    groups: dict[str, ReportTotals]
 
 
 class LaunchRow(Row):

@@ -158,6 +158,10 @@ def of_job(session: Session, job_id: int) -> list[dict[str, Any]]:
     return [dict(row._mapping) for row in rows]
 
 
+# What seconds() reads, for a form or an API to check first.
+SPAN_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?[dhmsDHMS]?\s*$"
+
+
 def seconds(span: str) -> float:
     """`7d`, `12h`, `30m`, `90s` or a number of seconds, as seconds."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}

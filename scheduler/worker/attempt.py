@@ -21,7 +21,7 @@ from app.core.paths import JobPaths
 from app.core.procgroup import process_identity
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import cluster, restart_policy
+from app.store import accounting, cluster, restart_policy
 from app.store.cluster import holder, release
 from app.store.db import riding_out_outages
 from app.store.jobs import attempt_is, drop_payload_if_finished, note, transition
@@ -30,6 +30,7 @@ from scheduler.dispatch.allocator import Dispatcher
 from scheduler.dispatch.reconcile import record_end
 from scheduler.worker import command as calls
 from scheduler.worker import executor
+from scheduler.worker.figures import Figures
 from scheduler.worker.lease import Lease, shutting_down
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
         outcome = _runner(rt, job)(
             job, command, env, path, grace_s=settings.kill_grace_s,
             should_stop=lease.stop_reason,
-            on_start=lambda pid: _mark_running(rt, job_id, attempt, host, pid),
+            on_start=lambda pid: _started(rt, lease, job_id, attempt, host, pid),
         )
     except OSError as e:
         with rt.session() as session:
@@ -127,8 +128,12 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
         log.warning("job %s attempt %s: stopped, its attempt was settled elsewhere",
                     job_id, attempt)
         return "stopped (superseded)"
+    lease.figures.ended()
+    with contextlib.suppress(Exception):  # the readings of the job's last moments
+        lease.figures.sample(rt.redis)
     failure = calls.collect_result(rt, job) if job.kind == "function" else None
     state = _record_outcome(rt, job, attempt, outcome, failure)
+    _note_figures(rt, job_id, attempt, lease.figures)
     if JobState(state).terminal:
         with rt.session() as session:
             drop_payload_if_finished(session, rt.redis, job_id, job.launch_id, job.payload_key)
@@ -174,6 +179,14 @@ def _preflight(rt: Runtime, job: Job, attempt: int, env: dict[str, str], path: P
             return False
         note(session, job.id, result.reason)
     return True
+
+
+def _started(rt: Runtime, lease: Lease, job_id: int, attempt: int, host: str,
+             pid: int) -> bool:
+    running = _mark_running(rt, job_id, attempt, host, pid)
+    if running:
+        lease.figures.began(pid)
+    return running
 
 
 @riding_out_outages
@@ -242,6 +255,19 @@ def _write_outcome(rt: Runtime, job_id: int, attempt: int, end: restart_policy.A
         if current.attempt != attempt:
             return current.state
         return record_end(session, current, end, ended_at, exit_code) or current.state
+
+
+def _note_figures(rt: Runtime, job_id: int, attempt: int, figures: Figures) -> None:
+    """Add the attempt's GPU figures to its record, which the transition that ended it
+    wrote. Figures are worth less than the outcome: one failed write is logged, not retried."""
+    peak_mb, util_pct = figures.result()
+    if peak_mb is None and util_pct is None:
+        return
+    try:
+        with rt.session() as session:
+            accounting.note_figures(session, job_id, attempt, peak_mb, util_pct)
+    except Exception as e:
+        log.warning("job %s attempt %s: GPU figures not recorded (%s)", job_id, attempt, e)
 
 
 @riding_out_outages

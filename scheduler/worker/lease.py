@@ -7,8 +7,9 @@ delays the watch loop that must stop the job in time:
 - the lease thread renews the row every heartbeat, fenced on (job id, attempt): a renewal
   that finds the attempt moved on (settled, run anew, or its lease already run out) means
   the job must stop now; one that finds it CANCELLING means a user cancelled it;
-- the Redis thread polls the job's cancel flag and refreshes its GPU reservations (a cache
-  of the database's holds, rebuilt if Redis lost them).
+- the Redis thread polls the job's cancel flag, refreshes its GPU reservations (a cache
+  of the database's holds, rebuilt if Redis lost them) and samples its GPUs' readings
+  every monitor interval for the attempt's figures (scheduler/worker/figures.py).
 
 `stop_reason()` is what the executor's loop asks: the job stops when a user cancels it, when
 its worker shuts down, when its attempt was superseded, or when the last renewal is older
@@ -33,6 +34,7 @@ from app.runtime import Runtime
 from app.store import cluster
 from app.store.jobs import renew_lease
 from scheduler.worker.executor import CANCEL, LEASE, SHUTDOWN, SUPERSEDED
+from scheduler.worker.figures import Figures
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class Lease:
         self.renewed_at = time.monotonic()
         self.superseded = False
         self.cancelled = False
+        self.figures = Figures(host, gpu_ids)
         self._done = threading.Event()
         self._threads = [threading.Thread(target=self._renewing, daemon=True,
                                           name=f"gpuq-lease-{job_id}"),
@@ -108,7 +111,7 @@ class Lease:
 
     def _watching_redis(self) -> None:
         token = cluster.holder(self.job_id, self.attempt)
-        next_refresh = 0.0
+        next_refresh = next_sample = 0.0
         while not self._done.wait(CANCEL_POLL_S):
             try:
                 if self.rt.redis.exists(keys.cancel(self.job_id)):
@@ -117,5 +120,8 @@ class Lease:
                     cluster.refresh(self.rt.redis, self.host, self.gpu_ids, token,
                                     self.rt.settings.reservation_ttl_s)
                     next_refresh = time.monotonic() + self.rt.settings.heartbeat_s
+                if time.monotonic() >= next_sample:
+                    self.figures.sample(self.rt.redis)
+                    next_sample = time.monotonic() + self.rt.settings.monitor_interval_s
             except Exception as e:  # Redis is away: the job runs on under its lease
                 log.warning("job %s: Redis is away (%s); the job runs on", self.job_id, e)

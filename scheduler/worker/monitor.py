@@ -27,6 +27,9 @@ class GpuReading:
     utilization_pct: int
     process_count: int = 0
     mig: bool = False  # MIG mode on: gpuq hands out whole GPUs only
+    # [pid, MB] of each compute process NVML lists (MB None where it cannot tell): what an
+    # attempt's figures count of its own processes (scheduler/worker/figures.py).
+    processes: list[list[int | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +83,9 @@ class FakeProvider:
 
 def write_fake_foreign_use(home: Path, index: int, memory_used_mb: int,
                            utilization_pct: int) -> None:
-    """Pretend a process outside gpuq uses a fake GPU (0, 0 clears it)."""
+    """Pretend a process uses a fake GPU (0, 0 clears it): on a GPU that gpuq does not
+    hold, use by someone else (the GPU is then busy); on one it holds, the job's own use,
+    which its reading shows unmarked and its attempt's figures count."""
     path = home / FAKE_STATE_FILE
     state = json.loads(path.read_text()) if path.exists() else {}
     state[str(index)] = [memory_used_mb, utilization_pct]
@@ -130,10 +135,25 @@ class NvmlProvider:
                 utilization_pct=int(util.gpu),
                 process_count=len(processes),
                 mig=self._mig_enabled(handle, index),
+                processes=_process_memory(processes),
             ))
         return out
 
 
+def _process_memory(processes: list[Any]) -> list[list[int | None]]:
+    """[pid, MB] of NVML's process records; usedGpuMemory is None (or NVML's
+    NOT_AVAILABLE, beyond any card's memory) where the driver does not say."""
+    out: list[list[int | None]] = []
+    for process in processes[:MAX_PROCESSES]:
+        pid, used = getattr(process, "pid", None), getattr(process, "usedGpuMemory", None)
+        if pid is None:
+            continue
+        mb = used // 2**20 if isinstance(used, int) and 0 <= used < 2**50 else None
+        out.append([int(pid), mb])
+    return out
+
+
+MAX_PROCESSES = 64  # of one GPU's, kept in its reading
 NVIDIA_CONTROL_DEVICE = "/dev/nvidiactl"
 
 
