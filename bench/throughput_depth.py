@@ -10,6 +10,10 @@ Baselines, same run and machine: plain Celery tasks that each run `true` in a su
 daemons answer (deploy/slurm/setup.sh), a 1,000-task Slurm array of `true`, timed from
 sbatch until squeue lists none of its tasks.
 
+The jobs behind belong to `--users` users (10), each its own project, so that a pass with
+fair share on merges that many groups; `--fair-share` measures each depth with fair share
+on, off, or both (the default), the measured launch being the stack owner's.
+
 Targets: at every depth, at least 0.8x plain Celery's rate; at the largest depth, at least
 0.9x the rate at the smallest (0). Writes the figures to bench/scale-throughput.json and
 redraws bench/scale.png (bench.plot_scale; `--dir` to write them elsewhere).
@@ -43,27 +47,28 @@ TARGET_RATIO_DEPTH = 0.9
 SLURM_TIMEOUT_S = 600
 
 
-def filler_row(now: float) -> dict[str, Any]:
-    """The row `gpuq submit --allow-duplicate --priority 0 true` stores: PENDING, local,
-    1 GPU, waiting for nothing, no launch and no payload."""
+def filler_row(now: float, user: str) -> dict[str, Any]:
+    """The row `gpuq submit --allow-duplicate --priority 0 true` stores for `user`: PENDING,
+    local, 1 GPU, waiting for nothing, no launch and no payload, in the user's project."""
     spec = JobSpec.parse({"command": "true", "gpus": 1, "priority": FILLER_PRIORITY,
                           "backend": "local"})
     row = spec.model_dump(exclude={"after"})
     row.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
                submitted_at=now, launch_id=None, num_jobs=1, rank=0, waiting=False,
-               reason=None)
+               reason=None, owner=user, project=user)
     return row
 
 
-def fill(bench: Bench, depth: int) -> None:
-    """`depth` PENDING jobs, each with its 'submitted' event, in one transaction. Run on an
-    empty database, before any worker starts."""
+def fill(bench: Bench, depth: int, users: int) -> None:
+    """`depth` PENDING jobs of `users` users, each with its 'submitted' event, in one
+    transaction. Run on an empty database, before any worker starts."""
     now = time.time()
-    row = filler_row(now)
+    rows = [filler_row(now, f"user{u}") for u in range(users)]
     jobs, events = Job.__table__, JobEvent.__table__  # type: ignore[attr-defined]
     with bench.client.rt.engine.begin() as conn:
         for start in range(0, depth, FILL_BATCH):
-            conn.execute(insert(jobs), [row] * min(FILL_BATCH, depth - start))
+            conn.execute(insert(jobs), [rows[(start + i) % users]
+                                        for i in range(min(FILL_BATCH, depth - start))])
         conn.execute(insert(events).from_select(
             ["job_id", "at", "from_state", "to_state", "reason"],
             select(jobs.c.id, literal(now), null(), literal(JobState.PENDING.value),
@@ -78,25 +83,35 @@ def pending_behind(bench: Bench) -> int:
             jobs.priority == FILLER_PRIORITY)).scalar_one())
 
 
-def measure(depth: int, jobs: int) -> dict[str, Any]:
-    """gpuq's rate with `depth` jobs queued behind, on a fresh stack (its home removed)."""
+def measure(depth: int, jobs: int, users: int = 10, fair_share: bool = True
+            ) -> dict[str, Any]:
+    """gpuq's rate with `depth` jobs of `users` users queued behind, on a fresh stack (its
+    home removed), fair share on or off."""
     seen: dict[str, Any] = {}
 
     def prepare(bench: Bench) -> None:
         seen["home"] = bench.settings.home
         start = time.perf_counter()
         if depth:
-            fill(bench, depth)
+            fill(bench, depth, users)
         seen["fill_s"] = time.perf_counter() - start
 
+    before = os.environ.get("GPUQ_FAIR_SHARE")
+    os.environ["GPUQ_FAIR_SHARE"] = str(fair_share).lower()  # the stack's settings read it
     try:
         with bench_stack(gpus=GPUS, prepare=prepare) as bench:
+            assert bench.settings.fair_share is fair_share
             rate = gpuq_rate(bench, jobs, priority=MEASURED_PRIORITY)
             left = pending_behind(bench)
     finally:
+        if before is None:
+            os.environ.pop("GPUQ_FAIR_SHARE", None)
+        else:
+            os.environ["GPUQ_FAIR_SHARE"] = before
         if "home" in seen:
             shutil.rmtree(seen["home"], ignore_errors=True)
-    return {"depth": depth, "jobs_s": round(rate, 1), "fill_s": round(seen["fill_s"], 2),
+    return {"depth": depth, "fair_share": fair_share, "users_behind": users,
+            "jobs_s": round(rate, 1), "fill_s": round(seen["fill_s"], 2),
             "pending_behind_after": left}
 
 
@@ -159,6 +174,10 @@ def main() -> None:
     parser.add_argument("--depths", default="0,100000,1000000",
                         help="PENDING jobs queued behind the measured launch, comma-separated")
     parser.add_argument("--jobs", type=int, default=2_000, help="jobs of the measured launch")
+    parser.add_argument("--users", type=int, default=10,
+                        help="users (each its own project) the jobs behind belong to")
+    parser.add_argument("--fair-share", choices=("on", "off", "both"), default="both",
+                        help="measure each depth with fair share on, off, or both")
     parser.add_argument("--slurm-tasks", type=int, default=1_000,
                         help="tasks of the Slurm array baseline")
     plot_scale.add_output_options(parser, plot_scale.THROUGHPUT_FILE, plot_scale.PASS_FILE)
@@ -173,18 +192,25 @@ def main() -> None:
     print(f"plain Celery + subprocess, {GPUS} processes, {args.jobs:,} tasks: "
           f"{plain:.0f} jobs/s", flush=True)
 
-    points = []
+    points, off_points = [], []
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.fair_share]
     for depth in depths:
-        point = measure(depth, args.jobs)
-        point["ratio_plain"] = round(point["jobs_s"] / plain, 3)
-        points.append(point)
-        report(f"throughput, {args.jobs:,} true jobs, {GPUS} fake GPUs, {depth:,} pending "
-               f"behind (filled in {point['fill_s']:.1f} s, {point['pending_behind_after']:,} "
-               "still pending at the end)", f"{point['jobs_s']:.0f} jobs/s",
-               f">= {TARGET_RATIO_PLAIN:g}x plain Celery",
-               f"plain Celery + subprocess, {GPUS} processes: {plain:.0f} jobs/s",
-               point["ratio_plain"], point["ratio_plain"] >= TARGET_RATIO_PLAIN,
-               ratio_means="the baseline's rate", digits=2)
+        for fair_share in modes:
+            point = measure(depth, args.jobs, args.users, fair_share)
+            point["ratio_plain"] = round(point["jobs_s"] / plain, 3)
+            (points if fair_share or len(modes) == 1 else off_points).append(point)
+            report(f"throughput, {args.jobs:,} true jobs, {GPUS} fake GPUs, {depth:,} pending "
+                   f"behind of {args.users} users, fair share {'on' if fair_share else 'off'} "
+                   f"(filled in {point['fill_s']:.1f} s, {point['pending_behind_after']:,} "
+                   "still pending at the end)", f"{point['jobs_s']:.0f} jobs/s",
+                   f">= {TARGET_RATIO_PLAIN:g}x plain Celery",
+                   f"plain Celery + subprocess, {GPUS} processes: {plain:.0f} jobs/s",
+                   point["ratio_plain"], point["ratio_plain"] >= TARGET_RATIO_PLAIN,
+                   ratio_means="the baseline's rate", digits=2)
+    for on, off in zip(points, off_points, strict=False):
+        print(f"fair share on against off at {on['depth']:,} pending: {on['jobs_s']:.0f} "
+              f"against {off['jobs_s']:.0f} jobs/s, {on['jobs_s'] / off['jobs_s']:.2f}x",
+              flush=True)
 
     slurm, slurm_note = slurm_rate(args.slurm_tasks)
     if slurm is None:
@@ -213,6 +239,7 @@ def main() -> None:
                                                    "jobs_s": round(slurm, 1)},
         "slurm_note": slurm_note, "target_ratio_plain": TARGET_RATIO_PLAIN,
         "target_ratio_depth": TARGET_RATIO_DEPTH, "depths": points,
+        "fair_share_off": off_points,
         "largest_over_smallest": depth_ratio,
     }
     args.dir.mkdir(parents=True, exist_ok=True)
