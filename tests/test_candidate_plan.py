@@ -20,7 +20,7 @@ from app.store.db import make_engine
 from app.store.dependencies import waiting_query as stranded_query
 from app.store.jobs import holding_query
 from app.store.models import Job
-from scheduler.dispatch.allocator import candidates, next_group
+from scheduler.dispatch.allocator import Candidate, candidates, next_group
 from tests.conftest import EXTERNAL_DB
 
 
@@ -91,10 +91,14 @@ def _plan(engine: Engine, query: Any) -> tuple[list[str], str]:
         return nodes, json.dumps(plan)
 
 
+def _after(owner: str, project: str) -> Candidate:
+    return Candidate(1, 1, None, 0, 0, None, owner, project, 0.0)
+
+
 GROUP = (col(Job.owner) == "user3", col(Job.project) == "project1")
 QUERIES = {
     "the first (owner, project) with GPU candidates": lambda: next_group(None),
-    "the next (owner, project)": lambda: next_group(("user3", "project1")),
+    "the next (owner, project)": lambda: next_group(_after("user3", "project1")),
     "first GPU candidates of a group": lambda: candidates(True, *GROUP).limit(64),
     "the rest of a priority": lambda: candidates(
         True, *GROUP, col(Job.priority) == 1, col(Job.id) > 12_000).limit(64),

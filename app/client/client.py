@@ -171,6 +171,9 @@ class Client:
         if num_jobs is None:
             raise GpuqError("say how many replicas: num_jobs=N or rank_args=[...]")
         spec = _spec(command, options)
+        if rank_args is None and not hidden:  # each row holds the command: no payload
+            out = self.call("launch", spec=spec, num_jobs=num_jobs)
+            return LaunchHandle(self, out["launch_id"], out["job_ids"])
         payload = {"kind": "command", "command": spec["command"],
                    "rank_args": [list(a) for a in rank_args] if rank_args is not None else None,
                    **hidden}
@@ -422,6 +425,10 @@ class JobHandle:
 
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", ids=[self.id])
+
+    def why(self) -> dict[str, Any]:
+        """Why it is PENDING: {"code": ..., "reason": ...} (`gpuq why`)."""
+        return self.client.call("why", job_id=self.id)
 
 
 class LaunchHandle:

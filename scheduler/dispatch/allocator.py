@@ -21,7 +21,18 @@ from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Float, Select, bindparam, false, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Select,
+    bindparam,
+    false,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlmodel import Session, col
 
 from app.core.keys import CPU_QUEUE, gpu_queue
@@ -159,26 +170,24 @@ def _candidates(gpu_jobs: bool) -> CandidateQuery:
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
 
-Group = tuple[str, str]  # (owner, project)
-
-
-def candidate_groups(session: Session) -> list[Group]:
-    """The (owner, project) pairs that have GPU candidates: one seek into the candidate
-    index per pair (a loose index scan), however many jobs each has."""
-    groups: list[Group] = []
+def group_heads(session: Session) -> list[Candidate]:
+    """The first candidate of each (owner, project) group that has any: one seek into the
+    candidate index per group (a loose index scan), however many jobs each has."""
+    heads: list[Candidate] = []
     while (found := session.connection().execute(
-            next_group(groups[-1] if groups else None)).first()) is not None:
-        groups.append((found[0], found[1]))
-    return groups
+            next_group(heads[-1] if heads else None)).first()) is not None:
+        heads.append(Candidate._make(found))
+    return heads
 
 
-def next_group(after: Group | None) -> Select[str, str]:
-    """The first (owner, project) pair with GPU candidates after `after`."""
-    query = (select(col(Job.owner), col(Job.project)).where(*_candidate_condition(True))
-             .order_by(col(Job.owner), col(Job.project)).limit(1))
+def next_group(after: Candidate | None) -> CandidateQuery:
+    """The first candidate of the first (owner, project) group after `after`'s."""
+    query = candidates(True).order_by(None).order_by(
+        col(Job.owner), col(Job.project), col(Job.priority).desc(), col(Job.id)).limit(1)
     if after is None:
         return query
-    return query.where(tuple_(col(Job.owner), col(Job.project)) > tuple_(*after))
+    return query.where(tuple_(col(Job.owner), col(Job.project))
+                       > tuple_(literal(after.owner), literal(after.project)))
 
 
 class Shares:
@@ -233,15 +242,15 @@ class Shares:
 
 
 class Cursor:
-    """One (owner, project) group's candidates in order, read a chunk at a time."""
+    """One (owner, project) group's candidates in order from its head, read a page at a
+    time."""
 
-    def __init__(self, dispatcher: Dispatcher, group: Group, first: int,
-                 session: Session) -> None:
-        self.dispatcher, self.group = dispatcher, group
-        self.where = [col(Job.owner) == group[0], col(Job.project) == group[1]]
-        self.size = first
-        self.buffer = dispatcher._pending_gpu_jobs(None, first, session, self.where)
-        self.done = len(self.buffer) < first
+    def __init__(self, dispatcher: Dispatcher, head: Candidate, page: int) -> None:
+        self.dispatcher = dispatcher
+        self.where = [col(Job.owner) == head.owner, col(Job.project) == head.project]
+        self.size = page // 2
+        self.buffer = [head]
+        self.done = False
         self.last: Candidate | None = None
 
     def head(self, room: int) -> Candidate | None:
@@ -316,9 +325,9 @@ class Dispatcher:
             cursors: list[Cursor] = []
             if self._wanted(hosts):
                 self.shares = Shares(session, self.rt.settings, self.held)
-                groups = candidate_groups(session)
-                first = min(SCAN_CHUNK, limit) if len(groups) == 1 else GROUP_CHUNK
-                cursors = [Cursor(self, group, first, session) for group in groups]
+                heads = group_heads(session)
+                page = min(SCAN_CHUNK, limit) if len(heads) == 1 else GROUP_CHUNK
+                cursors = [Cursor(self, head, page) for head in heads]
         routed = sum(1 for job in cpu_jobs if self._start(job, None, []))
         if not cursors:
             return routed
@@ -333,19 +342,19 @@ class Dispatcher:
         # allowed ids) that found no place and set its GPUs aside finds none later in the
         # pass either, so the jobs of that shape behind it are passed over at once.
         waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
-        heads = [(-job.priority, shares.key(job), job.id, n)
-                 for n, cursor in enumerate(cursors) if (job := cursor.head(0)) is not None]
-        heapq.heapify(heads)
+        order = [(-cursor.buffer[0].priority, shares.key(cursor.buffer[0]), cursor.buffer[0].id, n)
+                 for n, cursor in enumerate(cursors)]
+        heapq.heapify(order)
         examined = 0
-        while heads and examined < limit and self._going(usable):
-            priority, key, job_id, n = heapq.heappop(heads)
+        while order and examined < limit and self._going(usable):
+            priority, key, job_id, n = heapq.heappop(order)
             cursor = cursors[n]
             job = cursor.head(0)
             assert job is not None and job.id == job_id
             # Usage only grows within a pass: a group whose usage grew since it was queued
             # goes back at its new place.
             if (fresh := shares.key(job)) > key:
-                heapq.heappush(heads, (priority, fresh, job_id, n))
+                heapq.heappush(order, (priority, fresh, job_id, n))
                 continue
             cursor.pop()
             examined += 1
@@ -357,7 +366,7 @@ class Dispatcher:
                 shares.started(job)
             routed += placed
             if (following := cursor.head(limit - examined)) is not None:
-                heapq.heappush(heads, (-following.priority, shares.key(following),
+                heapq.heappush(order, (-following.priority, shares.key(following),
                                        following.id, n))
         return routed
 

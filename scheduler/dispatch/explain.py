@@ -24,7 +24,6 @@ from scheduler.dispatch.allocator import (
     WAITING_REASON,
     Candidate,
     Dispatcher,
-    Group,
     _pick,
     never_fits,
 )
@@ -71,7 +70,7 @@ class Explainer(Dispatcher):
         self.targets = targets
         self.reasons: dict[int, Reason] = {}
         self.ahead: list[Candidate] = []
-        self.blocked: dict[Group, str] = {}
+        self.blocked: dict[tuple[str, str], str] = {}
 
     def explain(self) -> dict[int, Reason]:
         self._pass(cpu=False)
