@@ -91,18 +91,17 @@ def _plan(engine: Engine, query: Any) -> tuple[list[str], str]:
         return nodes, json.dumps(plan)
 
 
-def _after(owner: str, project: str) -> Candidate:
-    return Candidate(1, 1, None, 0, 0, None, owner, project, 0.0)
+def _after(owner: str, project: str, priority: int = 0) -> Candidate:
+    return Candidate(1, 1, None, 0, priority, None, owner, project, 0.0)
 
 
-GROUP = (col(Job.owner) == "user3", col(Job.project) == "project1")
+GROUP = (col(Job.priority) == 1, col(Job.owner) == "user3", col(Job.project) == "project1")
 QUERIES = {
-    "the first (owner, project) with GPU candidates": lambda: next_group(None),
-    "the next (owner, project)": lambda: next_group(_after("user3", "project1")),
+    "the first group of the highest priority": lambda: next_group(None, None),
+    "the first group of the next priority": lambda: next_group(5, None),
+    "the next group of a priority": lambda: next_group(None, _after("user3", "project1", 1)),
     "first GPU candidates of a group": lambda: candidates(True, *GROUP).limit(64),
-    "the rest of a priority": lambda: candidates(
-        True, *GROUP, col(Job.priority) == 1, col(Job.id) > 12_000).limit(64),
-    "lower priorities": lambda: candidates(True, *GROUP, col(Job.priority) < 5).limit(64),
+    "the rest of a group": lambda: candidates(True, *GROUP, col(Job.id) > 12_000).limit(64),
     "0-GPU candidates": lambda: candidates(False).limit(1000),
     "GPUs held in the database": holding_query,
     "jobs waiting for others": lambda: stranded_query(),

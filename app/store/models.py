@@ -89,10 +89,11 @@ class Job(SQLModel, table=True):
     project: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
-# The dispatcher's candidates: PENDING local jobs that wait for nothing. GPU jobs by owner
-# and project, then highest priority first, then oldest: a pass finds the (owner, project)
-# pairs that have candidates in one seek each and reads each pair's head in order (fair
-# share merges the heads). 0-GPU jobs highest priority first, then oldest. Each index in
+# The dispatcher's candidates: PENDING local jobs that wait for nothing. GPU jobs highest
+# priority first, then by owner and project, then oldest: a pass finds the (owner, project)
+# groups of the highest priority in one seek each and reads each group's head (fair share
+# merges the heads), then the next priority's. 0-GPU jobs highest priority first, then
+# oldest. Each index in
 # exactly the order the dispatcher reads, so that a pass reads its first rows without
 # sorting, at any queue depth. Their conditions are written out in the dispatcher's query
 # as literals (scheduler/dispatch/allocator.py): a planner uses a partial index only for a
@@ -126,7 +127,7 @@ for _name, _gpus in CANDIDATE_INDEXES:
     # The equality columns lead, though the condition fixes them: SQLite's planner then
     # sees this index serve the query's every equality and its order, and prefers it.
     _groups = (_jobs.owner, _jobs.project) if _name == PENDING_GPU_INDEX else ()
-    Index(_name, _jobs.state, _jobs.waiting, _jobs.backend, *_groups, _jobs.priority.desc(),
+    Index(_name, _jobs.state, _jobs.waiting, _jobs.backend, _jobs.priority.desc(), *_groups,
           _jobs.id, sqlite_where=text(candidate_condition(_gpus, "sqlite")),
           postgresql_where=text(candidate_condition(_gpus, "postgresql")))
 Index(HOLDING_INDEX, _jobs.host, sqlite_where=text(HOLDING_CONDITION),

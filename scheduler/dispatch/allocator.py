@@ -170,23 +170,26 @@ def _candidates(gpu_jobs: bool) -> CandidateQuery:
             .order_by(col(Job.priority).desc(), col(Job.id)))
 
 
-def group_heads(session: Session) -> list[Candidate]:
-    """The first candidate of each (owner, project) group that has any: one seek into the
-    candidate index per group (a loose index scan), however many jobs each has."""
+def level_heads(session: Session, below: int | None) -> list[Candidate]:
+    """The first candidate of each (owner, project) group at the highest priority below
+    `below` (any, when None) that has candidates, or none: one seek into the candidate
+    index per group (a loose index scan), however many jobs each has."""
     heads: list[Candidate] = []
     while (found := session.connection().execute(
-            next_group(heads[-1] if heads else None)).first()) is not None:
+            next_group(below, heads[-1] if heads else None)).first()) is not None:
         heads.append(Candidate._make(found))
     return heads
 
 
-def next_group(after: Candidate | None) -> CandidateQuery:
-    """The first candidate of the first (owner, project) group after `after`'s."""
+def next_group(below: int | None, after: Candidate | None) -> CandidateQuery:
+    """The first candidate of the highest priority below `below`, in the first group; or,
+    after `after`, the first of the next group at `after`'s priority."""
     query = candidates(True).order_by(None).order_by(
-        col(Job.owner), col(Job.project), col(Job.priority).desc(), col(Job.id)).limit(1)
+        col(Job.priority).desc(), col(Job.owner), col(Job.project), col(Job.id)).limit(1)
     if after is None:
-        return query
-    return query.where(tuple_(col(Job.owner), col(Job.project))
+        return query if below is None else query.where(col(Job.priority) < below)
+    return query.where(col(Job.priority) == after.priority,
+                       tuple_(col(Job.owner), col(Job.project))
                        > tuple_(literal(after.owner), literal(after.project)))
 
 
@@ -242,12 +245,13 @@ class Shares:
 
 
 class Cursor:
-    """One (owner, project) group's candidates in order from its head, read a page at a
-    time."""
+    """One (owner, project) group's candidates of one priority, oldest first from its head,
+    read a page at a time."""
 
     def __init__(self, dispatcher: Dispatcher, head: Candidate, page: int) -> None:
         self.dispatcher = dispatcher
-        self.where = [col(Job.owner) == head.owner, col(Job.project) == head.project]
+        self.where = [col(Job.priority) == head.priority, col(Job.owner) == head.owner,
+                      col(Job.project) == head.project]
         self.size = page // 2
         self.buffer = [head]
         self.done = False
@@ -322,16 +326,11 @@ class Dispatcher:
                 host.free = [i for i in host.free if (host.name, i) not in held]
             cpu_jobs = [Candidate._make(row) for row in session.connection().execute(
                 candidates(False).limit(DISPATCH_BATCH))] if cpu else []
-            cursors: list[Cursor] = []
+            heads: list[Candidate] = []
             if self._wanted(hosts):
                 self.shares = Shares(session, self.rt.settings, self.held)
-                heads = group_heads(session)
-                page = min(SCAN_CHUNK, limit) if len(heads) == 1 else GROUP_CHUNK
-                cursors = [Cursor(self, head, page) for head in heads]
+                heads = level_heads(session, None)
         routed = sum(1 for job in cpu_jobs if self._start(job, None, []))
-        if not cursors:
-            return routed
-        shares = self.shares
         self.earmarked: dict[tuple[str, int], int] = {}
         earmarked = self.earmarked
 
@@ -342,33 +341,51 @@ class Dispatcher:
         # allowed ids) that found no place and set its GPUs aside finds none later in the
         # pass either, so the jobs of that shape behind it are passed over at once.
         waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
-        order = [(-cursor.buffer[0].priority, shares.key(cursor.buffer[0]), cursor.buffer[0].id, n)
-                 for n, cursor in enumerate(cursors)]
-        heapq.heapify(order)
+        blocked: set[tuple[str, str]] = set()  # groups over a limit wait for the pass
         examined = 0
+        while heads and examined < limit and self._going(usable):
+            level = heads[0].priority
+            heads = [h for h in heads if (h.owner, h.project) not in blocked]
+            page = min(SCAN_CHUNK, limit) if len(heads) == 1 else GROUP_CHUNK
+            examined, placed = self._level([Cursor(self, h, page) for h in heads], examined,
+                                           limit, usable, waiting_shapes, blocked)
+            routed += placed
+            if examined < limit and self._going(usable):
+                with self.rt.session() as session:
+                    heads = level_heads(session, level)
+        return routed
+
+    def _level(self, cursors: list[Cursor], examined: int, limit: int,
+               usable: Callable[[], int], waiting_shapes: set[tuple[int, tuple[int, ...] | None]],
+               blocked: set[tuple[str, str]]) -> tuple[int, int]:
+        """Place the jobs of one priority: the group with the least fair-share usage per
+        weight first, each group's oldest first; return (examined, routed)."""
+        shares, routed = self.shares, 0
+        order = [(shares.key(c.buffer[0]), c.buffer[0].id, n) for n, c in enumerate(cursors)]
+        heapq.heapify(order)
         while order and examined < limit and self._going(usable):
-            priority, key, job_id, n = heapq.heappop(order)
+            key, job_id, n = heapq.heappop(order)
             cursor = cursors[n]
             job = cursor.head(0)
             assert job is not None and job.id == job_id
             # Usage only grows within a pass: a group whose usage grew since it was queued
             # goes back at its new place.
             if (fresh := shares.key(job)) > key:
-                heapq.heappush(order, (priority, fresh, job_id, n))
+                heapq.heappush(order, (fresh, job_id, n))
                 continue
             cursor.pop()
             examined += 1
             if (why := shares.over_limit(job)) is not None:
+                blocked.add((job.owner, job.project))
                 self._over_limit(job, why)
                 continue  # the group waits: its later jobs do not pass its head
-            placed = self._place(job, hosts, earmarked, waiting_shapes)
+            placed = self._place(job, self.hosts, self.earmarked, waiting_shapes)
             if placed:
                 shares.started(job)
             routed += placed
             if (following := cursor.head(limit - examined)) is not None:
-                heapq.heappush(order, (-following.priority, shares.key(following),
-                                       following.id, n))
-        return routed
+                heapq.heappush(order, (shares.key(following), following.id, n))
+        return examined, routed
 
     def _wanted(self, hosts: list[HostView]) -> bool:
         """Whether GPU jobs are worth reading this pass: some GPU is free."""
@@ -414,9 +431,9 @@ class Dispatcher:
     def _pending_gpu_jobs(self, after: Candidate | None, size: int,
                           session: Session | None = None,
                           group: Sequence[ColumnElement[bool]] = ()) -> list[Candidate]:
-        """The next `size` PENDING GPU jobs of a group by priority, then id, after `after`:
-        the rest of its priority, then lower priorities; each a seek into the candidate
-        index."""
+        """The next `size` PENDING GPU jobs by priority, then id, after `after`: the rest of
+        its priority, then lower priorities; of one group (`group`, a priority, owner and
+        project), the rest of it. Each a seek into the candidate index."""
         with contextlib.ExitStack() as stack:
             if session is None:
                 session = stack.enter_context(self.rt.session())
@@ -428,7 +445,7 @@ class Dispatcher:
             if after is None:
                 return read()
             found = read(col(Job.priority) == after.priority, col(Job.id) > after.id)
-            if len(found) < size:
+            if len(found) < size and not group:
                 found += read(col(Job.priority) < after.priority, limit=size - len(found))
             return found
 

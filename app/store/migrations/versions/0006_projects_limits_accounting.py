@@ -1,8 +1,9 @@
 """Projects, limits and fair-share weights, the record of every attempt, and decayed usage.
 
 Every job and launch gets a project (those stored before take their owner's name, the
-default project of a user who names none). The GPU candidates' index leads with owner and
-project, so that a pass reads each (owner, project) pair's head in a seek; a user's and a
+default project of a user who names none). The GPU candidates' index orders by owner and
+project within a priority, so that a pass reads each (owner, project) group's head of a
+priority in a seek; a user's and a
 project's PENDING jobs are counted through their own indexes against the pending limits.
 
 Revision ID: 0006
@@ -35,8 +36,8 @@ def upgrade() -> None:
     op.create_index("ix_jobs_project_state", "jobs", ["project", "state"])
     op.drop_index("ix_jobs_pending_gpu", table_name="jobs")
     op.create_index("ix_jobs_pending_gpu_by_owner", "jobs",
-                    ["state", "waiting", "backend", "owner", "project",
-                     sa.text("priority DESC"), "id"],
+                    ["state", "waiting", "backend", sa.text("priority DESC"), "owner",
+                     "project", "id"],
                     sqlite_where=sa.text(_condition("sqlite")),
                     postgresql_where=sa.text(_condition("postgresql")))
     op.create_table(
