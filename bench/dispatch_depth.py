@@ -1,6 +1,7 @@
 """One dispatch pass with the queue N deep: the pass that follows a job's end, one of 8 GPUs
 free and the head of the queue fits it. Measured at 1,000, 100,000 and 1,000,000 PENDING GPU
-jobs (`--depths` to choose), on SQLite and the embedded Redis.
+jobs (`--depths` to choose) of one priority, spread over `--users` users (1), on SQLite and
+the embedded Redis; fair share merges that many groups each pass.
 
 Baseline, same run, same table: the same passes without the indexes of revision 0003, as
 gpuq ran them before, where each candidate query sorts the queue.
@@ -38,14 +39,18 @@ HOST, GPUS = "bench", 8
 FILL_BATCH = 50_000
 
 
-def _fill(rt: Runtime, depth: int) -> None:
+def _fill(rt: Runtime, depth: int, users: int = 1) -> None:
+    """`depth` PENDING 1-GPU jobs of one priority, spread over `users` users (each its own
+    project): the groups fair share merges in every pass."""
     now = time.time()
-    row = {"command": "true", "submitted_at": now, "env": {}, "recover_exit_codes": [],
-           "state": JobState.PENDING.value, "priority": 0, "gpus": 1}
+    rows = [{"command": "true", "submitted_at": now, "env": {}, "recover_exit_codes": [],
+             "state": JobState.PENDING.value, "priority": 0, "gpus": 1,
+             "owner": f"user{u}", "project": f"user{u}"} for u in range(users)]
     with rt.engine.begin() as conn:
         for start in range(0, depth, FILL_BATCH):
             conn.execute(insert(Job.__table__),  # type: ignore[arg-type]
-                         [row] * min(FILL_BATCH, depth - start))
+                         [rows[(start + i) % users]
+                          for i in range(min(FILL_BATCH, depth - start))])
 
 
 def _announce_gpus(rt: Runtime) -> None:
@@ -84,7 +89,8 @@ def _p(times: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def measure(depth: int, passes: int, baseline_passes: int) -> tuple[list[float], list[float]]:
+def measure(depth: int, passes: int, baseline_passes: int, users: int = 1
+            ) -> tuple[list[float], list[float]]:
     home = Path(tempfile.mkdtemp(prefix="gpuq-bench-depth-"))
     settings = Settings(home=home, hostname=HOST, log_level="ERROR", redis_url=None,
                         database_url=None, _env_file=None)
@@ -92,7 +98,7 @@ def measure(depth: int, passes: int, baseline_passes: int) -> tuple[list[float],
     settings = settings.model_copy(update={"redis_url": server.start()})
     rt = Runtime(settings)
     try:
-        _fill(rt, depth)
+        _fill(rt, depth, users)
         _announce_gpus(rt)
         routed = Dispatcher(rt).dispatch()
         assert routed == GPUS, routed  # every GPU busy: the steady state
@@ -131,16 +137,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", default="1000,100000,1000000")
     parser.add_argument("--passes", type=int, default=200)
+    parser.add_argument("--users", type=int, default=1,
+                        help="users (each its own project) the queue is spread over, all "
+                        "at one priority: the groups fair share merges every pass")
     plot_scale.add_output_options(parser, plot_scale.PASS_FILE, plot_scale.THROUGHPUT_FILE)
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     points = []
     for depth in (int(d) for d in args.depths.split(",")):
         # The baseline's passes sort the whole queue: fewer of them at depth.
-        ours, theirs = measure(depth, args.passes, 50 if depth <= 100_000 else 10)
+        ours, theirs = measure(depth, args.passes, 50 if depth <= 100_000 else 10,
+                               args.users)
         points.append((depth, ours, theirs))
         p99, base_p99 = _p(ours, 0.99), _p(theirs, 0.99)
-        report(f"dispatch pass, {depth:,} pending",
+        report(f"dispatch pass, {depth:,} pending of {args.users} user(s)",
                f"p50 {statistics.median(ours) * 1000:.2f} ms, p99 {p99:.2f} ms "
                f"({len(ours)} passes)", "p99 <= 5 ms at 1,000,000",
                "without the indexes of revision 0003: "

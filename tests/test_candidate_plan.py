@@ -20,7 +20,7 @@ from app.store.db import make_engine
 from app.store.dependencies import waiting_query as stranded_query
 from app.store.jobs import holding_query
 from app.store.models import Job
-from scheduler.dispatch.allocator import Candidate, candidates, next_group
+from scheduler.dispatch.allocator import candidates, next_group
 from tests.conftest import EXTERNAL_DB
 
 
@@ -91,15 +91,15 @@ def _plan(engine: Engine, query: Any) -> tuple[list[str], str]:
         return nodes, json.dumps(plan)
 
 
-def _after(owner: str, project: str, priority: int = 0) -> Candidate:
-    return Candidate(1, 1, None, 0, priority, None, owner, project, 0.0)
-
-
 GROUP = (col(Job.priority) == 1, col(Job.owner) == "user3", col(Job.project) == "project1")
 QUERIES = {
-    "the first group of the highest priority": lambda: next_group(None, None),
-    "the first group of the next priority": lambda: next_group(5, None),
-    "the next group of a priority": lambda: next_group(None, _after("user3", "project1", 1)),
+    "the first group of the highest priority": lambda: next_group("first").params(
+        below=2**31 - 1),
+    "the first group of the next priority": lambda: next_group("first").params(below=5),
+    "the owner's next project at a priority": lambda: next_group("same_owner").params(
+        priority=1, owner="user3", project="project1"),
+    "the next owner at a priority": lambda: next_group("next_owner").params(
+        priority=1, owner="user3"),
     "first GPU candidates of a group": lambda: candidates(True, *GROUP).limit(64),
     "the rest of a group": lambda: candidates(True, *GROUP, col(Job.id) > 12_000).limit(64),
     "0-GPU candidates": lambda: candidates(False).limit(1000),

@@ -19,18 +19,20 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
+    Dialect,
     Float,
+    Integer,
     Select,
+    String,
     bindparam,
     false,
-    literal,
     or_,
     select,
-    tuple_,
     update,
 )
 from sqlmodel import Session, col
@@ -172,25 +174,69 @@ def _candidates(gpu_jobs: bool) -> CandidateQuery:
 
 def level_heads(session: Session, below: int | None) -> list[Candidate]:
     """The first candidate of each (owner, project) group at the highest priority below
-    `below` (any, when None) that has candidates, or none: one seek into the candidate
-    index per group (a loose index scan), however many jobs each has."""
+    `below` (any, when None) that has candidates, or none: a seek or two into the
+    candidate index per group (a loose index scan), however many jobs each has.
+
+    A pass runs these once per group, so they go to the driver as SQL compiled once, with
+    no statement building or result processing of SQLAlchemy's on the way: that is most
+    of a seek's cost, and the difference between a pass of 10 users and one of 100."""
+    conn = session.connection()
+    now = time.time()
     heads: list[Candidate] = []
-    while (found := session.connection().execute(
-            next_group(below, heads[-1] if heads else None)).first()) is not None:
-        heads.append(Candidate._make(found))
+    found = _seek(conn, "first", {"now": now, "below": 2**31 - 1 if below is None else below})
+    while found is not None:
+        heads.append(found)
+        at = {"now": now, "priority": found.priority, "owner": found.owner,
+              "project": found.project}
+        found = _seek(conn, "same_owner", at) or _seek(conn, "next_owner", at)
     return heads
 
 
-def next_group(below: int | None, after: Candidate | None) -> CandidateQuery:
-    """The first candidate of the highest priority below `below`, in the first group; or,
-    after `after`, the first of the next group at `after`'s priority."""
+def next_group(which: str) -> CandidateQuery:
+    """The seeks of `level_heads`: the first candidate of the highest priority below
+    :below, in its first group (`first`); at :priority after the group (:owner,
+    :project), the first of the owner's next project (`same_owner`), or of the next owner
+    (`next_owner`). Two seeks on one column each, not one on the pair: SQLite steps
+    through every row of the pair named to pass it."""
     query = candidates(True).order_by(None).order_by(
         col(Job.priority).desc(), col(Job.owner), col(Job.project), col(Job.id)).limit(1)
-    if after is None:
-        return query if below is None else query.where(col(Job.priority) < below)
-    return query.where(col(Job.priority) == after.priority,
-                       tuple_(col(Job.owner), col(Job.project))
-                       > tuple_(literal(after.owner), literal(after.project)))
+    priority, owner = bindparam("priority", type_=Integer), bindparam("owner", type_=String)
+    if which == "first":
+        return query.where(col(Job.priority) < bindparam("below", type_=Integer))
+    if which == "same_owner":
+        return query.where(col(Job.priority) == priority, col(Job.owner) == owner,
+                           col(Job.project) > bindparam("project", type_=String))
+    return query.where(col(Job.priority) == priority, col(Job.owner) > owner)
+
+
+def _seek(conn: Connection, which: str, values: dict[str, Any]) -> Candidate | None:
+    sql, names, positional, fixed_values = _compiled(which, conn.dialect)
+    values = {**fixed_values, **values}
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, [values[n] for n in names] if positional else values)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    if row is None:
+        return None
+    ids = row[2]
+    return Candidate._make((*row[:2], json.loads(ids) if isinstance(ids, str) else ids,
+                            *row[3:]))
+
+
+@functools.cache
+def _compiled(which: str, dialect: Dialect
+              ) -> tuple[str, list[str], bool, dict[str, Any]]:
+    """The SQL of a seek, its parameters' names in order, whether they go by position, and
+    the values it fixes (its LIMIT); the fixed conditions (models.fixed) written in, as the
+    partial index needs."""
+    ours = {"now": 0.0, "below": 0, "priority": 0, "owner": "", "project": ""}
+    compiled = next_group(which).compile(dialect=dialect)
+    state = compiled.construct_expanded_state(ours)
+    fixed_values = {k: v for k, v in state.parameters.items() if k not in ours}
+    return (state.statement, list(state.positiontup or []), bool(compiled.positional),
+            fixed_values)
 
 
 class Shares:
