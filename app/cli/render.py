@@ -41,23 +41,32 @@ def _user_text(value: str, style: str = "") -> Text:
 
 
 def queue_table(answer: list[dict[str, Any]], total: int) -> None:
-    """A page of the `queue` operation's rows."""
+    """A page of the `queue` operation's rows; a user column when the page holds several
+    users' jobs, a reason column when some row has one (why a PENDING job waits)."""
     rows = [JobRow.model_validate(row) for row in answer]
     table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
-    for column in ("id", "name", "user", "status", "gpus", "where", "submitted", "duration",
-                   "restarts", "reason"):
+    users = len({row.owner for row in rows}) > 1
+    reasons = any(row.why or row.reason for row in rows)
+    columns = ["id", "name", *(["user"] if users else []), "status", "gpus", "where",
+               "submitted", "duration", "restarts", *(["reason"] if reasons else [])]
+    for column in columns:
         table.add_column(column, justify="right" if column in ("id", "restarts") else "left",
                          overflow="fold" if column in ("where", "reason") else "ellipsis",
-                         no_wrap=column in ("id", "status"))
+                         no_wrap=column in ("id", "status"),
+                         min_width=8 if column == "name" else None)
     for row in rows:
         style = STATE_STYLE.get(row.status, "")
         gpus = ",".join(map(str, row.gpu_ids)) if row.gpu_ids else str(row.gpus)
         duration = f"{row.duration_s:.1f}s" if row.duration_s is not None else "-"
-        reason = f"{row.why}: {row.why_reason}" if row.why else (row.reason or "")
-        table.add_row(str(row.id), _user_text(row.name or "-"), _user_text(row.owner),
-                      Text(row.status, style=style), gpus, _where(row),
-                      _short_time(row.submitted_at), duration, str(row.restart_count),
-                      _user_text(reason))
+        cells: list[Text | str] = [str(row.id), _user_text(row.name or "-")]
+        if users:
+            cells.append(_user_text(row.owner))
+        cells += [Text(row.status, style=style), gpus, _where(row),
+                  _short_time(row.submitted_at), duration, str(row.restart_count)]
+        if reasons:
+            cells.append(_user_text(f"{row.why}: {row.why_reason}" if row.why
+                                    else (row.reason or "")))
+        table.add_row(*cells)
     console.print(table)
 
 
