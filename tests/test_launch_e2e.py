@@ -60,7 +60,7 @@ def test_launch_cancelled_right_after_it_returns_leaves_none_running(client: Cli
 
 
 def test_payload_is_deleted_when_the_launch_finishes(client: Client):
-    handle = client.launch("true # {rank}", num_jobs=3)
+    handle = client.launch("true", rank_args=[["a"], ["b"], ["c"]])  # a stored payload
     key = _payload_key(client, handle.id)
     ttl = client.rt.redis.ttl(key)
     assert ttl > 13 * 86400, "the payload outlives any launch"

@@ -38,8 +38,9 @@ def _count(rt: Runtime, model: type, *where: object) -> int:
 
 def test_jobs_that_ended_before_the_cut_off_go_with_all_that_hangs_on_them(
         rt: Runtime, local: Client):
-    gone_launch = local.launch("echo gone", num_jobs=3)
-    half_launch = local.launch("echo half", num_jobs=2)
+    # Launches with per-rank arguments: their payload is stored once for all replicas
+    gone_launch = local.launch("echo gone", rank_args=[[0], [1], [2]])
+    half_launch = local.launch("echo half", rank_args=[[0], [1]])
     first = local.submit("echo first", allow_duplicate=True).id
     second = local.submit("echo second", after=[first], allow_duplicate=True).id
     running = local.submit("echo running", allow_duplicate=True).id

@@ -131,6 +131,15 @@ def test_limits_come_from_a_file_and_the_database_wins_field_by_field(rt, local)
     assert table[("project", "vision")]["pending"] == 1
 
 
+def test_a_named_users_plain_launch_carries_no_payload_and_is_theirs(rt, local):
+    handle = _as(local, ALICE).launch("true # alice's sweep {rank}", num_jobs=3,
+                                      project="vision")
+    rows = local.rows(handle.job_ids)
+    assert {(r["owner"], r["project"]) for r in rows} == {("alice", "vision")}
+    with pytest.raises(NotPermitted, match="stored payload"):  # per-rank arguments need one
+        _as(local, ALICE).launch("true", rank_args=[[1], [2]])
+
+
 def test_a_bad_limits_file_or_value_is_refused_in_one_line(rt, local):
     with pytest.raises(InvalidArguments, match="max_gpus takes a whole number"):
         _limit(rt, "user", "alice", max_gpus=-1)
