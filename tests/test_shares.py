@@ -215,26 +215,21 @@ def test_priority_still_goes_before_fair_share(rt, local):
 
 def test_in_one_pass_gpus_freed_together_are_shared_out(rt, local):
     _bring_up(rt, "h", 4)
-    _launch(rt, ALICE, "true # alice", 8)
-    _launch(rt, BOB, "true # bob", 8)
-    # alice's four took the GPUs at submission; free them all at once
-    with rt.session() as session:
-        first = list(session.exec(select(Job.id).where(Job.state == "STARTING")))
-    call_local(rt, "cancel", {"ids": first})
-    for job_id in first:
-        _end(rt, job_id)
-    Dispatcher(rt).dispatch()
-    with rt.session() as session:
-        owners = sorted(session.exec(select(Job.owner).where(
-            Job.state == "STARTING")))
-    assert owners == ["alice", "alice", "bob", "bob"]
+    assert _all_freed_at_once(rt, jobs_each=8) == ["alice", "alice", "bob", "bob"]
 
 
 def test_weight_doubles_a_users_share_of_the_gpus(rt, local):
     _bring_up(rt, "h", 6)
     _limit(rt, "user", "bob", weight=2)
-    _launch(rt, ALICE, "true # alice", 12)
-    _launch(rt, BOB, "true # bob", 12)
+    assert _all_freed_at_once(rt, jobs_each=12) == ["alice", "alice", "bob", "bob", "bob",
+                                                    "bob"]
+
+
+def _all_freed_at_once(rt: Runtime, jobs_each: int) -> list[str]:
+    """alice's jobs, then bob's; alice's first took every GPU at submission. Free them all
+    at once and run one pass: the owners of the jobs it starts."""
+    _launch(rt, ALICE, "true # alice", jobs_each)
+    _launch(rt, BOB, "true # bob", jobs_each)
     with rt.session() as session:
         first = list(session.exec(select(Job.id).where(Job.state == "STARTING")))
     call_local(rt, "cancel", {"ids": first})
@@ -242,9 +237,7 @@ def test_weight_doubles_a_users_share_of_the_gpus(rt, local):
         _end(rt, job_id)
     Dispatcher(rt).dispatch()
     with rt.session() as session:
-        owners = sorted(session.exec(select(Job.owner).where(
-            Job.state == "STARTING")))
-    assert owners == ["alice", "alice", "bob", "bob", "bob", "bob"]
+        return sorted(session.exec(select(Job.owner).where(Job.state == "STARTING")))
 
 
 def _end(rt: Runtime, job_id: int) -> None:

@@ -55,3 +55,17 @@ NAME_PATTERN = "^[^" + re.sub(
 def has_control(text: str) -> bool:
     """Whether the text holds a control or an invisible format character."""
     return _CONTROL.search(text) is not None
+
+
+# A plain name (a user's, a project's): printed in lists and matched against limits and
+# owners as it is, so short and login-like.
+MAX_PLAIN_CHARS = 64
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def plain_name_problem(what: str, value: str) -> str | None:
+    """What is wrong with `value` as a plain name of a `what` (e.g. "user name"), or None."""
+    if len(value) > MAX_PLAIN_CHARS or not PLAIN_NAME.fullmatch(value):
+        return (f"bad {what} {value[:MAX_PLAIN_CHARS]!r}: up to {MAX_PLAIN_CHARS} letters, "
+                "digits, '.', '_' or '-', starting with a letter or digit")
+    return None

@@ -15,13 +15,15 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from app.core.backends import BACKENDS
-from app.core.text import MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_CHARS, NAME_PATTERN
-from app.store.spec import (
-    MAX_PROJECT_CHARS,
-    PROJECT_NAME,
-    JobSpec,
-    check_dependencies_allowed,
+from app.core.text import (
+    MAX_ENV_VARS,
+    MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
+    MAX_PLAIN_CHARS,
+    NAME_PATTERN,
+    PLAIN_NAME,
 )
+from app.store.spec import JobSpec, check_dependencies_allowed
 
 MAX_LAUNCH_REPLICAS = 10_000
 # Fields of a job spec that gpuq sets itself; a user never sends them.
@@ -42,8 +44,8 @@ EnvName = Annotated[str, StringConstraints(pattern=r"^[^=\x00]+$")]
 # A name: printable (app/core/text.py), and short; a path: at most PATH_MAX characters.
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS)]
 PathText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=MAX_PATH_CHARS)]
-Project = Annotated[str, StringConstraints(pattern=f"^{PROJECT_NAME.pattern}$",
-                                           max_length=MAX_PROJECT_CHARS)]
+Project = Annotated[str, StringConstraints(pattern=f"^{PLAIN_NAME.pattern}$",
+                                           max_length=MAX_PLAIN_CHARS)]
 TEXT_TYPES: dict[str, Any] = {
     "command": Command, "name": Name | None, "workdir": PathText | None,
     "venv": PathText | None, "conda_env": PathText | None, "preflight": PathText | None,

@@ -25,9 +25,9 @@ from sqlmodel import Session, col
 from app.core.errors import InvalidArguments, OverLimit
 from app.core.settings import Settings
 from app.core.states import JobState
+from app.core.text import plain_name_problem
 from app.store.jobs import serialize
 from app.store.models import Job, Limit
-from app.store.spec import MAX_PROJECT_CHARS, PROJECT_NAME
 
 LIMITS = Limit.__table__  # type: ignore[attr-defined]
 KINDS = ("user", "project")
@@ -37,10 +37,8 @@ EVERYONE = "*"
 
 def check_project(name: str) -> str:
     """Refuse a project name that is not short and plain, naming the rule."""
-    if len(name) > MAX_PROJECT_CHARS or not PROJECT_NAME.fullmatch(name):
-        raise InvalidArguments(
-            f"bad project name {name[:MAX_PROJECT_CHARS]!r}: up to {MAX_PROJECT_CHARS} "
-            "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if (problem := plain_name_problem("project name", name)) is not None:
+        raise InvalidArguments(problem)
     return name
 
 
@@ -83,11 +81,8 @@ def check_entry(kind: str, name: str, values: dict[str, Any]) -> None:
     """Refuse an entry no limit can mean, naming the field and what it takes."""
     if kind not in KINDS:
         raise InvalidArguments(f"limits are per user or per project, not {kind!r}")
-    if name != EVERYONE:
-        if kind == "project":
-            check_project(name)
-        elif not PROJECT_NAME.fullmatch(name) or len(name) > MAX_PROJECT_CHARS:
-            raise InvalidArguments(f"bad user name {name[:64]!r}; `gpuq user list` shows them")
+    if name != EVERYONE and (problem := plain_name_problem(f"{kind} name", name)):
+        raise InvalidArguments(problem)
     for field, value in values.items():
         if field not in FIELDS:
             raise InvalidArguments(f"unknown limit {field!r}; the fields are "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,18 @@ from pydantic import (
 
 from app.core.backends import ADAPTERS, BACKENDS
 from app.core.errors import InvalidJobSpec
-from app.core.text import MAX_ENV_BYTES, MAX_ENV_VARS, MAX_NAME_CHARS, MAX_PATH_CHARS, has_control
+from app.core.text import (
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
+    has_control,
+    plain_name_problem,
+)
 
 # Ids fit every database's integer column (PostgreSQL's INTEGER is 32-bit): a larger id
 # names nothing there is, and is answered as such instead of overflowing the driver.
 MAX_ID = 2**31 - 1
-
-# A project's name: shown in reports and matched against limits, so short and plain.
-MAX_PROJECT_CHARS = 64
-PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # The longest command a job may have, in UTF-8 bytes. A command that needs a shell reaches
 # it as one argument of `bash -c`, and Linux caps one argument at 128 KiB (MAX_ARG_STRLEN);
@@ -150,11 +152,8 @@ class JobSpec(BaseModel):
     @field_validator("project")
     @classmethod
     def _plain_project(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) > MAX_PROJECT_CHARS
-                                  or not PROJECT_NAME.fullmatch(value)):
-            raise ValueError(f"bad project {value[:MAX_PROJECT_CHARS]!r}: up to "
-                             f"{MAX_PROJECT_CHARS} letters, digits, '.', '_' or '-', starting "
-                             "with a letter or digit")
+        if value is not None and (problem := plain_name_problem("project", value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("kind")

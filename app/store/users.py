@@ -8,7 +8,6 @@ lookup, no comparison over secret bytes in Python), and a revoked user's token f
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import time
 
@@ -17,13 +16,10 @@ from sqlalchemy.exc import IntegrityError
 
 from app.core.errors import InvalidArguments, UserExists, UserNotFound
 from app.core.identity import Actor, stack_owner
+from app.core.text import plain_name_problem
 from app.store.models import User
 
 TOKEN_PREFIX = "gpuq_"
-# A user's name: it is printed in lists and matched against jobs' owners, so it is short
-# and plain (letters, digits, '.', '_', '-'), like a login name.
-MAX_USER_NAME_CHARS = 64
-USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 USERS = User.__table__  # type: ignore[attr-defined]
 
 
@@ -33,10 +29,8 @@ def token_hash(token: str) -> str:
 
 def check_name(name: str) -> str:
     """Refuse a name that is not a short plain login-like name, naming the rule."""
-    if len(name) > MAX_USER_NAME_CHARS or not USER_NAME.fullmatch(name):
-        raise InvalidArguments(
-            f"bad user name {name[:MAX_USER_NAME_CHARS]!r}: up to {MAX_USER_NAME_CHARS} "
-            "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if (problem := plain_name_problem("user name", name)) is not None:
+        raise InvalidArguments(problem)
     return name
 
 
