@@ -150,6 +150,9 @@ def test_a_bad_limits_file_or_value_is_refused_in_one_line(rt, local):
     (Path(rt.settings.home) / "limits.toml").write_text("[users.alice]\nmax_gpus = 1\n")
     with pytest.raises(InvalidArguments, match=r"unknown table \[users\]"):
         local.call("limits_table")
+    # A typo in the file stops no job: dispatch and submission leave the file out
+    _bring_up(rt, "h", 1)
+    assert _as(local, ALICE).submit("true # despite the typo").status == "STARTING"
 
 
 def test_only_an_admin_sets_limits(rt, local):

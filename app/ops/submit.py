@@ -62,7 +62,7 @@ def _within_limits(rt: Runtime, session: Session, spec: JobSpec, owner: str,
                    adding: int) -> JobSpec:
     """The spec in its project (the owner's default when it names none), once the owner and
     the project have room for `adding` more PENDING jobs; else OverLimit names the limit."""
-    found = limits.read(session, rt.settings)
+    found = limits.read(session, rt.settings, strict=False)
     project = spec.project or found.project_of(owner)
     limits.refuse_over_pending(session, found, owner, project, adding)
     return spec.model_copy(update={"project": project})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from app.core.states import JobState
 from app.core.text import plain_name_problem
 from app.store.jobs import serialize
 from app.store.models import Job, Limit
+
+log = logging.getLogger(__name__)
 
 LIMITS = Limit.__table__  # type: ignore[attr-defined]
 KINDS = ("user", "project")
@@ -147,9 +150,18 @@ def _file_entries(settings: Settings) -> dict[tuple[str, str], Entry]:
     return entries
 
 
-def read(conn: Connection | Session, settings: Settings) -> Limits:
+def read(conn: Connection | Session, settings: Settings, strict: bool = True) -> Limits:
+    """Every entry. A limits file that cannot be read is refused in one line naming the
+    fix when `strict` (`gpuq limits`); else (dispatch, submission) it is logged and left
+    out, so that a typo in it stops no job from starting."""
     rows = conn.execute(select(LIMITS)).mappings().all()
-    entries = dict(_file_entries(settings))
+    try:
+        entries = dict(_file_entries(settings))
+    except InvalidArguments as e:
+        if strict:
+            raise
+        log.warning("limits file left out: %s", e)
+        entries = {}
     for row in rows:
         key = (row["kind"], row["name"])
         entries[key] = Entry(**{f: row[f] for f in FIELDS}).over(entries.get(key, Entry()))

@@ -247,7 +247,7 @@ class Shares:
 
     def __init__(self, session: Session, settings: Settings, held: list[Holding]) -> None:
         now = time.time()
-        self.limits = limits.read(session, settings)
+        self.limits = limits.read(session, settings, strict=False)
         self.by = settings.fair_share_by
         self.enabled = settings.fair_share
         self.min_charge = settings.fair_share_min_charge_s
