@@ -235,8 +235,8 @@ def test_a_pass_examines_at_most_the_scan_limit_however_deep_the_blocked_queue(
     read: list[int] = []
     original = Dispatcher._pending_gpu_jobs
 
-    def counting(self, after, size, session=None, group=()):  # type: ignore[no-untyped-def]
-        found = original(self, after, size, session, group)
+    def counting(self, after, size, group):  # type: ignore[no-untyped-def]
+        found = original(self, after, size, group)
         read.append(len(found))
         return found
 

@@ -307,8 +307,7 @@ class Cursor:
         """The group's next job, reading at most `room` more (what the pass may examine)."""
         if not self.buffer and not self.done and self.last is not None and room > 0:
             self.size = min(self.size * 2, SCAN_CHUNK_MAX, room)
-            self.buffer = self.dispatcher._pending_gpu_jobs(self.last, self.size, None,
-                                                            self.where)
+            self.buffer = self.dispatcher._pending_gpu_jobs(self.last, self.size, self.where)
             self.done = len(self.buffer) < self.size
         return self.buffer[0] if self.buffer else None
 
@@ -474,26 +473,13 @@ class Dispatcher:
             self._inventory_settled = inventory_settled(self.rt.redis)
         return self._inventory_settled
 
-    def _pending_gpu_jobs(self, after: Candidate | None, size: int,
-                          session: Session | None = None,
-                          group: Sequence[ColumnElement[bool]] = ()) -> list[Candidate]:
-        """The next `size` PENDING GPU jobs by priority, then id, after `after`: the rest of
-        its priority, then lower priorities; of one group (`group`, a priority, owner and
-        project), the rest of it. Each a seek into the candidate index."""
-        with contextlib.ExitStack() as stack:
-            if session is None:
-                session = stack.enter_context(self.rt.session())
-
-            def read(*where: ColumnElement[bool], limit: int = size) -> list[Candidate]:
-                query = candidates(True, *group, *where).limit(limit)
-                return [Candidate._make(row) for row in session.connection().execute(query)]
-
-            if after is None:
-                return read()
-            found = read(col(Job.priority) == after.priority, col(Job.id) > after.id)
-            if len(found) < size and not group:
-                found += read(col(Job.priority) < after.priority, limit=size - len(found))
-            return found
+    def _pending_gpu_jobs(self, after: Candidate, size: int,
+                          group: Sequence[ColumnElement[bool]]) -> list[Candidate]:
+        """The next `size` jobs of a group (`group`: its priority, owner and project) after
+        `after`, oldest first: one seek into the candidate index."""
+        with self.rt.session() as session:
+            query = candidates(True, *group, col(Job.id) > after.id).limit(size)
+            return [Candidate._make(row) for row in session.connection().execute(query)]
 
     def _no_resource(self, job: Candidate, why: str) -> None:
         with self.rt.session() as session:

@@ -65,7 +65,7 @@ def _ids(ids: Iterable[int]) -> str:
 class Explainer(Dispatcher):
     """A pass that changes nothing and says what it would do with the jobs asked about."""
 
-    def __init__(self, rt: Runtime, targets: set[int]) -> None:
+    def __init__(self, rt: Runtime, targets: dict[int, tuple[str, str]]) -> None:
         super().__init__(rt)
         self.targets = targets
         self.reasons: dict[int, Reason] = {}
@@ -74,7 +74,7 @@ class Explainer(Dispatcher):
 
     def explain(self) -> dict[int, Reason]:
         self._pass(cpu=False)
-        for job_id in self.targets - self.reasons.keys():
+        for job_id in self.targets.keys() - self.reasons.keys():
             self.reasons[job_id] = self._unreached(job_id)
         return self.reasons
 
@@ -84,7 +84,7 @@ class Explainer(Dispatcher):
         return True
 
     def _going(self, usable: Callable[[], int]) -> bool:
-        return bool(self.targets - self.reasons.keys())
+        return bool(self.targets.keys() - self.reasons.keys())
 
     def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> bool | None:
         return True
@@ -160,9 +160,7 @@ class Explainer(Dispatcher):
 
     def _unreached(self, job_id: int) -> Reason:
         """A job the pass did not reach: its group waits on a limit, or it is deeper."""
-        with self.rt.session() as session:
-            row = session.exec(select(Job.owner, Job.project).where(Job.id == job_id)).first()
-        if row is not None and (why := self.blocked.get((row[0], row[1]))) is not None:
+        if (why := self.blocked.get(self.targets[job_id])) is not None:
             return Reason("LIMIT", why)
         depth = self.rt.settings.dispatch_scan_limit
         return Reason("DEPTH", f"more than {depth:,} jobs go first; a dispatch pass looks at "
@@ -189,7 +187,7 @@ def _unserved(job: Candidate, hosts: list[HostView],
 def explain(rt: Runtime, jobs: list[Job]) -> dict[int, Reason]:
     """Why each of these jobs waits (jobs that are not PENDING say what they are)."""
     reasons: dict[int, Reason] = {}
-    targets: set[int] = set()
+    targets: dict[int, tuple[str, str]] = {}  # id: (owner, project)
     now = time.time()
     waiting = [j.id for j in jobs if j.state == JobState.PENDING.value and j.waiting and j.id]
     after = _unfinished_after(rt, waiting)
@@ -211,7 +209,7 @@ def explain(rt: Runtime, jobs: list[Job]) -> dict[int, Reason]:
             reasons[job.id] = Reason("CPU", "waiting for a CPU slot (GPUQ_CPU_SLOTS 0-GPU jobs "
                                      "run at once)")
         else:
-            targets.add(job.id)
+            targets[job.id] = (job.owner, job.project)
     if targets:
         reasons.update(Explainer(rt, targets).explain())
     return reasons
