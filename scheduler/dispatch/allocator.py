@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
+from enum import Enum
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -43,6 +44,7 @@ from app.core.signing import run_message
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import accounting, histograms, limits
+from app.store.caps import GPUS, Cap, within
 from app.store.cluster import (
     HostView,
     enter_dispatch,
@@ -120,6 +122,7 @@ def never_fits(job: Candidate, hosts: list[HostView]) -> str | None:
     return None
 
 
+CAPPED_REASON = "over a limit: its user's or project's GPU limit was reached meanwhile"
 WAITING_REASON = ("waiting: no host has {gpus} GPUs in service now (used by processes "
                   "outside gpuq, or their workers are down)")
 
@@ -286,8 +289,26 @@ class Shares:
                         f"this job asks for {job.gpus}")
         return None
 
+    def caps(self, job: Candidate) -> list[Cap]:
+        """The limits its placement must stay within, checked where it is written."""
+        found = []
+        for kind, name in (("user", job.owner), ("project", job.project)):
+            most = self.limits.of(kind, name).max_gpus
+            if most is not None:
+                found.append(Cap(kind, name, GPUS, most))
+        return found
+
     def started(self, job: Candidate) -> None:
         self._add(job.owner, job.project, job.gpus, job.gpus * self.min_charge)
+
+
+class Start(Enum):
+    """How an attempt to start a job ended."""
+
+    ROUTED = "routed"  # placed and its run message sent
+    GONE = "gone"  # it left PENDING meanwhile (cancelled, or placed by another caller)
+    TAKEN = "taken"  # its GPUs were reserved by another caller meanwhile
+    CAPPED = "capped"  # placing it would have put its user or project over a limit
 
 
 class Cursor:
@@ -375,7 +396,7 @@ class Dispatcher:
             if self._wanted(hosts):
                 self.shares = Shares(session, self.rt.settings, self.held)
                 heads = level_heads(session, None)
-        routed = sum(1 for job in cpu_jobs if self._start(job, None, []))
+        routed = sum(1 for job in cpu_jobs if self._start(job, None, []) is Start.ROUTED)
         self.earmarked: dict[tuple[str, int], int] = {}
         earmarked = self.earmarked
 
@@ -424,10 +445,15 @@ class Dispatcher:
                 blocked.add((job.owner, job.project))
                 self._over_limit(job, why)
                 continue  # the group waits: its later jobs do not pass its head
-            placed = self._place(job, self.hosts, self.earmarked, waiting_shapes)
-            if placed:
+            started = self._place(job, self.hosts, self.earmarked, waiting_shapes)
+            if started is Start.CAPPED:  # another caller's placement reached the limit first
+                blocked.add((job.owner, job.project))
+                self._over_limit(job, shares.over_limit(job) or CAPPED_REASON)
+                continue
+            # A job another caller placed holds its GPUs as surely as one this pass placed.
+            if started in (Start.ROUTED, Start.GONE):
                 shares.started(job)
-            routed += placed
+            routed += started is Start.ROUTED
             if (following := cursor.head(limit - examined)) is not None:
                 heapq.heappush(order, (shares.key(following), following.id, n))
         return examined, routed
@@ -445,27 +471,27 @@ class Dispatcher:
 
     def _place(self, job: Candidate, hosts: list[HostView],
                earmarked: dict[tuple[str, int], int],
-               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
-        """Start the job, refuse it, set GPUs aside for it, or say why it waits; 1 if it
-        was routed."""
+               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> Start | None:
+        """Start the job, refuse it, set GPUs aside for it, or say why it waits; how its
+        start went, or None when it was not tried."""
         shape = (job.gpus, tuple(job.allowed_gpu_ids)
                  if job.allowed_gpu_ids is not None else None)
         if shape in waiting_shapes:
-            return 0
+            return None
         # A job is refused as never fitting only by a whole inventory.
         if (why := never_fits(job, hosts)) is not None and hosts and self._settled():
             self._no_resource(job, why)
         elif (choice := _pick(job, hosts, earmarked)) is not None:
             host, gpus = choice
-            started = self._start(job, host.name, gpus)
-            if started is not False:  # started, or its GPUs taken meanwhile by another
+            started = self._start(job, host.name, gpus, self.shares.caps(job))
+            if started in (Start.ROUTED, Start.TAKEN):  # its GPUs are someone's now
                 host.free = [i for i in host.free if i not in gpus]
-            return 1 if started else 0
+            return started
         elif _earmark(job, hosts, earmarked):
             waiting_shapes.add(shape)
         else:
             self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
-        return 0
+        return None
 
     def _settled(self) -> bool:
         """Whether the inventory is whole, read once a pass and only when it matters."""
@@ -495,24 +521,25 @@ class Dispatcher:
                 col(Job.id) == job.id, col(Job.state) == JobState.PENDING.value,
                 col(Job.attempt) == job.attempt).values(reason=why))
 
-    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> bool | None:
-        """True when the job was routed; False when it moved on meanwhile (cancelled,
-        started by another), its GPUs given back; None when its GPUs were taken meanwhile."""
+    def _start(self, job: Candidate, host: str | None, gpus: list[int],
+               caps: Sequence[Cap] = ()) -> Start:
+        """Reserve the job's GPUs, move it to STARTING within `caps` and send its run
+        message; what came of it (GPUs given back unless ROUTED)."""
         r, ttl = self.rt.redis, self.rt.settings.reservation_ttl_s
         attempt = job.attempt + 1
         token = holder(job.id, attempt)
         if host is not None and not reserve(r, host, gpus, token, ttl):
-            return None
+            return Start.TAKEN
         try:
-            moved = self._mark_starting(job, host, gpus, attempt)
+            moved = self._mark_starting(job, host, gpus, caps)
         except BaseException:  # the database refused: the reservation must not outlive it
             if host is not None:
                 release(r, host, gpus, token)
             raise
-        if not moved:  # cancelled, or started by another, meanwhile
+        if moved is not Start.ROUTED:
             if host is not None:
                 release(r, host, gpus, token)
-            return False
+            return moved
         queue = gpu_queue(host, gpus[0]) if host is not None else CPU_QUEUE
         # Nobody waits on this message's result: without ignore_result, Celery subscribes
         # to a result channel per message sent, and a long-lived dispatcher keeps them all.
@@ -521,14 +548,30 @@ class Dispatcher:
         if job.attempt == 0:  # a first start: how long it queued
             histograms.observe(r, histograms.QUEUE_WAIT, time.time() - job.submitted_at)
         log.debug("job %s -> %s %s", job.id, queue, json.dumps(gpus))
-        return True
+        return Start.ROUTED
 
     def _mark_starting(self, job: Candidate, host: str | None, gpus: list[int],
-                       attempt: int) -> bool:
-        ttl = self.rt.settings.reservation_ttl_s
+                       caps: Sequence[Cap]) -> Start:
+        """Move the job to STARTING at its next attempt, in one UPDATE fenced on what the
+        pass read (still PENDING, at the attempt read, past its backoff) and on its caps.
+        ROUTED when it moved; else GONE when it left PENDING or started another attempt
+        meanwhile, CAPPED when a cap refused it."""
+        ttl, now = self.rt.settings.reservation_ttl_s, time.time()
         with self.rt.session() as session:
-            return bool(transition(
-                session, JobState.STARTING, None, [col(Job.id) == job.id],
-                {"host": host, "gpu_ids": gpus, "attempt": attempt, "dispatched_at": time.time(),
-                 "lease_until": time.time() + ttl, "pid": None, "pid_identity": None},
-                only_from=[JobState.PENDING]))
+            fence = [col(Job.id) == job.id, col(Job.attempt) == job.attempt,
+                     or_(col(Job.not_before).is_(None), col(Job.not_before) <= now),
+                     *within(session, caps, job.gpus or 1)]
+            if transition(
+                    session, JobState.STARTING, None, fence,
+                    {"host": host, "gpu_ids": gpus, "attempt": job.attempt + 1,
+                     "dispatched_at": now, "lease_until": now + ttl, "pid": None,
+                     "pid_identity": None},
+                    only_from=[JobState.PENDING]):
+                return Start.ROUTED
+            if not caps:
+                return Start.GONE
+            # Refused: by a cap only if the job still waits as the pass read it.
+            still = session.connection().execute(select(col(Job.id)).where(
+                col(Job.id) == job.id, col(Job.state) == JobState.PENDING.value,
+                col(Job.attempt) == job.attempt)).first()
+            return Start.CAPPED if still is not None else Start.GONE

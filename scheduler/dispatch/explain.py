@@ -11,19 +11,21 @@ a batch backend) are read from the job itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlmodel import col, select
 
 from app.core.states import JobState
 from app.runtime import Runtime
+from app.store.caps import Cap
 from app.store.cluster import HostView
 from app.store.models import Job, JobDependency
 from scheduler.dispatch.allocator import (
     WAITING_REASON,
     Candidate,
     Dispatcher,
+    Start,
     _pick,
     never_fits,
 )
@@ -86,8 +88,9 @@ class Explainer(Dispatcher):
     def _going(self, usable: Callable[[], int]) -> bool:
         return bool(self.targets.keys() - self.reasons.keys())
 
-    def _start(self, job: Candidate, host: str | None, gpus: list[int]) -> bool | None:
-        return True
+    def _start(self, job: Candidate, host: str | None, gpus: list[int],
+               caps: Sequence[Cap] = ()) -> Start:
+        return Start.ROUTED
 
     def _no_resource(self, job: Candidate, why: str) -> None:
         pass
@@ -103,7 +106,7 @@ class Explainer(Dispatcher):
 
     def _place(self, job: Candidate, hosts: list[HostView],
                earmarked: dict[tuple[str, int], int],
-               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> int:
+               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> Start | None:
         if job.id in self.targets:
             self.reasons[job.id] = self._decide(job, hosts, earmarked)
         placed = super()._place(job, hosts, earmarked, waiting_shapes)
