@@ -59,11 +59,16 @@ def _start_heartbeat(**_: Any) -> None:
 
 @worker_ready.connect
 def _recover_cpu_orphans(sender: Any = None, **_: Any) -> None:
-    """The CPU worker, starting again after dying, settles the 0-GPU jobs it left."""
+    """The CPU worker, starting again after dying, settles the 0-GPU jobs it left, then
+    offers its slots."""
+    global _heartbeat
     if str(getattr(sender, "hostname", "")).startswith("cpu@"):
+        from scheduler.worker.heartbeat import CpuHeartbeat
         from scheduler.worker.recovery import recover_orphans
 
         recover_orphans(runtime, None)
+        _heartbeat = CpuHeartbeat(runtime, settings.cpu_slots)
+        _heartbeat.start()
 
 
 @worker_ready.connect

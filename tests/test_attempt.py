@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from app import runtime as runtime_module
 from app.client import Client
 from app.core.settings import Settings
 from app.runtime import Runtime
+from app.store import cluster
 from app.store.embedded_redis import EmbeddedRedis
 from scheduler.worker.attempt import run_attempt
 from tests.conftest import EXTERNAL_DB, _reset_database, until
@@ -40,6 +42,8 @@ def test_a_running_job_succeeds_through_a_broker_outage_longer_than_redis_retrie
     # Redis calls give up after one quick retry, so the outage outlasts them.
     monkeypatch.setattr(runtime_module, "REDIS_RETRIES", 1)
     client = Client(settings, "local")
+    with redis.Redis.from_url(settings.redis_url) as r:  # a CPU slot in service
+        cluster.beat_cpu(r, settings.hostname, 1, 600)
     job = client.submit("sleep 3; echo ran", gpus=0)
     assert job.status == "STARTING"
     worker_rt = Runtime(settings, wait_for_broker=True)

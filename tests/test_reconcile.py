@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 
-from sqlmodel import Session, col, update
+from sqlmodel import Session, col, select, update
 
 from app.core import keys
 from app.core.keys import CPU_QUEUE, gpu_queue
 from app.stack.host import register_host
+from app.store import cluster
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.dispatch.reconcile import reconcile, settle
@@ -47,15 +48,44 @@ def test_lost_start_message_is_requeued_and_a_late_copy_refused(rt, local):
     assert run_attempt(rt, job.id, 1) == "skipped (STARTING)", "the old attempt never runs"
 
 
-def test_cpu_job_is_requeued_only_when_its_message_is_gone(rt, local):
+def test_cpu_job_whose_start_message_was_lost_is_requeued_without_reading_the_queue(
+        rt, local):
+    # Given a host offering one CPU slot and a 0-GPU job routed into it
+    cluster.beat_cpu(rt.redis, "h", 1, 600)
     job = local.submit("echo cpu", gpus=0)
     assert job.status == "STARTING" and rt.redis.llen(CPU_QUEUE) == 1
-    _lease_ran_out(rt, job.id)
-    assert reconcile(rt)["requeued"] == [], "its message still waits for a CPU slot"
-    rt.redis.delete(CPU_QUEUE)
-    assert reconcile(rt)["requeued"] == [], "the wait renewed its lease"
+    rt.redis.delete(CPU_QUEUE)  # its message lost
+    assert reconcile(rt)["requeued"] == [], "its lease still holds"
+    # When its lease runs out, Then it is routed again at its next attempt
     _lease_ran_out(rt, job.id)
     assert reconcile(rt)["requeued"] == [job.id]
+    with Session(rt.engine) as session:
+        assert session.get(Job, job.id).attempt == 2
+    assert rt.redis.llen(CPU_QUEUE) == 1
+
+
+def test_zero_gpu_jobs_are_routed_only_into_free_cpu_slots(rt, local):
+    # Given a host offering two CPU slots and 50 0-GPU jobs
+    cluster.beat_cpu(rt.redis, "h", 2, 600)
+    ids = local.launch("true", num_jobs=50, gpus=0).job_ids
+    # When several passes run
+    for _ in range(3):
+        Dispatcher(rt).dispatch()
+    # Then two start, one message each, and the rest wait without a lease
+    rows = local.rows(ids)
+    assert sorted(r["status"] for r in rows).count("STARTING") == 2
+    assert rt.redis.llen(CPU_QUEUE) == 2
+    with Session(rt.engine) as session:
+        leased = session.exec(select(Job).where(col(Job.lease_until).is_not(None))).all()
+        assert len(leased) == 2
+    # And once the host's CPU worker is gone, no more are routed
+    cluster.stop_cpu(rt.redis, "h")
+    with Session(rt.engine) as session:
+        session.execute(update(Job).where(col(Job.state) == "STARTING").values(
+            state="SUCCEEDED", ended_at=time.time()))
+        session.commit()
+    Dispatcher(rt).dispatch()
+    assert rt.redis.llen(CPU_QUEUE) == 2
 
 
 def _running_on_dead_worker(rt, local, max_restarts: int, gpus: int = 1) -> int:

@@ -45,6 +45,11 @@ def host_gpus(host: str) -> str:
     return f"{PREFIX}:gpus:{host}"
 
 
+def cpu_slots(host: str) -> str:
+    """A host's CPU worker is alive with this many slots for 0-GPU jobs (TTL'd)."""
+    return f"{PREFIX}:cpu:{host}"
+
+
 def alive(host: str, index: int) -> str:
     """Heartbeat of the worker of one GPU; expires when the worker stops refreshing it."""
     return f"{PREFIX}:alive:{host}:{index}"

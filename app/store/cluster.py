@@ -239,6 +239,27 @@ def beat(r: redis.Redis, host: str, index: int, ttl_s: int) -> None:
     r.set(keys.alive(host, index), 1, ex=ttl_s)
 
 
+def beat_cpu(r: redis.Redis, host: str, slots: int, ttl_s: int) -> None:
+    """A host's CPU worker is alive, with `slots` 0-GPU jobs at once, for `ttl_s` more."""
+    pipe = r.pipeline(transaction=False)
+    pipe.sadd(keys.HOSTS, host)
+    pipe.set(keys.cpu_slots(host), slots, ex=ttl_s)
+    pipe.execute()
+
+
+def stop_cpu(r: redis.Redis, host: str) -> None:
+    r.delete(keys.cpu_slots(host))
+
+
+def cpu_slots(r: redis.Redis) -> int:
+    """The slots for 0-GPU jobs of every host whose CPU worker is alive."""
+    hosts = sorted(h.decode() for h in r.smembers(keys.HOSTS))  # type: ignore[union-attr]
+    if not hosts:
+        return 0
+    values = r.mget([keys.cpu_slots(h) for h in hosts])
+    return sum(int(v) for v in values if v is not None)  # type: ignore[union-attr]
+
+
 def stop_beating(r: redis.Redis, host: str, index: int) -> None:
     r.delete(keys.alive(host, index))
 

@@ -47,6 +47,7 @@ from app.store import accounting, histograms, limits
 from app.store.caps import GPUS, Cap, within
 from app.store.cluster import (
     HostView,
+    cpu_slots,
     enter_dispatch,
     holder,
     inventory_settled,
@@ -55,7 +56,7 @@ from app.store.cluster import (
     release,
     reserve,
 )
-from app.store.jobs import Holding, held_gpus, holding, transition
+from app.store.jobs import Holding, cpu_jobs_held, held_gpus, holding, transition
 from app.store.models import Job, fixed
 
 log = logging.getLogger(__name__)
@@ -390,8 +391,7 @@ class Dispatcher:
             held = held_gpus(self.held)
             for host in hosts:
                 host.free = [i for i in host.free if (host.name, i) not in held]
-            cpu_jobs = [Candidate._make(row) for row in session.connection().execute(
-                candidates(False).limit(DISPATCH_BATCH))] if cpu else []
+            cpu_jobs = self._cpu_candidates(session) if cpu else []
             heads: list[Candidate] = []
             if self._wanted(hosts):
                 self.shares = Shares(session, self.rt.settings, self.held)
@@ -457,6 +457,15 @@ class Dispatcher:
             if (following := cursor.head(limit - examined)) is not None:
                 heapq.heappush(order, (shares.key(following), following.id, n))
         return examined, routed
+
+    def _cpu_candidates(self, session: Session) -> list[Candidate]:
+        """As many 0-GPU jobs as there are CPU slots free: slots that live CPU workers offer
+        and no job holds. A start message is never queued for a slot that is not there."""
+        free = cpu_slots(self.rt.redis) - cpu_jobs_held(session)
+        if free <= 0:
+            return []
+        return [Candidate._make(row) for row in session.connection().execute(
+            candidates(False).limit(min(free, DISPATCH_BATCH)))]
 
     def _wanted(self, hosts: list[HostView]) -> bool:
         """Whether GPU jobs are worth reading this pass: some GPU is free."""

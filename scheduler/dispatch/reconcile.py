@@ -8,7 +8,8 @@ lease ran out by `lease_margin_s` is dead for sure, whatever Redis says, and onl
 
 - STARTING: its start message was lost, or its worker died before it started the job: back
   to PENDING, routed again; a late copy of the old message is refused by its attempt number.
-  A 0-GPU job whose message still waits on the CPU queue for a free slot keeps its lease.
+  0-GPU jobs are routed only into free CPU slots, so their messages wait for no slot, and
+  the same rule holds for them without reading the CPU queue.
 - RUNNING or CANCELLING, GPU or 0-GPU: its worker died, or was cut off and stopped the job:
   the restart policy settles it (RECOVERING then PENDING while restarts remain, else LOST; a
   CANCELLING job ends CANCELLED).
@@ -20,15 +21,13 @@ released, or cancelled when one of them did not succeed.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, func, update
+from sqlalchemy import ColumnElement, func
 from sqlmodel import Session, col, select
 
-from app.core.keys import CPU_QUEUE
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import cluster, dependencies, restart_policy
@@ -36,16 +35,6 @@ from app.store.jobs import HOLDING, attempt_is, cancel_waiting, transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
-
-
-def _queued_cpu_attempts(rt: Runtime) -> set[tuple[int, int]]:
-    import base64
-
-    found = set()
-    for raw in rt.redis.lrange(CPU_QUEUE, 0, -1):  # type: ignore[union-attr]
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        found.add((int(body[0][0]), int(body[0][1])))
-    return found
 
 
 def lease_ran_out(rt: Runtime, now: float) -> ColumnElement[bool]:
@@ -64,16 +53,10 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
         jobs = list(session.exec(select(Job).where(
             col(Job.backend) == "local", col(Job.state).in_([s.value for s in HOLDING]),
             ran_out)))
-    queued: set[tuple[int, int]] | None = None
     requeued, settled = [], []
     for job in jobs:
         assert job.id is not None
         if job.state == JobState.STARTING.value:
-            if not job.gpu_ids:
-                queued = _queued_cpu_attempts(rt) if queued is None else queued
-                if (job.id, job.attempt) in queued:
-                    _extend(rt, job)
-                    continue
             with rt.session() as session:
                 if transition(session, JobState.PENDING, "its start message was lost; queued "
                               "again", [*attempt_is(job.id, job.attempt), ran_out],
@@ -90,15 +73,6 @@ def reconcile(rt: Runtime) -> dict[str, list[int]]:
 
         Dispatcher(rt).dispatch()
     return {"requeued": requeued, "settled": settled}
-
-
-def _extend(rt: Runtime, job: Job) -> None:
-    """A 0-GPU job still queued for a CPU slot keeps its attempt."""
-    assert job.id is not None
-    with rt.session() as session:
-        session.execute(update(Job).where(
-            *attempt_is(job.id, job.attempt), col(Job.state) == JobState.STARTING.value)
-            .values(lease_until=time.time() + rt.settings.reservation_ttl_s))
 
 
 def settle(rt: Runtime, job: Job, where: Sequence[ColumnElement[bool]] = ()) -> bool:

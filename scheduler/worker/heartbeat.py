@@ -127,3 +127,39 @@ class Heartbeat:
         # If the broker went first, the key expires by itself.
         with contextlib.suppress(redis.RedisError):
             cluster.stop_beating(self.rt.redis, self.host, self.index)
+
+
+class CpuHeartbeat:
+    """The CPU worker's slots kept in service: the dispatcher routes 0-GPU jobs only into
+    slots that some host's live CPU worker offers and no job holds, so that a start message
+    never waits on the CPU queue behind thousands of others."""
+
+    def __init__(self, rt: Runtime, slots: int) -> None:
+        self.rt = rt
+        self.slots = slots
+        self.ttl_s = max(3, int(rt.settings.heartbeat_s * 3))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gpuq-cpu-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        # Slots just came into service: route the 0-GPU jobs that wait for them.
+        Dispatcher(self.rt).dispatch(max_passes=HEARTBEAT_PASSES)
+        self._thread.start()
+
+    def beat(self) -> None:
+        if not self._stop.is_set():
+            cluster.beat_cpu(self.rt.redis, self.rt.settings.hostname, self.slots, self.ttl_s)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.rt.settings.heartbeat_s):
+            try:
+                self.beat()
+            except Exception as e:  # the broker away: keep trying, the key outlives a beat
+                log.warning("CPU heartbeat failed: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            cluster.stop_cpu(self.rt.redis, self.rt.settings.hostname)
