@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import redis
@@ -33,6 +34,14 @@ PREFLIGHT_FAKES = {"fake-pass": "echo all good", "fake-fail": "echo broken link 
                    "fake-skip": "echo no devices here; exit 3"}
 
 
+def missing(why: str) -> NoReturn:
+    """A program or privilege a test needs is not here: skip it on a developer's machine,
+    fail it in CI, which installs everything the tests drive (.ci/run)."""
+    if IN_CI:
+        pytest.fail(f"{why} (CI must provide it: .ci/run installs what the tests drive)")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The machine's Redis when GPUQ_REDIS_URL names one, else an embedded server."""
@@ -44,9 +53,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         url = server.start()
     except Exception as e:
-        if IN_CI:
-            raise
-        pytest.skip(f"no Redis could be started here: {e}")
+        missing(f"no Redis could be started here: {e}")
     yield url
     server.stop()
 
@@ -250,7 +257,7 @@ def other_user() -> Iterator[str]:
     """A second local OS user, made for the session (and removed after it) where the tests
     run as root; elsewhere the test is skipped."""
     if os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("runuser")):
-        pytest.skip("acting as a second local user needs root, useradd and runuser")
+        missing("acting as a second local user needs root, useradd and runuser")
     made = subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0
     if made:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",

@@ -21,7 +21,7 @@ from app.core.procgroup import group_exists
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.models import Job
-from tests.conftest import IN_CI, until
+from tests.conftest import missing, until
 from tests.k8s_cluster import cluster_runtime
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +41,7 @@ def slurm_missing() -> str | None:
 @pytest.fixture(params=["process", "slurm", "kubernetes"])
 def adapter(request: pytest.FixtureRequest, rt: Runtime) -> Iterator[BatchAdapter]:
     if request.param == "slurm" and (why := slurm_missing()):
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
+        missing(why)
     with contextlib.ExitStack() as stack:
         if request.param == "kubernetes":  # kmock and a controller running the pods
             _, rt = stack.enter_context(cluster_runtime(rt.settings))

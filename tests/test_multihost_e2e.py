@@ -29,6 +29,7 @@ from tests.conftest import (
     EXTERNAL_DB,
     Stack,
     clean_servers,
+    missing,
     processes_with,
     server_env,
     until,
@@ -229,7 +230,7 @@ def test_a_dead_host_restarts_or_loses_its_jobs_and_waiting_work_runs_elsewhere(
 def test_a_host_cut_off_longer_than_its_lease_never_runs_a_job_twice(hosts):
     settings, host_b = hosts
     if host_b.ns is None:
-        pytest.skip("no network namespace here (needs root and iproute2)")
+        missing("no network namespace here (needs root and iproute2)")
     from tests.spans import check, read_spans, span_command
 
     client = Client(settings, "local")

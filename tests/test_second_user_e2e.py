@@ -25,7 +25,7 @@ from app.core.errors import InvalidToken, NotPermitted
 from app.core.identity import stack_owner
 from app.core.procgroup import stop_groups
 from app.core.settings import Settings
-from tests.conftest import server_env, until
+from tests.conftest import missing, server_env, until
 from tests.netutil import free_port
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -138,7 +138,7 @@ def test_the_cli_takes_the_users_token_from_a_private_file(
 @pytest.fixture(scope="module")
 def other_user(other_user: str) -> str:
     if not shutil.which("curl"):
-        pytest.skip("the second user speaks HTTP with curl, which is not installed")
+        missing("the second user speaks HTTP with curl, which is not installed")
     return other_user
 
 

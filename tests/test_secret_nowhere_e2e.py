@@ -23,7 +23,7 @@ import redis
 from app.core.job_env import JOB_VARIABLES
 from app.core.settings import Settings
 from app.store.embedded_redis import EmbeddedRedis
-from tests.conftest import PREFLIGHT_FAKES, Stack, server_env, until
+from tests.conftest import PREFLIGHT_FAKES, Stack, missing, server_env, until
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -49,7 +49,7 @@ def _redis_values(r: redis.Redis) -> list[bytes]:
 @pytest.mark.parametrize("mode", ["local", "remote-tmux"])
 def test_a_secret_appears_nowhere_but_in_its_job(tmp_path: Path, mode: str):
     if mode == "remote-tmux" and not shutil.which("tmux"):
-        pytest.skip("tmux is not installed")
+        missing("tmux is not installed")
     value = f"MyT0ken-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:20]}"
     home, outside = tmp_path / "home", tmp_path / "outside"
     outside.mkdir()

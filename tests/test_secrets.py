@@ -20,7 +20,7 @@ from app.core.paths import JobPaths
 from app.store.models import Job
 from scheduler.worker import tmux
 from scheduler.worker.executor import job_environment as replica_environment
-from tests.conftest import server_env
+from tests.conftest import missing, server_env
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")
 
@@ -147,7 +147,7 @@ def test_a_process_backend_job_inherits_no_worker_setting(local: Client, rt, tmp
 
 def test_a_tmux_script_holds_no_value_and_is_gone_when_the_attempt_ends(tmp_path: Path):
     if not os.path.exists("/usr/bin/tmux") and not os.path.exists("/bin/tmux"):
-        pytest.skip("tmux is not installed")
+        missing("tmux is not installed")
     paths = JobPaths(tmp_path, 31)
     paths.logs_dir.mkdir(parents=True)
     seen = tmp_path / "seen"

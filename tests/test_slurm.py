@@ -17,16 +17,14 @@ import pytest
 from adapters.runner import take_secrets_file
 from adapters.slurm import POLL_FIELDS, TAG_FIELDS, SlurmAdapter, _status, records, safe_name
 from app.runtime import Runtime
-from tests.conftest import IN_CI, until
+from tests.conftest import missing, until
 from tests.test_adapters import drive, slurm_missing
 
 
 @pytest.fixture
 def slurm(rt: Runtime) -> Iterator[SlurmAdapter]:
     if why := slurm_missing():
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
+        missing(why)
     adapter = SlurmAdapter()
     adapter.rt = rt
     yield adapter
