@@ -57,7 +57,7 @@ from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import payload_store, restart_policy
-from app.store.jobs import transition
+from app.store.jobs import batch_pending, transition
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,14 @@ class BatchAdapter(Task):  # type: ignore[misc]
             return list(session.exec(select(Job).where(
                 col(Job.backend) == self.backend_name,
                 col(Job.state).in_([s.value for s in states])).order_by(col(Job.id))))
+
+    def pending_jobs(self, room: int) -> list[Job]:
+        """The first `room` of this backend's PENDING jobs past their backoff, by id: read
+        through the partial index of batch jobs waiting (app/store/models.py), so that a
+        sync reads what it can submit, not every job queued."""
+        with self.rt.session() as session:
+            return list(session.exec(batch_pending(self.backend_name, time.time())
+                                     .limit(room)))
 
     def _cancel_requested(self) -> int:
         jobs = [j for j in self.jobs_in(JobState.CANCELLING) if j.backend_id]

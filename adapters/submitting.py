@@ -74,9 +74,7 @@ def submit_pending(adapter: BatchAdapter, lock: Any) -> int:
     room = adapter.max_concurrent_jobs - live
     if room <= 0:
         return 0
-    now = time.time()
-    pending = [j for j in adapter.jobs_in(JobState.PENDING)
-               if (j.not_before or 0) <= now][:room]
+    pending = adapter.pending_jobs(room)
     groups: dict[object, list[Job]] = {}
     for job in pending:
         # Replicas of a launch at the same attempt go together, as arrays; a restarted

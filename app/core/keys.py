@@ -35,6 +35,8 @@ def histogram(name: str) -> str:
 
 # -- the cluster's live state (owned by app/store/cluster.py) ---------------------------
 HOSTS = f"{PREFIX}:hosts"  # set of host names that registered GPUs
+# When the reconciler last looked for jobs stranded by their dependencies' endings.
+RECONCILED_ENDINGS = f"{PREFIX}:reconciled-endings"
 # Since when the inventory is whole: 0 once a host's `gpuq worker` wrote it, the time of the
 # first repair when GPU workers had to put their GPUs back after Redis lost them.
 INVENTORY_SINCE = f"{PREFIX}:hosts:since"

@@ -99,17 +99,28 @@ def waiting_query() -> Select[int | None]:
         col(Job.waiting) == true())
 
 
-def stranded(session: Session) -> tuple[list[int], list[int]]:
+def stranded(session: Session, ended_since: float | None = None
+             ) -> tuple[list[int], list[int]]:
     """Waiting jobs whose dependencies all ended while nobody settled them: (ready ids,
-    doomed ids). Only a submission racing an ending leaves such a job."""
-    waiting = waiting_query()
-    rows = session.execute(
-        select(col(JobDependency.job_id), col(Job.state))
-        .join(Job, col(Job.id) == JobDependency.after_id)
-        .where(col(JobDependency.job_id).in_(waiting))).all()
+    doomed ids). Only a submission racing an ending leaves such a job. With `ended_since`,
+    only the dependents of jobs that ended since then are looked at (through the index of
+    ended_at and that of after_id), so the cost is that of the recent endings, not of
+    every waiting job; without it, every waiting job."""
+    if ended_since is None:
+        scopes: list[Any] = [waiting_query()]
+    else:
+        recent = select(col(Job.id)).where(col(Job.ended_at) >= ended_since)
+        dependents = sorted(set(session.scalars(select(col(JobDependency.job_id)).where(
+            col(JobDependency.after_id).in_(recent)))))
+        scopes = [waiting_query().where(col(Job.id).in_(chunk))
+                  for chunk in chunks(dependents)]
     states: dict[int, set[str]] = {}
-    for job_id, state in rows:
-        states.setdefault(job_id, set()).add(state)
+    for scope in scopes:
+        for job_id, state in session.execute(
+                select(col(JobDependency.job_id), col(Job.state))
+                .join(Job, col(Job.id) == JobDependency.after_id)
+                .where(col(JobDependency.job_id).in_(scope))):
+            states.setdefault(job_id, set()).add(state)
     ready = [j for j, s in states.items() if s == {JobState.SUCCEEDED.value}]
     doomed = [j for j, s in states.items() if any(
         JobState(x).terminal and x != JobState.SUCCEEDED.value for x in s)]

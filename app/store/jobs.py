@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from sqlalchemy import ColumnElement, Select, Table, func, insert, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
 from app.core.identity import stack_owner
@@ -280,3 +281,13 @@ def holding_query() -> Select[int | None, str | None, list[int] | None, int, str
                      col(Job.owner), col(Job.project), col(Job.started_at)).where(
         col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
         col(Job.backend) == fixed("local"), col(Job.gpus) > fixed(0))
+
+
+def batch_pending(backend: str, now: float) -> SelectOfScalar[Job]:
+    """A batch backend's PENDING jobs past their backoff, oldest first: its conditions
+    written as literals, as the partial index of batch jobs waiting has them
+    (app/store/models.py, BATCH_PENDING_INDEX)."""
+    return select(Job).where(
+        col(Job.state) == fixed(JobState.PENDING.value), col(Job.backend) != fixed("local"),
+        col(Job.backend) == backend,
+        or_(col(Job.not_before).is_(None), col(Job.not_before) <= now)).order_by(col(Job.id))
