@@ -152,3 +152,37 @@ def test_a_stack_forgets_a_finished_job_and_its_log_after_the_retention_period(
             running.cancel()
         finally:
             client.close()
+
+
+def test_a_job_no_host_can_hold_is_dated_when_it_fails_and_pruned_after_the_period(
+        rt: Runtime, local: Client):
+    from app.store import cluster
+
+    # Given a cluster whose largest host has 2 GPUs, and a job that asks for 4
+    cluster.register_host(rt.redis, "h1", {0: {"name": "fake"}, 1: {"name": "fake"}})
+    job = local.submit("python big.py", gpus=4).id
+    # Then it ended FAILED_NO_RESOURCE with its end dated
+    with rt.session() as session:
+        state, ended_at = session.exec(select(Job.state, Job.ended_at)
+                                       .where(Job.id == job)).one()
+    assert state == "FAILED_NO_RESOURCE"
+    assert ended_at is not None and abs(ended_at - time.time()) < 600
+    # And retention prunes it once it ended before the cut-off
+    with rt.session() as session:
+        session.execute(update(Job).where(col(Job.id) == job)
+                        .values(ended_at=time.time() - 31 * DAY))
+        session.commit()
+    assert prune_finished_jobs(rt) == 1
+
+
+@pytest.mark.parametrize("target", ["CANCELLED", "FAILED_PRECHECK", "FAILED_NO_RESOURCE"])
+def test_every_end_straight_from_pending_is_dated(rt: Runtime, target: str):
+    from app.core.states import JobState
+    from app.store.jobs import create_jobs, transition
+    from app.store.spec import JobSpec
+
+    with rt.session() as session:
+        (job,) = create_jobs(session, JobSpec(command="true"), 1, launch=False)[1]
+        assert transition(session, JobState(target), "why", [col(Job.id) == job]) == [job]
+        session.commit()
+        assert session.exec(select(Job.ended_at).where(Job.id == job)).one() is not None

@@ -263,7 +263,7 @@ class Attempt(SQLModel, table=True):
     started_at: float | None = None  # None: it never ran (cancelled or lost while STARTING)
     ended_at: float
     gpu_seconds: float  # GPUs x seconds from started_at to ended_at
-    outcome: str  # the state it ended in (PENDING: it is to run again)
+    outcome: str  # the state it ended in (RECOVERING or PENDING: it is to run again)
     wait_s: float | None = None  # first attempts: from submission to start
     peak_memory_mb: int | None = None  # from the GPU monitor's readings of its GPUs
     mean_utilization_pct: float | None = None
