@@ -186,3 +186,52 @@ def test_every_end_straight_from_pending_is_dated(rt: Runtime, target: str):
         assert transition(session, JobState(target), "why", [col(Job.id) == job]) == [job]
         session.commit()
         assert session.exec(select(Job.ended_at).where(Job.id == job)).one() is not None
+
+
+def _files(paths: JobPaths) -> list:
+    paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    paths.log.write_text("the old job's output\n")
+    paths.tmux_script.write_text("exec true\n")
+    paths.tmux_exit.write_text("0\n")
+    paths.run_dir.mkdir(parents=True)
+    paths.call_file.write_bytes(b"call")
+    return [paths.log, paths.tmux_script, paths.tmux_exit, paths.run_dir]
+
+
+def test_pruning_deletes_the_files_of_the_pruned_jobs_on_its_host_at_once(rt: Runtime,
+                                                                          local: Client):
+    from app.core.paths import BatchStore
+
+    # Given a local job and a batch job, both with their files here, and a batch launch
+    # whose payload lies in its backend's store
+    home = rt.settings.home
+    old = local.submit("echo old", allow_duplicate=True).id
+    batch = local.submit("echo batch", backend="process", allow_duplicate=True).id
+    sweep = local.launch("echo {rank}", rank_args=[[0]], backend="process")
+    kept = local.submit("echo kept", allow_duplicate=True).id
+    with rt.session() as session:
+        key = session.exec(select(Launch.payload_key).where(Launch.id == sweep.id)).one()
+    store = BatchStore(home / "batch")
+    local_files = _files(JobPaths(home, old))
+    kept_files = _files(JobPaths(home, kept))
+    batch_files = [store.results(None, batch), store.results(sweep.id, sweep.job_ids[0]),
+                   store.payload(key)]
+    for path in batch_files[:2]:
+        path.mkdir(parents=True)
+        (path / "0.pkl").write_bytes(b"envelope")
+    batch_files[2].parent.mkdir(parents=True)
+    batch_files[2].write_bytes(b"payload")
+    JobPaths(home, batch).log.write_text("batch output\n")
+    _end(rt, [old, batch, *sweep.job_ids], "SUCCEEDED", days_ago=40)
+    # When retention prunes them
+    assert prune_finished_jobs(rt) == 3
+    # Then their files are gone at once, with no sweep; the kept job's are not
+    for path in [*local_files, *batch_files, JobPaths(home, batch).log]:
+        assert not path.exists(), path
+    assert all(path.exists() for path in kept_files)
+    # And a new job takes a new id: it never sees a pruned job's log
+    _end(rt, [kept], "SUCCEEDED", days_ago=40)
+    assert prune_finished_jobs(rt) == 1
+    JobPaths(home, kept).logs_dir.mkdir(parents=True, exist_ok=True)
+    new = local.submit("echo new", allow_duplicate=True).id
+    assert new > kept and not JobPaths(home, new).log.exists()
