@@ -83,8 +83,8 @@ class GPUJobScheduler:
         assert client is not None and self._supervisor is not None
         watcher = None
         if self.jobs_file is not None:
-            watcher = JobsFileWatcher(self.jobs_file, lambda origin, specs: client.call(
-                "submit_many", origin=origin, specs=specs))
+            watcher = JobsFileWatcher(self.jobs_file, lambda origin, specs, **more: client.call(
+                "submit_many", origin=origin, specs=specs, **more))
         dispatcher_rt = Runtime(self.settings)
         try:
             while not self._stop.wait(POLL_S):

@@ -130,8 +130,8 @@ def test_a_bad_jobs_file_line_names_the_problem(line, message):
 def test_bad_lines_in_a_watched_file_change_nothing_already_submitted(local, rt, tmp_path):
     path = tmp_path / "jobs.txt"
     path.write_text("gpus=1 -- echo one\n")
-    watcher = JobsFileWatcher(path, lambda origin, specs: local.call(
-        "submit_many", origin=origin, specs=specs))
+    watcher = JobsFileWatcher(path, lambda origin, specs, **more: local.call(
+        "submit_many", origin=origin, specs=specs, **more))
     assert len(watcher.poll().submitted) == 1
     before = snapshot(rt)
     path.write_text("gpus=1 -- echo one\ngpus=x -- echo two\nbogus=1 -- three\n-- \n")

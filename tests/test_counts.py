@@ -73,7 +73,7 @@ def test_counts_follow_every_change_of_state(rt: Runtime, local: Client):
         session.execute(update(Job).values(ended_at=time.time() - 400 * 86400))
     with rt.session() as session:
         transition(session, JobState.CANCELLED, "old", [col(Job.id).in_(
-            [lone.id, after.id, *small.job_ids])])
+            [lone.id, after.id, *small.job_ids])], {"ended_at": time.time() - 400 * 86400})
     assert_counts_true(rt)
     assert prune_finished_jobs(rt, days=30) > 0
     assert_counts_true(rt)

@@ -47,7 +47,8 @@ def test_malformed_lines_are_reported_with_their_number(line, message):
 
 
 def _submit_many(local):
-    return lambda origin, specs: local.call("submit_many", origin=origin, specs=specs)
+    return lambda origin, specs, **more: local.call("submit_many", origin=origin, specs=specs,
+                                                   **more)
 
 
 def test_rereads_submit_only_new_lines_and_skip_bad_ones(local, tmp_path):
@@ -266,3 +267,120 @@ def test_a_file_import_killed_midway_and_run_again_stores_each_line_once(setting
     assert again.returncode == 0, again.stderr
     assert _origin_count(rt, str(path)) == lines
     assert _origin_count(rt, str(path), distinct=True) == lines  # each line once
+
+
+# -- lines outlive their jobs; a line that leaves the file is forgotten ---------------------
+
+DAY = 86400.0
+
+
+def _prune_everything_ended(rt) -> int:
+    """Retention as beat runs it, with every job that ended counted as 40 days old."""
+    import time
+
+    from sqlalchemy import update
+
+    from app.store.models import Job
+    from app.store.retention import prune_finished
+
+    with rt.session() as session:
+        session.execute(update(Job).where(Job.ended_at.is_not(None))
+                        .values(ended_at=time.time() - 40 * DAY))
+    return prune_finished(rt.engine, rt.redis, time.time() - 30 * DAY).jobs
+
+
+def test_a_line_whose_job_retention_pruned_is_not_submitted_again(local, rt, tmp_path):
+    # Given a line submitted, its job ended long ago and pruned by retention
+    path = tmp_path / "jobs.txt"
+    path.write_text("name=sweep -- python sweep.py\n")
+    (job,) = JobsFileWatcher(path, _submit_many(local)).poll().submitted
+    local.call("cancel", ids=[job])
+    assert _prune_everything_ended(rt) == 1
+    assert local.call("queue")["total"] == 0
+    # When the file is read again, by a watcher that remembers nothing
+    again = JobsFileWatcher(path, _submit_many(local)).poll()
+    # Then nothing is submitted: the line is known
+    assert again.submitted == [] and again.known == 1 and again.errors == []
+    assert local.call("queue")["total"] == 0
+    # And an edited priority on it is nothing to apply either
+    path.write_text("name=sweep priority=5 -- python sweep.py\n")
+    edited = JobsFileWatcher(path, _submit_many(local)).poll()
+    assert edited.submitted == [] and edited.known == 1 and edited.notes == []
+
+
+def test_a_line_removed_from_the_file_and_put_back_is_submitted_again(local, tmp_path):
+    # Given two lines submitted
+    path = tmp_path / "jobs.txt"
+    path.write_text("python a.py\npython b.py\n")
+    watcher = JobsFileWatcher(path, _submit_many(local))
+    assert len(watcher.poll().submitted) == 2
+    # When b leaves the file, and the file stays so for a poll
+    path.write_text("python a.py\n")
+    assert watcher.poll().submitted == []
+    assert not watcher.settled
+    forgotten = watcher.poll()
+    assert forgotten is not None and forgotten.forgotten == 1 and watcher.settled
+    assert watcher.poll() is None
+    # Then b put back is a new line: submitted again; a is still known
+    path.write_text("python a.py\npython b.py\n")
+    back = watcher.poll()
+    assert len(back.submitted) == 1 and back.known == 1
+    assert sorted(r["command"] for r in local.call("queue")["jobs"]) == [
+        "python a.py", "python b.py", "python b.py"]
+    # And a watcher started afresh forgets what left the file while none was watching
+    path.write_text("python b.py\n")
+    fresh = JobsFileWatcher(path, _submit_many(local))
+    assert fresh.poll().known == 1 and not fresh.settled
+    assert fresh.poll().forgotten == 1
+    path.write_text("python b.py\npython a.py\n")
+    assert len(fresh.poll().submitted) == 1
+
+
+def test_a_line_missing_from_a_file_that_is_still_changing_is_not_forgotten(local, tmp_path):
+    # Given a line submitted
+    path = tmp_path / "jobs.txt"
+    path.write_text("python a.py\npython b.py\n")
+    watcher = JobsFileWatcher(path, _submit_many(local))
+    assert len(watcher.poll().submitted) == 2
+    # When a save in progress shows the file without b, then whole again before it settled
+    path.write_text("python a.py\n")
+    watcher.poll()
+    path.write_text("python a.py\npython b.py\n")
+    whole = watcher.poll()
+    # Then b was never forgotten: nothing runs again
+    assert whole.submitted == [] and watcher.settled
+    assert watcher.poll() is None
+    assert local.call("queue")["total"] == 2
+
+
+def test_a_submitter_cannot_set_the_origin_of_a_job(rt, local, settings):
+    from fastapi.testclient import TestClient
+
+    from app.core.errors import InvalidJobSpec
+    from app.core.identity import Actor
+    from app.dashboard import create_app
+    from tests.dashboard_http import BASE_URL
+
+    # Given the stack owner's jobs file with a line not yet read by its watcher
+    path = settings.home / "jobs.txt"
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path.write_text("name=eval -- python eval.py\n")
+    bob = Actor("bob")
+    claim = {"command": "python eval.py", "name": "eval", "origin": str(path.resolve())}
+    # When a named user, the owner and the API's caller try to give a job that origin
+    for actor in (bob, None):
+        with pytest.raises(InvalidJobSpec, match="origin"):
+            call_local(rt, "submit", {"spec": claim}, actor)
+        with pytest.raises(InvalidJobSpec, match="origin"):
+            call_local(rt, "launch", {"spec": claim, "num_jobs": 1}, actor)
+    app = create_app(settings.model_copy(update={"dashboard_token": "owner-t"}), local)
+    with TestClient(app, base_url=BASE_URL,
+                    headers={"Authorization": "Bearer owner-t"}) as http:
+        assert http.post("/api/jobs", json={**claim}).status_code == 422
+        refused = http.post("/api/ops/submit", json={"spec": claim})
+        assert refused.status_code in (400, 422), refused.text
+    with pytest.raises(InvalidJobSpec, match="origin"):
+        local.submit("python eval.py", name="eval", origin=str(path))
+    # Then nothing was stored, and the line is the file's own when its watcher reads it
+    assert local.call("queue")["total"] == 0
+    assert len(JobsFileWatcher(path, _submit_many(local)).poll().submitted) == 1

@@ -247,3 +247,81 @@ def test_head_revision_constant_is_the_head_alembic_finds():
     found = ScriptDirectory.from_config(schema._config()).get_current_head()
     assert found == HEAD_REVISION, (f"the newest revision is {found}: set HEAD_REVISION in "
                                     "app/store/migrations/__init__.py to it")
+
+
+def _rows(engine: Engine, table: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text(f"SELECT * FROM {table} ORDER BY 1, 2"))]
+
+
+def _indexes(engine: Engine, table: str) -> dict[str, Any]:
+    """Each index of `table` as the database writes it (its SQL on SQLite)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            return dict(conn.execute(text(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :t"),
+                {"t": table}).all())
+        return dict(conn.execute(text(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"),
+            {"t": table}).all())
+
+
+def test_an_upgrade_from_0006_keeps_every_row_and_index_and_ids_are_never_reused(settings,
+                                                                                plain):
+    # Given a database at 0006 with jobs, their launch, events and edges, one job from a
+    # jobs file, and the attempt of a job 7 that retention already pruned
+    with plain.begin() as conn:
+        schema._alembic(conn, "upgrade", "0006")
+    jobs = [*JOBS, {"id": 6, "name": "line", "command": "python line.py", "state": "PENDING",
+                    "origin": "/srv/jobs.txt", "content_hash": "c0ffee"}]
+    with plain.begin() as conn:
+        tables = MetaData()
+        tables.reflect(conn)
+        conn.execute(insert(tables.tables["launches"]), LAUNCHES)
+        conn.execute(insert(tables.tables["jobs"]), [_job(j) for j in jobs])
+        conn.execute(insert(tables.tables["job_events"]),
+                     [e for j in jobs for e in _events(_job(j))])
+        conn.execute(insert(tables.tables["job_dependencies"]), DEPENDENCIES)
+        conn.execute(insert(tables.tables["attempts"]), [{
+            "job_id": 7, "attempt": 1, "owner": "o", "project": "o", "launch_id": 3,
+            "backend": "local", "gpus": 1, "ended_at": 1000.0, "gpu_seconds": 0.0,
+            "outcome": "SUCCEEDED"}])
+        if plain.dialect.name == "postgresql":  # as a real sequence had: past the pruned 7
+            for table, last in (("jobs", 7), ("launches", 3), ("job_events", 100)):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                  f"{last})"))
+    kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
+    indexes = {t: _indexes(plain, t) for t in ("jobs", "launches")}
+    # When it is upgraded
+    upgraded = _gpuq(settings, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    # Then every row and every index (the partial ones too) is as it was
+    for table, rows in kept.items():
+        assert _rows(plain, table) == rows, table
+    for table, found in indexes.items():
+        assert _indexes(plain, table) == found, table
+    assert len(indexes["jobs"]) >= 12
+    # And the line of the jobs file is known apart from its job
+    with plain.connect() as conn:
+        assert conn.execute(text("SELECT origin, job_id FROM jobs_file_lines")).all() == [
+            ("/srv/jobs.txt", 6)]
+    # And once the newest job and launch are deleted, new ones take ids never handed out
+    with plain.begin() as conn:
+        conn.execute(text("DELETE FROM job_events WHERE job_id = 6"))
+        conn.execute(text("DELETE FROM jobs WHERE id = 6"))
+        conn.execute(text("UPDATE jobs SET launch_id = NULL"))
+        conn.execute(text("DELETE FROM launches"))
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:  # the rebuild left the foreign keys on
+            if engine.dialect.name == "sqlite":
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        from sqlmodel import Session
+
+        with Session(engine) as session:
+            launch_id, ids = create_jobs(session, JobSpec(command="true", gpus=0), 2,
+                                         launch=True)
+            session.commit()
+        assert (launch_id, ids) == (4, [8, 9])
+    finally:
+        engine.dispose()

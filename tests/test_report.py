@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlmodel import select
 
 from app.client import Client
 from app.core.errors import InvalidArguments
@@ -132,17 +133,58 @@ def _attempt(job_id: int, *, owner: str = "bob", project: str = "p1", attempt: i
                    peak_memory_mb=peak, mean_utilization_pct=util)
 
 
+def _run_attempt(session, job_id: int, start: float, end: float, exit_code: int) -> str:
+    """One attempt of a stored job as the dispatcher, the worker and the restart policy
+    write it: STARTING, RUNNING at `start`, and its end at `end`; the state it went to."""
+    from sqlmodel import col
+
+    from app.core.states import JobState
+    from app.store import restart_policy
+    from app.store.jobs import move
+    from app.store.models import Job
+
+    job = session.get(Job, job_id)
+    move(session, job_id, JobState.STARTING, values={
+        "attempt": job.attempt + 1, "host": "h", "gpu_ids": list(range(job.gpus))})
+    move(session, job_id, JobState.RUNNING, values={"started_at": start})
+    session.expire_all()
+    job = session.get(Job, job_id)
+    moved = restart_policy.apply(session, job, restart_policy.AttemptEnd(exit_code=exit_code),
+                                 restart_policy.ended_values(job, end, exit_code))
+    session.expire_all()
+    assert moved is not None
+    return session.exec(select(Job.state).where(col(Job.id) == job_id)).one()
+
+
+def _job(session, owner: str, project: str, max_restarts: int, submitted_at: float) -> int:
+    from sqlalchemy import update
+
+    from app.store.jobs import create_jobs
+    from app.store.models import Job
+    from app.store.spec import JobSpec
+
+    spec = JobSpec(command=f"python run.py {owner}", max_restarts=max_restarts,
+                   project=project)
+    (job_id,) = create_jobs(session, spec, 1, launch=False, owner=owner)[1]
+    session.execute(update(Job).where(Job.id == job_id).values(submitted_at=submitted_at))
+    return job_id
+
+
 @pytest.fixture
 def recorded(rt):
     with rt.session() as session:
         session.add_all([
-            _attempt(1, gpus=2, seconds=1800, wait_s=10, peak=1000, util=50),
-            _attempt(2, attempt=1, outcome="PENDING", wait_s=30, seconds=60),  # ran again
-            _attempt(2, attempt=2, outcome="FAILED", wait_s=None, seconds=60, peak=4000,
-                     util=90),
-            _attempt(3, owner="carol", project="p2", launch_id=7, seconds=3600, wait_s=2),
-            _attempt(4, owner="carol", project="p1", launch_id=7, start=10.0, seconds=10),
+            # (ids far from those of the jobs stored below)
+            _attempt(101, gpus=2, seconds=1800, wait_s=10, peak=1000, util=50),
+            _attempt(103, owner="carol", project="p2", launch_id=7, seconds=3600, wait_s=2),
+            _attempt(104, owner="carol", project="p1", launch_id=7, start=10.0, seconds=10),
         ])
+        # A job of bob's that failed its first attempt, restarted, and succeeded
+        job = _job(session, "bob", "p1", max_restarts=1, submitted_at=970.0)
+        assert _run_attempt(session, job, 1000.0, 1060.0, exit_code=1) == "PENDING"
+        assert _run_attempt(session, job, 1100.0, 1160.0, exit_code=0) == "SUCCEEDED"
+        accounting.note_figures(session, job, 2, 4000, 90.0)
+        session.commit()
     return rt
 
 
@@ -155,8 +197,8 @@ def test_report_groups_by_user_project_and_launch(recorded):
     assert bob["gpu_seconds"] == 3600 + 60 + 60 and bob["gpu_hours"] == pytest.approx(
         3720 / 3600)
     assert (bob["jobs"], bob["attempts"]) == (2, 3)
-    # Of the attempts that ended their job (not the one that ran again): 1 of 2 succeeded
-    assert bob["success_rate"] == 0.5
+    # Both jobs succeeded in the end, one of them on its restart
+    assert bob["success_rate"] == 1.0
     assert bob["mean_wait_s"] == pytest.approx(20.0)  # first attempts only
     assert bob["mean_utilization_pct"] == pytest.approx(70.0)
     assert bob["peak_memory_mb"] == 4000
@@ -165,6 +207,29 @@ def test_report_groups_by_user_project_and_launch(recorded):
     assert by_user["carol"]["mean_utilization_pct"] is None
     assert set(by_project) == {"p1", "p2"} and by_project["p2"]["gpu_seconds"] == 3600
     assert by_launch["7"]["jobs"] == 2 and by_launch["-"]["jobs"] == 2
+
+
+def test_success_is_per_job_and_read_from_its_last_attempt_in_the_window(rt):
+    with rt.session() as session:
+        # Restarted then succeeded; failed for good after a restart; failed, restart to come
+        again_ok = _job(session, "erin", "p", max_restarts=1, submitted_at=0.0)
+        _run_attempt(session, again_ok, 100.0, 110.0, exit_code=1)
+        _run_attempt(session, again_ok, 200.0, 210.0, exit_code=0)
+        again_bad = _job(session, "erin", "p", max_restarts=1, submitted_at=0.0)
+        _run_attempt(session, again_bad, 100.0, 110.0, exit_code=1)
+        assert _run_attempt(session, again_bad, 200.0, 210.0, exit_code=2) == "FAILED"
+        restarting = _job(session, "erin", "p", max_restarts=3, submitted_at=0.0)
+        assert _run_attempt(session, restarting, 100.0, 110.0, exit_code=1) == "PENDING"
+        session.commit()
+        outcomes = sorted(a["outcome"] for job in (again_ok, again_bad, restarting)
+                          for a in accounting.of_job(session, job))
+        erin = accounting.report(session, since=0.0, by="user")["erin"]
+        # A window that holds only the second attempts
+        late = accounting.report(session, since=150.0, by="user")["erin"]
+    assert outcomes == ["FAILED", "RECOVERING", "RECOVERING", "RECOVERING", "SUCCEEDED"]
+    assert (erin["jobs"], erin["attempts"]) == (3, 5)
+    assert erin["success_rate"] == 0.5  # of the two jobs that ended, one succeeded
+    assert (late["jobs"], late["attempts"], late["success_rate"]) == (2, 2, 0.5)
 
 
 def test_report_since_filter_and_owner(recorded):

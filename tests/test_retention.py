@@ -152,3 +152,86 @@ def test_a_stack_forgets_a_finished_job_and_its_log_after_the_retention_period(
             running.cancel()
         finally:
             client.close()
+
+
+def test_a_job_no_host_can_hold_is_dated_when_it_fails_and_pruned_after_the_period(
+        rt: Runtime, local: Client):
+    from app.store import cluster
+
+    # Given a cluster whose largest host has 2 GPUs, and a job that asks for 4
+    cluster.register_host(rt.redis, "h1", {0: {"name": "fake"}, 1: {"name": "fake"}})
+    job = local.submit("python big.py", gpus=4).id
+    # Then it ended FAILED_NO_RESOURCE with its end dated
+    with rt.session() as session:
+        state, ended_at = session.exec(select(Job.state, Job.ended_at)
+                                       .where(Job.id == job)).one()
+    assert state == "FAILED_NO_RESOURCE"
+    assert ended_at is not None and abs(ended_at - time.time()) < 600
+    # And retention prunes it once it ended before the cut-off
+    with rt.session() as session:
+        session.execute(update(Job).where(col(Job.id) == job)
+                        .values(ended_at=time.time() - 31 * DAY))
+        session.commit()
+    assert prune_finished_jobs(rt) == 1
+
+
+@pytest.mark.parametrize("target", ["CANCELLED", "FAILED_PRECHECK", "FAILED_NO_RESOURCE"])
+def test_every_end_straight_from_pending_is_dated(rt: Runtime, target: str):
+    from app.core.states import JobState
+    from app.store.jobs import create_jobs, transition
+    from app.store.spec import JobSpec
+
+    with rt.session() as session:
+        (job,) = create_jobs(session, JobSpec(command="true"), 1, launch=False)[1]
+        assert transition(session, JobState(target), "why", [col(Job.id) == job]) == [job]
+        session.commit()
+        assert session.exec(select(Job.ended_at).where(Job.id == job)).one() is not None
+
+
+def _files(paths: JobPaths) -> list:
+    paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    paths.log.write_text("the old job's output\n")
+    paths.tmux_script.write_text("exec true\n")
+    paths.tmux_exit.write_text("0\n")
+    paths.run_dir.mkdir(parents=True)
+    paths.call_file.write_bytes(b"call")
+    return [paths.log, paths.tmux_script, paths.tmux_exit, paths.run_dir]
+
+
+def test_pruning_deletes_the_files_of_the_pruned_jobs_on_its_host_at_once(rt: Runtime,
+                                                                          local: Client):
+    from app.core.paths import BatchStore
+
+    # Given a local job and a batch job, both with their files here, and a batch launch
+    # whose payload lies in its backend's store
+    home = rt.settings.home
+    old = local.submit("echo old", allow_duplicate=True).id
+    batch = local.submit("echo batch", backend="process", allow_duplicate=True).id
+    sweep = local.launch("echo {rank}", rank_args=[[0]], backend="process")
+    kept = local.submit("echo kept", allow_duplicate=True).id
+    with rt.session() as session:
+        key = session.exec(select(Launch.payload_key).where(Launch.id == sweep.id)).one()
+    store = BatchStore(home / "batch")
+    local_files = _files(JobPaths(home, old))
+    kept_files = _files(JobPaths(home, kept))
+    batch_files = [store.results(None, batch), store.results(sweep.id, sweep.job_ids[0]),
+                   store.payload(key)]
+    for path in batch_files[:2]:
+        path.mkdir(parents=True)
+        (path / "0.pkl").write_bytes(b"envelope")
+    batch_files[2].parent.mkdir(parents=True)
+    batch_files[2].write_bytes(b"payload")
+    JobPaths(home, batch).log.write_text("batch output\n")
+    _end(rt, [old, batch, *sweep.job_ids], "SUCCEEDED", days_ago=40)
+    # When retention prunes them
+    assert prune_finished_jobs(rt) == 3
+    # Then their files are gone at once, with no sweep; the kept job's are not
+    for path in [*local_files, *batch_files, JobPaths(home, batch).log]:
+        assert not path.exists(), path
+    assert all(path.exists() for path in kept_files)
+    # And a new job takes a new id: it never sees a pruned job's log
+    _end(rt, [kept], "SUCCEEDED", days_ago=40)
+    assert prune_finished_jobs(rt) == 1
+    JobPaths(home, kept).logs_dir.mkdir(parents=True, exist_ok=True)
+    new = local.submit("echo new", allow_duplicate=True).id
+    assert new > kept and not JobPaths(home, new).log.exists()

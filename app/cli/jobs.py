@@ -258,14 +258,14 @@ def watch(path: Path = typer.Argument(..., help="The jobs file."),
     if not path.is_file():
         raise GpuqError(f"no jobs file {path}; create it (one job per line) and run again")
     c = client()
-    watcher = JobsFileWatcher(path, lambda origin, specs: c.call(
-        "submit_many", origin=origin, specs=specs), log_problems=False)
+    watcher = JobsFileWatcher(path, lambda origin, specs, **more: c.call(
+        "submit_many", origin=origin, specs=specs, **more), log_problems=False)
     while True:
         result = watcher.poll()
         bad = _show_poll(path, result)
         if once:
-            if watcher.held is not None:  # a last line without its newline: let it settle
-                time.sleep(interval_s)
+            if not watcher.settled:  # a last line without its newline, or lines that
+                time.sleep(interval_s)  # left the file: once it stays the same
                 bad = _show_poll(path, watcher.poll()) or bad
             if watcher.held is not None:
                 typer.echo(f"{path}: line {watcher.held[0]} has no newline at its end and the "

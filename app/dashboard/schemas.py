@@ -27,7 +27,7 @@ from app.store.spec import JobSpec, check_dependencies_allowed
 
 MAX_LAUNCH_REPLICAS = 10_000
 # Fields of a job spec that gpuq sets itself; a user never sends them.
-INTERNAL_SPEC_FIELDS = {"origin", "kind", "payload_key"}
+INTERNAL_SPEC_FIELDS = {"kind", "payload_key"}
 
 
 class ErrorBody(BaseModel):

@@ -97,7 +97,8 @@ class AttemptRow(Row):
     """One ended attempt of a job, from the accounting record."""
 
     attempt: int
-    outcome: str = Field(description="The state it ended in; PENDING: it runs again.")
+    outcome: str = Field(description="The state it ended in; RECOVERING or PENDING: it runs "
+                         "again.")
     host: str | None
     gpu_ids: list[int] | None
     gpus: int
@@ -138,8 +139,8 @@ class ReportTotals(Row):
     gpu_seconds: float
     jobs: int
     attempts: int
-    success_rate: float | None = Field(description="SUCCEEDED of the attempts that ended "
-                                       "their job.")
+    success_rate: float | None = Field(description="Of the jobs whose last attempt in the "
+                                       "window ended them, the share that SUCCEEDED.")
     mean_wait_s: float | None = Field(description="Submission to first start.")
     mean_utilization_pct: float | None
     peak_memory_mb: int | None

@@ -17,7 +17,7 @@ from app.ops.nudge import kick_batch, kick_dispatch
 from app.ops.registry import operation
 from app.runtime import Runtime
 from app.store import cluster, limits, payload_store
-from app.store.file_jobs import Identity, identity, store_lines
+from app.store.file_jobs import Identity, absent_lines, check_origin, line_key, store_lines
 from app.store.jobs import create_jobs, refuse_duplicate, transition
 from app.store.models import Job
 from app.store.spec import JobSpec
@@ -116,19 +116,40 @@ FILE_PAUSE_S = 0.15
 
 @operation
 def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]],
+                present: list[str] | None = None, forget: bool = False,
                 actor: Actor | None = None) -> dict[str, Any]:
-    """Submit the lines of a jobs file: each distinct job once per origin, ever.
+    """Submit the lines of a jobs file: each distinct line once, for as long as it stays in
+    the file (app/store/file_jobs.py).
 
     A spec that is not a job spec refuses the whole call; a line that the server refuses
     (an unknown preflight, `after=` naming no such job) is reported in its own entry of
     `lines` (one per spec, in order) while the others are stored. Large files are stored
-    in bounded transactions; a re-run after a crash stores each line once. The jobs file
-    is the stack owner's (its lines may reprioritize the jobs it stored before): a named
-    user who is not an admin is refused."""
+    in bounded transactions; a re-run after a crash stores each line once. `present`, the
+    line keys of the whole file as it is now, answers `absent`: how many lines stored
+    before are no longer in it; with `forget` (the watcher, once the file stayed the same)
+    those are forgotten, so that one put back is submitted again. The jobs file is the
+    stack owner's (its lines may reprioritize the jobs it stored before): a named user who
+    is not an admin is refused."""
     if actor is not None and not actor.admin:
         raise NotPermitted("a jobs file is the stack owner's to submit; submit your jobs one "
                            "by one (gpuq submit)")
-    parsed = [JobSpec.parse({**spec, "origin": origin}) for spec in specs]
+    check_origin(origin)
+    lines = _store_file_lines(rt, origin, [JobSpec.parse(spec) for spec in specs])
+    submitted = [line["job_id"] for line in lines if line["status"] == "submitted"]
+    if submitted:
+        kick_dispatch(rt)
+    answer: dict[str, Any] = {
+        "submitted": submitted, "known": sum(line["status"] != "submitted" and
+                                             line["status"] != "refused" for line in lines),
+        "lines": lines}
+    if present is not None:
+        with rt.session() as session:
+            answer["absent"] = absent_lines(session, origin, present, forget)
+    return answer
+
+
+def _store_file_lines(rt: Runtime, origin: str, parsed: list[JobSpec]) -> list[dict[str, Any]]:
+    """Each line's outcome: stored once per identity, in bounded transactions."""
     lines: list[dict[str, Any]] = [{} for _ in parsed]
     first: dict[Identity, int] = {}
     same_as: dict[int, int] = {}
@@ -138,8 +159,9 @@ def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]],
         except GpuqError as e:
             lines[index] = _refused(e)
             continue
-        same_as[index] = first.setdefault(identity(job_spec), index)
-    rt.check_broker()
+        same_as[index] = first.setdefault(line_key(job_spec), index)
+    if parsed:
+        rt.check_broker()
     todo = sorted(set(same_as.values()))
     for start in range(0, len(todo), FILE_LINES_PER_TRANSACTION):
         if start:
@@ -151,12 +173,7 @@ def submit_many(rt: Runtime, origin: str, specs: list[dict[str, Any]],
         if index != original:
             lines[index] = {**lines[original], "status": "known"} if lines[original].get(
                 "job_id") else lines[original]
-    submitted = [line["job_id"] for line in lines if line["status"] == "submitted"]
-    if submitted:
-        kick_dispatch(rt)
-    return {"submitted": submitted, "known": sum(line["status"] != "submitted" and
-                                                 line["status"] != "refused" for line in lines),
-            "lines": lines}
+    return lines
 
 
 def _refused(error: GpuqError) -> dict[str, Any]:

@@ -4,7 +4,9 @@ each user's and project's GPU use decayed with the fair-share half-life.
 An attempt ends wherever a job leaves a state that holds its GPUs (STARTING, RUNNING,
 CANCELLING) for one that does not: the one transition function (app/store/jobs.py) hands
 those rows here. Its GPU-seconds are its GPUs times the time from its start (RUNNING) to
-its end; an attempt that never ran is recorded with none.
+its end; an attempt that never ran is recorded with none. Its outcome is the state the job
+went to: a terminal state, or RECOVERING (a failure with a restart to come) or PENDING
+(it never started, and is routed again).
 
 Usage is kept per user and per project as GPU-seconds decayed to a time `at`: adding an
 attempt decays the stored figure to the attempt's end and adds it, in one upsert, so that
@@ -26,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col
 
+from app.core.states import TERMINAL, JobState
 from app.store.models import Attempt, Job, Usage
 
 ATTEMPTS = cast(Table, Attempt.__table__)  # type: ignore[attr-defined]
@@ -118,6 +121,9 @@ def decayed_usage(session: Session | Connection, now: float | None = None
                 select(USAGE.c.kind, USAGE.c.name, USAGE.c.gpu_seconds, USAGE.c.at))}
 
 
+# The outcomes of an attempt that ended its job; the others (RECOVERING, PENDING, UNKNOWN)
+# leave it to run again, or to be settled.
+ENDING_OUTCOMES = sorted(state.value for state in TERMINAL)
 GROUPS = {"user": ATTEMPTS.c.owner, "project": ATTEMPTS.c.project,
           "launch": ATTEMPTS.c.launch_id}
 
@@ -125,18 +131,25 @@ GROUPS = {"user": ATTEMPTS.c.owner, "project": ATTEMPTS.c.project,
 def report(session: Session, since: float, by: str, owner: str | None = None
            ) -> dict[str, dict[str, Any]]:
     """Attempts that ended since `since` (of one owner's when `owner` is given), added up by
-    user, project or launch in the database: GPU-hours, jobs, attempts, the success rate
-    of the attempts that ended their job, mean wait to a first start, mean utilisation and
-    peak memory."""
+    user, project or launch in the database: GPU-hours, jobs, attempts, the success rate,
+    mean wait to a first start, mean utilisation and peak memory.
+
+    The success rate is per job: of the jobs whose last attempt in the window ended them
+    (not one that runs again), the share whose last attempt SUCCEEDED; a job that failed
+    and then succeeded on a restart is a success."""
     a, group = ATTEMPTS.c, GROUPS[by]
-    ended = func.sum(case((a.outcome != "PENDING", 1), else_=0))
-    succeeded = func.sum(case((a.outcome == "SUCCEEDED", 1), else_=0))
+    window = [a.ended_at >= since, *([a.owner == owner] if owner is not None else [])]
+    last = (select(func.max(a.id).label("id")).where(*window).group_by(a.job_id)
+            .subquery("last_attempts"))
+    is_last = last.c.id.is_not(None)
+    ended = func.sum(case((is_last & a.outcome.in_(ENDING_OUTCOMES), 1), else_=0))
+    succeeded = func.sum(case((is_last & (a.outcome == JobState.SUCCEEDED.value), 1),
+                              else_=0))
     query = (select(group, func.sum(a.gpu_seconds), func.count(func.distinct(a.job_id)),
                     func.count(), ended, succeeded, func.avg(a.wait_s),
                     func.avg(a.mean_utilization_pct), func.max(a.peak_memory_mb))
-             .where(a.ended_at >= since).group_by(group).order_by(group))
-    if owner is not None:
-        query = query.where(a.owner == owner)
+             .select_from(ATTEMPTS.outerjoin(last, last.c.id == a.id))
+             .where(*window).group_by(group).order_by(group))
     out = {}
     for key, used, jobs, attempts, n_ended, n_ok, wait, util, peak in (
             session.connection().execute(query)):

@@ -130,6 +130,8 @@ def _move(session: Session, target: JobState, reason: str | None,
     events: list[dict[str, Any]] = []
     if target is JobState.STARTING:  # a new attempt: it has not run yet
         values = {"started_at": None, **(values or {})}
+    if target.terminal and (values or {}).get("ended_at") is None:
+        values = {**(values or {}), "ended_at": now}  # every end is dated: retention prunes by it
     for source in sources_of(target):
         if only_from is not None and source not in only_from:
             continue

@@ -1,6 +1,6 @@
 """Database tables: jobs, their events, launches, named users, their limits and weights,
-the record of every attempt, and each user's and project's decayed GPU use. Times are UTC
-epoch seconds."""
+the lines of jobs files, the record of every attempt, and each user's and project's
+decayed GPU use. Times are UTC epoch seconds."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from app.core.states import JobState
 
 class Launch(SQLModel, table=True):
     __tablename__ = "launches"
+    # Ids are never reused (on SQLite too): a pruned launch's id names nothing again.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: int | None = Field(default=None, primary_key=True)
     name: str | None = None
@@ -38,6 +40,9 @@ class Job(SQLModel, table=True):
         # A user's or a project's PENDING jobs, counted against its pending limit.
         Index("ix_jobs_owner_state", "owner", "state"),
         Index("ix_jobs_project_state", "project", "state"),
+        # Ids are never reused, on SQLite too (AUTOINCREMENT): a new job never takes a
+        # pruned job's id, and with it that job's attempts and log.
+        {"sqlite_autoincrement": True},
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -60,7 +65,7 @@ class Job(SQLModel, table=True):
     dispatched_at: float | None = None  # when it last left PENDING
     preflight: str | None = None
     tmux: bool = False  # run in a detached tmux session (`gpuq attach ID`)
-    origin: str | None = None  # the jobs file a job came from
+    origin: str | None = None  # the jobs file a job came from (set by its watcher only)
     waiting: bool = False  # PENDING until every job of `after` has SUCCEEDED
     max_restarts: int = 0
     recover_exit_codes: list[int] = Field(
@@ -143,6 +148,19 @@ def waiting_condition(dialect: str) -> str:
 
 Index(WAITING_INDEX, _jobs.id, sqlite_where=text(waiting_condition("sqlite")),
       postgresql_where=text(waiting_condition("postgresql")))
+
+
+class FileLine(SQLModel, table=True):
+    """A line of a jobs file that was submitted, and the job it made (app/store/file_jobs.py):
+    kept while the line is in the file, whatever retention prunes, so that a line is
+    submitted once. `line_key` is the line's identity (its job's content hash and name)."""
+
+    __tablename__ = "jobs_file_lines"
+
+    origin: str = Field(primary_key=True)  # the jobs file's path
+    line_key: str = Field(primary_key=True)
+    job_id: int  # no foreign key: the job may be pruned, the line stays known
+    stored_at: float
 
 
 class Payload(SQLModel, table=True):
@@ -245,7 +263,7 @@ class Attempt(SQLModel, table=True):
     started_at: float | None = None  # None: it never ran (cancelled or lost while STARTING)
     ended_at: float
     gpu_seconds: float  # GPUs x seconds from started_at to ended_at
-    outcome: str  # the state it ended in (PENDING: it is to run again)
+    outcome: str  # the state it ended in (RECOVERING or PENDING: it is to run again)
     wait_s: float | None = None  # first attempts: from submission to start
     peak_memory_mb: int | None = None  # from the GPU monitor's readings of its GPUs
     mean_utilization_pct: float | None = None

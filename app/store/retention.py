@@ -2,11 +2,14 @@
 the launches and payloads nothing refers to any more, and their files on every host.
 
 The control worker prunes the database (`gpuq.prune`, every GPUQ_PRUNE_INTERVAL_S from
-beat, or `gpuq db prune`), a thousand jobs per transaction so that no lock is held long;
-each host's `gpuq worker` then deletes the files (logs, tmux scripts, run directories) of jobs
-the database no longer has, since a job's files lie on the host that ran it. A job is
-pruned only once it ended (a terminal state) before the cut-off: nothing that runs, waits
-or may still be restarted is touched.
+beat, or `gpuq db prune`), a thousand jobs per transaction so that no lock is held long,
+and deletes at once the files of the pruned jobs that lie on its own host: each job's log,
+tmux script and exit file, and run directory, and for batch jobs their results, payload
+files and output files in the backend's store. A job that ran on another host has its
+files there: each host's `gpuq worker` sweeps the files of jobs the database no longer has.
+A job is pruned only once it ended (a terminal state) before the cut-off: nothing that
+runs, waits or may still be restarted is touched. Ids are never reused, so no new job
+takes a pruned job's files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import redis
 from sqlalchemy import Engine, delete, or_, select
 from sqlmodel import Session, col
 
+from app.core.backends import LOCAL, adapter_class
+from app.core.paths import BatchStore, JobPaths
+from app.core.settings import Settings
 from app.core.states import TERMINAL
 from app.store import counts
 from app.store.models import Job, JobDependency, JobEvent, Launch, Payload
@@ -40,17 +46,21 @@ class Pruned:
     events: int = 0
     launches: int = 0
     payloads: int = 0
+    files: int = 0  # files and directories deleted on this host
 
 
 def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
-                   chunk: int = CHUNK) -> Pruned:
-    """Delete every job that ended before `before` (epoch seconds), with what hangs on it."""
+                   chunk: int = CHUNK, settings: Settings | None = None) -> Pruned:
+    """Delete every job that ended before `before` (epoch seconds), with what hangs on it;
+    with `settings`, also the files of those jobs that lie on this host, once their rows
+    are gone."""
     pruned = Pruned()
     terminal = [s.value for s in TERMINAL]
     while True:
         with Session(engine) as session:
             rows = session.execute(
-                select(col(Job.id), col(Job.launch_id), col(Job.payload_key), col(Job.state))
+                select(col(Job.id), col(Job.launch_id), col(Job.payload_key), col(Job.state),
+                       col(Job.backend), col(Job.rank), col(Job.backend_id))
                 .where(col(Job.ended_at) < before, col(Job.state).in_(terminal))
                 .order_by(col(Job.ended_at)).limit(chunk)).all()
             if not rows:
@@ -78,11 +88,68 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
                 pruned.payloads += session.execute(  # type: ignore[attr-defined]
                     delete(Payload).where(col(Payload.key).in_(orphans))).rowcount
             session.commit()
+        if settings is not None:
+            pruned.files += delete_files(settings, [Gone(*row[:2], *row[4:]) for row in rows],
+                                         empty, orphans)
         if orphans and r is not None:
             try:
                 r.delete(*orphans)  # the cache of what is gone
             except redis.RedisError as e:  # it expires by itself
                 log.warning("prune: payload cache not cleared (%s)", e)
+
+
+@dataclass(frozen=True)
+class Gone:
+    """A pruned job, as much of it as names its files."""
+
+    job_id: int
+    launch_id: int | None
+    backend: str
+    rank: int
+    backend_id: str | None
+
+
+def delete_files(settings: Settings, jobs: list[Gone], launches: list[int],
+                 payloads: list[str]) -> int:
+    """Delete what these pruned jobs (and their pruned `launches` and `payloads`) left on
+    this host; how many files and directories."""
+    doomed: list[Path] = []
+    for job in jobs:
+        paths = JobPaths(settings.home, job.job_id)
+        doomed += [paths.log, paths.tmux_script, paths.tmux_exit, paths.run_dir]
+    batch = sorted({job.backend for job in jobs if job.backend != LOCAL})
+    for backend in batch:
+        try:
+            adapter = adapter_class(backend)
+        except ImportError as e:  # its SDK is not installed here: nothing of it is here
+            log.debug("prune: %s files left to their host (%s)", backend, e)
+            continue
+        store = BatchStore(adapter.store_dir(settings))
+        for job in (j for j in jobs if j.backend == backend):
+            doomed.append(store.results(None, job.job_id) if job.launch_id is None
+                          else store.result(job.launch_id, job.job_id, job.rank))
+            output, _ = adapter.output(settings, Job(
+                id=job.job_id, launch_id=job.launch_id, rank=job.rank, backend=backend,
+                backend_id=job.backend_id, command="", submitted_at=0.0))
+            if output is not None:
+                doomed.append(output)
+        doomed += [store.results(launch, 0) for launch in launches]
+        doomed += [store.payload(key) for key in payloads]
+    return sum(_delete(path) for path in doomed)
+
+
+def _delete(path: Path) -> bool:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # left for the host's sweep
+        log.warning("prune: %s not deleted (%s)", path, e)
+        return False
+    return True
 
 
 def _unreferenced_launches(session: Session, launches: set[int]) -> list[int]:

@@ -73,7 +73,6 @@ class JobSpec(BaseModel):
     backend: str = "local"
     preflight: str | None = None
     tmux: bool = False
-    origin: str | None = None
     kind: str = "command"
     payload_key: str | None = None
     # Whose GPU time it is (limits, fair share, accounting); the owner's default when None.
@@ -101,7 +100,7 @@ class JobSpec(BaseModel):
                              "submit the command that runs it, e.g. -- bash job.sh")
         return value
 
-    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight", "origin",
+    @field_validator("command", "name", "workdir", "venv", "conda_env", "preflight",
                      mode="before")
     @classmethod
     def _storable_text(cls, value: object) -> object:
@@ -123,7 +122,7 @@ class JobSpec(BaseModel):
                              "give a --name of printable characters")
         return value
 
-    @field_validator("workdir", "venv", "conda_env", "preflight", "origin")
+    @field_validator("workdir", "venv", "conda_env", "preflight")
     @classmethod
     def _a_path_length(cls, value: str | None) -> str | None:
         if value is not None and len(value) > MAX_PATH_CHARS:

@@ -136,16 +136,18 @@ def _settle_stranded_dependents(rt: Runtime) -> int:
 
 def prune_finished_jobs(rt: Runtime, days: float | None = None) -> int:
     """Delete the jobs that ended more than `days` (GPUQ_KEEP_FINISHED_DAYS; 0 there keeps
-    them for ever) ago, app/store/retention.py; how many. Their files go with each host's
-    next sweep."""
+    them for ever) ago, app/store/retention.py; how many. Their files on this host go at
+    once, those on other hosts with each host's next sweep."""
     from app.store.retention import prune_finished
 
     if days is None:
         days = rt.settings.keep_finished_days
         if days <= 0:
             return 0
-    pruned = prune_finished(rt.engine, rt.redis, time.time() - days * 86400)
+    pruned = prune_finished(rt.engine, rt.redis, time.time() - days * 86400,
+                            settings=rt.settings)
     if pruned.jobs:
-        log.info("prune: %d finished jobs, %d events, %d launches, %d payloads",
-                 pruned.jobs, pruned.events, pruned.launches, pruned.payloads)
+        log.info("prune: %d finished jobs, %d events, %d launches, %d payloads, %d files "
+                 "here", pruned.jobs, pruned.events, pruned.launches, pruned.payloads,
+                 pruned.files)
     return pruned.jobs
