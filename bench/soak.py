@@ -482,7 +482,8 @@ class Soak:
         states = Counter(j.state for j in rows.values())
         lost = sorted(self.accepted - set(rows))
         found = check(read_spans(self.spans), {i: j.attempt for i, j in rows.items()})
-        twice = len(found.runs_over_attempts) + len(found.ran_twice_at_once)
+        twice = (len(found.attempts_run_twice) + len(found.runs_over_attempts)
+                 + len(found.ran_twice_at_once))
         failed = bool(lost or twice or found.gpu_overlaps or stuck)
         print(f"\nsoak: seed {self.seed}, {self.minutes:g} min, "
               f"{'PostgreSQL' if self.database_url else 'SQLite'}")
@@ -499,9 +500,11 @@ class Soak:
         for (state, reason), n in reasons.most_common(6):
             print(f"    {state:<16} {n:>5}  {reason}")
         print(f"  lost             {len(lost)}")
-        print(f"  run twice        {twice} (runs over attempts "
+        print(f"  run twice        {twice} ((job, attempt) run twice "
+              f"{len(found.attempts_run_twice)}, runs over attempts "
               f"{len(found.runs_over_attempts)}, runs of one job at once "
-              f"{len(found.ran_twice_at_once)})")
+              f"{len(found.ran_twice_at_once)}; {len(read_spans(self.spans))} runs with their "
+              "attempts)")
         print(f"  GPU overlaps     {len(found.gpu_overlaps)}")
         print(f"  stuck            {len(stuck)}")
         if failed:
@@ -520,6 +523,7 @@ class Soak:
             for a, b in pairs[:5]:
                 print(f"  {what}: {self.span(a)} | {self.span(b)}")
         ids = set(list(found.runs_over_attempts)[:5]) | {int(j.id or 0) for j in stuck[:5]}
+        ids |= {job_id for job_id, _ in list(found.attempts_run_twice)[:5]}
         ids |= {a.job_id for a, _ in found.ran_twice_at_once[:3] + found.gpu_overlaps[:3]}
         ids |= {b.job_id for _, b in found.ran_twice_at_once[:3] + found.gpu_overlaps[:3]}
         with client.rt.session() as session:

@@ -4,6 +4,8 @@ did not succeed is cancelled, since it could never start."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlmodel import Session, col, update
 
@@ -117,15 +119,34 @@ def test_batch_backends_refuse_dependencies_naming_the_fix(local, backend):
         local.submit("true", backend=backend, after=[1])
 
 
-def _after_a_job_that_ends_unseen(rt, local, state: str):
-    """A job waiting on another that then ends `state` without the transition that settles
-    its dependents (as when a submission races the ending); return the waiting job."""
-    first = local.submit(f"sleep 100 # first, ends {state} unseen")
-    second = local.submit(f"true # after one that ends {state}", after=[first.id])
+def _after_a_job_that_ends_unseen(rt, local, state: str, ended_at: float | None = None):
+    """A job waiting on another that then ends `state` (at `ended_at`) without the
+    transition that settles its dependents (as when a submission races the ending); return
+    the waiting job."""
+    first = local.submit(f"sleep 100 # first, ends {state} unseen at {ended_at}")
+    second = local.submit(f"true # after one that ends {state} at {ended_at}",
+                          after=[first.id])
     with Session(rt.engine) as session:
-        session.execute(update(Job).where(col(Job.id) == first.id).values(state=state))
+        session.execute(update(Job).where(col(Job.id) == first.id).values(
+            state=state, ended_at=ended_at))
         session.commit()
     return second
+
+
+def test_reconcile_looks_only_at_dependents_of_jobs_that_ended_since_its_last_tick(
+        rt, local, host):
+    # Given a reconciler that ticked once, and two waiting jobs whose dependencies ended
+    # unseen: one an hour before that tick, one now
+    reconcile(rt)
+    before = _after_a_job_that_ends_unseen(rt, local, "SUCCEEDED", time.time() - 3600)
+    since = _after_a_job_that_ends_unseen(rt, local, "SUCCEEDED", time.time())
+    # When it ticks again
+    reconcile(rt)
+    # Then it released the one whose dependency ended since, and read nothing older: its
+    # cost is that of the recent endings, not of every waiting job
+    with Session(rt.engine) as session:
+        assert session.get(Job, since.id).waiting is False
+        assert session.get(Job, before.id).waiting is True
 
 
 def test_reconcile_releases_a_job_whose_dependency_ended_unseen(rt, local, host):

@@ -298,8 +298,8 @@ def test_an_upgrade_from_0006_keeps_every_row_and_index_and_ids_are_never_reused
     # Then every row and every index (the partial ones too) is as it was
     for table, rows in kept.items():
         assert _rows(plain, table) == rows, table
-    for table, found in indexes.items():
-        assert _indexes(plain, table) == found, table
+    for table, found in indexes.items():  # (later revisions may add indexes of their own)
+        assert found.items() <= _indexes(plain, table).items(), table
     assert len(indexes["jobs"]) >= 12
     # And the line of the jobs file is known apart from its job
     with plain.connect() as conn:

@@ -1,9 +1,9 @@
-"""Jobs per launch and state, kept in the transaction of every change.
+"""Jobs per launch, owner and state, kept in the transaction of every change.
 
 Three writers change how many jobs are in a state: a submission (app/store/jobs.py:
 create_jobs), a transition (jobs._move) and the pruning of finished jobs
 (app/store/retention.py). Each notes its change in its session; the session adds the
-changes to `job_counts` just before it commits, in one order (launch, state), so that
+changes to `job_counts` just before it commits, in one order (launch, owner, state), so that
 two transactions never wait on each other's rows crosswise, and a rolled-back transaction
 adds nothing. Reading a total is then a sum over a few rows, at any depth of the queue,
 where counting the jobs themselves reads every one of them.
@@ -33,22 +33,27 @@ SLOTS = 4
 _KEY = "gpuq_counts"  # in Session.info: the changes of the open transaction
 
 
-def _changes(session: Session) -> Counter[tuple[int, str]]:
-    return cast(Counter[tuple[int, str]], session.info.setdefault(_KEY, Counter()))
+Key = tuple[int, str, str]  # launch (0: none), owner, state
 
 
-def note(session: Session, launch_id: int | None, state: str, delta: int) -> None:
-    """`delta` jobs of the launch (None: outside any) came into `state` (or left it)."""
+def _changes(session: Session) -> Counter[Key]:
+    return cast(Counter[Key], session.info.setdefault(_KEY, Counter()))
+
+
+def note(session: Session, launch_id: int | None, owner: str, state: str, delta: int
+         ) -> None:
+    """`delta` jobs of the launch (None: outside any) and owner came into `state` (or left
+    it)."""
     if delta:
-        _changes(session)[(launch_id or 0, state)] += delta
+        _changes(session)[(launch_id or 0, owner, state)] += delta
 
 
-def note_moves(session: Session, launch_ids: Iterable[int | None], source: str,
+def note_moves(session: Session, jobs: Iterable[tuple[int | None, str]], source: str,
                target: str) -> None:
-    """The jobs of these launches (one entry per job) moved from `source` to `target`."""
-    for launch_id, n in Counter(launch_ids).items():
-        note(session, launch_id, source, -n)
-        note(session, launch_id, target, n)
+    """These jobs ((launch, owner), one entry per job) moved from `source` to `target`."""
+    for (launch_id, owner), n in Counter(jobs).items():
+        note(session, launch_id, owner, source, -n)
+        note(session, launch_id, owner, target, n)
 
 
 def forget_launches(session: Session, launch_ids: Sequence[int]) -> None:
@@ -66,8 +71,8 @@ def _flush(session: OrmSession) -> None:
     if not changes:
         return
     slot = os.getpid() % SLOTS
-    rows = [{"launch_id": launch_id, "state": state, "slot": slot, "n": delta}
-            for (launch_id, state), delta in sorted(changes.items()) if delta]
+    rows = [{"launch_id": launch_id, "owner": owner, "state": state, "slot": slot, "n": delta}
+            for (launch_id, owner, state), delta in sorted(changes.items()) if delta]
     if rows:
         conn = session.connection()
         conn.execute(_upsert(conn.dialect.name), rows)
@@ -78,7 +83,7 @@ def _upsert(dialect: str) -> Insert:
     """Add to a count, or start it: one statement for every change of a transaction."""
     stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(COUNTS)
     return stmt.on_conflict_do_update(
-        index_elements=[COUNTS.c.launch_id, COUNTS.c.state, COUNTS.c.slot],
+        index_elements=[COUNTS.c.launch_id, COUNTS.c.owner, COUNTS.c.state, COUNTS.c.slot],
         set_={"n": COUNTS.c.n + stmt.excluded.n})
 
 
@@ -92,6 +97,14 @@ def totals(session: Session) -> dict[str, int]:
     rows = session.execute(select(COUNTS.c.state, func.sum(COUNTS.c.n))
                            .group_by(COUNTS.c.state))
     return {state: int(n) for state, n in rows if n}
+
+
+def by_owner(session: Session, states: Sequence[str]) -> dict[tuple[str, str], int]:
+    """(owner, state) -> jobs, for `states`, pairs that have any."""
+    rows = session.execute(select(COUNTS.c.owner, COUNTS.c.state, func.sum(COUNTS.c.n))
+                           .where(COUNTS.c.state.in_(states))
+                           .group_by(COUNTS.c.owner, COUNTS.c.state))
+    return {(owner, state): int(n) for owner, state, n in rows if n}
 
 
 def of_launches(session: Session, launch_ids: Sequence[int]) -> dict[int, dict[str, int]]:
@@ -131,9 +144,10 @@ def recount(session: Session) -> dict[str, Any]:
     session.info.pop(_KEY, None)
     conn.execute(delete(COUNTS))
     launch = func.coalesce(col(Job.launch_id), 0)
-    rows = [{"launch_id": int(lid), "state": state, "slot": 0, "n": int(n)}
-            for lid, state, n in conn.execute(
-                select(launch, col(Job.state), func.count()).group_by(launch, col(Job.state)))]
+    rows = [{"launch_id": int(lid), "owner": owner, "state": state, "slot": 0, "n": int(n)}
+            for lid, owner, state, n in conn.execute(
+                select(launch, col(Job.owner), col(Job.state), func.count())
+                .group_by(launch, col(Job.owner), col(Job.state)))]
     if rows:
         conn.execute(insert(COUNTS), rows)
     return {"rows": len(rows), "jobs": sum(r["n"] for r in rows)}

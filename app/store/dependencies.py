@@ -109,9 +109,9 @@ def stranded(session: Session, ended_since: float | None = None
     if ended_since is None:
         scopes: list[Any] = [waiting_query()]
     else:
-        recent = select(col(Job.id)).where(col(Job.ended_at) >= ended_since)
-        dependents = sorted(set(session.scalars(select(col(JobDependency.job_id)).where(
-            col(JobDependency.after_id).in_(recent)))))
+        recent = list(session.scalars(select(col(Job.id)).where(
+            col(Job.ended_at) >= ended_since)))
+        dependents = sorted(_dependents(session, recent))
         scopes = [waiting_query().where(col(Job.id).in_(chunk))
                   for chunk in chunks(dependents)]
     states: dict[int, set[str]] = {}

@@ -61,7 +61,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
     conn = session.connection()  # Core: the ORM's bulk insert costs more than the rows
     ids = [i for i in conn.scalars(
         insert(JOBS).returning(JOBS.c.id, sort_by_parameter_order=True), rows) if i is not None]
-    counts.note(session, launch_id, JobState.PENDING.value, len(ids))
+    counts.note(session, launch_id, owner, JobState.PENDING.value, len(ids))
     if spec.after:
         dependencies.record(session, ids, spec.after)
     conn.execute(insert(JOB_EVENTS), [
@@ -139,13 +139,14 @@ def _move(session: Session, target: JobState, reason: str | None,
         ends = source in HOLDING and target not in HOLDING
         stmt = (update(JOBS).where(*where, col(Job.state) == source.value)
                 .values(state=target.value, reason=reason, **(values or {}))
-                .returning(col(Job.launch_id), *accounting.ENDED_COLUMNS if ends
-                           else (col(Job.id),)))
+                .returning(col(Job.launch_id), col(Job.owner),
+                           *accounting.ENDED_COLUMNS if ends else (col(Job.id),)))
         rows = session.connection().execute(stmt).all()  # Core: no ORM bulk-update path
-        ids = [row[1] for row in rows if row[1] is not None]
-        counts.note_moves(session, (row[0] for row in rows), source.value, target.value)
+        ids = [row[2] for row in rows if row[2] is not None]
+        counts.note_moves(session, ((row[0], row[1]) for row in rows), source.value,
+                          target.value)
         if ends and rows:
-            accounting.record_ends(session, [row[1:] for row in rows], target.value,
+            accounting.record_ends(session, [row[2:] for row in rows], target.value,
                                    (values or {}).get("ended_at") or now)
         moved.extend(ids)
         events.extend(event_row(i, now, source.value, target.value, reason) for i in ids)

@@ -138,6 +138,12 @@ for _name, _gpus in CANDIDATE_INDEXES:
 Index(HOLDING_INDEX, _jobs.host, sqlite_where=text(HOLDING_CONDITION),
       postgresql_where=text(HOLDING_CONDITION))
 
+# The PENDING jobs of batch backends, which each backend's sync reads up to its room.
+BATCH_PENDING_INDEX = "ix_jobs_pending_batch"
+BATCH_PENDING_CONDITION = "state = 'PENDING' AND backend <> 'local'"
+Index(BATCH_PENDING_INDEX, _jobs.backend, _jobs.id,
+      sqlite_where=text(BATCH_PENDING_CONDITION), postgresql_where=text(BATCH_PENDING_CONDITION))
+
 # PENDING jobs waiting for others to end, which the reconciler looks over: few among many.
 WAITING_INDEX = "ix_jobs_waiting"
 
@@ -174,14 +180,15 @@ class Payload(SQLModel, table=True):
 
 
 class JobCount(SQLModel, table=True):
-    """How many jobs of a launch (0: jobs outside any launch) are in a state, summed over
-    slots: kept in the transaction of every change (app/store/counts.py), so that totals
+    """How many jobs of a launch (0: jobs outside any launch) and an owner are in a state,
+    summed over slots: kept in the transaction of every change (app/store/counts.py), so that totals
     are read in a few rows at any depth. A writer adds to its own slot, so that concurrent
     writers of one launch and state seldom wait on one row."""
 
     __tablename__ = "job_counts"
 
     launch_id: int = Field(primary_key=True)
+    owner: str = Field(primary_key=True)  # /metrics reads each user's jobs per state
     state: str = Field(primary_key=True)
     slot: int = Field(primary_key=True)
     n: int = Field(sa_type=BigInteger)
@@ -236,6 +243,7 @@ class Limit(SQLModel, table=True):
     name: str = Field(primary_key=True)
     max_gpus: int | None = None  # GPUs its jobs may hold at once
     max_pending: int | None = None  # jobs it may have PENDING
+    max_cpu_jobs: int | None = None  # 0-GPU jobs it may run at once
     weight: float | None = None  # fair share: twice the weight, twice the GPU time
     default_project: str | None = None  # a user's jobs' project when they name none
 

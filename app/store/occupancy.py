@@ -9,6 +9,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from app.core.states import JobState
+from app.store import counts
 from app.store.models import HOLDING_STATES, Job, fixed
 
 # The states a job waits or runs in, which /metrics counts per user. (Jobs per state of
@@ -17,14 +18,9 @@ QUEUED_STATES = (JobState.PENDING, JobState.STARTING, JobState.RUNNING, JobState
 
 
 def jobs_by_owner(session: Session) -> dict[tuple[str, str], int]:
-    """(owner, state) -> jobs, for QUEUED_STATES, pairs that have any. It reads the jobs in
-    those states through an index on state: its cost grows with the jobs that wait or run,
-    not with the finished ones."""
-    rows = session.exec(
-        select(col(Job.owner), col(Job.state), func.count())
-        .where(col(Job.state).in_([s.value for s in QUEUED_STATES]))
-        .group_by(col(Job.owner), col(Job.state)))
-    return {(owner, state): int(n) for owner, state, n in rows}
+    """(owner, state) -> jobs, for QUEUED_STATES, pairs that have any: from the kept counts
+    (app/store/counts.py), a few rows per owner at any depth of the queue."""
+    return counts.by_owner(session, [s.value for s in QUEUED_STATES])
 
 
 def held_gpus_by(session: Session, by: Literal["owner", "project"]) -> dict[str, int]:

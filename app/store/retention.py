@@ -60,7 +60,7 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
         with Session(engine) as session:
             rows = session.execute(
                 select(col(Job.id), col(Job.launch_id), col(Job.payload_key), col(Job.state),
-                       col(Job.backend), col(Job.rank), col(Job.backend_id))
+                       col(Job.backend), col(Job.rank), col(Job.backend_id), col(Job.owner))
                 .where(col(Job.ended_at) < before, col(Job.state).in_(terminal))
                 .order_by(col(Job.ended_at)).limit(chunk)).all()
             if not rows:
@@ -74,8 +74,9 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
                 col(JobDependency.job_id).in_(ids), col(JobDependency.after_id).in_(ids))))
             pruned.jobs += session.execute(  # type: ignore[attr-defined]
                 delete(Job).where(col(Job.id).in_(ids))).rowcount
-            for (launch_id, state), n in Counter((row[1], row[3]) for row in rows).items():
-                counts.note(session, launch_id, state, -n)
+            for (launch_id, owner, state), n in Counter(
+                    (row[1], row[7], row[3]) for row in rows).items():
+                counts.note(session, launch_id, owner, state, -n)
             empty = _unreferenced_launches(session, launches)
             if empty:
                 keys |= {k for (k,) in session.execute(
@@ -89,7 +90,7 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
                     delete(Payload).where(col(Payload.key).in_(orphans))).rowcount
             session.commit()
         if settings is not None:
-            pruned.files += delete_files(settings, [Gone(*row[:2], *row[4:]) for row in rows],
+            pruned.files += delete_files(settings, [Gone(*row[:2], *row[4:7]) for row in rows],
                                          empty, orphans)
         if orphans and r is not None:
             try:
