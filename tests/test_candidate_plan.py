@@ -150,7 +150,7 @@ def test_a_dispatch_query_reads_an_index_in_order_without_sorting(engine: Engine
 def test_a_batch_sync_reads_only_the_batch_jobs_waiting(engine: Engine):
     """Through the partial index of batch jobs waiting, not the index of every PENDING job:
     a sync's read stops at its room however many local jobs wait beside."""
-    lines, plan = _plan(engine, QUERIES["a batch backend's jobs to submit"]())
+    _, plan = _plan(engine, QUERIES["a batch backend's jobs to submit"]())
     assert BATCH_PENDING_INDEX in plan, plan
 
 
