@@ -15,6 +15,7 @@ from app.client import Client
 from app.core.identity import Actor
 from app.core.states import JobState
 from app.dashboard import present
+from app.dashboard.bodies import absolute_workdir, check_specs
 from app.dashboard.schemas import ErrorBody, LaunchRequest, SubmitRequest
 from app.ops.read import MAX_PAGE, SORT_KEYS
 from app.ops.rows import (
@@ -93,6 +94,7 @@ def get_job(request: Request, job_id: JobId) -> dict[str, Any]:
 def submit_job(request: Request, body: SubmitRequest) -> dict[str, Any]:
     """Queue one job, as `gpuq submit`."""
     options = body.model_dump(exclude={"allow_duplicate"})
+    absolute_workdir(options["workdir"])
     handle = client_of(request).submit(options.pop("command"),
                                        allow_duplicate=body.allow_duplicate, **options)
     return {"job_ids": [handle.id], "launch_id": None}
@@ -181,6 +183,7 @@ def get_launch(request: Request, launch_id: LaunchId) -> dict[str, Any]:
 def launch_jobs(request: Request, body: LaunchRequest) -> dict[str, Any]:
     """Queue `num_jobs` replicas of one command, as `gpuq launch`."""
     options = body.model_dump(exclude={"num_jobs"})
+    absolute_workdir(options["workdir"])
     handle = client_of(request).launch(options.pop("command"), body.num_jobs, **options)
     return {"job_ids": handle.job_ids, "launch_id": handle.id}
 
@@ -220,4 +223,5 @@ def run_operation(request: Request,
                       description="The operation's named arguments.")]) -> dict[str, Any]:
     """Run any operation of the operations layer as the token's user: what the Python
     client and the CLI send over the http transport (GPUQ_URL)."""
+    check_specs(kwargs)
     return client_of(request).call(name, **kwargs)
