@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -265,8 +266,24 @@ def status(rt: Runtime, actor: Actor | None = None) -> dict[str, Any]:
             "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
                               for g in h["gpus"] if not g["alive"]],
             "programs": recent_exits(r),
-            "flower": f"http://{s.flower_address}:{s.flower_port}",
+            "flower": (f"http://{s.flower_address}:{s.flower_port}"
+                       if _listening(s.flower_address, s.flower_port) else None),
             "dashboard": f"http://{s.dashboard_address}:{s.dashboard_port}"}
+
+
+# A Flower that does not answer this fast is not shown (a stack run with --no-flower).
+FLOWER_PROBE_S = 0.3
+
+
+def _listening(address: str, port: int) -> bool:
+    """Whether something accepts connections at address:port: Flower is optional, and a
+    stack without it must not point users at an address where nothing answers."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
+    try:
+        with socket.create_connection((host, port), timeout=FLOWER_PROBE_S):
+            return True
+    except OSError:
+        return False
 
 
 def _hide_others_jobs(session: Session, hosts: list[dict[str, Any]], actor: Actor) -> None:
