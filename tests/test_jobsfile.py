@@ -266,3 +266,15 @@ def test_a_file_import_killed_midway_and_run_again_stores_each_line_once(setting
     assert again.returncode == 0, again.stderr
     assert _origin_count(rt, str(path)) == lines
     assert _origin_count(rt, str(path), distinct=True) == lines  # each line once
+
+
+def test_watch_says_how_many_jobs_a_big_file_submitted_not_every_id(settings, tmp_path):
+    path = tmp_path / "jobs.txt"
+    path.write_text("".join(f"gpus=0 -- python shard.py {n}\n" for n in range(300)))
+    run = _gpuq(settings, "watch", str(path), "--once")
+    assert run.returncode == 0, run.stderr
+    [line] = run.stdout.splitlines()
+    assert line.startswith("submitted 300 jobs: ids ") and len(line) < 80, line
+    path.write_text(path.read_text() + "gpus=0 -- python shard.py last\n")
+    again = _gpuq(settings, "watch", str(path), "--once")
+    assert again.stdout.startswith("submitted 1 job: "), again.stdout

@@ -149,10 +149,15 @@ def cancel(ids: list[int] | None = typer.Argument(None, help="Job ids."),
     """Cancel jobs: waiting ones never start; running ones are stopped."""
     out = client().call("cancel", ids=ids or None, name=name, launch_id=launch_id,
                          all_jobs=all_jobs)
+    ended = out.get("ended") or {}
     if as_json:
         print_json(out)
     else:
         typer.echo(f"cancelled {len(out['cancelled'])}, stopping {len(out['cancelling'])}")
+        for job_id, state in ended.items():
+            typer.echo(f"job {job_id} already {state}; nothing to cancel", err=True)
+    if ended:  # a job named that could not be cancelled: a script must not take it as done
+        raise typer.Exit(1)
 
 
 @cli.command()
@@ -284,7 +289,19 @@ def _show_poll(path: Path, result: Any) -> bool:
     for note in result.notes:
         typer.echo(f"{path}: {note}", err=True)
     if result.submitted:
-        typer.echo(f"submitted {', '.join(map(str, result.submitted))}")
+        typer.echo(_submitted_line(result.submitted))
     return bool(result.errors)
+
+
+SHOWN_IDS = 10
+
+
+def _submitted_line(ids: list[int]) -> str:
+    """How many jobs one read submitted, and their ids while few: a file of 10,000 lines
+    is one short line, not 10,000 ids."""
+    jobs = "job" if len(ids) == 1 else "jobs"
+    if len(ids) <= SHOWN_IDS:
+        return f"submitted {len(ids)} {jobs}: {', '.join(map(str, ids))}"
+    return f"submitted {len(ids):,} {jobs}: ids {min(ids)}..{max(ids)}"
 
 
