@@ -161,23 +161,22 @@ def cancel(ids: list[int] | None = typer.Argument(None, help="Job ids."),
 
 
 @cli.command()
-def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
-    """Print a job's output; --follow keeps printing until the job ends."""
-    from app.core.states import JobState
-
-    c = client()
-    offset = 0
-    while True:
-        out = c.call("logs", job_id=job_id, offset=offset)
-        if out.get("where") and not offset:
-            typer.echo(f"job {job_id}'s output is kept in {out['where']}", err=True)
-        sys.stdout.write(out["text"])
+def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f"),
+         head: int | None = typer.Option(None, "--head", metavar="N",
+                                         help="Only the first N lines."),
+         tail: int | None = typer.Option(None, "--tail", metavar="N",
+                                         help="Only the last N lines (then on, with -f).")
+         ) -> None:
+    """Print a job's whole log; --follow keeps printing until the job ends."""
+    if follow and head is not None:
+        raise GpuqError("--head and --follow cannot be used together; --tail N -f follows "
+                        "from the last N lines")
+    pages = client().job(job_id).log_pages(head=head, tail=tail, follow=follow)
+    for n, page in enumerate(pages):
+        if page.get("where") and n == 0:
+            typer.echo(f"job {job_id}'s output is kept in {page['where']}", err=True)
+        sys.stdout.write(page["text"])
         sys.stdout.flush()
-        offset = out["offset"]
-        if not follow or (JobState(out["status"]).terminal and not out["text"]):
-            return
-        if not out["text"]:
-            time.sleep(0.3)
 
 
 @cli.command()

@@ -50,6 +50,7 @@ KEEPALIVE_S = 15.0
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 LaunchId = Annotated[int, Path(ge=1, le=MAX_ID)]
 ByteOffset = Annotated[int, Query(ge=0, le=2**62, description="Byte offset into the log.")]
+LineCount = Annotated[int | None, Query(ge=0, le=2**31, description="A number of lines.")]
 
 router = APIRouter(prefix="/api", responses=REFUSALS)
 
@@ -120,9 +121,11 @@ def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/logs", response_model=Logs, tags=["logs"])
-def get_logs(request: Request, job_id: JobId, offset: ByteOffset = 0) -> dict[str, Any]:
-    """Up to 1 MiB of a job's log from `offset`, and the offset to continue from."""
-    return client_of(request).call("logs", job_id=job_id, offset=offset)
+def get_logs(request: Request, job_id: JobId, offset: ByteOffset = 0,
+             head: LineCount = None, tail: LineCount = None) -> dict[str, Any]:
+    """Up to 1 MiB of a job's log from `offset` (or from the first of its last `tail`
+    lines; ended after `head` lines), and the offset to continue from."""
+    return client_of(request).call("logs", job_id=job_id, offset=offset, head=head, tail=tail)
 
 
 @router.get("/jobs/{job_id}/logs/stream", tags=["logs"], response_class=StreamingResponse,
