@@ -19,7 +19,7 @@ from app.runtime import Runtime
 from app.store.models import Job
 from scheduler.worker import tmux
 from scheduler.worker.attempt import run_attempt
-from tests.conftest import server_env
+from tests.conftest import IN_CI, ROOT, server_env
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")
 CAP = 64 * 1024
@@ -139,3 +139,34 @@ def test_a_job_starts_whatever_its_path_and_sees_its_attempt(settings, tmp_path)
     assert ended == "SUCCEEDED", client.job(shadowed_id).logs()
     assert "in the venv" in client.job(shadowed_id).logs()
     client.close()
+
+
+RUN_ON_A_FULL_DISK = """
+import sys
+from pathlib import Path
+from app.store.models import Job
+from scheduler.worker import executor
+log = Path(sys.argv[1])
+outcome = executor.run(Job(id=3, command="x"), "seq 1 300000", {"PATH": "/usr/bin:/bin"},
+                       log, grace_s=1, should_stop=lambda: None, on_start=lambda _pid: True)
+print("exit", outcome.exit_code)
+"""
+
+
+def test_a_job_on_a_full_disk_runs_to_its_end_its_output_dropped(tmp_path):
+    # Given a log directory on a disk with no room (a tmpfs in a mount namespace of its own)
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        if IN_CI:
+            raise AssertionError("CI must allow `unshare -m` (root, or CAP_SYS_ADMIN)")
+        pytest.skip("a mount namespace of its own needs root or CAP_SYS_ADMIN")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    script = (f"mount -t tmpfs -o size=64k tmpfs {logs}\n"
+              f"dd if=/dev/zero of={logs}/filler bs=4k 2>/dev/null || true\n"
+              f"exec {sys.executable} -c '{RUN_ON_A_FULL_DISK}' {logs}/3.log")
+    # When a job prints 2 MB there, Then it still ends by itself (never stalled on its pipe)
+    ran = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "exit 0"

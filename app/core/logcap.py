@@ -19,6 +19,8 @@ of its log (`python logcap.py LOG CAP`: standard input to the log and to the pan
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import select
@@ -31,6 +33,8 @@ MARKER_SCAN_BYTES = 64  # the marker line is shorter than this
 COPY_CHUNK_BYTES = 1 << 20
 READ_CHUNK_BYTES = 1 << 16
 SMALLEST_CAP_BYTES = 4096
+
+logger = logging.getLogger(__name__)
 
 
 def marker(dropped: int) -> bytes:
@@ -50,6 +54,10 @@ class CappedLog:
             raise ValueError(f"a log cap is at least {SMALLEST_CAP_BYTES} bytes")
         self.cap, self.head, self.keep = cap_bytes, head_bytes(cap_bytes), cap_bytes // 4
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.load()
+
+    def load(self) -> None:
+        """Read the log's state from the file: its size, and the marker's count if any."""
         self.size = os.fstat(self.fd).st_size
         self.dropped, self.tail_from = 0, self.head
         if self.size > self.head:
@@ -68,7 +76,7 @@ class CappedLog:
             self._append(data)
 
     def _append(self, data: bytes) -> None:
-        os.pwrite(self.fd, data, self.size)
+        _write_all(self.fd, data, self.size)
         self.size += len(data)
 
     def _drop_oldest(self, data: bytes) -> None:
@@ -82,9 +90,9 @@ class CappedLog:
         # passed the cap, so it starts well after the marker's end.
         kept = max(min(self.keep - len(data), on_file), 0)
         self._move(self.size - kept, self.size, at)
-        os.pwrite(self.fd, line, self.head)
+        _write_all(self.fd, line, self.head)
         new = data[-self.keep:]
-        os.pwrite(self.fd, new, at + kept)
+        _write_all(self.fd, new, at + kept)
         self.size, self.tail_from = at + kept + len(new), at
         os.ftruncate(self.fd, self.size)
 
@@ -93,11 +101,32 @@ class CappedLog:
         The copy may overlap the marker's place only where the marker is then written."""
         while start < end:
             chunk = os.pread(self.fd, min(COPY_CHUNK_BYTES, end - start), start)
-            os.pwrite(self.fd, chunk, to)
+            _write_all(self.fd, chunk, to)
             start, to = start + len(chunk), to + len(chunk)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _write_all(fd: int, data: bytes, at: int) -> None:
+    """pwrite may write part of `data` (a disk filling up): write on until all is written
+    or it fails."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, at)
+        view, at = view[written:], at + written
+
+
+def write_or_drop(capped: CappedLog, data: bytes) -> bool:
+    """Write to the log; when the disk refuses (full, gone), drop the output instead and
+    say so (False): a job must never stall on a pipe that nobody reads."""
+    try:
+        capped.write(data)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            capped.load()  # a write may have gone in part: carry on from what the file holds
+        return False
 
 
 def append(path: Path, data: bytes, cap_bytes: int) -> None:
@@ -117,6 +146,7 @@ class Pump(threading.Thread):
         super().__init__(name=f"log-pump-{read_fd}", daemon=True)
         self.read_fd, self.log = read_fd, log
         self.stopping = threading.Event()
+        self.lost_bytes = 0  # output dropped because the log could not be written
 
     def run(self) -> None:
         try:
@@ -129,10 +159,17 @@ class Pump(threading.Thread):
                 data = os.read(self.read_fd, READ_CHUNK_BYTES)
                 if not data:
                     return  # every writer closed its end
-                self.log.write(data)
+                self._write(data)
         finally:
             os.close(self.read_fd)
             self.log.close()
+
+    def _write(self, data: bytes) -> None:
+        if not write_or_drop(self.log, data):
+            if not self.lost_bytes:
+                logger.warning("a job's log cannot be written; its output is dropped until "
+                               "it can")
+            self.lost_bytes += len(data)
 
     def finish(self, timeout_s: float = 5.0) -> None:
         """Read what is left once the job's processes are gone; a process that escaped the
@@ -147,7 +184,7 @@ def tee(cap_bytes: int, path: Path) -> None:
     out = sys.stdout.buffer
     try:
         while data := os.read(0, READ_CHUNK_BYTES):
-            log.write(data)
+            write_or_drop(log, data)
             try:
                 out.write(data)
                 out.flush()
