@@ -208,3 +208,12 @@ def test_cli_job_after_another_starts_once_it_has_succeeded(stack, stack_setting
     refused = gpuq(stack_settings, "submit", "--after", failed, "--", "true")
     assert refused.returncode == 2
     assert f"job {failed} ended FAILED" in refused.stderr and f"drop {failed}" in refused.stderr
+
+
+def test_cancelling_an_ended_job_names_its_state_and_exits_non_zero(stack, stack_settings):
+    job_id = gpuq(stack_settings, "submit", "--", "true").stdout.strip()
+    assert gpuq(stack_settings, "wait", job_id, "--timeout", "110").returncode == 0
+    cancelled = gpuq(stack_settings, "cancel", job_id)
+    assert cancelled.returncode == 1
+    assert f"job {job_id} already SUCCEEDED" in cancelled.stderr
+    assert "Traceback" not in cancelled.stderr

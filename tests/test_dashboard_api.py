@@ -222,3 +222,36 @@ def test_the_dashboard_command_prints_the_login_address_with_its_token(settings)
 def test_the_procfile_serves_the_dashboard():
     assert ("dashboard", "gpuq dashboard") in [
         (p.name, p.command) for p in read_procfile(ROOT / "Procfile")]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/jobs", r'{"command": "echo", "name": "\ud800"}'),
+    ("/api/jobs", r'{"command": "echo \udfff"}'),
+    ("/api/launches", r'{"command": "echo", "num_jobs": 2, "env": {"A": "\ud800"}}'),
+    ("/api/ops/queue", r'{"name": "\ud800"}'),
+    ("/api/ops/submit", r'{"spec": {"command": "echo \ud800"}}'),
+    ("/api/ops/cancel", r'{"name": "\ud800"}'),
+])
+def test_a_lone_surrogate_in_any_request_is_one_line_and_stores_nothing(api, local, path, body):
+    # The JSON text itself spells the escape: json.dumps of a Python str would too.
+    answer = api.post(path, content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert answer.json()["code"] == "invalid_arguments"
+    assert "not valid Unicode" in answer.json()["message"]
+    assert local.call("queue")["total"] == 0
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/jobs", {"command": "echo", "workdir": "data/run1"}),
+    ("/api/launches", {"command": "echo", "num_jobs": 2, "workdir": "."}),
+    ("/api/ops/submit", {"spec": {"command": "echo", "workdir": "sub"}}),
+    ("/api/ops/submit_many", {"origin": "api", "specs": [{"command": "echo",
+                                                         "workdir": "sub"}]}),
+])
+def test_a_relative_workdir_from_the_api_is_refused_naming_the_fix(api, local, path, body):
+    answer = api.post(path, json=body)
+    assert answer.status_code == 400, answer.text
+    assert "is relative" in answer.json()["message"]
+    assert "absolute path" in answer.json()["message"]
+    assert local.call("queue")["total"] == 0
+    assert api.post("/api/jobs", json={"command": "echo", "workdir": "/tmp"}).status_code == 201

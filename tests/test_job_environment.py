@@ -14,13 +14,15 @@ from scheduler.worker.executor import job_environment
 
 
 def test_a_replica_reads_what_the_worker_sets():
-    job = Job(id=42, launch_id=7, rank=3, num_jobs=8, restart_count=1, command="true")
+    job = Job(id=42, launch_id=7, rank=3, num_jobs=8, restart_count=1, attempt=2,
+              command="true")
     env = job_environment(job, {"PATH": "/usr/bin"}, gpu_ids=[2, 5], host="box")
 
     seen = JobEnvironment.from_env(env)
 
+    assert env["GPUQ_ATTEMPT"] == "2"
     assert seen == JobEnvironment(job_id=42, launch_id=7, rank=3, num_jobs=8,
-                                  restart_count=1, host="box", gpus=[2, 5])
+                                  restart_count=1, attempt=2, host="box", gpus=[2, 5])
     assert seen.in_gpuq
 
 

@@ -384,3 +384,15 @@ def test_a_submitter_cannot_set_the_origin_of_a_job(rt, local, settings):
     # Then nothing was stored, and the line is the file's own when its watcher reads it
     assert local.call("queue")["total"] == 0
     assert len(JobsFileWatcher(path, _submit_many(local)).poll().submitted) == 1
+
+
+def test_watch_says_how_many_jobs_a_big_file_submitted_not_every_id(settings, tmp_path):
+    path = tmp_path / "jobs.txt"
+    path.write_text("".join(f"gpus=0 -- python shard.py {n}\n" for n in range(300)))
+    run = _gpuq(settings, "watch", str(path), "--once")
+    assert run.returncode == 0, run.stderr
+    [line] = run.stdout.splitlines()
+    assert line.startswith("submitted 300 jobs: ids ") and len(line) < 80, line
+    path.write_text(path.read_text() + "gpus=0 -- python shard.py last\n")
+    again = _gpuq(settings, "watch", str(path), "--once")
+    assert again.stdout.startswith("submitted 1 job: "), again.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from app.core import keys
 from app.ops.registry import call_local
+from app.runtime import Runtime
 from app.store.exits import CRASH_LOOP_EXITS, WINDOW_S, recent_exits, record_exit
 from tests.conftest import server_env, until
 
@@ -74,17 +75,25 @@ def test_config_masks_flowers_password(settings):
     assert json.loads(shown)["flower_basic_auth"] == "****"
 
 
-def test_status_names_stale_workers_and_where_flower_and_the_dashboard_listen(rt):
-    rt.redis.sadd(keys.HOSTS, "gone-host")
-    rt.redis.hset(keys.host_gpus("gone-host"), "0", json.dumps({"name": "fake"}))
-    rt.redis.hset(keys.host_gpus("gone-host"), "1", json.dumps({"name": "fake"}))
-    rt.redis.set(keys.alive("gone-host", 1), 1, ex=30)
+def test_status_names_stale_workers_and_where_flower_and_the_dashboard_listen(settings):
+    with socket.socket() as flower:  # what `gpuq flower` does first: listen on its port
+        flower.bind(("127.0.0.1", 0))
+        flower.listen()
+        port = flower.getsockname()[1]
+        rt = Runtime(settings.model_copy(update={"flower_port": port}))
+        rt.redis.sadd(keys.HOSTS, "gone-host")
+        rt.redis.hset(keys.host_gpus("gone-host"), "0", json.dumps({"name": "fake"}))
+        rt.redis.hset(keys.host_gpus("gone-host"), "1", json.dumps({"name": "fake"}))
+        rt.redis.set(keys.alive("gone-host", 1), 1, ex=30)
 
-    out = call_local(rt, "status", {})
+        out = call_local(rt, "status", {})
+    gone = call_local(rt, "status", {})
+    rt.close()
 
     assert out["stale_workers"] == ["gone-host/gpu0"]
-    assert out["flower"] == "http://127.0.0.1:5555"
+    assert out["flower"] == f"http://127.0.0.1:{port}"
     assert out["dashboard"] == "http://127.0.0.1:5556"
+    assert gone["flower"] is None, "no Flower listens there any more"
 
 
 def test_a_program_is_a_crash_loop_after_enough_recent_exits(rt):
@@ -106,7 +115,7 @@ def test_a_program_is_a_crash_loop_after_enough_recent_exits(rt):
 def test_up_reports_a_crash_loop_in_status_with_the_exit_code(settings, tmp_path):
     procfile = tmp_path / "Procfile"
     procfile.write_text("flaky: sh -c 'exit 3'\n")
-    env = server_env(settings)
+    env = server_env(settings, GPUQ_FLOWER_PORT=str(_free_port()))
     with open(tmp_path / "up.log", "wb") as log:
         up = subprocess.Popen([GPUQ, "up", "--no-flower", "--procfile", str(procfile)],
                               env=env, cwd=tmp_path, start_new_session=True, stdout=log,
@@ -125,6 +134,8 @@ def test_up_reports_a_crash_loop_in_status_with_the_exit_code(settings, tmp_path
                                timeout=60).stdout
         assert "crash loop: testhost/flaky exited" in shown
         assert "last exit code 3" in shown
+        assert "flower" not in shown, "a stack run with --no-flower has no Flower to name"
+        assert "dashboard: http://" in shown
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(timeout=60)
@@ -144,5 +155,4 @@ def test_dashboard_shows_a_crash_loop_in_its_status_api_and_gpu_page(settings, r
 
     [program] = status["programs"]
     assert program["crash_loop"] and program["program"] == "gpu"
-    assert status["flower"] == "http://127.0.0.1:5555"
     assert "crash loop" in page and "testhost/gpu exited 3 times" in page

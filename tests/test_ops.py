@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import update
+from sqlmodel import col
 
 from app.core.errors import (
     DuplicateJob,
@@ -12,7 +14,9 @@ from app.core.errors import (
     LaunchNotFound,
     UnknownOperation,
 )
+from app.core.states import JobState
 from app.ops.registry import OPERATIONS, call_local
+from app.store.models import Job
 
 
 def test_registry_holds_every_operation():
@@ -113,3 +117,16 @@ def test_handles_give_typed_rows_the_operations_built(local):
     launch = local.launch("echo {rank}", 3, gpus=1)
     row = launch.info()
     assert (row.id, row.num_jobs, row.counts, row.done) == (launch.id, 3, {"PENDING": 3}, 0)
+
+
+def test_cancelling_an_ended_job_names_its_state(rt, local):
+    done = local.submit("echo done")
+    waiting = local.submit("echo waiting")
+    with rt.session() as session:  # as a worker records a job that exited 0
+        session.execute(update(Job).where(col(Job.id) == done.id).values(
+            state=JobState.SUCCEEDED.value, ended_at=1.0))
+        session.commit()
+    out = local.call("cancel", ids=[done.id, waiting.id])
+    assert out == {"cancelled": [waiting.id], "cancelling": [],
+                   "ended": {str(done.id): "SUCCEEDED"}}
+    assert done.status == "SUCCEEDED"

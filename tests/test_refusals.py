@@ -13,7 +13,7 @@ import pytest
 from app.core.settings import Settings
 from app.dashboard import create_app
 from app.store.models import Job
-from scheduler.worker.executor import SPLIT_LIMIT_CHARS, argv_for
+from scheduler.worker.executor import BASH, SPLIT_LIMIT_CHARS, argv_for
 from tests.conftest import server_env
 from tests.dashboard_http import dashboard_client
 
@@ -61,5 +61,5 @@ def test_a_long_command_goes_to_bash_unsplit_and_a_short_plain_one_runs_directly
     job = Job(command="x")
     path = {"PATH": "/usr/bin:/bin"}
     long_word = "x" * (SPLIT_LIMIT_CHARS * 16)  # shlex.split is quadratic in one word
-    assert argv_for(job, f"echo {long_word}", path) == ["bash", "-c", f"echo {long_word}"]
+    assert argv_for(job, f"echo {long_word}", path) == [BASH, "-c", f"echo {long_word}"]
     assert argv_for(job, "echo short words", path) == ["echo", "short", "words"]

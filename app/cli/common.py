@@ -4,11 +4,14 @@ JSON output. Heavy imports stay inside commands, so that start-up stays fast."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from app.core.errors import GpuqError
+from app.core import errors
+from app.core.errors import BrokerUnavailable, DatabaseUnavailable, GpuqError
 
 if TYPE_CHECKING:
     from app.client import Client
@@ -25,15 +28,36 @@ NameOpt = typer.Option(None, "--name", help="A name to find the job by.")
 class State:
     verbose = False
     context: typer.Context | None = None  # the command line's; closes what commands open
+    settings: Settings | None = None  # the command's, once loaded: where its state is kept
 
 
 def load_settings() -> Settings:
     from app.core.settings import Settings
 
     try:
-        return Settings()
+        State.settings = Settings()
     except Exception as e:  # pydantic ValidationError: one line naming the variable
         raise GpuqError(f"bad settings: {e}".replace("\n", " ")) from e
+    return State.settings
+
+
+# Errors that may come from the state gpuq keeps on disk, whatever the command.
+_STATE_ERRORS = (OSError, DatabaseUnavailable, BrokerUnavailable)
+
+
+def state_fault(error: Exception) -> GpuqError | None:
+    """The one line for an error that came from GPUQ_HOME or its SQLite file: read-only,
+    full, or damaged (app/core/errors.py state_fault); None for any other error."""
+    settings = State.settings
+    if settings is None:
+        return None
+    exc = sys.modules.get("sqlalchemy.exc")
+    from_store = exc is not None and isinstance(error, exc.SQLAlchemyError)
+    if not (from_store or isinstance(error, _STATE_ERRORS)):
+        return None
+    sqlite = Path(settings.sqlite_url.removeprefix("sqlite:///"))
+    database = None if settings.database_url else sqlite
+    return errors.state_fault(error, settings.home, database)
 
 
 def client(transport: str | None = None) -> Client:

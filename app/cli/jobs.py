@@ -149,30 +149,34 @@ def cancel(ids: list[int] | None = typer.Argument(None, help="Job ids."),
     """Cancel jobs: waiting ones never start; running ones are stopped."""
     out = client().call("cancel", ids=ids or None, name=name, launch_id=launch_id,
                          all_jobs=all_jobs)
+    ended = out.get("ended") or {}
     if as_json:
         print_json(out)
     else:
         typer.echo(f"cancelled {len(out['cancelled'])}, stopping {len(out['cancelling'])}")
+        for job_id, state in ended.items():
+            typer.echo(f"job {job_id} already {state}; nothing to cancel", err=True)
+    if ended:  # a job named that could not be cancelled: a script must not take it as done
+        raise typer.Exit(1)
 
 
 @cli.command()
-def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
-    """Print a job's output; --follow keeps printing until the job ends."""
-    from app.core.states import JobState
-
-    c = client()
-    offset = 0
-    while True:
-        out = c.call("logs", job_id=job_id, offset=offset)
-        if out.get("where") and not offset:
-            typer.echo(f"job {job_id}'s output is kept in {out['where']}", err=True)
-        sys.stdout.write(out["text"])
+def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f"),
+         head: int | None = typer.Option(None, "--head", metavar="N",
+                                         help="Only the first N lines."),
+         tail: int | None = typer.Option(None, "--tail", metavar="N",
+                                         help="Only the last N lines (then on, with -f).")
+         ) -> None:
+    """Print a job's whole log; --follow keeps printing until the job ends."""
+    if follow and head is not None:
+        raise GpuqError("--head and --follow cannot be used together; --tail N -f follows "
+                        "from the last N lines")
+    pages = client().job(job_id).log_pages(head=head, tail=tail, follow=follow)
+    for n, page in enumerate(pages):
+        if page.get("where") and n == 0:
+            typer.echo(f"job {job_id}'s output is kept in {page['where']}", err=True)
+        sys.stdout.write(page["text"])
         sys.stdout.flush()
-        offset = out["offset"]
-        if not follow or (JobState(out["status"]).terminal and not out["text"]):
-            return
-        if not out["text"]:
-            time.sleep(0.3)
 
 
 @cli.command()
@@ -284,7 +288,19 @@ def _show_poll(path: Path, result: Any) -> bool:
     for note in result.notes:
         typer.echo(f"{path}: {note}", err=True)
     if result.submitted:
-        typer.echo(f"submitted {', '.join(map(str, result.submitted))}")
+        typer.echo(_submitted_line(result.submitted))
     return bool(result.errors)
+
+
+SHOWN_IDS = 10
+
+
+def _submitted_line(ids: list[int]) -> str:
+    """How many jobs one read submitted, and their ids while few: a file of 10,000 lines
+    is one short line, not 10,000 ids."""
+    jobs = "job" if len(ids) == 1 else "jobs"
+    if len(ids) <= SHOWN_IDS:
+        return f"submitted {len(ids)} {jobs}: {', '.join(map(str, ids))}"
+    return f"submitted {len(ids):,} {jobs}: ids {min(ids)}..{max(ids)}"
 
 

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from app.cli import jobs, report, servers, shares  # noqa: F401  (register their commands)
-from app.cli.common import State, cli
+from app.cli.common import State, cli, state_fault
 from app.cli.db import db
 from app.cli.users import users
 from app.core.errors import GpuqError
@@ -31,8 +31,12 @@ def main() -> None:
 
 
 def _refusal(error: Exception) -> GpuqError | None:
-    """The one line to print for an error: gpuq's own, or a database that did not answer
-    (sqlalchemy is looked up only when a command has loaded it)."""
+    """The one line to print for an error: gpuq's own, the state it keeps on disk (a home
+    that cannot be written, a full disk, a damaged SQLite file), or a database that did not
+    answer (sqlalchemy is looked up only when a command has loaded it)."""
+    fault = state_fault(error)
+    if fault is not None:
+        return fault
     if isinstance(error, GpuqError):
         return error
     exc = sys.modules.get("sqlalchemy.exc")

@@ -108,9 +108,10 @@ def status_table(status: dict[str, Any]) -> None:
                       f"{', '.join(status['stale_workers'])}", highlight=False)
     for program in status.get("programs", []):
         console.print(program_line(program), highlight=False)
-    if "flower" in status:
-        console.print(f"flower: {status['flower']}  dashboard: {status['dashboard']}",
-                      highlight=False)
+    if status.get("flower"):  # None: no Flower answers (a stack run with --no-flower)
+        console.print(f"flower: {status['flower']}", highlight=False)
+    if status.get("dashboard"):
+        console.print(f"dashboard: {status['dashboard']}", highlight=False)
 
 
 def limits_table(out: dict[str, Any]) -> None:

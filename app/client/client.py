@@ -411,9 +411,30 @@ class JobHandle:
         """Block until the job ends; return its final status."""
         return str(self.client.wait([self.id], timeout_s)[0]["status"])
 
-    def logs(self) -> str:
-        text: str = self.client.call("logs", job_id=self.id)["text"]
-        return text
+    def logs(self, head: int | None = None, tail: int | None = None) -> str:
+        """The job's whole log as it is now, or its first `head` or last `tail` lines."""
+        return "".join(page["text"] for page in self.log_pages(head=head, tail=tail))
+
+    def log_pages(self, head: int | None = None, tail: int | None = None,
+                  follow: bool = False, poll_s: float = 0.3) -> Iterator[dict[str, Any]]:
+        """The `logs` operation's answers, one chunk each, from the log's start (or the
+        first of its last `tail` lines) to its end as it was at the first read, or after
+        `head` lines; with `follow`, on as it grows until the job has ended."""
+        out = self.client.call("logs", job_id=self.id, head=head, tail=tail)
+        end, left = out.get("size", 0), head
+        while True:
+            yield out
+            if left is not None:
+                left -= out["text"].count("\n")
+                if left <= 0:
+                    return
+            if not out["text"]:
+                if not follow or JobState(out["status"]).terminal:
+                    return
+                time.sleep(poll_s)
+            elif not follow and out["offset"] >= end:
+                return
+            out = self.client.call("logs", job_id=self.id, offset=out["offset"], head=left)
 
     def result(self, timeout_s: float | None = None) -> Any:
         """Wait for a function job; return its value or raise its exception, whose notes

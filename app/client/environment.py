@@ -26,6 +26,7 @@ class JobEnvironment:
     rank: int = 0  # GPUQ_JOB_RANK: 0..num_jobs-1 within the launch
     num_jobs: int = 1  # GPUQ_NUM_JOBS: replicas in the launch
     restart_count: int = 0  # GPUQ_RESTART_COUNT: restarts before this attempt
+    attempt: int | None = None  # GPUQ_ATTEMPT: this run's attempt number (1, 2, ...)
     host: str | None = None  # GPUQ_HOST: the host running the job (local GPUs only)
     gpus: list[int] = field(default_factory=list)  # CUDA_VISIBLE_DEVICES, as indices
 
@@ -49,6 +50,7 @@ class JobEnvironment:
             rank=_optional_int(env, "GPUQ_JOB_RANK") or 0,
             num_jobs=_optional_int(env, "GPUQ_NUM_JOBS") or 1,
             restart_count=_optional_int(env, "GPUQ_RESTART_COUNT") or 0,
+            attempt=_optional_int(env, "GPUQ_ATTEMPT"),
             host=env.get("GPUQ_HOST") or None,
             gpus=_gpu_indices(env.get("CUDA_VISIBLE_DEVICES", "")),
         )

@@ -6,7 +6,10 @@ the remote transport as (code, message) comes back as its own class.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 ERRORS_BY_CODE: dict[str, type[GpuqError]] = {}
 
@@ -195,3 +198,83 @@ class HostAlreadyRunning(GpuqError):
     """Another `gpuq worker` or `gpuq up` runs this host's GPU workers."""
 
     code = "host_already_running"
+
+
+# Where gpuq keeps its state: the home's disk and the SQLite file in it
+
+
+class HomeNotWritable(GpuqError):
+    """GPUQ_HOME is on a read-only file system, or its owner may not write it."""
+
+    code = "home_not_writable"
+
+
+class DiskFull(GpuqError):
+    """The disk GPUQ_HOME is on has no space left."""
+
+    code = "disk_full"
+
+
+class DatabaseCorrupt(DatabaseUnavailable):
+    """The SQLite file is not a database, or a damaged one."""
+
+    code = "database_corrupt"
+
+
+# SQLite's words for a file that is not (or no longer) a database.
+_CORRUPT_WORDS = ("file is not a database", "database disk image is malformed")
+# Below this much free space a write to the home is taken to have failed for want of it.
+FULL_BELOW_BYTES = 1 << 20
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error, what it was raised from, and the driver's error a SQLAlchemy one wraps."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return seen
+
+
+def state_fault(error: BaseException, home: Path, database: Path | None) -> GpuqError | None:
+    """One line naming the file and the fix when `error` came from the state gpuq keeps on
+    disk: a GPUQ_HOME that cannot be written, its disk full, or a SQLite file (`database`,
+    None on PostgreSQL) that is not a database. None when it is none of these."""
+    import errno
+    import os
+
+    causes = _causes(error)
+    numbers = {getattr(e, "errno", None) for e in causes if isinstance(e, OSError)}
+    text = " ".join(str(e) for e in causes)
+    # A write refused (SQLite says so in words): the home is not this user's to write.
+    refused = bool(numbers & {errno.EACCES, errno.EPERM}) or any(
+        words in text for words in ("readonly database", "unable to open database file"))
+    try:
+        disk = os.statvfs(home)
+        read_only = bool(disk.f_flag & os.ST_RDONLY) or (
+            refused and not os.access(home, os.W_OK))
+        free_bytes = disk.f_bavail * disk.f_frsize
+    except OSError:  # no home yet: nothing of it to diagnose
+        read_only, free_bytes = False, FULL_BELOW_BYTES
+    if read_only or errno.EROFS in numbers:
+        return HomeNotWritable(
+            f"GPUQ_HOME {home} cannot be written (a read-only file system, or not yours to "
+            "write); gpuq keeps its database, logs and the embedded Redis there: make it "
+            "writable (remount it read-write, `chmod u+w`), or set GPUQ_HOME to a directory "
+            "you can write")
+    if (free_bytes < FULL_BELOW_BYTES or errno.ENOSPC in numbers
+            or "database or disk is full" in text):
+        return DiskFull(
+            f"the disk of GPUQ_HOME {home} is full ({free_bytes:,} bytes free); free space "
+            f"there (`df -h {home}`; job logs are in {home / 'logs'}), or set GPUQ_HOME to a "
+            "directory on another disk")
+    if database is not None and any(words in text for words in _CORRUPT_WORDS):
+        return DatabaseCorrupt(
+            f"the database {database} is damaged ({next(w for w in _CORRUPT_WORDS if w in text)}"
+            f"); restore it from a backup, or move it aside (`mv {database} "
+            f"{database}.damaged`) and gpuq starts an empty one: its jobs are then forgotten")
+    return None

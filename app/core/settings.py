@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         16 * 2**20, gt=0, description="Largest result a function job may return."
     )
     keep_result_s: int = Field(7 * 86400, gt=0, description="How long results are kept.")
+    log_max_bytes: int = Field(
+        2**30, ge=4096, description="Largest job log: past it the log keeps its first half "
+        "and its newest part, with a line saying how many bytes were dropped between them."
+    )
     keep_finished_days: float = Field(
         30.0, ge=0, description="Finished jobs (rows, events, logs, payloads) are deleted "
         "this many days after they ended; 0 keeps them for ever."

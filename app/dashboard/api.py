@@ -15,6 +15,7 @@ from app.client import Client
 from app.core.identity import Actor
 from app.core.states import JobState
 from app.dashboard import present
+from app.dashboard.bodies import absolute_workdir, check_specs
 from app.dashboard.schemas import ErrorBody, LaunchRequest, SubmitRequest
 from app.ops.read import MAX_PAGE, SORT_KEYS
 from app.ops.rows import (
@@ -49,6 +50,7 @@ KEEPALIVE_S = 15.0
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 LaunchId = Annotated[int, Path(ge=1, le=MAX_ID)]
 ByteOffset = Annotated[int, Query(ge=0, le=2**62, description="Byte offset into the log.")]
+LineCount = Annotated[int | None, Query(ge=0, le=2**31, description="A number of lines.")]
 
 router = APIRouter(prefix="/api", responses=REFUSALS)
 
@@ -93,6 +95,7 @@ def get_job(request: Request, job_id: JobId) -> dict[str, Any]:
 def submit_job(request: Request, body: SubmitRequest) -> dict[str, Any]:
     """Queue one job, as `gpuq submit`."""
     options = body.model_dump(exclude={"allow_duplicate"})
+    absolute_workdir(options["workdir"])
     handle = client_of(request).submit(options.pop("command"),
                                        allow_duplicate=body.allow_duplicate, **options)
     return {"job_ids": [handle.id], "launch_id": None}
@@ -118,9 +121,11 @@ def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/logs", response_model=Logs, tags=["logs"])
-def get_logs(request: Request, job_id: JobId, offset: ByteOffset = 0) -> dict[str, Any]:
-    """Up to 1 MiB of a job's log from `offset`, and the offset to continue from."""
-    return client_of(request).call("logs", job_id=job_id, offset=offset)
+def get_logs(request: Request, job_id: JobId, offset: ByteOffset = 0,
+             head: LineCount = None, tail: LineCount = None) -> dict[str, Any]:
+    """Up to 1 MiB of a job's log from `offset` (or from the first of its last `tail`
+    lines; ended after `head` lines), and the offset to continue from."""
+    return client_of(request).call("logs", job_id=job_id, offset=offset, head=head, tail=tail)
 
 
 @router.get("/jobs/{job_id}/logs/stream", tags=["logs"], response_class=StreamingResponse,
@@ -181,6 +186,7 @@ def get_launch(request: Request, launch_id: LaunchId) -> dict[str, Any]:
 def launch_jobs(request: Request, body: LaunchRequest) -> dict[str, Any]:
     """Queue `num_jobs` replicas of one command, as `gpuq launch`."""
     options = body.model_dump(exclude={"num_jobs"})
+    absolute_workdir(options["workdir"])
     handle = client_of(request).launch(options.pop("command"), body.num_jobs, **options)
     return {"job_ids": handle.job_ids, "launch_id": handle.id}
 
@@ -220,4 +226,5 @@ def run_operation(request: Request,
                       description="The operation's named arguments.")]) -> dict[str, Any]:
     """Run any operation of the operations layer as the token's user: what the Python
     client and the CLI send over the http transport (GPUQ_URL)."""
+    check_specs(kwargs)
     return client_of(request).call(name, **kwargs)

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -20,6 +20,7 @@ from app.dashboard.auth import (
     owner_identity,
     token_middleware,
 )
+from app.dashboard.bodies import valid_unicode
 from app.dashboard.guard import AllowedHosts, Guard
 from app.dashboard.limits import BodyLimit
 from app.store import users
@@ -59,7 +60,8 @@ def create_app(settings: Settings, client: Client | None = None,
             own.close()
 
     app = FastAPI(title="gpuq dashboard", version="1", lifespan=lifespan,
-                  description="Jobs, launches, GPUs and logs over gpuq's operations layer.")
+                  description="Jobs, launches, GPUs and logs over gpuq's operations layer.",
+                  dependencies=[Depends(valid_unicode)])
     app.state.client = own
     app.state.settings = settings
     app.include_router(api.router)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.core import keys
 from app.core.errors import InvalidJobSpec, LaunchNotFound
@@ -34,13 +34,24 @@ from app.store.models import Job, Launch
 log = logging.getLogger(__name__)
 
 
+def _named_and_over(session: Session, actor: Actor | None, ids: list[int]) -> dict[int, str]:
+    """Refuse unknown ids, or another's, before anything changes; return the states of the
+    named jobs that have already ended."""
+    if not ids:
+        return {}
+    named = get_jobs(session, ids)
+    check_may_touch(actor, named)
+    return {j.id or 0: j.state for j in named if JobState(j.state).terminal}
+
+
 @operation
 def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
            launch_id: int | None = None, all_jobs: bool = False,
            actor: Actor | None = None) -> dict[str, Any]:
     """Cancel jobs: waiting ones end CANCELLED now, running ones are told to stop. A named
     user who is not an admin cancels only their own: naming another's job or launch is
-    refused, and --name and --all reach only their own jobs."""
+    refused, and --name and --all reach only their own jobs. Named jobs that had already
+    ended come back in `ended` (only then), by id, with their state."""
     if not (ids or name or launch_id is not None or all_jobs):
         raise InvalidJobSpec("say what to cancel: job ids, --name, --launch or --all")
     check_job_ids(ids or [])
@@ -48,8 +59,7 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
         check_launch_id(launch_id)
     where = [*filters(None, launch_id, name, ids), *own(actor)]
     with rt.session() as session:
-        if ids:  # unknown ids, or another's: refuse before changing anything
-            check_may_touch(actor, get_jobs(session, ids))
+        over = _named_and_over(session, actor, ids or [])
         if launch_id is not None:
             found = session.get(Launch, launch_id)
             if found is None:
@@ -86,4 +96,7 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
     for job_id, lid, key in payloads:
         with rt.session() as session:
             drop_payload_if_finished(session, rt.redis, job_id or 0, lid, key)
-    return {"cancelled": sorted(cancelled), "cancelling": sorted(stopping)}
+    out: dict[str, Any] = {"cancelled": sorted(cancelled), "cancelling": sorted(stopping)}
+    if over:  # named jobs that had ended before: nothing to cancel; the caller is told why
+        out["ended"] = {str(i): state for i, state in sorted(over.items())}
+    return out

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import ColumnElement, false, func
 from sqlmodel import Session, col, select
@@ -20,6 +22,7 @@ from app.core.errors import (
     NotPermitted,
 )
 from app.core.identity import Actor, stack_owner
+from app.core.logcap import head_bytes
 from app.core.paths import JobPaths
 from app.core.states import JobState
 from app.ops.registry import operation
@@ -222,12 +225,13 @@ def launches(rt: Runtime, launch_id: int | None = None, actor: Actor | None = No
 
 
 @operation
-def logs(rt: Runtime, job_id: int, offset: int = 0, actor: Actor | None = None
-         ) -> dict[str, Any]:
-    """Up to 1 MiB of a job's log from byte `offset`, and the offset to continue from.
-    A job whose backend keeps its output elsewhere gets a `where` naming the place."""
-    if offset < 0:
-        raise InvalidArguments("offset is a byte position in the log: 0 or more")
+def logs(rt: Runtime, job_id: int, offset: int = 0, head: int | None = None,
+         tail: int | None = None, actor: Actor | None = None) -> dict[str, Any]:
+    """Up to 1 MiB of a job's log from byte `offset`, the offset to continue from, and the
+    log's size now (`gpuq logs` reads on to it). `tail` starts at the first of the last
+    `tail` lines instead; `head` ends the text after that many lines. A job whose backend
+    keeps its output elsewhere gets a `where` naming the place."""
+    _check_log_arguments(offset, head, tail)
     check_job_ids([job_id])
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
@@ -237,13 +241,78 @@ def logs(rt: Runtime, job_id: int, offset: int = 0, actor: Actor | None = None
     where = None
     if job.backend != "local":
         path, where = adapter_class(job.backend).output(rt.settings, job)
-    data = b""
+    data, size = b"", 0
     if path is not None:
         with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if tail is not None:
+                offset = tail_offset(f, size, tail)
+            elif offset > size:  # its middle was dropped (a capped log) since that offset
+                cut_at = head_bytes(rt.settings.log_max_bytes)
+                offset = cut_at if size > cut_at else 0
             f.seek(offset)
-            data = f.read(LOG_CHUNK_BYTES)
+            data = whole_characters(f.read(LOG_CHUNK_BYTES), LOG_CHUNK_BYTES)
+    if head is not None:
+        data = first_lines(data, head)
     return {"text": data.decode(errors="replace"), "offset": offset + len(data),
-            "status": state, "where": where}
+            "status": state, "where": where, "size": size}
+
+
+def _check_log_arguments(offset: int, head: int | None, tail: int | None) -> None:
+    if offset < 0:
+        raise InvalidArguments("offset is a byte position in the log: 0 or more")
+    if head is not None and tail is not None:
+        raise InvalidArguments("--head and --tail cannot be used together; choose one")
+    for name, lines in (("head", head), ("tail", tail)):
+        if lines is not None and lines < 0:
+            raise InvalidArguments(f"--{name} counts lines: 0 or more")
+
+
+TAIL_BLOCK_BYTES = 1 << 16
+
+
+def tail_offset(f: BinaryIO, size: int, lines: int) -> int:
+    """Where the last `lines` lines of the file start (a last line without its newline is
+    one), read backwards a block at a time."""
+    end = size
+    if size:
+        f.seek(size - 1)
+        end -= f.read(1) == b"\n"  # the last line's own newline starts no line
+    found, pos = 0, end
+    while pos > 0 and lines:
+        start = max(0, pos - TAIL_BLOCK_BYTES)
+        f.seek(start)
+        block = f.read(pos - start)
+        at = len(block)
+        while (at := block.rfind(b"\n", 0, at)) >= 0:
+            found += 1
+            if found == lines:
+                return start + at + 1
+        pos = start
+    return size if not lines else 0
+
+
+def first_lines(data: bytes, lines: int) -> bytes:
+    """`data` up to and with its `lines`-th newline."""
+    at = -1
+    for _ in range(lines):
+        at = data.find(b"\n", at + 1)
+        if at < 0:
+            return data
+    return data[:at + 1]
+
+
+def whole_characters(data: bytes, full: int) -> bytes:
+    """A chunk of `full` bytes less a UTF-8 character cut at its end (the next chunk starts
+    with it): both halves would decode to replacement characters."""
+    if len(data) < full:
+        return data
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # ASCII or the first byte of a character
+            length = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if length <= back else data[:-back]
+    return data
 
 
 @operation
@@ -265,8 +334,24 @@ def status(rt: Runtime, actor: Actor | None = None) -> dict[str, Any]:
             "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
                               for g in h["gpus"] if not g["alive"]],
             "programs": recent_exits(r),
-            "flower": f"http://{s.flower_address}:{s.flower_port}",
+            "flower": (f"http://{s.flower_address}:{s.flower_port}"
+                       if _listening(s.flower_address, s.flower_port) else None),
             "dashboard": f"http://{s.dashboard_address}:{s.dashboard_port}"}
+
+
+# A Flower that does not answer this fast is not shown (a stack run with --no-flower).
+FLOWER_PROBE_S = 0.3
+
+
+def _listening(address: str, port: int) -> bool:
+    """Whether something accepts connections at address:port: Flower is optional, and a
+    stack without it must not point users at an address where nothing answers."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
+    try:
+        with socket.create_connection((host, port), timeout=FLOWER_PROBE_S):
+            return True
+    except OSError:
+        return False
 
 
 def _hide_others_jobs(session: Session, hosts: list[dict[str, Any]], actor: Actor) -> None:

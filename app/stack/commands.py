@@ -4,6 +4,7 @@ server is always the gpuq that started it."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from app.core.keys import CONTROL_QUEUE, CPU_QUEUE, gpu_queue
@@ -36,7 +37,9 @@ def is_host_worker(command: str) -> bool:
 
 
 def celery_command(settings: Settings, *args: str) -> str:
-    return " ".join([sys.executable, "-m", "celery", "-A", "tasks.worker_app", *args])
+    """A command line for /bin/sh (the supervisor's) or shlex.split (`gpuq beat`): each word
+    quoted, so that an interpreter or a GPUQ_HOME with a space in its path stays one word."""
+    return shlex.join([sys.executable, "-m", "celery", "-A", "tasks.worker_app", *args])
 
 
 def worker_command(settings: Settings, name: str, queue: str, pool: str, concurrency: int) -> str:

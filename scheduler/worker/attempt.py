@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
 
-from app.core import keys
+from app.core import keys, logcap
 from app.core.errors import PayloadError, PayloadNotAuthentic
 from app.core.paths import JobPaths
 from app.core.procgroup import process_identity
@@ -101,8 +101,8 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
     job_id, settings = job.id, rt.settings
     path = JobPaths(rt.settings.home, job_id).log
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as f:
-        f.write(f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n".encode())
+    logcap.append(path, f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n"
+                  .encode(), settings.log_max_bytes)
     try:
         # The secrets come from the payload, unsealed here: never in the job table.
         env = executor.job_environment(job, dict(os.environ), gpu_ids, host,
@@ -117,6 +117,7 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
             job, command, env, path, grace_s=settings.kill_grace_s,
             should_stop=lease.stop_reason,
             on_start=lambda pid: _started(rt, lease, job_id, attempt, host, pid),
+            log_max_bytes=settings.log_max_bytes,
         )
     except OSError as e:
         with rt.session() as session:
@@ -169,8 +170,8 @@ def _preflight(rt: Runtime, job: Job, attempt: int, env: dict[str, str], path: P
 
     assert job.id is not None and job.preflight is not None
     result = run_check(rt.settings, job.preflight, env)
-    with open(path, "a") as log_file:
-        log_file.write(f"== gpuq: {result.reason}\n{result.output}")
+    logcap.append(path, f"== gpuq: {result.reason}\n{result.output}".encode(errors="replace"),
+                  rt.settings.log_max_bytes)
     with rt.session() as session:
         if result.status == "failed":
             transition(session, JobState.FAILED_PRECHECK, result.reason,

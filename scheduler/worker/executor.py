@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core import job_env
+from app.core import job_env, logcap
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
 from app.store.models import Job
 
 POLL_S = 0.05
+DEFAULT_LOG_MAX_BYTES = 2**30  # Settings.log_max_bytes
 
 
 # Why gpuq stopped a job before it ended by itself.
@@ -54,6 +55,7 @@ def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: st
         "GPUQ_JOB_RANK": str(job.rank),
         "GPUQ_NUM_JOBS": str(job.num_jobs),
         "GPUQ_RESTART_COUNT": str(job.restart_count),
+        "GPUQ_ATTEMPT": str(job.attempt),
         "GPUQ_HOST": host,
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -86,26 +88,49 @@ def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
             words = []
         if words and "=" not in words[0] and shutil.which(words[0], path=env.get("PATH")):
             return words
-    return ["bash", "-c", shell_script(job, command)]
+    return [BASH, "-c", shell_script(job, command)]
 
 
+# gpuq's own programs, found on the worker's PATH as it starts: a program named without its
+# directory would be looked up on the job's PATH, which the job may have set to anything
+# (`--env PATH=...`) or shadowed with a venv of its own.
+BASH = shutil.which("bash") or "/bin/bash"
 # The job's leader gets SIGKILL when the worker thread that started it dies (a SIGKILLed
 # worker must not leave its job running unwatched: it would run on after its lease ran out).
-_PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+_SETPRIV = shutil.which("setpriv")
+_PDEATHSIG = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
-        should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
-    """Run the job to its end, or until `should_stop` names a reason to stop it.
+        should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> Outcome:
+    """Run the job to its end, or until `should_stop` names a reason to stop it. Its output
+    reaches its log through a pipe, pumped on a thread of this worker into the capped log.
 
     `on_start(pid)` records the start and says whether the job is still wanted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    read_fd, write_fd = os.pipe()
+    try:
         proc = subprocess.Popen(
-            [*_PDEATHSIG, *argv_for(job, command, env)], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
+            [*_PDEATHSIG, *argv_for(job, command, env)], stdin=subprocess.DEVNULL,
+            stdout=write_fd, stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    pump = logcap.Pump(read_fd, logcap.CappedLog(log_path, log_max_bytes))
+    pump.start()
+    try:
+        return _watch(proc, grace_s, should_stop, on_start)
+    finally:
+        pump.finish()
+
+
+def _watch(proc: subprocess.Popen[bytes], grace_s: float,
+           should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
     if not on_start(proc.pid):  # cancelled, or superseded, while it was starting
         stop_group(proc, 0)
         return Outcome(proc.returncode, stopped=should_stop() or CANCEL)

@@ -9,16 +9,24 @@ from __future__ import annotations
 import errno
 import os
 import shlex
-import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from app.core import logcap
 from app.core.paths import JobPaths
 from app.core.procgroup import stop_pane_group
 from app.store.models import Job
-from scheduler.worker.executor import CANCEL, POLL_S, Outcome, shell_script
+from scheduler.worker.executor import (
+    BASH,
+    CANCEL,
+    DEFAULT_LOG_MAX_BYTES,
+    POLL_S,
+    Outcome,
+    shell_script,
+)
 
 KILLED_EXIT = 137
 
@@ -36,15 +44,25 @@ def env_fifo(paths: JobPaths) -> Path:
     return paths.tmux_script.with_name(f"{paths.job_id}.tmux.env")
 
 
-def _script(job: Job, command: str, fifo: Path, log_path: Path, exit_path: Path) -> str:
+def _script(job: Job, command: str, fifo: Path, log_path: Path, exit_path: Path,
+            log_max_bytes: int) -> str:
     """The script the pane runs: its environment comes through the pipe, never from the
     file (the script holds no value of it) nor from the tmux server, which has the
-    environment of the worker that started it (the pane starts under `env -i`)."""
+    environment of the worker that started it (the pane starts under `env -i`).
+
+    Every program gpuq runs here is named by the path the worker found it at, and runs
+    before the job's environment is in force or by that path: the job's PATH may hold
+    anything. The job's output goes to the pane and to its capped log through logcap.py
+    (in place of `tee`), run by the worker's interpreter."""
     workdir = f"cd {shlex.quote(job.workdir)}\n" if job.workdir else ""
     script = shlex.quote(shell_script(job, command))
-    return (f'eval "$(cat {shlex.quote(str(fifo))})"\nrm -f {shlex.quote(str(fifo))}\n'
+    fifo_text = shlex.quote(str(fifo))
+    writer = shlex.join([sys.executable, "-I", logcap.__file__, str(log_path),
+                         str(log_max_bytes)])
+    return (f'gpuq_env="$(cat {fifo_text})"\nrm -f {fifo_text}\neval "$gpuq_env"\n'
+            "unset gpuq_env\n"
             f"{workdir}"
-            f"bash -c {script} 2>&1 | tee -a {shlex.quote(str(log_path))}\n"
+            f"{shlex.quote(BASH)} -c {script} 2>&1 | {writer}\n"
             f"echo ${{PIPESTATUS[0]}} > {shlex.quote(str(exit_path))}\n")
 
 
@@ -75,12 +93,14 @@ def _hand_over(fifo: Path, data: bytes, alive: Callable[[], bool]) -> None:
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
         paths: JobPaths, grace_s: float,
-        should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
+        should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> Outcome:
     """Run the job in `tmux new-session -d` and wait for it like the direct executor.
     Its script and pipe are removed when the attempt ends."""
     script_path, fifo = paths.tmux_script, env_fifo(paths)
     try:
-        return _run(job, command, env, log_path, socket, paths, grace_s, should_stop, on_start)
+        return _run(job, command, env, log_path, socket, paths, grace_s, should_stop, on_start,
+                    log_max_bytes)
     finally:
         script_path.unlink(missing_ok=True)
         fifo.unlink(missing_ok=True)
@@ -88,14 +108,14 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: 
 
 def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Path,
          paths: JobPaths, grace_s: float, should_stop: Callable[[], str | None],
-         on_start: Callable[[int], bool]) -> Outcome:
+         on_start: Callable[[int], bool], log_max_bytes: int) -> Outcome:
     name = session_name(job.id)
     script_path, exit_path, fifo = paths.tmux_script, paths.tmux_exit, env_fifo(paths)
     exit_path.unlink(missing_ok=True)
     fifo.unlink(missing_ok=True)
     os.mkfifo(fifo, 0o600)
-    script_path.write_text(_script(job, command, fifo, log_path, exit_path))
-    bash = shutil.which("bash") or "/bin/bash"
+    script_path.write_text(_script(job, command, fifo, log_path, exit_path, log_max_bytes))
+    bash = BASH
     # -P prints the pane's pid as the session is made: a short job may be gone a moment later.
     pane_pid = int(subprocess.run(
         tmux_command(socket, "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name,
