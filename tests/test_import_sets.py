@@ -80,6 +80,14 @@ def test_gpuq_queue_loads_only_the_reads(waiting, settings):
     assert among(modules, {"app.ops.shares"}) == []
 
 
+def test_a_page_with_no_waiting_job_loads_no_redis(waiting, settings):
+    # When the page holds no PENDING job (only those ask Redis why they wait)
+    done, modules = gpuq_loads(settings, "queue", "--status", "SUCCEEDED")
+    # Then redis-py was never loaded
+    assert "0 of 0 jobs" in done.stdout, done.stdout
+    assert among(modules, {"redis", *NEVER_ON_A_READ}) == []
+
+
 def test_gpuq_status_loads_only_the_reads(waiting, settings):
     # When `gpuq status` runs
     done, modules = gpuq_loads(settings, "status")
