@@ -1,4 +1,7 @@
-"""The connections one gpuq process holds, built from Settings at the call site."""
+"""The connections one gpuq process holds, built from Settings at the call site.
+
+Each is imported where it is first opened: a command that reads the database never loads
+redis-py or Celery, and one that only talks to Redis never loads SQLAlchemy."""
 
 from __future__ import annotations
 
@@ -7,20 +10,17 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine
-from sqlmodel import Session
-
-from app.celery_app import create_celery
 from app.core.errors import BrokerUnavailable
 from app.core.paths import private_home
 from app.core.sentinel import SentinelUrl
 from app.core.settings import Settings, mask_url
-from app.store.db import make_engine
 from app.store.embedded_redis import resolve_redis_url
 
 if TYPE_CHECKING:
     import redis
     from celery import Celery
+    from sqlalchemy import Engine
+    from sqlmodel import Session
 
 
 # About 30 s of reconnecting (backoff doubling from 50 ms up to 2 s) before a call fails.
@@ -81,15 +81,21 @@ class Runtime:
 
     @cached_property
     def engine(self) -> Engine:
+        from app.store.db import make_engine
+
         return make_engine(self.settings)
 
     @cached_property
     def celery(self) -> Celery:
+        from app.celery_app import create_celery
+
         return create_celery(self.settings, self.redis_url)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session that commits on success and rolls back on error."""
+        from sqlmodel import Session
+
         with Session(self.engine, expire_on_commit=False) as session:
             try:
                 yield session

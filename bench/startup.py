@@ -30,11 +30,11 @@ CLI_ENTRY = {"now": "from app.cli.main import main", "before": "from app.cli imp
 
 
 @contextmanager
-def tree_before() -> Iterator[Path]:
-    """The source tree at BEFORE, from git."""
+def tree_before(commit: str = BEFORE) -> Iterator[Path]:
+    """The source tree at `commit`, from git."""
     where = Path(tempfile.mkdtemp(prefix="gpuq-before-"))
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE],
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
         yield where

@@ -15,13 +15,13 @@ from app.core.errors import (
     UnknownOperation,
 )
 from app.core.states import JobState
-from app.ops.registry import OPERATIONS, call_local
+from app.ops.registry import MODULES, call_local, load_all
 from app.store.models import Job
 
 
 def test_registry_holds_every_operation():
     assert {"submit", "launch", "queue", "cancel", "logs", "status", "job", "launches",
-            "dispatch"} <= set(OPERATIONS)
+            "dispatch"} <= set(load_all()) == set(MODULES)
 
 
 def test_unknown_operation_lists_the_known_ones(rt):

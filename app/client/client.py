@@ -12,7 +12,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.client.http import call_http, default_transport
 from app.core import keys, signing
@@ -31,10 +31,10 @@ from app.core.identity import Actor, stack_owner
 from app.core.keys import CONTROL_QUEUE
 from app.core.settings import Settings
 from app.core.states import JobState
-from app.ops.read import MAX_PAGE
-from app.ops.registry import call_local
-from app.ops.rows import JobDetail, LaunchRow
-from app.runtime import Runtime
+from app.ops.rows import MAX_PAGE, JobDetail, LaunchRow
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
 
 POLL_S = 0.2
 # Ids per `queue` call when rows are asked for by id: well inside every database's limit
@@ -53,8 +53,10 @@ class Client:
             raise GpuqError(f"unknown transport {self.transport!r}; use 'local', 'remote' "
                             "or 'http'")
         self.actor: Actor | None = None  # None: the stack's owner
-        if self.transport != "http":
-            self.rt = Runtime(self.settings)
+        if self.transport != "http":  # an http client loads no database, Redis or Celery
+            from app.runtime import Runtime
+
+            self.rt: Runtime = Runtime(self.settings)
 
     def __getattr__(self, name: str) -> Any:
         if name == "rt":  # only an http client has none
@@ -75,6 +77,8 @@ class Client:
             return call_http(self.settings, op, kwargs)
         if self.transport == "local":
             from sqlalchemy.exc import OperationalError
+
+            from app.ops.registry import call_local
 
             try:
                 return call_local(self.rt, op, kwargs, self.actor)

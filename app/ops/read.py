@@ -26,7 +26,7 @@ from app.core.logcap import head_bytes
 from app.core.paths import JobPaths
 from app.core.states import JobState
 from app.ops.registry import operation
-from app.ops.rows import JobDetail, JobRow, LaunchRow
+from app.ops.rows import MAX_PAGE, JobDetail, JobRow, LaunchRow
 from app.runtime import Runtime
 from app.store import accounting, cluster, counts
 from app.store.exits import recent_exits
@@ -133,7 +133,6 @@ def _order(sort: str | None, launch_id: int | None) -> list[Any]:
 
 
 LOG_CHUNK_BYTES = 1 << 20
-MAX_PAGE = 10_000
 
 
 @operation
@@ -174,11 +173,11 @@ MAX_EXPLAINED = 500
 def pending_reasons(rt: Runtime, jobs: list[Job]) -> dict[int, tuple[str, str]]:
     """Why each PENDING job of a page waits (code, sentence), as `gpuq why` says; none
     when the cluster's state cannot be read (the page shows the stored reason)."""
-    from scheduler.dispatch.explain import explain
-
     pending = [j for j in jobs if j.state == JobState.PENDING.value][:MAX_EXPLAINED]
     if not pending:
         return {}
+    from scheduler.dispatch.explain import explain
+
     try:
         return {i: (r.code, r.text) for i, r in explain(rt, pending).items()}
     except Exception as e:  # Redis away: the page is still worth showing

@@ -6,35 +6,69 @@ JSON-able dict, so that the same function serves both transports: called directl
 local mode, or run by the control worker as the `gpuq.op` task in remote mode. An operation
 that declares an `actor` parameter is told who calls it (app/core/identity.py); the caller
 never gives it as an argument.
+
+Operations load by name: a call imports the one module its operation lives in (MODULES), so
+that `gpuq queue` pays for the reads and not for submission, cancelling and accounting.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import typing
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from app.core.errors import InvalidArguments, UnknownOperation
 from app.core.identity import Actor, stack_owner
-from app.runtime import Runtime
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 Operation = Callable[..., dict[str, Any]]
+# The module of each operation. An operation missing here still runs (a call to a name not
+# listed loads every module below), only slower; tests/test_import_sets.py keeps it whole.
+MODULES: dict[str, str] = {
+    "queue": "app.ops.read", "job": "app.ops.read", "launches": "app.ops.read",
+    "logs": "app.ops.read", "status": "app.ops.read",
+    "submit": "app.ops.submit", "submit_many": "app.ops.submit", "launch": "app.ops.submit",
+    "dispatch": "app.ops.submit",
+    "cancel": "app.ops.cancel",
+    "report": "app.ops.accounts",
+    "why": "app.ops.shares", "limits_table": "app.ops.shares", "set_limits": "app.ops.shares",
+    "clear_limits": "app.ops.shares",
+}
+# The operations loaded so far, by name.
 OPERATIONS: dict[str, Operation] = {}
 # The parameter an operation declares to be told who calls it; never a network argument.
 ACTOR = "actor"
 
 
-
 def operation(fn: Operation) -> Operation:
     OPERATIONS[fn.__name__] = fn
     return fn
+
+
+def load_all() -> dict[str, Operation]:
+    """Every operation, each module imported."""
+    for module in sorted(set(MODULES.values())):
+        importlib.import_module(module)
+    return OPERATIONS
+
+
+def _loaded(name: str) -> Operation | None:
+    """The operation called `name`, its module imported on first use; None if none is."""
+    if name in MODULES:
+        importlib.import_module(MODULES[name])
+    if name not in OPERATIONS:
+        load_all()
+    return OPERATIONS.get(name)
 
 
 def call_local(rt: Runtime, name: object, kwargs: object,
@@ -43,9 +77,9 @@ def call_local(rt: Runtime, name: object, kwargs: object,
     from the network: an unknown name or arguments the operation does not take are refused
     before anything runs."""
     actor = actor or stack_owner()
-    if not isinstance(name, str) or name not in OPERATIONS:
+    if not isinstance(name, str) or _loaded(name) is None:
         raise UnknownOperation(
-            f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}")
+            f"unknown operation {name!r}; known: {', '.join(sorted(load_all()))}")
     if not isinstance(kwargs, dict):
         raise InvalidArguments(f"operation {name!r} takes an object of named arguments, not "
                                f"{type(kwargs).__name__}; it takes {_described(name)}")

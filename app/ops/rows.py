@@ -2,18 +2,25 @@
 CLI and the client read them, and the dashboard's API uses them as its response models.
 
 Both transports carry a row's JSON form (`dump()`), so that a local and a remote call give
-the same answer.
+the same answer. Rows are vocabulary: pydantic and app/core only, never the database's
+models (the `of` builders read the attributes of the rows they are given), so that the
+HTTP client and the dashboard's schema load no SQLAlchemy.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.states import TERMINAL
-from app.store.models import Job, JobEvent, Launch
+
+if TYPE_CHECKING:
+    from app.store.models import Job, JobEvent, Launch
+
+# The most rows one page of the queue carries.
+MAX_PAGE = 10_000
 
 
 def iso(epoch: float | None) -> str | None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import redis
 from sqlalchemy import delete
 from sqlmodel import Session
 
@@ -25,6 +24,7 @@ from app.core.errors import PayloadError, PayloadTooLarge
 from app.store.models import Payload
 
 if TYPE_CHECKING:
+    import redis  # imported where a Redis error is caught: `gpuq queue` reads no Redis
     from sqlalchemy.engine import Engine
 
 _KEY = re.compile(rf"{re.escape(keys.PREFIX)}:payload:[a-z]+:[0-9a-f]{{16}}")
@@ -74,6 +74,8 @@ def dropped_if_refused(r: redis.Redis, engine: Engine, key: object) -> Iterator[
         yield
     except BaseException:
         if isinstance(key, str) and _KEY.fullmatch(key) and adopted(engine, key) is False:
+            import redis
+
             with contextlib.suppress(redis.RedisError):
                 r.delete(key)
         raise
@@ -81,6 +83,8 @@ def dropped_if_refused(r: redis.Redis, engine: Engine, key: object) -> Iterator[
 
 def fetch(r: redis.Redis, engine: Engine, key: str, cache_ttl_s: int) -> bytes:
     """A payload's framed bytes: from Redis, else from the database (and cached again)."""
+    import redis
+
     try:
         data = r.get(key)
     except redis.RedisError:

@@ -1,0 +1,132 @@
+"""The everyday commands as a new user runs them, each a fresh process: `gpuq queue`, `gpuq
+status` and `gpuq submit -- true`, with a stack up (embedded Redis, SQLite, 2 fake GPUs and
+their worker) and 10,000 jobs stored (one ended launch, filled straight into the table and
+counted as `gpuq db recount` counts). Median of --runs; each submitted job is left to end
+before the next run, so that none is refused as a duplicate of one still waiting.
+
+Baseline, same run, the runs interleaved: the bare interpreter (`python3 -c "import sqlite3,
+json"`), and the same commands from the code before the lazy imports (commit 87185dd, taken
+out of this repository's history), on the same venv, Redis and database. Also shown: CPU
+seconds (less swayed than wall time by other work on the machine) and the modules each
+command loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from sqlalchemy import insert
+
+from app.core.states import JobState
+from app.store import counts
+from app.store.models import Job, Launch
+from bench.harness import BIN, ROOT, Bench, bench_stack, report
+from bench.startup import tree_before
+
+BEFORE = "87185dd"
+JOBS = 10_000
+TARGET_X = 10
+BARE = [sys.executable, "-c", "import sqlite3, json"]
+COMMANDS = {"gpuq queue": ["queue"], "gpuq status": ["status"],
+            "gpuq submit -- true": ["submit", "--", "true"]}
+# Runs `gpuq ARGS` as the console script does and prints how many modules it loaded.
+COUNTING = ("import atexit, sys\n"
+            "atexit.register(lambda: print('MODULES', len(sys.modules), file=sys.stderr))\n"
+            "sys.argv = ['gpuq', *sys.argv[1:]]\n"
+            "from app.cli.main import main\n"
+            "main()\n")
+
+
+def _fill(bench: Bench) -> None:
+    """One launch of JOBS replicas that ran and ended, as a finished sweep leaves them."""
+    rt, now = bench.client.rt, time.time()
+    with rt.session() as session:
+        launch = Launch(name="stored", num_jobs=JOBS, command="true", created_at=now)
+        session.add(launch)
+        session.flush()
+        row = {"command": "true", "submitted_at": now - 60, "started_at": now - 30,
+               "ended_at": now, "exit_code": 0, "env": {}, "recover_exit_codes": [],
+               "state": JobState.SUCCEEDED.value, "priority": 0, "gpus": 1,
+               "launch_id": launch.id, "num_jobs": JOBS}
+        session.connection().execute(insert(Job.__table__),  # type: ignore[attr-defined]
+                                     [{**row, "rank": r} for r in range(JOBS)])
+        counts.recount(session)
+
+
+def _timed(argv: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def _modules(args: list[str], env: dict[str, str], cwd: str) -> int:
+    done = subprocess.run([sys.executable, "-c", COUNTING, *args], env=env, cwd=cwd,
+                          check=True, capture_output=True, text=True)
+    return int(done.stderr.rsplit("MODULES", 1)[1].split()[0])
+
+
+def _settled(bench: Bench) -> Callable[[], None]:
+    """Wait until no job but the stored ones is still to end."""
+    def wait() -> None:
+        waiting = [row["id"] for state in ("PENDING", "STARTING", "RUNNING")
+                   for row in bench.client.call("queue", status=state, limit=100)["jobs"]]
+        bench.client.wait(waiting, timeout_s=120)
+    return wait
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=9)
+    runs = parser.parse_args().runs
+    walls: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
+    modules: dict[str, int] = {}
+    with bench_stack(gpus=2, prepare=_fill) as bench, tree_before(BEFORE) as before:
+        settle = _settled(bench)
+        trees = {"now": str(ROOT), "before": str(before)}
+        envs = {tree: bench.env(PYTHONPATH=path) for tree, path in trees.items()}
+        for tree, path in trees.items():
+            for name, args in COMMANDS.items():
+                modules[f"{tree} {name}"] = _modules(args, envs[tree], path)
+                settle()
+        for run in range(runs + 1):  # the first round warms the caches and is not counted
+            measured = [("bare", BARE, envs["now"], str(ROOT))] + [
+                (f"{tree} {name}", [str(BIN / "gpuq"), *args], envs[tree], trees[tree])
+                for tree in trees for name, args in COMMANDS.items()]
+            for key, argv, env, cwd in measured:
+                wall, cpu = _timed(argv, env, cwd)
+                settle()
+                if run:
+                    walls.setdefault(key, []).append(wall)
+                    cpus.setdefault(key, []).append(cpu)
+    bare, bare_cpu = statistics.median(walls["bare"]), statistics.median(cpus["bare"])
+    figures = {}
+    for name in COMMANDS:
+        now = statistics.median(walls[f"now {name}"])
+        old = statistics.median(walls[f"before {name}"])
+        now_cpu = statistics.median(cpus[f"now {name}"])
+        figures[name] = {"s": now, "x": now / bare, "cpu_x": now_cpu / bare_cpu,
+                         "before_s": old, "modules": modules[f"now {name}"]}
+        report(f"`{name}`, 10,000 jobs stored",
+               f"{now:.3f} s, {now / bare:.1f}x the bare interpreter (CPU {now_cpu:.3f} s, "
+               f"{now_cpu / bare_cpu:.1f}x), {modules[f'now {name}']} modules",
+               f"<= {TARGET_X}x the bare interpreter",
+               f"bare interpreter {bare:.3f} s (CPU {bare_cpu:.3f} s); before ({BEFORE}) "
+               f"{old:.3f} s, {old / bare:.1f}x, {modules[f'before {name}']} modules",
+               old / now, now <= TARGET_X * bare, ratio_means="faster than before")
+    print(json.dumps({"bare_s": bare, "runs": runs, "commands": figures}))
+
+
+if __name__ == "__main__":
+    main()
