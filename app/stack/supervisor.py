@@ -2,7 +2,8 @@
 in order, on SIGINT or SIGTERM.
 
 Plain honcho stops every process when one exits; a GPU box must instead lose one worker
-for a moment, not the whole stack. Procfile parsing is honcho's.
+for a moment, not the whole stack. Procfile parsing is honcho's. A server started before
+the programs, which they need (the embedded Redis), is adopted and restarted the same way.
 
 Stopping: nothing is started again once a stop began. Programs stop by stage, lowest first
 (the workers that run jobs before the servers they report to), each stage's programs
@@ -45,6 +46,9 @@ class Program:
     # supervisor's default), and when it stops: lower stages first.
     stop_timeout_s: float | None = None
     stop_stage: int = 1
+    # How to start it again when it is not a Procfile line but a server gpuq starts itself
+    # (the embedded Redis, adopted once running: see Supervisor.adopt).
+    spawn: Callable[[], subprocess.Popen[bytes]] | None = None
 
 
 @dataclass
@@ -108,22 +112,33 @@ class Supervisor:
             stages[p.stop_stage] = max(stages.get(p.stop_stage, 0.0), timeout)
         return sum(stages.values())
 
+    def adopt(self, program: Program, proc: subprocess.Popen[bytes]) -> None:
+        """Supervise a process started already (the embedded Redis, which the programs
+        need before they start): it is started again with `program.spawn` when it exits,
+        and stopped with its stage."""
+        assert program.spawn is not None, "an adopted program says how to start it again"
+        self.children.append(_Child(program, proc, started_at=time.monotonic()))
+
     def _spawn(self, child: _Child) -> None:
         if self._stopping:
             return
-        env = {**self.base_env, **child.program.env}
-        parent = os.getpid()
-        child.proc = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {this_gpuq(child.program.command)}"], env=env,
-            start_new_session=True, pass_fds=self.pass_fds,
-            preexec_fn=lambda: reaper.terminate_with_parent(parent))
+        if child.program.spawn is not None:
+            child.proc = child.program.spawn()
+        else:
+            env = {**self.base_env, **child.program.env}
+            parent = os.getpid()
+            child.proc = subprocess.Popen(
+                ["/bin/sh", "-c", f"exec {this_gpuq(child.program.command)}"], env=env,
+                start_new_session=True, pass_fds=self.pass_fds,
+                preexec_fn=lambda: reaper.terminate_with_parent(parent))
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %s)", child.program.name, child.proc.pid)
 
     def start(self) -> None:
         for child in self.children:
-            self._spawn(child)
+            if child.proc is None:  # an adopted one runs already
+                self._spawn(child)
 
     def poll(self) -> None:
         """Restart children that exited, each after its own backoff."""

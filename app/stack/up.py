@@ -1,5 +1,9 @@
 """`gpuq up`: the embedded Redis (unless a URL is given) plus the Procfile's processes.
 
+The embedded Redis starts first and is supervised like the Procfile's programs: killed (by
+the OOM killer, say), it is started again on its port, with its password and the data of its
+append-only file, and its exits show in `gpuq status` as any program's do.
+
 On Ctrl-C (SIGINT) or SIGTERM nothing is started again, and everything stops in order: the
 host's workers first (`gpuq worker`, which stops its jobs and records how each ended), then
 the other servers, then the embedded Redis, then whatever is left of its process tree.
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from app.core.errors import GpuqError
 from app.core.security import require_secret
-from app.core.settings import Settings
+from app.core.settings import Settings, mask_url
 from app.runtime import Runtime
 from app.stack import reaper
 from app.stack.commands import host_stop_timeout_s, is_host_worker
@@ -26,6 +30,9 @@ from app.store.exits import RestartLog
 log = logging.getLogger(__name__)
 
 DEV_PROCFILE = Path("deploy") / "Procfile.dev"
+REDIS_PROGRAM = "redis"  # the embedded server's name in `gpuq status`
+REDIS_STOP_STAGE = 2  # after the workers (0) and the other servers (1), which use it
+REDIS_STOP_TIMEOUT_S = 10.0
 
 
 def default_procfile() -> Path:
@@ -82,7 +89,12 @@ def run_stack(settings: Settings, procfile: Path, flower: bool,
             if not settings.redis_url:
                 embedded = EmbeddedRedis(settings)
                 url = embedded.start()
-                log.warning("embedded Redis at %s", url)
+                log.warning("embedded Redis at %s", mask_url(url))
+                if embedded.proc is not None:  # not one that another process owns
+                    supervisor.adopt(Program(
+                        REDIS_PROGRAM, "the embedded Redis", stop_stage=REDIS_STOP_STAGE,
+                        stop_timeout_s=REDIS_STOP_TIMEOUT_S, spawn=embedded.restart),
+                        embedded.proc)
             if not supervisor.stopping:
                 supervisor.supervise()
         finally:

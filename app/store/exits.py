@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,24 +26,58 @@ KEEP_S = 3600  # a program's record outlives its last exit by this long
 
 
 class RestartLog:
-    """Writes one supervisor's exits under its host's name; never raises on Redis errors."""
+    """Writes one supervisor's exits under its host's name, from a thread of its own: the
+    supervisor never waits on Redis, and an exit that Redis could not take (Redis itself
+    may be the program that died) is written, with the time it happened, once Redis answers
+    again. Never raises."""
+
+    RETRY_S = 1.0
+    MAX_PENDING = 100  # exits kept while Redis is away; older ones are dropped first
 
     def __init__(self, connect: Callable[[], redis.Redis], host: str) -> None:
         self._connect = connect  # called on first use: the broker may start after us
         self._redis: redis.Redis | None = None
         self.host = host
+        self._pending: list[tuple[str, int, float, float]] = []
+        self._lock = threading.Lock()
+        self._writer: threading.Thread | None = None
 
     def __call__(self, program: str, exit_code: int, backoff_s: float) -> None:
+        with self._lock:
+            self._pending = [*self._pending, (program, exit_code, backoff_s, time.time())][
+                -self.MAX_PENDING:]
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_pending, daemon=True,
+                                                name="gpuq-exits")
+                self._writer.start()
+
+    def _write_pending(self) -> None:
         import redis as redis_lib
 
         from app.core.errors import GpuqError
 
-        try:
-            if self._redis is None:
-                self._redis = self._connect()
-            record_exit(self._redis, self.host, program, exit_code, backoff_s)
-        except (redis_lib.RedisError, OSError, GpuqError) as e:
-            log.warning("could not record the exit of %s: %s", program, e)
+        warned = False
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._writer = None
+                    return
+                entry = self._pending[0]
+            program, exit_code, backoff_s, at = entry
+            try:
+                if self._redis is None:
+                    self._redis = self._connect()
+                record_exit(self._redis, self.host, program, exit_code, backoff_s, now=at)
+            except (redis_lib.RedisError, OSError, GpuqError) as e:
+                if not warned:
+                    log.warning("the exit of %s is not recorded yet (%s); it will be once "
+                                "Redis answers", program, e)
+                    warned = True
+                time.sleep(self.RETRY_S)
+                continue
+            with self._lock:
+                if self._pending and self._pending[0] is entry:
+                    self._pending.pop(0)
 
 
 def record_exit(r: redis.Redis, host: str, program: str, exit_code: int, backoff_s: float,
