@@ -105,12 +105,12 @@ def stranded(session: Session, ended_since: float | None = None
     doomed ids). Only a submission racing an ending leaves such a job. With `ended_since`,
     only the dependents of jobs that ended since then are looked at (through the index of
     ended_at and that of after_id), so the cost is that of the recent endings, not of
-    every waiting job; without it, every waiting job."""
+    recent endings; without it, every waiting job."""
     if ended_since is None:
         scopes: list[Any] = [waiting_query()]
     else:
-        recent = list(session.scalars(select(col(Job.id)).where(
-            col(Job.ended_at) >= ended_since)))
+        recent = [i for i in session.scalars(select(col(Job.id)).where(
+            col(Job.ended_at) >= ended_since)) if i is not None]
         dependents = sorted(_dependents(session, recent))
         scopes = [waiting_query().where(col(Job.id).in_(chunk))
                   for chunk in chunks(dependents)]
