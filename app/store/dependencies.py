@@ -105,7 +105,7 @@ def stranded(session: Session, ended_since: float | None = None
     doomed ids). Only a submission racing an ending leaves such a job. With `ended_since`,
     only the dependents of jobs that ended since then are looked at (through the index of
     ended_at and that of after_id), so the cost is that of the recent endings, not of
-    recent endings; without it, every waiting job."""
+    every waiting job; without it, every waiting job."""
     if ended_since is None:
         scopes: list[Any] = [waiting_query()]
     else:
