@@ -67,6 +67,8 @@ def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
                                              help="GPUs its jobs may hold at once ('none')."),
          max_pending: str | None = typer.Option(None, "--max-pending",
                                                 help="Jobs it may have PENDING ('none')."),
+         max_cpu_jobs: str | None = typer.Option(
+             None, "--max-cpu-jobs", help="0-GPU jobs it may run at once ('none')."),
          weight: str | None = typer.Option(None, "--weight",
                                            help="Fair-share weight (1: everyone's)."),
          default_project: str | None = typer.Option(
@@ -76,6 +78,7 @@ def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
     kind, name = _who(user, project)
     given = {"max_gpus": _number(max_gpus, int, "--max-gpus"),
              "max_pending": _number(max_pending, int, "--max-pending"),
+             "max_cpu_jobs": _number(max_cpu_jobs, int, "--max-cpu-jobs"),
              "weight": _number(weight, float, "--weight"),
              "default_project": None if default_project is None else
              ("clear" if default_project.lower() in ("none", "-") else default_project)}

@@ -225,6 +225,8 @@ class LimitEntry(Row):
     name: str = Field(description="Its name; * is everyone without an entry of their own.")
     max_gpus: int | None = Field(description="GPUs its jobs may hold at once (none: no limit).")
     max_pending: int | None = Field(description="Jobs it may have PENDING (none: no limit).")
+    max_cpu_jobs: int | None = Field(
+        None, description="0-GPU jobs it may run at once (none: no limit).")
     weight: float = Field(description="Fair-share weight: twice the weight, twice the GPU time.")
     default_project: str | None = Field(description="A user's jobs' project when unnamed.")
     running_gpus: int = Field(description="GPUs its jobs hold now.")

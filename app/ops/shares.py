@@ -61,7 +61,8 @@ def shares_table(rt: Runtime, count_pending: bool) -> dict[str, Any]:
     for kind, name in names:
         entry = found.of(kind, name)
         rows.append({"kind": kind, "name": name, "max_gpus": entry.max_gpus,
-                     "max_pending": entry.max_pending, "weight": found.weight(kind, name),
+                     "max_pending": entry.max_pending, "max_cpu_jobs": entry.max_cpu_jobs,
+                     "weight": found.weight(kind, name),
                      "default_project": entry.default_project if kind == "user" else None,
                      "running_gpus": running.get((kind, name), 0),
                      "pending": pending.get((kind, name), 0) if count_pending else None,
@@ -79,8 +80,8 @@ def set_limits(rt: Runtime, kind: str, name: str, values: dict[str, Any],
     if actor is not None and not actor.admin:
         raise NotPermitted("limits are an admin's to set; ask one (gpuq limits shows them)")
     if not values:
-        raise InvalidArguments("name a limit to set: --max-gpus, --max-pending, --weight or "
-                               "--default-project")
+        raise InvalidArguments("name a limit to set: --max-gpus, --max-pending, "
+                               "--max-cpu-jobs, --weight or --default-project")
     with rt.engine.begin() as conn:
         limits.write(conn, kind, name, values)
     return {"kind": kind, "name": name, "set": values}

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Select, Table, func, insert, or_, text, update
+from sqlalchemy import ColumnElement, Select, Table, insert, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
@@ -263,11 +263,13 @@ def holding(session: Session) -> list[Holding]:
     return [Holding._make(row) for row in session.connection().execute(holding_query())]
 
 
-def cpu_jobs_held(session: Session) -> int:
-    """How many local 0-GPU jobs hold a CPU slot (STARTING, RUNNING, CANCELLING)."""
-    return session.connection().scalar(sa_select(func.count()).where(
-        col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
-        col(Job.backend) == fixed("local"), col(Job.gpus) == fixed(0))) or 0
+def cpu_slot_holders(session: Session) -> list[tuple[str, str]]:
+    """(owner, project) of every local 0-GPU job that holds a CPU slot (STARTING, RUNNING,
+    CANCELLING): a few rows, however many wait."""
+    return [(owner, project) for owner, project in session.connection().execute(
+        sa_select(col(Job.owner), col(Job.project)).where(
+            col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
+            col(Job.backend) == fixed("local"), col(Job.gpus) == fixed(0)))]
 
 
 def held_gpus(rows: Sequence[Holding]) -> set[tuple[str, int]]:

@@ -3,10 +3,11 @@ set`, the `limits` table) or in a TOML file (GPUQ_LIMITS_FILE, else limits.toml 
 home), and the pending limit checked at submission.
 
 An entry holds any of max_gpus (GPUs its jobs may hold at once), max_pending (jobs it may
-have PENDING), weight (fair share: twice the weight, twice the GPU time) and, for a user,
-default_project. The name `*` is the default of every user (or project) without an entry
-of its own; a field an entry leaves unset falls back to `*`'s, then to no limit, weight 1
-and the owner's own name as project. The database wins over the file field by field.
+have PENDING), max_cpu_jobs (0-GPU jobs it may run at once), weight (fair share: twice the
+weight, twice the GPU time) and, for a user, default_project. The name `*` is the default
+of every user (or project) without an entry of its own; a field an entry leaves unset
+falls back to `*`'s, then to no limit, weight 1 and the owner's own name as project. The
+database wins over the file field by field.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 LIMITS = Limit.__table__  # type: ignore[attr-defined]
 KINDS = ("user", "project")
-FIELDS = ("max_gpus", "max_pending", "weight", "default_project")
+FIELDS = ("max_gpus", "max_pending", "max_cpu_jobs", "weight", "default_project")
 EVERYONE = "*"
 
 
@@ -49,6 +50,7 @@ def check_project(name: str) -> str:
 class Entry:
     max_gpus: int | None = None
     max_pending: int | None = None
+    max_cpu_jobs: int | None = None
     weight: float | None = None
     default_project: str | None = None
 
@@ -95,7 +97,7 @@ def check_entry(kind: str, name: str, values: dict[str, Any]) -> None:
 
 
 def _check_value(kind: str, field: str, value: Any) -> None:
-    if field in ("max_gpus", "max_pending") and (
+    if field in ("max_gpus", "max_pending", "max_cpu_jobs") and (
             isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise InvalidArguments(f"{field} takes a whole number of 0 or more, got {value!r}")
     if field == "weight" and (isinstance(value, bool) or not isinstance(value, int | float)

@@ -44,7 +44,7 @@ from app.core.signing import run_message
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import accounting, histograms, limits
-from app.store.caps import GPUS, Cap, within
+from app.store.caps import CPU_JOBS, GPUS, Cap, within
 from app.store.cluster import (
     HostView,
     cpu_slots,
@@ -56,12 +56,13 @@ from app.store.cluster import (
     release,
     reserve,
 )
-from app.store.jobs import Holding, cpu_jobs_held, held_gpus, holding, transition
+from app.store.jobs import Holding, cpu_slot_holders, held_gpus, holding, transition
 from app.store.models import Job, fixed
 
 log = logging.getLogger(__name__)
 
-DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass
+DISPATCH_BATCH = 1000  # 0-GPU jobs routed per pass, at most
+CPU_WINDOW = 64  # 0-GPU candidates read at least, for fair share among them
 # How long one pass may hold the dispatcher's turn before another may take it (a holder
 # that died): far longer than a pass, which examines a bounded number of jobs.
 DISPATCH_TURN_S = 60.0
@@ -303,6 +304,15 @@ class Shares:
         self._add(job.owner, job.project, job.gpus, job.gpus * self.min_charge)
 
 
+class CpuPlan(NamedTuple):
+    """What one pass read to route 0-GPU jobs."""
+
+    window: list[Candidate]
+    free: int
+    running: Counter[tuple[str, str]]  # 0-GPU jobs held per (user|project, name)
+    limits: limits.Limits
+
+
 class Start(Enum):
     """How an attempt to start a job ended."""
 
@@ -391,12 +401,12 @@ class Dispatcher:
             held = held_gpus(self.held)
             for host in hosts:
                 host.free = [i for i in host.free if (host.name, i) not in held]
-            cpu_jobs = self._cpu_candidates(session) if cpu else []
+            cpu_plan = self._cpu_window(session) if cpu else None
             heads: list[Candidate] = []
             if self._wanted(hosts):
                 self.shares = Shares(session, self.rt.settings, self.held)
                 heads = level_heads(session, None)
-        routed = sum(1 for job in cpu_jobs if self._start(job, None, []) is Start.ROUTED)
+        routed = self._start_cpu_jobs(cpu_plan) if cpu_plan is not None else 0
         self.earmarked: dict[tuple[str, int], int] = {}
         earmarked = self.earmarked
 
@@ -458,14 +468,56 @@ class Dispatcher:
                 heapq.heappush(order, (shares.key(following), following.id, n))
         return examined, routed
 
-    def _cpu_candidates(self, session: Session) -> list[Candidate]:
-        """As many 0-GPU jobs as there are CPU slots free: slots that live CPU workers offer
-        and no job holds. A start message is never queued for a slot that is not there."""
-        free = cpu_slots(self.rt.redis) - cpu_jobs_held(session)
+    def _cpu_window(self, session: Session) -> CpuPlan | None:
+        """What routing 0-GPU jobs needs, or None when no CPU slot is free: slots that live
+        CPU workers offer and no job holds (a start message is never queued for a slot
+        that is not there), the first candidates by priority and age, a few times as many
+        as the slots free, and who holds the slots now."""
+        holders = cpu_slot_holders(session)
+        free = cpu_slots(self.rt.redis) - len(holders)
         if free <= 0:
-            return []
-        return [Candidate._make(row) for row in session.connection().execute(
-            candidates(False).limit(min(free, DISPATCH_BATCH)))]
+            return None
+        window = [Candidate._make(row) for row in session.connection().execute(
+            candidates(False).limit(min(DISPATCH_BATCH, max(CPU_WINDOW, 8 * free))))]
+        running: Counter[tuple[str, str]] = Counter()
+        for owner, project in holders:
+            running[("user", owner)] += 1
+            running[("project", project)] += 1
+        return CpuPlan(window, free, running, limits.read(session, self.rt.settings,
+                                                           strict=False))
+
+    def _start_cpu_jobs(self, plan: CpuPlan) -> int:
+        """Route 0-GPU jobs into the free slots: highest priority first, then the user (or
+        project) running the fewest per unit of weight (fair share), then the oldest; a
+        user or project at its max_cpu_jobs waits, checked again where each start is
+        written. How many were routed."""
+        settings, routed, free = self.rt.settings, 0, plan.free
+        window, running, found = list(plan.window), plan.running, plan.limits
+
+        def share(job: Candidate) -> float:
+            who = (settings.fair_share_by,
+                   job.owner if settings.fair_share_by == "user" else job.project)
+            return running[who] / found.weight(*who) if settings.fair_share else 0.0
+
+        while window and free > 0:
+            job = min(window, key=lambda j: (-j.priority, share(j), j.id))
+            window.remove(job)
+            caps = [Cap(kind, name, CPU_JOBS, most)
+                    for kind, name in (("user", job.owner), ("project", job.project))
+                    if (most := found.of(kind, name).max_cpu_jobs) is not None]
+            full = next((c for c in caps if running[(c.kind, c.name)] >= c.most), None)
+            started = self._start(job, None, [], caps) if full is None else Start.CAPPED
+            if started in (Start.ROUTED, Start.GONE):
+                running[("user", job.owner)] += 1
+                running[("project", job.project)] += 1
+            if started is Start.ROUTED:
+                routed, free = routed + 1, free - 1
+            elif started is Start.CAPPED:
+                cap = full or caps[0]
+                self._note_waiting(job, f"over a limit: {cap.kind} {cap.name} runs "
+                                        f"{running[(cap.kind, cap.name)]}/{cap.most} 0-GPU "
+                                        "jobs (max_cpu_jobs)")
+        return routed
 
     def _wanted(self, hosts: list[HostView]) -> bool:
         """Whether GPU jobs are worth reading this pass: some GPU is free."""
