@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +95,46 @@ def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
 _PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
+def watched_start(on_start: Callable[[int], bool], pid: int,
+                  should_stop: Callable[[], str | None]) -> tuple[str, bool] | None:
+    """Record the start of process `pid` with `on_start(pid)` while the job is watched as
+    it will be once it runs: a database away right then must not leave it running unwatched
+    past its lease (the record waits out such an outage only while the lease lasts).
+
+    None when the job runs on. Else why it must stop now, and whether with the kill grace:
+    a reason of `should_stop` (the lease running out, a cancel, a shutdown) gets it; a job
+    the record found unwanted (SUPERSEDED: cancelled while it started, requeued, or its
+    lease gone) is stopped at once. Raises what `on_start` raised, unless the job must stop
+    anyway."""
+    done = threading.Event()
+    wanted: list[bool] = []
+    failed: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            wanted.append(on_start(pid))
+        except BaseException as e:  # handed to the watching thread
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=record, daemon=True, name=f"gpuq-start-{pid}").start()
+    while not done.wait(POLL_S):
+        if (reason := should_stop()) is not None:
+            return reason, True
+    if failed:
+        if (reason := should_stop()) is not None:
+            return reason, True  # the record gave up because the job must stop anyway
+        raise failed[0]
+    return None if wanted[0] else (should_stop() or SUPERSEDED, False)
+
+
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
     """Run the job to its end, or until `should_stop` names a reason to stop it.
 
-    `on_start(pid)` records the start and says whether the job is still wanted."""
+    `on_start(pid)` records the start and says whether the job is still wanted; the job is
+    watched while it does (`watched_start`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -106,9 +142,14 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
             stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )
-    if not on_start(proc.pid):  # cancelled, or superseded, while it was starting
+    try:
+        stop = watched_start(on_start, proc.pid, should_stop)
+    except BaseException:
         stop_group(proc, 0)
-        return Outcome(proc.returncode, stopped=should_stop() or CANCEL)
+        raise
+    if stop is not None:
+        stop_group(proc, grace_s if stop[1] else 0)
+        return Outcome(proc.returncode, stopped=stop[0])
     waiter = ExitWaiter(proc)
     try:
         while not waiter.exited(POLL_S):
