@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from app.core import job_env
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
@@ -95,8 +96,13 @@ def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
 _PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
+class Stop(NamedTuple):
+    reason: str  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN
+    with_grace: bool  # SIGTERM and the kill grace first; else SIGKILL at once
+
+
 def watched_start(on_start: Callable[[int], bool], pid: int,
-                  should_stop: Callable[[], str | None]) -> tuple[str, bool] | None:
+                  should_stop: Callable[[], str | None]) -> Stop | None:
     """Record the start of process `pid` with `on_start(pid)` while the job is watched as
     it will be once it runs: a database away right then must not leave it running unwatched
     past its lease (the record waits out such an outage only while the lease lasts).
@@ -121,12 +127,12 @@ def watched_start(on_start: Callable[[int], bool], pid: int,
     threading.Thread(target=record, daemon=True, name=f"gpuq-start-{pid}").start()
     while not done.wait(POLL_S):
         if (reason := should_stop()) is not None:
-            return reason, True
+            return Stop(reason, with_grace=True)
     if failed:
         if (reason := should_stop()) is not None:
-            return reason, True  # the record gave up because the job must stop anyway
+            return Stop(reason, with_grace=True)  # the record gave up: the job stops anyway
         raise failed[0]
-    return None if wanted[0] else (should_stop() or SUPERSEDED, False)
+    return None if wanted[0] else Stop(should_stop() or SUPERSEDED, with_grace=False)
 
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
@@ -148,8 +154,8 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
         stop_group(proc, 0)
         raise
     if stop is not None:
-        stop_group(proc, grace_s if stop[1] else 0)
-        return Outcome(proc.returncode, stopped=stop[0])
+        stop_group(proc, grace_s if stop.with_grace else 0)
+        return Outcome(proc.returncode, stopped=stop.reason)
     waiter = ExitWaiter(proc)
     try:
         while not waiter.exited(POLL_S):

@@ -110,9 +110,9 @@ def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Pa
         subprocess.run(tmux_command(socket, "kill-session", "-t", name), capture_output=True)
         raise
     while not exit_path.exists() and _alive(socket, name):
-        reason, grace = stop if stop is not None else (should_stop(), True)
+        reason, with_grace = stop if stop is not None else (should_stop(), True)
         if reason is not None:
-            stop_pane_group(pane_pid, grace_s if grace else 0)
+            stop_pane_group(pane_pid, grace_s if with_grace else 0)
             subprocess.run(tmux_command(socket, "kill-session", "-t", name),
                            capture_output=True)
             return Outcome(KILLED_EXIT, stopped=reason)
