@@ -64,9 +64,16 @@ class Settings(BaseSettings):
     )
     database_retry_s: float = Field(
         120.0, gt=0, description="How long a worker's database writes (claiming a job, "
-        "marking it running) retry a database that is away; an attempt's outcome is retried "
-        "until it is recorded."
+        "marking it running: no longer than its lease) retry a database that is away; an "
+        "attempt's outcome is retried until it is recorded."
     )
+    db_connect_timeout_s: int = Field(
+        10, gt=0, description="PostgreSQL: how long opening a connection may take before it "
+        "fails (and is retried or reported) instead of hanging on an unreachable server.")
+    db_statement_timeout_s: float = Field(
+        30.0, ge=0, description="PostgreSQL: the longest one statement may run before the "
+        "server cancels it (0: no limit; `gpuq db` migrations have none). SQLite waits up to "
+        "30 s for another process's write lock.")
     lease_margin_s: float = Field(
         10.0, ge=0, description="How long after an attempt's lease ran out the reconciler "
         "settles it (covers clock skew between hosts)."

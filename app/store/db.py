@@ -7,7 +7,7 @@ import math
 import sqlite3
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import create_engine
 from tenacity import (
@@ -86,6 +86,27 @@ def _while_locked(cursor: Any, statement: str) -> None:
     cursor.execute(statement)
 
 
+def server_connect_args(settings: Settings, url: str, limit_statements: bool = True
+                        ) -> dict[str, Any]:
+    """A PostgreSQL connection's timeouts (psycopg's connect arguments): opening it gives up
+    after GPUQ_DB_CONNECT_TIMEOUT_S and each statement after GPUQ_DB_STATEMENT_TIMEOUT_S, so
+    that a server cut off by the network fails a call, which its caller retries or reports,
+    instead of hanging it. What the URL sets itself wins; its own `options` are kept.
+    `limit_statements=False`: no statement timeout (migrations may run long)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return {}
+    query = parsed.query
+    args: dict[str, Any] = {}
+    if "connect_timeout" not in query:
+        args["connect_timeout"] = settings.db_connect_timeout_s
+    if limit_statements and settings.db_statement_timeout_s > 0:
+        own = query.get("options")
+        limit = f"-c statement_timeout={round(settings.db_statement_timeout_s * 1000)}"
+        args["options"] = f"{own} {limit}" if isinstance(own, str) and own else limit
+    return args
+
+
 def make_engine(settings: Settings, check_revision: bool = True) -> Engine:
     """Create the engine; bring an empty database to the schema's head and refuse one behind
     or ahead of this gpuq (`check_revision=False`: `gpuq db`, which shows and upgrades it).
@@ -96,7 +117,8 @@ def make_engine(settings: Settings, check_revision: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                               connect_args=server_connect_args(settings, url, check_revision))
     # Fair share's half-life, which usage is decayed with as it is written (accounting.py).
     engine.update_execution_options(
         gpuq_half_life_s=settings.fair_share_half_life_days * 86400)

@@ -7,13 +7,22 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy import or_
 from sqlalchemy.exc import OperationalError
-from sqlmodel import select
-from tenacity import before_sleep_log, retry, retry_if_exception_type, wait_exponential
+from sqlmodel import col, select
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from app.core import keys, logcap
 from app.core.errors import PayloadError, PayloadNotAuthentic
@@ -23,7 +32,7 @@ from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import accounting, cluster, restart_policy
 from app.store.cluster import holder, release
-from app.store.db import riding_out_outages
+from app.store.db import begin_writing, riding_out_outages
 from app.store.jobs import attempt_is, drop_payload_if_finished, note, transition
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
@@ -112,11 +121,12 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
         return _refuse_payload(rt, job_id, attempt, e)
     if job.preflight and not _preflight(rt, job, attempt, env, path):
         return JobState.FAILED_PRECHECK.value
+    abandoned = threading.Event()  # set once the runner returned: a start record stops
     try:
         outcome = _runner(rt, job)(
             job, command, env, path, grace_s=settings.kill_grace_s,
             should_stop=lease.stop_reason,
-            on_start=lambda pid: _started(rt, lease, job_id, attempt, host, pid),
+            on_start=lambda pid: _started(rt, lease, job_id, attempt, host, pid, abandoned),
             log_max_bytes=settings.log_max_bytes,
         )
     except OSError as e:
@@ -125,6 +135,8 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
                        attempt_is(job_id, attempt), {"ended_at": time.time()},
                        only_from=[JobState.STARTING])
         return "failed to start"
+    finally:
+        abandoned.set()
     if outcome.stopped == executor.SUPERSEDED:
         log.warning("job %s attempt %s: stopped, its attempt was settled elsewhere",
                     job_id, attempt)
@@ -182,23 +194,46 @@ def _preflight(rt: Runtime, job: Job, attempt: int, env: dict[str, str], path: P
     return True
 
 
-def _started(rt: Runtime, lease: Lease, job_id: int, attempt: int, host: str,
-             pid: int) -> bool:
-    running = _mark_running(rt, job_id, attempt, host, pid)
+def _started(rt: Runtime, lease: Lease, job_id: int, attempt: int, host: str, pid: int,
+             abandoned: threading.Event) -> bool:
+    running = _mark_running(rt, lease, job_id, attempt, host, pid, abandoned)
     if running:
         lease.figures.began(pid)
     return running
 
 
-@riding_out_outages
-def _mark_running(rt: Runtime, job_id: int, attempt: int, host: str, pid: int) -> bool:
-    """STARTING -> RUNNING with its process id, in one write fenced on the attempt; False if
-    it was cancelled or superseded meanwhile (the executor then stops what it started)."""
-    with rt.session() as session:
-        return bool(transition(session, JobState.RUNNING, None, attempt_is(job_id, attempt),
-                               {"started_at": time.time(), "host": host, "pid": pid,
-                                "pid_identity": process_identity(pid)},
-                               only_from=[JobState.STARTING]))
+def _mark_running(rt: Runtime, lease: Lease, job_id: int, attempt: int, host: str, pid: int,
+                  abandoned: threading.Event) -> bool:
+    """STARTING -> RUNNING with its process id, in one write fenced on the attempt and its
+    lease; False if it was cancelled or superseded meanwhile, or its lease ran out (the
+    executor then stops what it started).
+
+    A database that is away is retried only while the job may run: the executor watches
+    the lease meanwhile (executor.watched_start) and stops the job before the lease runs out,
+    and a record made after that would be of a job that is gone."""
+    past_the_budget = stop_after_delay(rt.settings.database_retry_s)
+    retrying = Retrying(
+        retry=retry_if_exception_type(OperationalError),
+        wait=wait_exponential(multiplier=0.1, max=2),
+        stop=lambda state: (abandoned.is_set() or lease.stop_reason() is not None
+                            or past_the_budget(state)),
+        before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)
+    for tried in retrying:
+        with tried, rt.session() as session:
+            # The time the lease is checked against is read once the write may go ahead
+            # (on SQLite, with its write lock held), not before a wait for the database.
+            begin_writing(session.connection())
+            if abandoned.is_set():
+                return False
+            now = time.time()
+            return bool(transition(
+                session, JobState.RUNNING, None,
+                [*attempt_is(job_id, attempt),
+                 or_(col(Job.lease_until).is_(None), col(Job.lease_until) >= now)],
+                {"started_at": now, "host": host, "pid": pid,
+                 "pid_identity": process_identity(pid)},
+                only_from=[JobState.STARTING]))
+    raise AssertionError("unreachable: tenacity returns or raises")
 
 
 # An attempt's end is worth waiting for: while it is not recorded its job stays RUNNING in
@@ -255,6 +290,15 @@ def _write_outcome(rt: Runtime, job_id: int, attempt: int, end: restart_policy.A
         assert current is not None
         if current.attempt != attempt:
             return current.state
+        if current.state == JobState.STARTING.value and end.lost:
+            # Stopped before its start was recorded (its lease ran out meanwhile, or its
+            # worker shut down): queued again without spending a restart, as the reconciler
+            # does with such an attempt, whichever of the two comes first.
+            requeued = transition(session, JobState.PENDING,
+                                  f"{end.why}, before its start was recorded; queued again",
+                                  attempt_is(job_id, attempt), {"lease_until": None},
+                                  only_from=[JobState.STARTING])
+            return JobState.PENDING.value if requeued else current.state
         return record_end(session, current, end, ended_at, exit_code) or current.state
 
 

@@ -9,9 +9,11 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from app.core import job_env, logcap
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
@@ -101,13 +103,53 @@ _SETPRIV = shutil.which("setpriv")
 _PDEATHSIG = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
+class Stop(NamedTuple):
+    reason: str  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN
+    with_grace: bool  # SIGTERM and the kill grace first; else SIGKILL at once
+
+
+def watched_start(on_start: Callable[[int], bool], pid: int,
+                  should_stop: Callable[[], str | None]) -> Stop | None:
+    """Record the start of process `pid` with `on_start(pid)` while the job is watched as
+    it will be once it runs: a database away right then must not leave it running unwatched
+    past its lease (the record waits out such an outage only while the lease lasts).
+
+    None when the job runs on. Else why it must stop now, and whether with the kill grace:
+    a reason of `should_stop` (the lease running out, a cancel, a shutdown) gets it; a job
+    the record found unwanted (SUPERSEDED: cancelled while it started, requeued, or its
+    lease gone) is stopped at once. Raises what `on_start` raised, unless the job must stop
+    anyway."""
+    done = threading.Event()
+    wanted: list[bool] = []
+    failed: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            wanted.append(on_start(pid))
+        except BaseException as e:  # handed to the watching thread
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=record, daemon=True, name=f"gpuq-start-{pid}").start()
+    while not done.wait(POLL_S):
+        if (reason := should_stop()) is not None:
+            return Stop(reason, with_grace=True)
+    if failed:
+        if (reason := should_stop()) is not None:
+            return Stop(reason, with_grace=True)  # the record gave up: the job stops anyway
+        raise failed[0]
+    return None if wanted[0] else Stop(should_stop() or SUPERSEDED, with_grace=False)
+
+
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
         log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> Outcome:
     """Run the job to its end, or until `should_stop` names a reason to stop it. Its output
     reaches its log through a pipe, pumped on a thread of this worker into the capped log.
 
-    `on_start(pid)` records the start and says whether the job is still wanted."""
+    `on_start(pid)` records the start and says whether the job is still wanted; the job is
+    watched while it does (`watched_start`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     try:
@@ -131,9 +173,14 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
 
 def _watch(proc: subprocess.Popen[bytes], grace_s: float,
            should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
-    if not on_start(proc.pid):  # cancelled, or superseded, while it was starting
+    try:
+        stop = watched_start(on_start, proc.pid, should_stop)
+    except BaseException:
         stop_group(proc, 0)
-        return Outcome(proc.returncode, stopped=should_stop() or CANCEL)
+        raise
+    if stop is not None:
+        stop_group(proc, grace_s if stop.with_grace else 0)
+        return Outcome(proc.returncode, stopped=stop.reason)
     waiter = ExitWaiter(proc)
     try:
         while not waiter.exited(POLL_S):

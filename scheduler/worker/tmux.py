@@ -21,11 +21,11 @@ from app.core.procgroup import stop_pane_group
 from app.store.models import Job
 from scheduler.worker.executor import (
     BASH,
-    CANCEL,
     DEFAULT_LOG_MAX_BYTES,
     POLL_S,
     Outcome,
     shell_script,
+    watched_start,
 )
 
 KILLED_EXIT = 137
@@ -123,11 +123,16 @@ def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Pa
                      f'env -i TERM="$TERM" {shlex.quote(bash)} {shlex.quote(str(script_path))}'),
         check=True, capture_output=True, text=True).stdout.strip())
     _hand_over(fifo, _exports(env), lambda: _alive(socket, name))
-    wanted = on_start(pane_pid)
+    try:
+        stop = watched_start(on_start, pane_pid, should_stop)
+    except BaseException:
+        stop_pane_group(pane_pid, 0)
+        subprocess.run(tmux_command(socket, "kill-session", "-t", name), capture_output=True)
+        raise
     while not exit_path.exists() and _alive(socket, name):
-        reason = should_stop() if wanted else (should_stop() or CANCEL)
+        reason, with_grace = stop if stop is not None else (should_stop(), True)
         if reason is not None:
-            stop_pane_group(pane_pid, grace_s)
+            stop_pane_group(pane_pid, grace_s if with_grace else 0)
             subprocess.run(tmux_command(socket, "kill-session", "-t", name),
                            capture_output=True)
             return Outcome(KILLED_EXIT, stopped=reason)
