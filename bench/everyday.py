@@ -4,6 +4,10 @@ their worker) and 10,000 jobs stored (one ended launch, filled straight into the
 counted as `gpuq db recount` counts). Median of --runs; each submitted job is left to end
 before the next run, so that none is refused as a duplicate of one still waiting.
 
+The same reads are also timed over the stack's dashboard (`gpuq dashboard`, reached with
+GPUQ_URL and its token), the way a named user runs them: that client loads no database,
+Redis or Celery.
+
 Baseline, same run, the runs interleaved: the bare interpreter (`python3 -c "import sqlite3,
 json"`), and the same commands from the code before the lazy imports (commit 87185dd, taken
 out of this repository's history), on the same venv, Redis and database. Also shown: CPU
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +42,7 @@ TARGET_X = 10
 BARE = [sys.executable, "-c", "import sqlite3, json"]
 COMMANDS = {"gpuq queue": ["queue"], "gpuq status": ["status"],
             "gpuq submit -- true": ["submit", "--", "true"]}
+OVER_HTTP = {"gpuq queue, over GPUQ_URL": ["queue"], "gpuq status, over GPUQ_URL": ["status"]}
 # Runs `gpuq ARGS` as the console script does and prints how many modules it loaded.
 COUNTING = ("import atexit, sys\n"
             "atexit.register(lambda: print('MODULES', len(sys.modules), file=sys.stderr))\n"
@@ -58,6 +65,24 @@ def _fill(bench: Bench) -> None:
         session.connection().execute(insert(Job.__table__),  # type: ignore[attr-defined]
                                      [{**row, "rank": r} for r in range(JOBS)])
         counts.recount(session)
+
+
+def _dashboard(bench: Bench) -> dict[str, str]:
+    """Start the stack's dashboard; the variables of a client that reaches gpuq through it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = secrets.token_urlsafe(24)
+    bench.start(str(BIN / "gpuq"), "dashboard", "--port", str(port), GPUQ_DASHBOARD_TOKEN=token)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return {"GPUQ_URL": f"http://127.0.0.1:{port}", "GPUQ_TOKEN": token}
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the dashboard did not start") from None
+            time.sleep(0.2)
 
 
 def _timed(argv: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
@@ -96,14 +121,19 @@ def main() -> None:
         settle = _settled(bench)
         trees = {"now": str(ROOT), "before": str(before)}
         envs = {tree: bench.env(PYTHONPATH=path) for tree, path in trees.items()}
+        http = _dashboard(bench)
         for tree, path in trees.items():
             for name, args in COMMANDS.items():
                 modules[f"{tree} {name}"] = _modules(args, envs[tree], path)
                 settle()
+            for name, args in OVER_HTTP.items():
+                modules[f"{tree} {name}"] = _modules(args, {**envs[tree], **http}, path)
         for run in range(runs + 1):  # the first round warms the caches and is not counted
             measured = [("bare", BARE, envs["now"], str(ROOT))] + [
                 (f"{tree} {name}", [str(BIN / "gpuq"), *args], envs[tree], trees[tree])
-                for tree in trees for name, args in COMMANDS.items()]
+                for tree in trees for name, args in COMMANDS.items()] + [
+                (f"{tree} {name}", [str(BIN / "gpuq"), *args], {**envs[tree], **http},
+                 trees[tree]) for tree in trees for name, args in OVER_HTTP.items()]
             for key, argv, env, cwd in measured:
                 wall, cpu = _timed(argv, env, cwd)
                 settle()
@@ -112,13 +142,13 @@ def main() -> None:
                     cpus.setdefault(key, []).append(cpu)
     bare, bare_cpu = statistics.median(walls["bare"]), statistics.median(cpus["bare"])
     figures = {}
-    for name in COMMANDS:
+    for name in [*COMMANDS, *OVER_HTTP]:
         now = statistics.median(walls[f"now {name}"])
         old = statistics.median(walls[f"before {name}"])
         now_cpu = statistics.median(cpus[f"now {name}"])
         figures[name] = {"s": now, "x": now / bare, "cpu_x": now_cpu / bare_cpu,
                          "before_s": old, "modules": modules[f"now {name}"]}
-        report(f"`{name}`, 10,000 jobs stored",
+        report(f"{name}, 10,000 jobs stored",
                f"{now:.3f} s, {now / bare:.1f}x the bare interpreter (CPU {now_cpu:.3f} s, "
                f"{now_cpu / bare_cpu:.1f}x), {modules[f'now {name}']} modules",
                f"<= {TARGET_X}x the bare interpreter",
