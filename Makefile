@@ -16,8 +16,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python -m app.cli.demo $(if $(KEEP),--keep)
 
+# TESTS narrows the run (CI's second pass: what depends on the database and Redis server).
+TESTS ?=
+
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest $(TESTS)
 
 bench: install
 	@for b in startup bulk_launch throughput per_job operations cancel latency depth_ops \
