@@ -131,8 +131,9 @@ def test_a_job_starts_whatever_its_path_and_sees_its_attempt(settings, tmp_path)
         shim = venv / "bin" / program
         shim.write_text("#!/bin/sh\necho shadowed >&2\nexit 99\n")
         shim.chmod(0o755)
-    client, job_id, ended = _run_once(settings, "echo attempt=$GPUQ_ATTEMPT; exit 0",
-                                      env={"PATH": "/nonexistent"})
+    checked = settings.model_copy(update={"preflight_commands": {"fake-pass": "echo good"}})
+    client, job_id, ended = _run_once(checked, "echo attempt=$GPUQ_ATTEMPT; exit 0",
+                                      env={"PATH": "/nonexistent"}, preflight="fake-pass")
     assert ended == "SUCCEEDED", client.job(job_id).logs()
     assert "attempt=1\n" in client.job(job_id).logs()
     _, shadowed_id, ended = _run_once(settings, "echo in the venv", venv=str(venv))
