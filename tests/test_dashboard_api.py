@@ -255,3 +255,21 @@ def test_a_relative_workdir_from_the_api_is_refused_naming_the_fix(api, local, p
     assert "absolute path" in answer.json()["message"]
     assert local.call("queue")["total"] == 0
     assert api.post("/api/jobs", json={"command": "echo", "workdir": "/tmp"}).status_code == 201
+
+
+def test_a_damaged_database_is_a_503_naming_the_file_and_the_fix(settings):
+    from app.client import Client
+
+    own = settings.model_copy(update={"database_url": None})
+    local = Client(own, "local")
+    try:
+        with dashboard_client(create_app(own, local), raise_server_exceptions=False) as api:
+            assert api.get("/api/jobs").status_code == 200
+            local.rt.engine.dispose()  # no connection left that read the file before
+            (own.home / "gpuq.db").write_bytes(b"garbage " * 4096)
+            answer = api.get("/api/jobs")
+    finally:
+        local.close()
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["code"] == "database_corrupt"
+    assert f"the database {own.home / 'gpuq.db'} is damaged" in answer.json()["message"]

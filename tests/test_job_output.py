@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.client import Client
-from app.core.logcap import MARKER, head_bytes
+from app.core.logcap import MARKER, CappedLog, head_bytes
 from app.core.paths import JobPaths
 from app.runtime import Runtime
 from app.store.models import Job
@@ -131,8 +131,9 @@ def test_a_job_starts_whatever_its_path_and_sees_its_attempt(settings, tmp_path)
         shim = venv / "bin" / program
         shim.write_text("#!/bin/sh\necho shadowed >&2\nexit 99\n")
         shim.chmod(0o755)
-    client, job_id, ended = _run_once(settings, "echo attempt=$GPUQ_ATTEMPT; exit 0",
-                                      env={"PATH": "/nonexistent"})
+    checked = settings.model_copy(update={"preflight_commands": {"fake-pass": "echo good"}})
+    client, job_id, ended = _run_once(checked, "echo attempt=$GPUQ_ATTEMPT; exit 0",
+                                      env={"PATH": "/nonexistent"}, preflight="fake-pass")
     assert ended == "SUCCEEDED", client.job(job_id).logs()
     assert "attempt=1\n" in client.job(job_id).logs()
     _, shadowed_id, ended = _run_once(settings, "echo in the venv", venv=str(venv))
@@ -170,3 +171,20 @@ def test_a_job_on_a_full_disk_runs_to_its_end_its_output_dropped(tmp_path):
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "exit 0"
+
+
+def test_a_follower_whose_offset_a_cut_passed_goes_on_at_the_marker(settings):
+    own = settings.model_copy(update={"log_max_bytes": CAP})
+    client = Client(own, "local")
+    job = client.submit("true")
+    path = JobPaths(own.home, job.id).log
+    path.parent.mkdir(parents=True)
+    log = CappedLog(path, CAP)
+    log.write(b"a" * 60_000)
+    followed_to = client.call("logs", job_id=job.id, offset=0)["size"]
+    log.write(b"b" * 30_000)  # past the cap: the middle is dropped, the file shrinks
+    log.close()
+    assert path.stat().st_size < followed_to
+    out = client.call("logs", job_id=job.id, offset=followed_to)
+    assert out["text"].startswith("\n== gpuq: ") and out["text"].endswith("b" * 100)
+    client.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -55,9 +54,7 @@ def state_fault(error: Exception) -> GpuqError | None:
     from_store = exc is not None and isinstance(error, exc.SQLAlchemyError)
     if not (from_store or isinstance(error, _STATE_ERRORS)):
         return None
-    sqlite = Path(settings.sqlite_url.removeprefix("sqlite:///"))
-    database = None if settings.database_url else sqlite
-    return errors.state_fault(error, settings.home, database)
+    return errors.state_fault(error, settings.home, settings.sqlite_file)
 
 
 def client(transport: str | None = None) -> Client:

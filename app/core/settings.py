@@ -295,7 +295,13 @@ class Settings(BaseSettings):
 
     @property
     def sqlite_url(self) -> str:
-        return f"sqlite:///{self.home / 'gpuq.db'}"
+        return f"sqlite:///{self.home / 'gpuq.db'}"  # sqlite_file's
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite file gpuq keeps its database in; None when GPUQ_DATABASE_URL names
+        another database."""
+        return None if self.database_url else self.home / "gpuq.db"
 
     def effective_database_url(self) -> str:
         return self.database_url or self.sqlite_url

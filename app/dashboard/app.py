@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.client import Client
 from app.core import errors
@@ -31,6 +32,7 @@ HTTP_STATUS: dict[type[errors.GpuqError], int] = {
     errors.NotPermitted: 403, errors.InvalidToken: 401, errors.OverLimit: 429,
     errors.PayloadTooLarge: 413, errors.BrokerUnavailable: 503,
     errors.DatabaseUnavailable: 503, errors.OperationTimeout: 503,
+    errors.HomeNotWritable: 503, errors.DiskFull: 507,
 }
 
 
@@ -75,8 +77,23 @@ def create_app(settings: Settings, client: Client | None = None,
     # anything else reads it, and every answer carries the security headers.
     app.add_middleware(Guard, hosts=hosts, port=settings.dashboard_port)
 
+    def state_fault(error: Exception) -> errors.GpuqError | None:
+        return errors.state_fault(error, settings.home, settings.sqlite_file)
+
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(OSError)
+    async def on_disk(request: Request, error: Exception) -> Response:
+        """A home that cannot be written, a full disk, a damaged SQLite file: 503 with the
+        line that names it; anything else stays the server's error it is."""
+        fault = state_fault(error)
+        if fault is None:
+            raise error
+        return await refused(request, fault)
+
     @app.exception_handler(errors.GpuqError)
     async def refused(request: Request, error: errors.GpuqError) -> Response:
+        if isinstance(error, errors.DatabaseUnavailable | errors.BrokerUnavailable):
+            error = state_fault(error) or error
         status = http_status(error)
         if request.url.path.startswith("/api/") or request.url.path == "/metrics":
             return JSONResponse({"code": error.code, "message": str(error)}, status_code=status)

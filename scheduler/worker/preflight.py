@@ -9,6 +9,7 @@ else fails the job as FAILED_PRECHECK, with the check's output in the job's log.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from app.core.settings import Settings
 
 SKIP_EXIT = 3
+# Found on the worker's PATH, as the executor's bash is: the job's PATH may hold anything.
+BASH = shutil.which("bash") or "/bin/bash"
+
 @dataclass
 class PreflightResult:
     status: str  # passed | failed | skipped
@@ -28,7 +32,7 @@ class PreflightResult:
 def run_check(settings: Settings, name: str, env: dict[str, str]) -> PreflightResult:
     command = settings.preflight_checks[name]
     try:
-        proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+        proc = subprocess.run([BASH, "-c", command], env=env, capture_output=True, text=True,
                               timeout=settings.preflight_timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
