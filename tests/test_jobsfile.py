@@ -384,3 +384,21 @@ def test_a_submitter_cannot_set_the_origin_of_a_job(rt, local, settings):
     # Then nothing was stored, and the line is the file's own when its watcher reads it
     assert local.call("queue")["total"] == 0
     assert len(JobsFileWatcher(path, _submit_many(local)).poll().submitted) == 1
+
+
+def test_a_line_another_watcher_forgot_is_submitted_again_when_put_back(local, tmp_path):
+    # Given two watchers of one file (`gpuq up --jobs-file` and `gpuq watch`)
+    path = tmp_path / "jobs.txt"
+    path.write_text("python a.py\npython b.py\n")
+    first, second = (JobsFileWatcher(path, _submit_many(local)) for _ in range(2))
+    assert len(first.poll().submitted) == 2 and second.poll().known == 2
+    # When b leaves the file and the first forgets it before the second reads the file
+    path.write_text("python a.py\n")
+    first.poll()
+    assert first.poll().forgotten == 1
+    second.poll()
+    # Then b put back is submitted once, by whichever watcher reads it first
+    path.write_text("python a.py\npython b.py\n")
+    assert len(second.poll().submitted) == 1
+    assert first.poll().submitted == []
+    assert local.call("queue")["total"] == 3
