@@ -132,7 +132,7 @@ class JobsFileWatcher:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stamp: tuple[int, int] | None = None
         self.held: Line | None = None  # an unfinished last line, waiting for a stable file
-        self._texts: set[str] | None = None  # the text keys of the file's lines, last read
+        self._texts: set[str] | None = None  # the LRU keys of the file's lines, last read
         self._present: list[str] | None = None  # its line keys, while some are to forget
 
     @property
@@ -213,6 +213,9 @@ class JobsFileWatcher:
             present.extend(held_keys)
         left = self._texts is None or not texts >= self._texts or self._present is not None
         self._texts = texts
+        # A line not in the file is not taken as handled: put back, the server judges it.
+        for key in [k for k in self._seen if k not in texts]:
+            del self._seen[key]
         if not fresh and not left:
             return
         answer = self._submit(fresh, result, present=present)
@@ -276,6 +279,3 @@ class JobsFileWatcher:
         answer = self.submit_many(str(self.path), [], present=self._present, forget=True)
         self._present = None
         result.forgotten = int(answer.get("absent") or 0)
-        texts = self._texts or set()
-        for key in [k for k in self._seen if k not in texts]:
-            del self._seen[key]

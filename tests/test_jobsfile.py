@@ -396,3 +396,21 @@ def test_watch_says_how_many_jobs_a_big_file_submitted_not_every_id(settings, tm
     path.write_text(path.read_text() + "gpus=0 -- python shard.py last\n")
     again = _gpuq(settings, "watch", str(path), "--once")
     assert again.stdout.startswith("submitted 1 job: "), again.stdout
+
+
+def test_a_line_another_watcher_forgot_is_submitted_again_when_put_back(local, tmp_path):
+    # Given two watchers of one file (`gpuq up --jobs-file` and `gpuq watch`)
+    path = tmp_path / "jobs.txt"
+    path.write_text("python a.py\npython b.py\n")
+    first, second = (JobsFileWatcher(path, _submit_many(local)) for _ in range(2))
+    assert len(first.poll().submitted) == 2 and second.poll().known == 2
+    # When b leaves the file and the first forgets it before the second reads the file
+    path.write_text("python a.py\n")
+    first.poll()
+    assert first.poll().forgotten == 1
+    second.poll()
+    # Then b put back is submitted once, by whichever watcher reads it first
+    path.write_text("python a.py\npython b.py\n")
+    assert len(second.poll().submitted) == 1
+    assert first.poll().submitted == []
+    assert local.call("queue")["total"] == 3

@@ -137,19 +137,22 @@ def report(session: Session, since: float, by: str, owner: str | None = None
     The success rate is per job: of the jobs whose last attempt in the window ended them
     (not one that runs again), the share whose last attempt SUCCEEDED; a job that failed
     and then succeeded on a restart is a success."""
-    a, group = ATTEMPTS.c, GROUPS[by]
+    a = ATTEMPTS.c
     window = [a.ended_at >= since, *([a.owner == owner] if owner is not None else [])]
-    last = (select(func.max(a.id).label("id")).where(*window).group_by(a.job_id)
-            .subquery("last_attempts"))
-    is_last = last.c.id.is_not(None)
-    ended = func.sum(case((is_last & a.outcome.in_(ENDING_OUTCOMES), 1), else_=0))
-    succeeded = func.sum(case((is_last & (a.outcome == JobState.SUCCEEDED.value), 1),
-                              else_=0))
-    query = (select(group, func.sum(a.gpu_seconds), func.count(func.distinct(a.job_id)),
-                    func.count(), ended, succeeded, func.avg(a.wait_s),
-                    func.avg(a.mean_utilization_pct), func.max(a.peak_memory_mb))
-             .select_from(ATTEMPTS.outerjoin(last, last.c.id == a.id))
-             .where(*window).group_by(group).order_by(group))
+    # Each attempt in the window, numbered from its job's last (one sort, by job).
+    ranked = select(
+        GROUPS[by].label("key"), a.job_id, a.gpu_seconds, a.outcome, a.wait_s,
+        a.mean_utilization_pct, a.peak_memory_mb,
+        func.row_number().over(partition_by=a.job_id, order_by=a.id.desc()).label("nth"),
+    ).where(*window).subquery("ranked")
+    r = ranked.c
+    last = r.nth == 1
+    ended = func.sum(case((last & r.outcome.in_(ENDING_OUTCOMES), 1), else_=0))
+    succeeded = func.sum(case((last & (r.outcome == JobState.SUCCEEDED.value), 1), else_=0))
+    query = (select(r.key, func.sum(r.gpu_seconds), func.count(func.distinct(r.job_id)),
+                    func.count(), ended, succeeded, func.avg(r.wait_s),
+                    func.avg(r.mean_utilization_pct), func.max(r.peak_memory_mb))
+             .group_by(r.key).order_by(r.key))
     out = {}
     for key, used, jobs, attempts, n_ended, n_ok, wait, util, peak in (
             session.connection().execute(query)):
