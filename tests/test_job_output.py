@@ -16,6 +16,7 @@ from app.client import Client
 from app.core.logcap import MARKER, CappedLog, head_bytes
 from app.core.paths import JobPaths
 from app.runtime import Runtime
+from app.store import cluster
 from app.store.models import Job
 from scheduler.worker import tmux
 from scheduler.worker.attempt import run_attempt
@@ -32,10 +33,12 @@ def _gpuq(settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _run_once(settings, command: str, **options) -> tuple[Client, int, str]:
-    """Submit a 0-GPU job and run its first attempt here, as the CPU worker does."""
+    """Submit a 0-GPU job into a CPU slot and run its first attempt here, as the CPU worker
+    does."""
     client = Client(settings, "local")
-    job = client.submit(command, gpus=0, **options)
     worker = Runtime(settings)
+    cluster.beat_cpu(worker.redis, settings.hostname, 1, 600)
+    job = client.submit(command, gpus=0, **options)
     try:
         ended = run_attempt(worker, job.id, 1)
     finally:
