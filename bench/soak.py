@@ -45,8 +45,8 @@ from app.core.procgroup import stop_groups
 from app.core.settings import Settings
 from app.core.states import TERMINAL
 from app.store.models import Job, JobEvent
-from tests.netutil import PausableProxy, _pipe, free_port
-from tests.spans import Span, Violations, check, read_spans, span_command
+from tests.support.netutil import PausableProxy, _pipe, free_port
+from tests.support.spans import Span, Violations, check, read_spans, span_command
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]

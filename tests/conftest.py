@@ -3,43 +3,36 @@ GPUQ_DATABASE_URL), and real worker processes for the end-to-end tests."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
-import redis
 from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from app.client import Client
-from app.core.procgroup import stop_groups
 from app.core.settings import Settings
-from app.ops.registry import call_local
 from app.runtime import Runtime
 from app.store.embedded_redis import EmbeddedRedis
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-EXTERNAL_REDIS = os.environ.get("GPUQ_REDIS_URL")
-EXTERNAL_DB = os.environ.get("GPUQ_DATABASE_URL")
-ROOT = Path(__file__).resolve().parents[1]
-# Stand-ins for checks that need GPUs: one passes, one fails, one skips.
-PREFLIGHT_FAKES = {"fake-pass": "echo all good", "fake-fail": "echo broken link >&2; exit 1",
-                   "fake-skip": "echo no devices here; exit 3"}
-
-
-def missing(why: str) -> NoReturn:
-    """A program or privilege a test needs is not here: skip it on a developer's machine,
-    fail it in CI, which installs everything the tests drive (.ci/run)."""
-    if IN_CI:
-        pytest.fail(f"{why} (CI must provide it: .ci/run installs what the tests drive)")
-    pytest.skip(why)
+from tests.support.servers import (  # noqa: F401  (tests import them from here too)
+    EXTERNAL_DB,
+    EXTERNAL_REDIS,
+    IN_CI,
+    OTHER_USER,
+    PREFLIGHT_FAKES,
+    ROOT,
+    Stack,
+    _reset_database,
+    as_other,
+    clean_servers,
+    missing,
+    processes_with,
+    server_env,
+    until,
+)
 
 
 @pytest.fixture(scope="session")
@@ -56,39 +49,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         missing(f"no Redis could be started here: {e}")
     yield url
     server.stop()
-
-
-def until(predicate, timeout_s: float = 30, poll_s: float = 0.1,  # type: ignore[no-untyped-def]
-          describe=None):
-    """The first truthy value of `predicate()`, polled until `timeout_s`; else fail, with
-    what `describe()` says of the state the condition was waiting on."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    seen = f": {describe()}" if describe is not None else ""
-    raise AssertionError(f"condition not reached in {timeout_s}s{seen}")
-
-
-def clean_servers(redis_url: str) -> None:
-    """An empty Redis database and empty tables (when the database is an external one)."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    if EXTERNAL_DB:
-        _reset_database(EXTERNAL_DB)
-
-
-def _reset_database(url: str) -> None:
-    from app.store.db import make_engine
-
-    engine = make_engine(Settings(database_url=url, _env_file=None))
-    with engine.begin() as conn:
-        names = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    engine.dispose()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -131,84 +91,6 @@ def local(settings: Settings) -> Iterator[Client]:
     c.close()
 
 
-def server_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a gpuq server process that shares this test's settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
-    env.update(settings.as_environment())
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-class Stack:
-    """`gpuq worker` and `gpuq control-worker` as real processes."""
-
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.settings = settings
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *commands: str) -> None:
-        gpuq = str(Path(sys.executable).parent / "gpuq")
-        for command in commands:
-            log = open(self.log_dir / f"{command}.log", "ab")  # noqa: SIM115
-            self.procs.append(subprocess.Popen(
-                [gpuq, command], env=server_env(self.settings), stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.log_dir))
-            log.close()
-
-    @contextlib.contextmanager
-    def up(self, gpus: int) -> Iterator[Stack]:
-        """A whole stack (GPU worker, control worker, beat), ready, then stopped."""
-        self.start("worker", "control-worker", "beat")
-        rt = Runtime(self.settings)
-        try:
-            self.wait_ready(rt, gpus=gpus)
-            yield self
-        finally:
-            rt.close()
-            self.stop()
-
-    def wait_ready(self, rt: Runtime, gpus: int, timeout_s: float = 60,
-                   control: bool = True) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            hosts = call_local(rt, "status", {})["hosts"]
-            alive = sum(h["workers_alive"] for h in hosts)
-            if alive >= gpus and (not control or self._control_ready(rt)):
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"workers not ready in {timeout_s}s; see {self.log_dir}")
-
-    def _control_ready(self, rt: Runtime) -> bool:
-        replies = rt.celery.control.ping(timeout=0.5) or []
-        return any(name.startswith("control@") for reply in replies for name in reply)
-
-    def stop(self) -> None:
-        import signal
-
-        stop_groups(self.procs, grace_s=20)
-        # Celery workers run in sessions of their own: none may outlive its stack and take
-        # the next test module's messages.
-        for pid in processes_with(f"@{self.settings.hostname}"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def processes_with(marker: str) -> list[int]:
-    """Live (not zombie) processes whose command line contains `marker`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            zombie = " Z " in (proc / "stat").read_text()
-        except (OSError, ValueError):
-            continue
-        if marker in cmdline and "pytest" not in cmdline and not zombie:
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.fixture(scope="module")
 def stack_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                    redis_url: str) -> Settings:
@@ -247,11 +129,6 @@ def remote_client(stack: Stack, stack_settings: Settings) -> Iterator[Client]:
     c.close()
 
 
-# -- a second local user --------------------------------------------------------------------
-
-OTHER_USER = "gpuq-other"
-
-
 @pytest.fixture(scope="session")
 def other_user() -> Iterator[str]:
     """A second local OS user, made for the session (and removed after it) where the tests
@@ -265,9 +142,3 @@ def other_user() -> Iterator[str]:
     yield OTHER_USER
     if made:
         subprocess.run(["userdel", OTHER_USER], check=False)
-
-
-def as_other(user: str, *argv: str, timeout_s: float = 30) -> subprocess.CompletedProcess[bytes]:
-    """Run a command as `user` (made by `other_user`)."""
-    return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True,
-                          timeout=timeout_s)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 Operation = Callable[..., dict[str, Any]]
 # The module of each operation. An operation missing here still runs (a call to a name not
-# listed loads every module below), only slower; tests/test_import_sets.py keeps it whole.
+# listed loads every module below), only slower; tests/unit/test_import_sets.py keeps it whole.
 MODULES: dict[str, str] = {
     "queue": "app.ops.read", "job": "app.ops.read", "launches": "app.ops.read",
     "logs": "app.ops.read", "status": "app.ops.read",

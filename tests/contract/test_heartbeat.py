@@ -1,0 +1,52 @@
+"""A GPU worker's heartbeat thread on real Redis and a real database: no error of any kind
+takes its GPU out of service, and it puts its GPU back in an inventory Redis lost."""
+
+from __future__ import annotations
+
+from app.core import keys
+from app.store import cluster
+from scheduler.worker.heartbeat import Heartbeat
+from scheduler.worker.monitor import FakeProvider
+from tests.support.servers import until
+
+
+class FailingProvider(FakeProvider):
+    """NVML that fails on its first few readings, as a driver hiccup does."""
+
+    failures_left: int = 3
+
+    def readings(self):  # type: ignore[no-untyped-def]
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise RuntimeError("NVML: GPU is lost")
+        return super().readings()
+
+
+def test_an_error_that_is_not_redis_does_not_stop_the_heartbeat(rt):
+    provider = FailingProvider(1)
+    provider.failures_left = 0
+    beat = Heartbeat(rt, 0, provider)
+    beat.start()
+    try:
+        provider.failures_left = 1_000_000  # every reading fails from now on
+        rt.redis.delete(keys.alive("testhost", 0))
+        # Then the thread lives on and beats again, reading or no reading
+        until(lambda: rt.redis.exists(keys.alive("testhost", 0)), timeout_s=30)
+        provider.failures_left = 0
+        rt.redis.delete(keys.alive("testhost", 0))
+        until(lambda: rt.redis.exists(keys.alive("testhost", 0)), timeout_s=30)
+        assert beat._thread.is_alive()
+    finally:
+        beat.stop()
+
+
+def test_a_gpu_redis_forgot_is_registered_again_by_its_heartbeat(rt):
+    beat = Heartbeat(rt, 1, FakeProvider(2))
+    beat.start()
+    try:
+        rt.redis.delete(keys.HOSTS, keys.host_gpus("testhost"))  # Redis lost the inventory
+        until(lambda: [h.name for h in cluster.read_hosts(rt.redis)] == ["testhost"],
+              timeout_s=30)
+        assert cluster.read_hosts(rt.redis)[0].indices == [1]
+    finally:
+        beat.stop()
