@@ -24,7 +24,7 @@ import redis
 
 from app.core.settings import Settings
 from app.store.embedded_redis import STATE_FILE, find_embedded
-from tests.support.servers import server_env, until
+from tests.support.servers import processes_marked, server_env, until
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -33,19 +33,7 @@ MARK = "REDIS_RESTART_TEST_MARK"
 
 def marked(mark: str) -> list[int]:
     """Live (not zombie) processes whose environment carries `mark`."""
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and stat[stat.rindex(")") + 2] != "Z":
-            found.append(int(proc.name))
-    return found
+    return processes_marked(MARK, mark)
 
 
 def gpuq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

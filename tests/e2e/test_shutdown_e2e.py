@@ -25,7 +25,14 @@ from app.core.settings import Settings
 from app.core.states import JobState
 from app.store.db import make_engine
 from app.store.models import Job, JobEvent
-from tests.support.servers import EXTERNAL_DB, clean_servers, processes_with, server_env, until
+from tests.support.servers import (
+    EXTERNAL_DB,
+    clean_servers,
+    processes_marked,
+    processes_with,
+    server_env,
+    until,
+)
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -34,19 +41,7 @@ MARK = "SHUTDOWN_TEST_MARK"  # jobs inherit nothing of the stack's: launches pas
 
 def marked(mark: str) -> list[int]:
     """Live (not zombie) processes whose environment carries `mark`."""
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and stat[stat.rindex(")") + 2] != "Z":
-            found.append(int(proc.name))
-    return found
+    return processes_marked(MARK, mark)
 
 
 def kill_marked(mark: str) -> None:

@@ -151,6 +151,24 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def processes_marked(variable: str, value: str) -> list[int]:
+    """Live (not zombie) processes whose environment holds `variable=value`: what a stack
+    started, jobs included, found by a mark its test put in the stack's environment."""
+    needle = f"{variable}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and stat[stat.rindex(")") + 2] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
 OTHER_USER = "gpuq-other"
 
 
