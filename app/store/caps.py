@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, func, literal, select
 from sqlmodel import Session, col
 
 from app.store.jobs import JOBS, serialize
+from app.store.limits import Limits
 from app.store.models import HOLDING_STATES, fixed
 
 # What a cap counts over the local jobs that hold their place (STARTING, RUNNING,
@@ -54,6 +55,15 @@ class Cap:
         """The hex key its writers take turns on."""
         return hashlib.sha256(f"cap:{self.kind}:{self.name}:{self.measure}".encode()
                               ).hexdigest()
+
+
+def caps_of(found: Limits, owner: str, project: str, measure: str) -> list[Cap]:
+    """The caps a job of `owner` in `project` is held to for `measure`: its user's and its
+    project's limits of that measure (max_gpus, or max_cpu_jobs), where they are set."""
+    field = "max_gpus" if measure == GPUS else "max_cpu_jobs"
+    return [Cap(kind, name, measure, most)
+            for kind, name in (("user", owner), ("project", project))
+            if (most := getattr(found.of(kind, name), field)) is not None]
 
 
 def within(session: Session, caps: Sequence[Cap], need: int) -> list[ColumnElement[bool]]:

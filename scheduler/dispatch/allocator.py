@@ -44,7 +44,7 @@ from app.core.signing import run_message
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import accounting, histograms, limits
-from app.store.caps import CPU_JOBS, GPUS, Cap, within
+from app.store.caps import CPU_JOBS, GPUS, Cap, caps_of, within
 from app.store.cluster import (
     HostView,
     cpu_slots,
@@ -293,12 +293,7 @@ class Shares:
 
     def caps(self, job: Candidate) -> list[Cap]:
         """The limits its placement must stay within, checked where it is written."""
-        found = []
-        for kind, name in (("user", job.owner), ("project", job.project)):
-            most = self.limits.of(kind, name).max_gpus
-            if most is not None:
-                found.append(Cap(kind, name, GPUS, most))
-        return found
+        return caps_of(self.limits, job.owner, job.project, GPUS)
 
     def started(self, job: Candidate) -> None:
         self._add(job.owner, job.project, job.gpus, job.gpus * self.min_charge)
@@ -502,9 +497,7 @@ class Dispatcher:
         while window and free > 0:
             job = min(window, key=lambda j: (-j.priority, share(j), j.id))
             window.remove(job)
-            caps = [Cap(kind, name, CPU_JOBS, most)
-                    for kind, name in (("user", job.owner), ("project", job.project))
-                    if (most := found.of(kind, name).max_cpu_jobs) is not None]
+            caps = caps_of(found, job.owner, job.project, CPU_JOBS)
             full = next((c for c in caps if running[(c.kind, c.name)] >= c.most), None)
             started = self._start(job, None, [], caps) if full is None else Start.CAPPED
             if started in (Start.ROUTED, Start.GONE):
