@@ -14,7 +14,13 @@ import pytest
 from app.core.settings import Settings
 from app.store.embedded_redis import find_embedded
 from tests.contract.test_adapters import slurm_missing
-from tests.support.servers import ROOT, missing, processes_with, server_env, until
+from tests.support.servers import (
+    gpuq_up,
+    missing,
+    processes_with,
+    server_env,
+    until,
+)
 
 pytestmark = pytest.mark.e2e
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -115,18 +121,7 @@ def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path)
     # under its home, as on a fresh machine, shared with no other test.
     settings = Settings(home=home, redis_url=None, database_url=None, hostname="uphost",
                         fake_gpus=2, heartbeat_s=1, _env_file=None)
-    env = server_env(settings)
-    with open(tmp_path / "up.log", "wb") as log:
-        up = subprocess.Popen([GPUQ, "up", "--no-flower", "--procfile", str(ROOT / "Procfile")],
-                              env=env, cwd=tmp_path, start_new_session=True, stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        def status() -> dict:
-            result = subprocess.run([GPUQ, "status", "--json"], env=env, capture_output=True,
-                                    text=True, timeout=60)
-            return json.loads(result.stdout) if result.returncode == 0 else {"hosts": []}
-
-        until(lambda: sum(h["workers_alive"] for h in status()["hosts"]) == 2, 90)
+    with gpuq_up(settings, tmp_path, workers=2) as env:
         job = subprocess.run([GPUQ, "submit", "--", "echo", "up-ok"], env=env,
                              capture_output=True, text=True, timeout=60).stdout.strip()
         waited = subprocess.run([GPUQ, "wait", job, "--timeout", "60"], env=env, timeout=90)
@@ -137,9 +132,6 @@ def test_up_runs_the_stack_restarts_a_dead_worker_and_stops_everything(tmp_path)
         os.kill(worker[0], signal.SIGKILL)
         assert until(lambda: processes_with("-n gpu0@uphost") not in ([], worker), 30), \
             "the killed GPU worker came back"
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        up.wait(timeout=60)
     assert until(lambda: not processes_with(str(home)) and not processes_with("@uphost"), 10)
     assert find_embedded(settings) is None, "the embedded Redis was stopped"
 

@@ -3,10 +3,7 @@ builds keeps such a path one word, and `gpuq up` runs a job there."""
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +14,7 @@ from app.core.settings import Settings
 from app.runtime import Runtime
 from app.stack import commands
 from app.store.exits import recent_exits
-from tests.support.servers import ROOT, server_env, until
+from tests.support.servers import gpuq_up, until
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")
 
@@ -40,22 +37,11 @@ def test_up_with_a_home_with_a_space_runs_a_job_and_beat_keeps_running(tmp_path)
     home = tmp_path / "gpu queue home"
     settings = Settings(home=home, redis_url=None, database_url=None, hostname="spacehost",
                         fake_gpus=1, heartbeat_s=1, _env_file=None)
-    env = server_env(settings)
-    with open(tmp_path / "up.log", "wb") as log:
-        up = subprocess.Popen([GPUQ, "up", "--no-flower", "--procfile", str(ROOT / "Procfile")],
-                              env=env, cwd=tmp_path, start_new_session=True, stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
+    with gpuq_up(settings, tmp_path, workers=1) as env:
         def gpuq(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([GPUQ, *args], env=env, capture_output=True, text=True,
                                   timeout=60)
 
-        def status() -> dict:
-            result = gpuq("status", "--json")
-            return json.loads(result.stdout) if result.returncode == 0 else {"hosts": []}
-
-        until(lambda: sum(h["workers_alive"] for h in status()["hosts"]) == 1, 90,
-              describe=lambda: (tmp_path / "up.log").read_text()[-2000:])
         job = gpuq("submit", "--", "echo", "spaced-ok").stdout.strip()
         assert gpuq("wait", job, "--timeout", "60").returncode == 0
         assert "spaced-ok" in gpuq("logs", job).stdout
@@ -67,9 +53,6 @@ def test_up_with_a_home_with_a_space_runs_a_job_and_beat_keeps_running(tmp_path)
             assert [p for p in recent_exits(rt.redis) if p["program"] == "beat"] == []
         finally:
             rt.close()
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        up.wait(timeout=60)
 
 
 

@@ -137,6 +137,35 @@ class Stack:
                 os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def gpuq_up(settings: Settings, cwd: Path, workers: int) -> Iterator[dict[str, str]]:
+    """`gpuq up` (no Flower, the root Procfile) as a process of its own, its log in
+    `cwd`/up.log, until `workers` GPU workers are alive; yields the environment that
+    reaches it, and stops it with SIGTERM at the end."""
+    import json
+    import signal
+
+    gpuq = str(Path(sys.executable).parent / "gpuq")
+    env = server_env(settings)
+    log_path = cwd / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen([gpuq, "up", "--no-flower", "--procfile", str(ROOT / "Procfile")],
+                              env=env, cwd=cwd, start_new_session=True, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        def alive() -> int:
+            shown = subprocess.run([gpuq, "status", "--json"], env=env, capture_output=True,
+                                   text=True, timeout=60)
+            hosts = json.loads(shown.stdout)["hosts"] if shown.returncode == 0 else []
+            return sum(h["workers_alive"] for h in hosts)
+
+        until(lambda: alive() == workers, 90, describe=lambda: log_path.read_text()[-2000:])
+        yield env
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        up.wait(timeout=60)
+
+
 def processes_with(marker: str) -> list[int]:
     """Live (not zombie) processes whose command line contains `marker`."""
     found = []
