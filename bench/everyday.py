@@ -1,17 +1,18 @@
 """The everyday commands as a new user runs them, each a fresh process: `gpuq queue`, `gpuq
 status` and `gpuq submit -- true`, with a stack up (embedded Redis, SQLite, 2 fake GPUs and
-their worker) and 10,000 jobs stored (one ended launch, filled straight into the table and
-counted as `gpuq db recount` counts). Median of --runs; each submitted job is left to end
-before the next run, so that none is refused as a duplicate of one still waiting.
+their worker, and its dashboard) and 10,000 jobs stored (one ended launch, filled straight
+into the table and counted as `gpuq db recount` counts). Median of --runs; each submitted
+job is left to end before the next run, so that none is refused as a duplicate of one
+still waiting.
 
-The same reads are also timed over the stack's dashboard (`gpuq dashboard`, reached with
-GPUQ_URL and its token), the way a named user runs them: that client loads no database,
-Redis or Celery.
+The stack's owner runs them with GPUQ_TRANSPORT unset: they reach the stack's dashboard
+over its socket in GPUQ_HOME. The same reads are also timed over the dashboard's address
+(GPUQ_URL and a token), the way a named user runs them.
 
 Baseline, same run, the runs interleaved: the bare interpreter (`python3 -c "import sqlite3,
-json"`), and the same commands from the code before the lazy imports (commit 87185dd, taken
-out of this repository's history), on the same venv, Redis and database. Also shown: CPU
-seconds (less swayed than wall time by other work on the machine) and the modules each
+json"`), and the same commands in process (GPUQ_TRANSPORT=local: gpuq's database, Redis and
+settings loaded by the command itself, as every command ran before the socket). Also shown:
+CPU seconds (less swayed than wall time by other work on the machine) and the modules each
 command loads.
 """
 
@@ -34,9 +35,7 @@ from app.core.states import JobState
 from app.store import counts
 from app.store.models import Job, Launch
 from bench.harness import BIN, ROOT, Bench, bench_stack, report
-from bench.startup import tree_before
 
-BEFORE = "87185dd"
 JOBS = 10_000
 TARGET_X = 10
 BARE = [sys.executable, "-c", "import sqlite3, json"]
@@ -117,25 +116,28 @@ def main() -> None:
     walls: dict[str, list[float]] = {}
     cpus: dict[str, list[float]] = {}
     modules: dict[str, int] = {}
-    with bench_stack(gpus=2, prepare=_fill) as bench, tree_before(BEFORE) as before:
+    with bench_stack(gpus=2, prepare=_fill) as bench:
         settle = _settled(bench)
-        trees = {"now": str(ROOT), "before": str(before)}
-        envs = {tree: bench.env(PYTHONPATH=path) for tree, path in trees.items()}
         http = _dashboard(bench)
-        for tree, path in trees.items():
+        owner = {k: v for k, v in bench.env(GPUQ_DASHBOARD_TOKEN=http["GPUQ_TOKEN"]).items()
+                 if k != "GPUQ_TRANSPORT"}
+        # How each command is run: as the owner (the stack's socket), in process, and
+        # over the dashboard's address as a named user.
+        ways = {"now": owner, "in process": bench.env(GPUQ_TRANSPORT="local")}
+        for way, env in ways.items():
             for name, args in COMMANDS.items():
-                modules[f"{tree} {name}"] = _modules(args, envs[tree], path)
+                modules[f"{way} {name}"] = _modules(args, env, str(ROOT))
                 settle()
-            for name, args in OVER_HTTP.items():
-                modules[f"{tree} {name}"] = _modules(args, {**envs[tree], **http}, path)
+        for name, args in OVER_HTTP.items():
+            modules[f"now {name}"] = _modules(args, {**ways["in process"], **http}, str(ROOT))
         for run in range(runs + 1):  # the first round warms the caches and is not counted
-            measured = [("bare", BARE, envs["now"], str(ROOT))] + [
-                (f"{tree} {name}", [str(BIN / "gpuq"), *args], envs[tree], trees[tree])
-                for tree in trees for name, args in COMMANDS.items()] + [
-                (f"{tree} {name}", [str(BIN / "gpuq"), *args], {**envs[tree], **http},
-                 trees[tree]) for tree in trees for name, args in OVER_HTTP.items()]
-            for key, argv, env, cwd in measured:
-                wall, cpu = _timed(argv, env, cwd)
+            measured = [("bare", BARE, owner)] + [
+                (f"{way} {name}", [str(BIN / "gpuq"), *args], env)
+                for way, env in ways.items() for name, args in COMMANDS.items()] + [
+                (f"now {name}", [str(BIN / "gpuq"), *args], {**ways["in process"], **http})
+                for name, args in OVER_HTTP.items()]
+            for key, argv, env in measured:
+                wall, cpu = _timed(argv, env, str(ROOT))
                 settle()
                 if run:
                     walls.setdefault(key, []).append(wall)
@@ -144,17 +146,24 @@ def main() -> None:
     figures = {}
     for name in [*COMMANDS, *OVER_HTTP]:
         now = statistics.median(walls[f"now {name}"])
-        old = statistics.median(walls[f"before {name}"])
         now_cpu = statistics.median(cpus[f"now {name}"])
         figures[name] = {"s": now, "x": now / bare, "cpu_x": now_cpu / bare_cpu,
-                         "before_s": old, "modules": modules[f"now {name}"]}
+                         "modules": modules[f"now {name}"]}
+        if name in COMMANDS:
+            old = statistics.median(walls[f"in process {name}"])
+            figures[name]["in_process_s"] = old
+            baseline = (f"bare interpreter {bare:.3f} s (CPU {bare_cpu:.3f} s); in process "
+                        f"{old:.3f} s, {old / bare:.1f}x, "
+                        f"{modules[f'in process {name}']} modules")
+            ratio, means = old / now, "faster than in process"
+        else:
+            baseline = f"bare interpreter {bare:.3f} s (CPU {bare_cpu:.3f} s)"
+            ratio, means = now / bare, "the bare interpreter"
         report(f"{name}, 10,000 jobs stored",
                f"{now:.3f} s, {now / bare:.1f}x the bare interpreter (CPU {now_cpu:.3f} s, "
                f"{now_cpu / bare_cpu:.1f}x), {modules[f'now {name}']} modules",
-               f"<= {TARGET_X}x the bare interpreter",
-               f"bare interpreter {bare:.3f} s (CPU {bare_cpu:.3f} s); before ({BEFORE}) "
-               f"{old:.3f} s, {old / bare:.1f}x, {modules[f'before {name}']} modules",
-               old / now, now <= TARGET_X * bare, ratio_means="faster than before")
+               f"<= {TARGET_X}x the bare interpreter", baseline, ratio, now <= TARGET_X * bare,
+               ratio_means=means)
     print(json.dumps({"bare_s": bare, "runs": runs, "commands": figures}))
 
 

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import InvalidJobSpec, JobsFileError
+from app.core.job_options import JOB_OPTIONS
 from app.store.file_jobs import line_key
-from app.store.spec import JOB_OPTIONS, JobSpec
+from app.store.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

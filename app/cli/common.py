@@ -28,6 +28,10 @@ class State:
     verbose = False
     context: typer.Context | None = None  # the command line's; closes what commands open
     settings: Settings | None = None  # the command's, once loaded: where its state is kept
+    # An everyday command (app/cli/main.py NEARBY): its client may reach the stack's
+    # dashboard without loading the settings.
+    nearby = False
+    client: Client | None = None
 
 
 def load_settings() -> Settings:
@@ -47,7 +51,7 @@ _STATE_ERRORS = (OSError, DatabaseUnavailable, BrokerUnavailable)
 def state_fault(error: Exception) -> GpuqError | None:
     """The one line for an error that came from GPUQ_HOME or its SQLite file: read-only,
     full, or damaged (app/core/errors.py state_fault); None for any other error."""
-    settings = State.settings
+    settings = State.settings or (State.client._settings if State.client else None)
     if settings is None:
         return None
     exc = sys.modules.get("sqlalchemy.exc")
@@ -58,10 +62,23 @@ def state_fault(error: Exception) -> GpuqError | None:
 
 
 def client(transport: str | None = None) -> Client:
-    """A client closed with the command, whether it ends well or with an error."""
+    """A client closed with the command, whether it ends well or with an error. An
+    everyday command's goes over http where the environment names a dashboard or the
+    stack's socket is there (app/client/http.py endpoint_from_environment); it loads the
+    settings only when it turns to run in process."""
     from app.client import Client
 
-    client = Client(load_settings(), transport)
+    if State.nearby and transport is None:
+        from app.client.http import endpoint_from_environment
+
+        endpoint = endpoint_from_environment()
+        if endpoint is not None:
+            return _closed_with_command(Client(endpoint=endpoint))
+    return _closed_with_command(Client(load_settings(), transport))
+
+
+def _closed_with_command(client: Client) -> Client:
+    State.client = client
     if State.context is not None:
         State.context.call_on_close(client.close)
     return client

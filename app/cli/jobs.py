@@ -14,7 +14,7 @@ import typer
 from app.cli.common import JsonOpt, NameOpt, cli, client, load_settings, print_json
 from app.cli.options import job_options
 from app.core.errors import GpuqError
-from app.store.spec import MAX_COMMAND_BYTES
+from app.core.job_options import MAX_COMMAND_BYTES
 
 if TYPE_CHECKING:
     from app.client import Client

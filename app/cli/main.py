@@ -34,6 +34,9 @@ GROUPS: dict[str, tuple[str, str]] = {
     "db": ("app.cli.db", "db"), "user": ("app.cli.users", "users"),
     "limits": ("app.cli.shares", "limits_app"),
 }
+# The everyday commands: while the stack runs, its owner's go to its dashboard (app/cli/
+# common.py client), which answers sooner than gpuq loads in process.
+NEARBY = frozenset({"queue", "status", "submit", "launches", "job", "wait"})
 # The options of `gpuq` itself that may stand before a command's name.
 OWN_FLAGS = ("-v", "--verbose")
 
@@ -58,8 +61,9 @@ def app_for(argv: list[str]) -> typer.Typer:
     name = next((arg for arg in argv if arg not in OWN_FLAGS), None)
     if name not in COMMANDS and name not in GROUPS:
         return whole_app()
-    from app.cli.common import cli
+    from app.cli.common import State, cli
 
+    State.nearby = name in NEARBY
     one = copy.copy(cli)  # the same callback and settings, holding one command
     if name in GROUPS:
         module, attribute = GROUPS[name]

@@ -1,5 +1,6 @@
-"""The job options of `gpuq submit` and `gpuq launch`, made from store/spec.py's JOB_OPTIONS:
-an option added there is on both commands, with its help, default and parsing."""
+"""The job options of `gpuq submit` and `gpuq launch`, made from JOB_OPTIONS (app/core/
+job_options.py): an option added there is on both commands, with its help, default and
+parsing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, get_type_hints
 import typer
 
 from app.core.errors import GpuqError
-from app.store.spec import JOB_OPTIONS, JobOption
+from app.core.job_options import JOB_OPTIONS, JobOption
 
 _TYPES: dict[str, Any] = {"int": int, "text": str | None, "path": str | None,
                           "ints": str | None, "env": list[str], "flag": bool}

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from app.core.text import printable
-from app.ops.rows import JobRow, LaunchRow
 
 if TYPE_CHECKING:
     from app.client import Client
+
+# A row as the operations answer it (app/ops/rows.py JobRow.dump()), read by attribute:
+# it was validated where it was made, and pydantic would cost the CLI more than the rest.
+Row = SimpleNamespace
+# The fields a row from an older stack may lack.
+ROW_DEFAULTS = {"owner": "", "project": "", "why": None, "why_reason": None}
 
 console = Console()
 
@@ -27,7 +32,7 @@ def _short_time(iso: str | None) -> str:
     return iso[11:19] if iso else "-"
 
 
-def _where(row: JobRow) -> Text:
+def _where(row: Row) -> Text:
     """The host of a local job; the backend and its id for a batch job."""
     if row.backend == "local":
         return _user_text(row.host or "-")
@@ -43,7 +48,7 @@ def _user_text(value: str, style: str = "") -> Text:
 def queue_table(answer: list[dict[str, Any]], total: int) -> None:
     """A page of the `queue` operation's rows; a user column when the page holds several
     users' jobs, a reason column when some row has one (why a PENDING job waits)."""
-    rows = [JobRow.model_validate(row) for row in answer]
+    rows = [Row(**{**ROW_DEFAULTS, **row}) for row in answer]
     table = Table(title=f"{len(rows)} of {total} jobs", title_justify="left")
     users = len({row.owner for row in rows}) > 1
     reasons = any(row.why or row.reason for row in rows)
@@ -72,7 +77,7 @@ def queue_table(answer: list[dict[str, Any]], total: int) -> None:
 
 def launch_lines(answer: list[dict[str, Any]]) -> None:
     """`launch 3 sweep: 10000 jobs  succeeded=9990 failed=2 running=8  python train.py`"""
-    for launch in (LaunchRow.model_validate(row) for row in answer):
+    for launch in (Row(**row) for row in answer):
         line = Text(f"launch {launch.id} ")
         line.append(_user_text(launch.name or ""))
         line.append(f": {launch.num_jobs} jobs ")
@@ -151,13 +156,20 @@ def program_line(p: dict[str, Any]) -> str:
 
 def progress(client: Client, launch_id: int, total: int, poll_s: float = 0.3) -> dict[str, int]:
     """A progress bar over a launch until every replica ends; return the final counts."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     columns = (TextColumn("launch {task.fields[launch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[summary]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("launch", total=total, launch=launch_id, summary="")
         while True:
-            launch = LaunchRow.model_validate(
-                client.call("launches", launch_id=launch_id)["launches"][0])
+            launch = Row(**client.call("launches", launch_id=launch_id)["launches"][0])
             summary = " ".join(f"{k.lower()}={v}" for k, v in sorted(launch.counts.items()))
             bar.update(task, completed=launch.done, summary=summary)
             if launch.done >= total:

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from app.client.http import call_http, default_transport
-from app.core import keys, signing
+from app.client.http import Endpoint, StackUnreachable, default_transport, endpoint_of
+from app.core import keys
 from app.core.errors import (
     DatabaseUnavailable,
     GpuqError,
@@ -29,11 +29,11 @@ from app.core.errors import (
 )
 from app.core.identity import Actor, stack_owner
 from app.core.keys import CONTROL_QUEUE
-from app.core.settings import Settings
 from app.core.states import JobState
-from app.ops.rows import MAX_PAGE, JobDetail, LaunchRow
 
 if TYPE_CHECKING:
+    from app.core.settings import Settings
+    from app.ops.rows import JobDetail, LaunchRow
     from app.runtime import Runtime
 
 POLL_S = 0.2
@@ -44,22 +44,51 @@ IDS_PER_CALL = 1000
 
 class Client:
     """Entry point of the API; `transport` is 'local' (in process), 'remote' (broker) or
-    'http' (a dashboard at GPUQ_URL, as the named user whose token it shows)."""
+    'http' (a dashboard at GPUQ_URL, as the named user whose token it shows).
 
-    def __init__(self, settings: Settings | None = None, transport: str | None = None) -> None:
-        self.settings = settings or Settings()
-        self.transport = transport or default_transport(self.settings)
+    Given an `endpoint` (app/client/http.py endpoint_from_environment), it goes over http
+    without loading its settings until it needs them; an endpoint that is the owner's own
+    stack, when that stack does not take a call, leaves it to run in process."""
+
+    def __init__(self, settings: Settings | None = None, transport: str | None = None,
+                 endpoint: Endpoint | None = None) -> None:
+        self._settings = settings
+        self.endpoint = endpoint
+        if endpoint is not None:
+            self.transport = "http"
+        else:
+            self.transport = transport or default_transport(self.settings)
         if self.transport not in ("local", "remote", "http"):
             raise GpuqError(f"unknown transport {self.transport!r}; use 'local', 'remote' "
                             "or 'http'")
         self.actor: Actor | None = None  # None: the stack's owner
         if self.transport != "http":  # an http client loads no database, Redis or Celery
-            from app.runtime import Runtime
+            self._runtime()
 
-            self.rt: Runtime = Runtime(self.settings)
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from app.core.settings import Settings
+
+            self._settings = Settings()
+        return self._settings
+
+    def _runtime(self) -> Runtime:
+        from app.runtime import Runtime
+
+        self.rt: Runtime = Runtime(self.settings)
+        return self.rt
+
+    def _in_process(self) -> Runtime:
+        """Run in process from now on: the owner's stack did not take a call, or the client
+        needs what only a process with the stack's Redis and database has."""
+        self.transport, self.endpoint = "local", None
+        return self._runtime()
 
     def __getattr__(self, name: str) -> Any:
-        if name == "rt":  # only an http client has none
+        if name == "rt":  # an http client has none, unless it is the stack's owner
+            if self.endpoint is not None and self.endpoint.socket is not None:
+                return self._in_process()
             raise GpuqError("this needs the stack's Redis and database (function jobs, "
                             "secrets, results), which a named user reaching gpuq over "
                             "GPUQ_URL does not reach; submit shell commands")
@@ -74,7 +103,10 @@ class Client:
     def call(self, op: str, /, **kwargs: Any) -> dict[str, Any]:
         """Run one operation of the operations layer over this client's transport."""
         if self.transport == "http":
-            return call_http(self.settings, op, kwargs)
+            try:
+                return (self.endpoint or endpoint_of(self.settings)).call(op, kwargs)
+            except StackUnreachable:
+                self._in_process()
         if self.transport == "local":
             from sqlalchemy.exc import OperationalError
 
@@ -95,6 +127,8 @@ class Client:
 
     def _call_remote(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         from celery.exceptions import TimeoutError as CeleryTimeout
+
+        from app.core import signing
 
         secret = self.settings.secret
         # With a shared secret the arguments travel only inside the signed part.
@@ -277,6 +311,8 @@ class Client:
     def wait_launch(self, launch_id: int, timeout_s: float | None = None) -> LaunchRow:
         """Block until every replica of a launch has ended, however many it has (polling
         its count per state); return its row. Raise LaunchNotFound when there is none."""
+        from app.ops.rows import LaunchRow
+
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             launch = LaunchRow.model_validate(
@@ -291,6 +327,8 @@ class Client:
 
     def launch_rows(self, launch_id: int) -> list[dict[str, Any]]:
         """Every replica's row in rank order, page by page (a launch may have 100,000)."""
+        from app.ops.rows import MAX_PAGE
+
         rows: list[dict[str, Any]] = []
         while True:
             page = self.call("queue", launch_id=launch_id, limit=MAX_PAGE,
@@ -300,7 +338,7 @@ class Client:
                 return rows
 
     def close(self) -> None:
-        if self.transport != "http":
+        if "rt" in self.__dict__:
             self.rt.close()
 
 
@@ -402,6 +440,8 @@ class JobHandle:
 
     def info(self) -> JobDetail:
         """The job's typed row with its environment and events, oldest first."""
+        from app.ops.rows import JobDetail
+
         return JobDetail.model_validate(self.client.call("job", job_id=self.id))
 
     @property
@@ -490,6 +530,8 @@ class LaunchHandle:
 
     def info(self) -> LaunchRow:
         """The launch's typed row: its replicas' counts per state."""
+        from app.ops.rows import LaunchRow
+
         return LaunchRow.model_validate(
             self.client.call("launches", launch_id=self.id)["launches"][0])
 

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.envvars import DEFAULT_HOME, DEFAULT_OP_TIMEOUT_S, DEFAULT_TOKEN_FILE
+
 SECRET_MASK = "****"
 # A worker whose lease runs out stops its job this long, plus the kill grace, before then.
 LEASE_SAFETY_S = 2.0
@@ -23,7 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPUQ_", env_file=".env", extra="ignore")
 
     home: Path = Field(
-        Path(".gpuq"), description="Data directory: database, job logs, embedded Redis state."
+        Path(DEFAULT_HOME),
+        description="Data directory: database, job logs, embedded Redis state."
     )
     redis_url: str | None = Field(
         None, description="Broker and payload store: redis://, rediss://, or sentinel:// "
@@ -43,7 +46,11 @@ class Settings(BaseSettings):
     transport: str = Field(
         "local", description="How the client runs operations: local (in process), remote "
         "(the control worker, over the broker) or http (a gpuq dashboard at GPUQ_URL, as the "
-        "named user whose token it shows; chosen by itself when GPUQ_URL and a token are set)."
+        "named user whose token it shows; chosen by itself when GPUQ_URL and a token are set). "
+        "Unset, the everyday commands of the CLI (queue, status, submit, launches, job, wait) "
+        "of the stack's owner go to the stack's dashboard over its socket in GPUQ_HOME while "
+        "it runs, which answers sooner than loading gpuq in process; set it to local to keep "
+        "them in process."
     )
     url: str | None = Field(
         None, description="A gpuq dashboard's address (http://host:port) that a named user "
@@ -52,7 +59,7 @@ class Settings(BaseSettings):
         None, description="A named user's token (`gpuq user add` printed it); else read from "
         "GPUQ_TOKEN_FILE.")
     token_file: Path = Field(
-        Path("~/.config/gpuq/token"), description="A file holding a named user's token; "
+        Path(DEFAULT_TOKEN_FILE), description="A file holding a named user's token; "
         "refused unless only its owner may read it (chmod 600).")
     kill_grace_s: float = Field(
         10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job is cancelled."
@@ -184,7 +191,8 @@ class Settings(BaseSettings):
     )
     cpu_slots: int = Field(2, ge=0, description="Concurrent 0-GPU jobs per host.")
     op_timeout_s: float = Field(
-        30.0, gt=0, description="How long a remote operation may take before the client gives up."
+        DEFAULT_OP_TIMEOUT_S, gt=0,
+        description="How long a remote operation may take before the client gives up."
     )
     visibility_timeout_s: int = Field(
         3600, gt=0, description="Redis broker visibility timeout (messages are acked early)."

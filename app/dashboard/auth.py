@@ -12,6 +12,7 @@ from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from app.core.envvars import DASHBOARD_TOKEN_FILE
 from app.core.errors import GpuqError
 from app.core.identity import Actor, stack_owner
 from app.core.paths import kept_secret, private_home
@@ -19,7 +20,6 @@ from app.core.security import reachable_host
 from app.core.settings import Settings
 
 COOKIE = "gpuq_dashboard_token"
-TOKEN_FILE = "dashboard.token"
 # An identity source: the actor a token names, or None for a token nobody holds. It may
 # read the database: the middleware calls it off the event loop.
 Identify = Callable[[str], Actor | None]
@@ -27,7 +27,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def token_path(settings: Settings) -> Path:
-    return settings.home / TOKEN_FILE
+    return settings.home / DASHBOARD_TOKEN_FILE
 
 
 def dashboard_token(settings: Settings) -> str:

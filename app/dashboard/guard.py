@@ -132,9 +132,13 @@ class Guard:
 
     def refusal(self, scope: Scope) -> str | None:
         """Why this request is refused, or None."""
+        server = scope.get("server")
+        if server and server[1] is None:
+            # The stack's unix socket (app/dashboard/server.py): no web page reaches it, and
+            # only the owner of GPUQ_HOME may connect to it.
+            return None
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         scheme = scope.get("scheme", "http")
-        server = scope.get("server")
         own_port = int(server[1]) if server and server[1] else self.port
         host = headers.get("host", "")
         if not self.hosts.allow(host, scheme, own_port):

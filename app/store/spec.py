@@ -1,6 +1,5 @@
-"""What a user may ask of a job, declared once: `JobSpec` (validated before anything is
-stored) and `JOB_OPTIONS`, the options that set its fields, which the CLI's submit and
-launch, the watched jobs file and the dashboard's request models all read.
+"""What a user may ask of a job, declared once: `JobSpec`, validated before anything is
+stored. The options that set its fields are app/core/job_options.py's JOB_OPTIONS.
 
 A new job option is a field of JobSpec, a line of JOB_OPTIONS, a column of the job table
 (with its migration), and the code that acts on it.
@@ -11,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -24,8 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from app.core.backends import ADAPTERS, BACKENDS
+from app.core.backends import BACKENDS
 from app.core.errors import InvalidJobSpec
+from app.core.job_options import JOB_OPTIONS, MAX_COMMAND_BYTES, JobOption
 from app.core.text import (
     MAX_ENV_BYTES,
     MAX_ENV_VARS,
@@ -39,11 +37,6 @@ from app.core.text import (
 # names nothing there is, and is answered as such instead of overflowing the driver.
 MAX_ID = 2**31 - 1
 
-# The longest command a job may have, in UTF-8 bytes. A command that needs a shell reaches
-# it as one argument of `bash -c`, and Linux caps one argument at 128 KiB (MAX_ARG_STRLEN);
-# the margin leaves room for a conda activation around it. A longer one belongs in a
-# script file the command runs.
-MAX_COMMAND_BYTES = 120 * 1024
 
 
 def check_dependencies_allowed(backend: str, after: Sequence[int]) -> None:
@@ -223,77 +216,4 @@ def _check_text(value: str) -> None:
                          "stores text as UTF-8: rename or re-encode it") from None
 
 
-OptionKind = Literal["int", "text", "path", "ints", "env", "flag"]
-
-
-@dataclass(frozen=True)
-class JobOption:
-    """One option of `gpuq submit` / `gpuq launch` and of a jobs-file line."""
-
-    field: str  # the JobSpec field it sets
-    flag: str  # `--flag` on the command line; `flag=` (with _ for -) in the jobs file
-    kind: OptionKind
-    help: str
-    repeatable: bool = False  # given once per value on the command line (--env, --after)
-
-    @property
-    def file_key(self) -> str:
-        return self.flag.replace("-", "_")
-
-    @property
-    def default(self) -> Any:
-        return JobSpec.model_fields[self.field].get_default(call_default_factory=True)
-
-    def parse(self, text: str, cwd: Path | None = None) -> Any:
-        """The field's value from one piece of text; ValueError names what it takes.
-        A `path` is made absolute against `cwd` when one is given (the CLI's directory)."""
-        if self.kind == "int":
-            try:
-                return int(text)
-            except ValueError:
-                raise ValueError(f"{self.flag} takes an integer, got {text!r}") from None
-        if self.kind == "ints":
-            try:
-                return [int(x) for x in text.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"{self.flag} takes comma-separated integers, e.g. 0,3; "
-                                 f"got {text!r}") from None
-        if self.kind == "env":
-            key, sep, value = text.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{self.flag} takes KEY=VALUE, got {text!r}")
-            return {key: value}
-        if self.kind == "flag":
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{self.flag} takes true or false, got {text!r}")
-            return text.lower() in ("true", "1", "yes")
-        if self.kind == "path" and cwd is not None:
-            return str((cwd / text).resolve())
-        return text
-
-
-JOB_OPTIONS: tuple[JobOption, ...] = (
-    JobOption("gpus", "gpus", "int", "GPUs the job needs (0 for none)."),
-    JobOption("name", "name", "text", "A name to find the job by."),
-    JobOption("priority", "priority", "int", "Higher starts first."),
-    JobOption("env", "env", "env", "KEY=VALUE for the job's environment (repeatable).",
-              repeatable=True),
-    JobOption("workdir", "workdir", "path", "Directory the command runs in."),
-    JobOption("venv", "venv", "text", "A virtualenv to activate."),
-    JobOption("conda_env", "conda-env", "text", "A conda env to activate."),
-    JobOption("max_restarts", "max-restarts", "int",
-              "Restarts after a failed attempt, on every backend."),
-    JobOption("recover_exit_codes", "recover-on-exit-codes", "ints",
-              "Exit codes that restart without spending the budget, e.g. 137."),
-    JobOption("allowed_gpu_ids", "gpu-ids", "ints", "Only these GPU indices, e.g. 0,3."),
-    JobOption("preflight", "preflight", "text",
-              "A check to run on the job's GPUs first, e.g. nccl."),
-    JobOption("tmux", "tmux", "flag", "Run in a tmux session (`gpuq attach ID`)."),
-    JobOption("backend", "backend", "text",
-              "local (this cluster's GPU workers) or a batch backend: "
-              f"{', '.join(ADAPTERS)}."),
-    JobOption("project", "project", "text", "The project its GPU time counts to (limits, "
-              "fair share, `gpuq report`); your default project when unset."),
-    JobOption("after", "after", "ints", "Start only once these jobs have SUCCEEDED, e.g. "
-              "12,13 (repeatable); cancelled if one of them does not.", repeatable=True),
-)
+__all__ = ["JOB_OPTIONS", "MAX_COMMAND_BYTES", "JobOption", "JobSpec"]

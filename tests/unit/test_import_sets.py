@@ -6,19 +6,27 @@ reads its `sys.modules` at exit."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from app.cli.main import COMMANDS, GROUPS, app_for, whole_app
+from app.client import Client
 from app.core.settings import Settings
 from app.ops.registry import MODULES, load_all
-from tests.support.servers import ROOT, server_env
+from tests.support.netutil import free_port
+from tests.support.servers import ROOT, server_env, until
 
 # Loaded by no everyday command: the servers, the worker, Celery (until a message is sent),
 # the migrations, and the commands and operations that were not asked for.
@@ -35,6 +43,10 @@ ANSWERS: dict[str, object] = {
 NEVER_OVER_HTTP = {"sqlalchemy", "sqlmodel", "alembic", "celery", "kombu", "billiard",
                    "redis", "tenacity", "typer", "rich", "app.runtime", "app.store",
                    "app.ops.registry", "app.ops.read", "scheduler"}
+# What the owner's everyday commands need none of while the stack's dashboard answers on
+# its socket: they load the CLI, the standard library's HTTP client and rich.
+NEVER_NEARBY = NEVER_OVER_HTTP - {"typer", "rich"} | {
+    "pydantic", "pydantic_settings", "app.core.settings", "app.ops.rows", "app.ops.submit"}
 
 # Runs `gpuq ARGS` as the console script does, then prints the modules it loaded.
 CLI_PROBE = ("import atexit, json, sys\n"
@@ -167,3 +179,84 @@ def test_each_command_alone_is_the_same_command_as_in_the_whole_app():
         alone = runner.invoke(app_for([name, "--help"]), [name, "--help"])
         assert alone.exit_code == 0, alone.output
         assert alone.output == runner.invoke(whole, [name, "--help"]).output, name
+
+
+@pytest.fixture
+def stack_dashboard(settings, tmp_path) -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
+    """The stack's dashboard as a real process, on a home short enough for its socket; its
+    settings, and the process."""
+    home = Path(tempfile.mkdtemp(prefix="gq-"))
+    own = settings.model_copy(update={"home": home, "dashboard_port": free_port()})
+    log = tmp_path / "dashboard.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from app.cli.main import main; main()", "dashboard"],
+            env=server_env(own), cwd=ROOT, start_new_session=True, stdout=out, stderr=out)
+    try:
+        until(lambda: _answers(home / "dashboard.sock") or process.poll() is not None,
+              timeout_s=120, describe=lambda: "the dashboard's socket never answered")
+        assert process.poll() is None, log.read_text()
+        yield own, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _as_the_owner(settings: Settings, *args: str, **extra: str) -> tuple[str, set[str]]:
+    """`gpuq ARGS` as the stack's owner runs it in a shell: GPUQ_TRANSPORT unset."""
+    env = server_env(settings, **extra)
+    del env["GPUQ_TRANSPORT"]
+    done = subprocess.run([sys.executable, "-c", CLI_PROBE, *args], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr.partition("LOADED")[0]
+    return done.stdout, loaded(done.stderr)
+
+
+def test_everyday_commands_reach_the_running_stack_over_its_socket(stack_dashboard):
+    own, dashboard = stack_dashboard
+    # When the owner submits a job and reads the queue and the status, the stack up
+    out, submitting = _as_the_owner(own, "submit", "--name", "near", "--", "echo", "hi")
+    job = int(out)
+    listed, queueing = _as_the_owner(own, "queue")
+    status, statusing = _as_the_owner(own, "status")
+    # Then the job is stored and shown, and none of them loaded the database, Redis,
+    # pydantic or the settings: the stack's dashboard answered them
+    assert _name_of(own, job) == "near"
+    assert f"{job}" in listed and "near" in listed, listed
+    assert "PENDING 1" in status, status
+    for modules in (submitting, queueing, statusing):
+        assert among(modules, NEVER_NEARBY) == []
+    # When the dashboard's token is not the one the command shows
+    listed, modules = _as_the_owner(own, "queue", GPUQ_DASHBOARD_TOKEN="another")
+    # Then the command ran in process, with the same answer
+    assert f"{job}" in listed and "near" in listed, listed
+    assert among(modules, {"sqlalchemy", "app.core.settings"}) != []
+    # When the dashboard is killed, its socket left behind
+    os.killpg(dashboard.pid, signal.SIGKILL)
+    dashboard.wait()
+    assert (own.home / "dashboard.sock").exists()
+    # Then the commands run in process, with the same answers
+    listed, modules = _as_the_owner(own, "queue")
+    assert f"{job}" in listed and "near" in listed, listed
+    assert among(modules, {"sqlalchemy", "app.core.settings"}) != []
+    out, _ = _as_the_owner(own, "submit", "--name", "after", "--", "echo", "again")
+    assert _name_of(own, int(out)) == "after"
+
+
+def _name_of(settings: Settings, job_id: int) -> str:
+    check = Client(settings, "local")
+    try:
+        return str(check.rows([job_id])[0]["name"])
+    finally:
+        check.close()

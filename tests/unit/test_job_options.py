@@ -1,4 +1,4 @@
-"""Job options are declared once (app/store/spec.py): `gpuq submit`, `gpuq launch`, the
+"""Job options are declared once (app/core/job_options.py): `gpuq submit`, `gpuq launch`, the
 jobs file and the dashboard's request model all take every one of them, and read the same
 text as the same value."""
 
@@ -68,9 +68,17 @@ def test_defaults_are_the_specs_and_a_relative_workdir_is_made_absolute(tmp_path
     options = _options_from_the_command_line(["--workdir", "runs"])
     assert options["workdir"] == str((tmp_path / "runs").resolve())
     defaults = JobSpec(command="x")
+    # What the command line gives unasked makes the spec's defaults, as the client sends
+    # it (the options it leaves None are left to JobSpec) ...
+    given = {k: v for k, v in options.items() if v is not None and k != "workdir"}
+    assert JobSpec(command="x", **given) == defaults
+    # ... and each default the help shows is the spec's own.
     for option in JOB_OPTIONS:
-        if option.field != "workdir":
-            assert options[option.field] == getattr(defaults, option.field), option.field
+        spec_default = getattr(defaults, option.field)
+        if option.default is None:
+            assert spec_default in (None, [], {}), option.field
+        else:
+            assert option.default == spec_default, option.field
 
 
 def test_the_dashboard_takes_every_job_option():
