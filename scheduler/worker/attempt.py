@@ -38,7 +38,7 @@ from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from scheduler.dispatch.reconcile import record_end
 from scheduler.worker import command as calls
-from scheduler.worker import executor
+from scheduler.worker import containment, executor
 from scheduler.worker.figures import Figures
 from scheduler.worker.lease import Lease, shutting_down
 
@@ -167,9 +167,12 @@ def _refuse_payload(rt: Runtime, job_id: int, attempt: int, error: PayloadError)
 
 
 def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
-    """The direct executor, or the tmux one for attachable jobs."""
+    """The direct executor, in a container of the attempt's own, or the tmux one for
+    attachable jobs."""
     if not job.tmux:
-        return executor.run
+        assert job.id is not None
+        return functools.partial(executor.run, container=containment.contain(
+            job.id, job.attempt, rt.settings.hostname))
     from scheduler.worker import tmux
     assert job.id is not None
     return functools.partial(tmux.run, socket=rt.settings.tmux_socket,

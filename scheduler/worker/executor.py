@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -18,6 +19,7 @@ from typing import NamedTuple
 from app.core import job_env, logcap
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
 from app.store.models import Job
+from scheduler.worker.containment import Container, Usage
 
 POLL_S = 0.05
 DEFAULT_LOG_MAX_BYTES = 2**30  # Settings.log_max_bytes
@@ -34,6 +36,7 @@ SHUTDOWN = "shutdown"  # its worker is shutting down
 class Outcome:
     exit_code: int
     stopped: str | None = None  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN; None: it ended
+    usage: Usage | None = None  # the job's CPU and memory, where its container reads them
 
     @property
     def cancelled(self) -> bool:
@@ -103,6 +106,35 @@ _SETPRIV = shutil.which("setpriv")
 _PDEATHSIG = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
+@dataclass(frozen=True)
+class Account:
+    """The OS account a job runs as (its owner's), looked up where the job starts."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+    @classmethod
+    def named(cls, name: str) -> Account:
+        """KeyError when the host has no such account."""
+        entry = pwd.getpwnam(name)
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
+
+    def prefix(self) -> list[str]:
+        """Become this account (uid, gid and its groups), keeping the parent-death signal."""
+        if _SETPRIV is None:
+            raise OSError("setpriv (util-linux) is missing: a job cannot run as its owner")
+        return [_SETPRIV, f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+                "--pdeathsig", "KILL", "--"]
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        """The job's environment with the account's own HOME, USER, LOGNAME and SHELL."""
+        return {**env, "HOME": self.home, "USER": self.name, "LOGNAME": self.name,
+                "SHELL": self.shell or "/bin/sh"}
+
+
 class Stop(NamedTuple):
     reason: str  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN
     with_grace: bool  # SIGTERM and the kill grace first; else SIGKILL at once
@@ -144,31 +176,46 @@ def watched_start(on_start: Callable[[int], bool], pid: int,
 
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
-        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> Outcome:
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES, container: Container | None = None,
+        account: Account | None = None) -> Outcome:
     """Run the job to its end, or until `should_stop` names a reason to stop it. Its output
     reaches its log through a pipe, pumped on a thread of this worker into the capped log.
 
+    The job starts inside `container` (scheduler/worker/containment.py), which is emptied
+    before this returns, and as `account` when one is given (else as the worker's own).
     `on_start(pid)` records the start and says whether the job is still wanted; the job is
     watched while it does (`watched_start`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if account is not None:
+        env = account.environment(env)
+    prefix = [*(container.prefix() if container else []),
+              *(account.prefix() if account else _PDEATHSIG)]
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(
-            [*_PDEATHSIG, *argv_for(job, command, env)], stdin=subprocess.DEVNULL,
+            [*prefix, *argv_for(job, command, env)], stdin=subprocess.DEVNULL,
             stdout=write_fd, stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
             start_new_session=True,
         )
     except BaseException:
         os.close(read_fd)
+        if container is not None:
+            container.close()
         raise
     finally:
         os.close(write_fd)
     pump = logcap.Pump(read_fd, logcap.CappedLog(log_path, log_max_bytes))
     pump.start()
     try:
-        return _watch(proc, grace_s, should_stop, on_start)
+        outcome = _watch(proc, grace_s, should_stop, on_start)
     finally:
+        if container is not None:  # what the job left behind, daemons included
+            container.kill_all()
         pump.finish()
+    if container is not None:
+        outcome.usage = container.usage()
+        container.close()
+    return outcome
 
 
 def _watch(proc: subprocess.Popen[bytes], grace_s: float,

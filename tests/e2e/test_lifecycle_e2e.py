@@ -191,3 +191,23 @@ def test_sigkilled_worker_job_is_restarted_or_lost_and_its_gpu_freed(client: Cli
         assert job.wait(timeout_s=30) == "CANCELLED"
     follower = client.submit(f"echo after the crash {max_restarts}")
     assert follower.wait(timeout_s=60) == "SUCCEEDED", "the GPUs are usable again"
+
+
+def test_a_daemon_a_job_left_is_gone_before_the_next_job_on_its_gpu_starts(
+        client: Client, tmp_path: Path):
+    pidfile = tmp_path / "daemon.pid"
+    # Given a job on GPU 0 that starts a daemon in a session of its own and ends
+    first = client.submit(["bash", "-c", f"setsid -f bash -c 'echo $$ > {pidfile}; exec sleep "
+                           f"300'; until [ -s {pidfile} ]; do sleep 0.01; done"],
+                          allowed_gpu_ids=[0], name="leaves-a-daemon")
+    # When the next job on that GPU starts
+    # (a killed daemon whose adopter does not reap it stays a zombie: dead, not running)
+    state = f"$(sed 's/.*) //' /proc/$(cat {pidfile})/stat 2>/dev/null | cut -d' ' -f1)"
+    second = client.submit(["bash", "-c", f"s={state}; if [ -z \"$s\" ] || [ \"$s\" = Z ]; "
+                            "then echo daemon-gone; else echo daemon-alive; fi"],
+                           allowed_gpu_ids=[0], after=[first.id], name="next-on-gpu-0")
+    # Then the daemon was gone before it started
+    assert second.wait(timeout_s=60) == "SUCCEEDED", second.logs()
+    assert first.row()["status"] == "SUCCEEDED"
+    assert first.row()["gpu_ids"] == second.row()["gpu_ids"] == [0]
+    assert "daemon-gone" in second.logs(), second.logs()

@@ -1,0 +1,102 @@
+"""A job is everything it started: whatever container the host offers, a daemon the job
+left behind (`setsid -f`) is gone when the executor returns, and a job may run as another
+OS account."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from app.store.models import Job
+from scheduler.worker import containment, executor
+from scheduler.worker.containment import Cgroup, Container, Marked
+from tests.support.servers import missing
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _v2(name: str) -> Container:
+    base = containment._v2_base()
+    if base is None or not containment._can_join(base):
+        missing("no cgroup v2 this process may make cgroups in (root on a cgroup2 mount)")
+    (base / name).mkdir(parents=True)
+    return Cgroup(base / name, True, None)
+
+
+def _v1(name: str) -> Container:
+    base = containment._v1_base("pids")
+    if base is None or not containment._can_join(base):
+        missing("no cgroup v1 `pids` hierarchy this process may make cgroups in")
+    (base / name).mkdir(parents=True)
+    return Cgroup(base / name, False, None)
+
+
+# The job id the tests' jobs carry in their environment: the mark a Marked container finds.
+JOB_ID = 900_000 + os.getpid() % 100_000
+
+
+def _marked(_name: str) -> Container:
+    return Marked(JOB_ID, 1)
+
+
+def _run(container: Container, tmp_path: Path, script: str,
+         account: executor.Account | None = None) -> executor.Outcome:
+    job = Job(id=JOB_ID, command=script)
+    env = {**os.environ, "GPUQ_JOB_ID": str(job.id), "GPUQ_ATTEMPT": "1"}
+    return executor.run(job, script, env, tmp_path / "log", grace_s=1,
+                        should_stop=lambda: None, on_start=lambda _pid: True,
+                        container=container, account=account)
+
+
+@pytest.mark.parametrize("make", [_v2, _v1, _marked], ids=["cgroup-v2", "cgroup-v1", "marked"])
+def test_a_daemon_the_job_left_is_gone_when_the_executor_returns(
+        make: Callable[[str], Container], tmp_path: Path):
+    container = make(f"test-{os.getpid()}-{tmp_path.name}")
+    pidfile = tmp_path / "daemon.pid"
+    # A job that starts a daemon in a session of its own, and ends
+    outcome = _run(container, tmp_path, f"setsid -f bash -c 'echo $$ > {pidfile}; "
+                   f"exec sleep 300'; until [ -s {pidfile} ]; do sleep 0.01; done")
+    # Then the job succeeded, and its daemon was killed before the executor returned
+    assert outcome.exit_code == 0, (tmp_path / "log").read_text()
+    daemon = int(pidfile.read_text())
+    assert not _alive(daemon), f"daemon {daemon} outlived its job"
+    if isinstance(container, Cgroup):
+        assert not container.path.exists(), "the job's cgroup is removed"
+
+
+def test_a_cgroup_v2_reads_the_cpu_the_job_used(tmp_path: Path):
+    container = _v2(f"cpu-{os.getpid()}")
+    outcome = _run(container, tmp_path, "python3 -c 'sum(range(3_000_000))'")
+    assert outcome.exit_code == 0
+    assert outcome.usage is not None and outcome.usage.cpu_s is not None
+    assert outcome.usage.cpu_s > 0
+
+
+def test_a_job_runs_as_its_owners_account_with_its_home(tmp_path: Path, other_user: str):
+    if shutil.which("setpriv") is None:
+        missing("setpriv (util-linux) runs a job as another account")
+    account = executor.Account.named(other_user)
+    shared = Path(tempfile.mkdtemp(prefix="gpuq-as-"))  # /tmp's: the other account reaches it
+    try:
+        shared.chmod(0o777)
+        out = shared / "who"
+        outcome = _run(_marked("who"), tmp_path,
+                       f"echo $(id -u) $HOME $USER > {out}; cat /proc/1/environ; echo read=$?",
+                       account=account)
+        assert outcome.exit_code == 0, (tmp_path / "log").read_text()
+        assert out.read_text().split() == [str(account.uid), account.home, account.name]
+        assert out.stat().st_uid == account.uid, "what the job writes is its owner's"
+        assert "read=1" in (tmp_path / "log").read_text(), "root's environ stays closed"
+    finally:
+        shutil.rmtree(shared)
