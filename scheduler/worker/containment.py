@@ -177,6 +177,18 @@ def contain(job_id: int, attempt: int, host: str) -> Container:
     return Marked(job_id, attempt)
 
 
+def left_by(job_id: int, attempt: int, host: str) -> Container:
+    """The container of an attempt a worker that died left behind (made by `contain`), for
+    the worker that starts again to empty it."""
+    name = f"{_safe(host)}-{job_id}-{attempt}"
+    kind = _kind()
+    if kind is not None and (kind[0] / name).is_dir():
+        memory = _memory_base() if kind[1] else None
+        return Cgroup(kind[0] / name, kind[1],
+                      memory / name if memory and (memory / name).is_dir() else None)
+    return Marked(job_id, attempt)
+
+
 def kind_name() -> str:
     """Which container this worker gives its jobs, for its log and `gpuq status`."""
     kind = _kind()

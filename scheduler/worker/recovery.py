@@ -3,7 +3,8 @@
 A job's process group lives in its own session, so it may have outlived the worker. The new
 worker (a GPU's, for the jobs led on its GPU; the CPU worker, for 0-GPU jobs) stops that
 group, but only if its leader is still the process the job started (a pid reused since, or
-after a reboot, is left alone), releases the job's GPUs, and settles the job as
+after a reboot, is left alone), empties the job's container (scheduler/worker/containment.py:
+what left the group, daemons included), releases the job's GPUs, and settles the job as
 reconciliation does (scheduler/dispatch/reconcile.py `settle`): by the restart policy,
 RECOVERING then PENDING while restarts remain, LOST when none do.
 """
@@ -20,6 +21,7 @@ from app.runtime import Runtime
 from app.store.cluster import holder, release
 from app.store.models import Job
 from scheduler.dispatch.reconcile import settle
+from scheduler.worker import containment
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ def recover_orphans(rt: Runtime, gpu_index: int | None) -> list[int]:
         assert job.id is not None
         if job.pid:
             kill_group_if(job.pid, job.pid_identity)
+        left = containment.left_by(job.id, job.attempt, host)  # what escaped its group
+        left.kill_all()
+        left.close()
         settle(rt, job)
         release(rt.redis, host, job.gpu_ids or [], holder(job.id, job.attempt))
         settled.append(job.id)

@@ -22,7 +22,7 @@ from app.core.settings import Settings
 from app.store.embedded_redis import EmbeddedRedis
 from tests.support.faultkit import database_away, proxied_database, wait_ended
 from tests.support.netutil import PausableProxy
-from tests.support.servers import Stack, until
+from tests.support.servers import Stack, processes_with, running, until
 
 pytestmark = pytest.mark.e2e
 
@@ -178,3 +178,22 @@ def test_database_away_for_seconds_is_waited_out_not_failed(faulty, client, tmp_
     rows = wait_ended(client, [j.id for j in jobs], timeout_s=120)
     assert [r["status"] for r in rows] == ["SUCCEEDED"] * 2
     assert runs_of(out) == Counter({j.id: 1 for j in jobs})
+
+
+def test_a_daemon_left_by_the_job_of_a_killed_worker_is_gone_once_the_worker_is_back(
+        faulty, client, tmp_path: Path):
+    pidfile = tmp_path / "daemon.pid"
+    # Given a running job that started a daemon in a session of its own
+    job = client.submit(["bash", "-c", f"setsid -f bash -c 'echo $$ > {pidfile}; exec sleep "
+                         "300'; sleep 300"], name="daemon-of-a-killed-worker")
+    daemon = int(until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout_s=60))
+    gpu = client.rows([job.id])[0]["gpu_ids"][0]
+    # When the GPU worker running it is SIGKILLed (it stops nothing in order), and its
+    # supervisor (`gpuq worker`) starts it again
+    for pid in processes_with(f"gpu{gpu}@{faulty.settings.hostname}"):
+        os.kill(pid, signal.SIGKILL)
+    assert running(daemon), "the daemon outlived its worker"
+    # Then the restarted worker empties the job's container: the daemon is gone
+    until(lambda: not running(daemon), timeout_s=120,
+          describe=lambda: f"daemon {daemon} outlived its killed worker's recovery")
+    assert job.wait(timeout_s=90) == "LOST", "settled by the restart policy (no restarts)"

@@ -166,6 +166,16 @@ def gpuq_up(settings: Settings, cwd: Path, workers: int) -> Iterator[dict[str, s
         up.wait(timeout=60)
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` runs: neither gone nor a zombie nobody reaped (a test's
+    container may have an init that reaps no one)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def processes_with(marker: str) -> list[int]:
     """Live (not zombie) processes whose command line contains `marker`."""
     found = []

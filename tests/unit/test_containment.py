@@ -15,15 +15,7 @@ import pytest
 from app.store.models import Job
 from scheduler.worker import containment, executor
 from scheduler.worker.containment import Cgroup, Container, Marked
-from tests.support.servers import missing
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+from tests.support.servers import missing, running
 
 
 def _v2(name: str) -> Container:
@@ -70,7 +62,7 @@ def test_a_daemon_the_job_left_is_gone_when_the_executor_returns(
     # Then the job succeeded, and its daemon was killed before the executor returned
     assert outcome.exit_code == 0, (tmp_path / "log").read_text()
     daemon = int(pidfile.read_text())
-    assert not _alive(daemon), f"daemon {daemon} outlived its job"
+    assert not running(daemon), f"daemon {daemon} outlived its job"
     if isinstance(container, Cgroup):
         assert not container.path.exists(), "the job's cgroup is removed"
 
