@@ -1,7 +1,8 @@
 """Named users map to OS accounts, and their tokens have a life: the account a user's jobs
 run as is chosen when they are added (another account only on a stack run by root, the
 stack's own only by choice) and looked up when a job starts; a token can be rotated, can
-expire, and records its last use once a minute."""
+expire, records its last use once a minute, and an open log stream ends once its token
+stops naming its user."""
 
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ import os
 import pwd
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app.core.accounts import RunAs, choose_account
 from app.core.errors import InvalidArguments, NoRunAccount, UserExists
 from app.core.identity import Actor, stack_owner
+from app.dashboard import create_app
 from app.ops.registry import call_local
 from app.store import users
+from tests.support.dashboard_http import BASE_URL
 from tests.support.servers import ROOT, server_env
 
 GPUQ = str(Path(sys.executable).parent / "gpuq")
@@ -176,3 +181,43 @@ def test_a_tokens_use_is_recorded_once_a_minute_at_most(rt):
     users.actor_for_token(rt.engine, token)
     later = last_used()
     assert later is not None and later > first - 61 + 30
+
+
+@pytest.fixture
+def api(settings, local):  # type: ignore[no-untyped-def]
+    with TestClient(create_app(settings.model_copy(update={"dashboard_token": "owner-t"}),
+                               local), base_url=BASE_URL) as http:
+        yield http
+
+
+def _stream_events(api, job_id: int, token: str) -> list[str]:  # type: ignore[no-untyped-def]
+    names = []
+    with api.stream("GET", f"/api/jobs/{job_id}/logs/stream",
+                    headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                names.append(line.removeprefix("event: "))
+    return names
+
+
+@pytest.mark.parametrize("ends_by", ["revoke", "expiry"])
+def test_an_open_log_stream_ends_when_its_token_stops_naming_its_user(api, rt, ends_by):
+    # Given alice follows the log of her job, which never starts
+    token = users.add(rt.engine, "alice", same_account=True,
+                      expires_s=1.0 if ends_by == "expiry" else None)
+    job = call_local(rt, "submit", {"spec": {"command": "true", "gpus": 0}}, ALICE)[
+        "job_ids"][0]
+    # When her token is revoked or expires, then the stream closes within seconds
+    revoker = threading.Timer(0.5 if ends_by == "revoke" else 3600, users.revoke,
+                              (rt.engine, "alice"))
+    revoker.start()
+    started = time.monotonic()
+    try:
+        names = _stream_events(api, job, token)
+    finally:
+        revoker.cancel()
+    assert names == ["closed"]
+    assert time.monotonic() - started < 6
+    assert api.get("/api/jobs", headers={"Authorization": f"Bearer {token}"}
+                   ).status_code == 401
