@@ -95,6 +95,7 @@ def add(engine: Engine, name: str, admin: bool = False, *, os_user: str | None =
 
 def rotate(engine: Engine, name: str, expires_s: float | None = None) -> str:
     """Give a user a new token, returned once; their old one names no one from now on.
+    The new token expires after `expires_s` (None: never), whatever the old one's expiry.
     Their jobs, account and rights are untouched."""
     token, hashed = new_token()
     now = time.time()
