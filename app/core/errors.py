@@ -129,6 +129,13 @@ class UserExists(GpuqError):
     code = "user_exists"
 
 
+class NoRunAccount(GpuqError):
+    """A job whose owner has no OS account to run it as: an unknown or revoked user, or an
+    account that is gone (app/store/users.py `run_as`). The job must not run."""
+
+    code = "no_run_account"
+
+
 class OverLimit(GpuqError):
     """A submission that would put a user or a project over its pending limit."""
 

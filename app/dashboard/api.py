@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -46,6 +47,9 @@ SUBMIT_REFUSALS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "The payload is too large."}}
 LOG_POLL_S = 0.3
 KEEPALIVE_S = 15.0
+# A stream outlives the request that checked its token: ask again this often, so that a
+# revoked or expired token stops reading a log within seconds.
+TOKEN_RECHECK_S = 2.0
 
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 LaunchId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -131,7 +135,8 @@ def get_logs(request: Request, job_id: JobId, offset: ByteOffset = 0,
 @router.get("/jobs/{job_id}/logs/stream", tags=["logs"], response_class=StreamingResponse,
             responses={200: {"description": "Server-sent events: `log` with "
                              "{text, offset} as the log grows, `end` with {status} once the "
-                             "job has ended and the log is read.",
+                             "job has ended and the log is read, `closed` with {reason} "
+                             "once the token is revoked or expires.",
                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def follow_logs(request: Request, job_id: JobId, offset: ByteOffset = 0
                       ) -> StreamingResponse:
@@ -143,6 +148,12 @@ async def follow_logs(request: Request, job_id: JobId, offset: ByteOffset = 0
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def _token_holds(request: Request) -> bool:
+    """Whether the request's token still names its actor (no recheck set: no token asked)."""
+    recheck = getattr(request.state, "recheck", None)
+    return recheck is None or bool(await run_in_threadpool(recheck))
+
+
 def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
@@ -150,7 +161,13 @@ def _event(name: str, data: dict[str, Any]) -> str:
 async def _log_events(request: Request, client: Client, job_id: int,
                       out: dict[str, Any]) -> AsyncIterator[str]:
     idle_s = 0.0
+    checked_at = time.monotonic()
     while True:
+        if time.monotonic() - checked_at >= TOKEN_RECHECK_S:
+            checked_at = time.monotonic()
+            if not await _token_holds(request):
+                yield _event("closed", {"reason": "the token was revoked or has expired"})
+                return
         if out["text"]:
             idle_s = 0.0
             yield _event("log", {"text": out["text"], "offset": out["offset"]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -78,17 +79,19 @@ def login_url(settings: Settings, token: str) -> str:
 def token_middleware(identify: Identify) -> Callable[[Request, Handler], Awaitable[Response]]:
     """Accept `Authorization: Bearer TOKEN`, the cookie, or `?token=` (which sets the
     cookie and redirects to the same page without it, so it leaves the address bar); put
-    the actor the token names on `request.state.actor`."""
+    the actor the token names on `request.state.actor`, and on `request.state.recheck` a
+    function that asks again whether the token still names them (a long response, such
+    as a log stream, calls it off the event loop and ends once it says no)."""
     async def check(request: Request, call_next: Handler) -> Response:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        actor = None
-        if scheme.lower() == "bearer" and given.strip():
-            actor = await run_in_threadpool(identify, given.strip())
-        if actor is None and request.cookies.get(COOKIE):
-            actor = await run_in_threadpool(identify, request.cookies[COOKIE])
-        if actor is not None:
-            request.state.actor = actor
-            return await call_next(request)
+        shown = [given.strip()] if scheme.lower() == "bearer" and given.strip() else []
+        shown += [request.cookies[COOKIE]] if request.cookies.get(COOKIE) else []
+        for token in shown:
+            actor = await run_in_threadpool(identify, token)
+            if actor is not None:
+                request.state.actor = actor
+                request.state.recheck = partial(_still_names, identify, token, actor)
+                return await call_next(request)
         query = request.query_params.get("token", "")
         if request.method in ("GET", "HEAD") and query and \
                 await run_in_threadpool(identify, query) is not None:
@@ -103,3 +106,8 @@ def token_middleware(identify: Identify) -> Callable[[Request, Handler], Awaitab
                              "Authorization: Bearer TOKEN"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
     return check
+
+
+def _still_names(identify: Identify, token: str, actor: Actor) -> bool:
+    """True while `token` names `actor`: not revoked, replaced nor expired since."""
+    return identify(token) == actor

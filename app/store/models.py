@@ -222,7 +222,7 @@ def event_row(job_id: int, at: float, source: str | None, target: str, reason: s
 
 class User(SQLModel, table=True):
     """A named gpuq user, who shows a token (app/store/users.py). Only the token's SHA-256 is
-    kept: the token itself is printed once, when the user is added."""
+    kept: the token itself is printed once, when the user is added or their token rotated."""
 
     __tablename__ = "users"
 
@@ -231,6 +231,10 @@ class User(SQLModel, table=True):
     admin: bool = False
     created_at: float
     revoked_at: float | None = None
+    os_user: str | None = None  # the OS account their jobs run as (a stack run by root)
+    same_account: bool = False  # their jobs run as the stack's own account, by choice
+    expires_at: float | None = None  # epoch after which their token names no one
+    last_used_at: float | None = None  # last request with their token (to the minute)
 
 
 class Limit(SQLModel, table=True):

@@ -325,3 +325,34 @@ def test_an_upgrade_from_0006_keeps_every_row_and_index_and_ids_are_never_reused
         assert (launch_id, ids) == (4, [8, 9])
     finally:
         engine.dispose()
+
+
+def test_an_upgrade_from_0008_keeps_every_user_on_the_stacks_account(settings, plain):
+    # Given a database at 0008 with a named user and a revoked one
+    with plain.begin() as conn:
+        schema._alembic(conn, "upgrade", "0008")
+        conn.execute(text("INSERT INTO users (name, token_hash, admin, created_at, revoked_at) "
+                          "VALUES ('alice', 'h1', true, 1000.0, NULL), "
+                          "('bob', 'h2', false, 1001.0, 1002.0)"))
+    # When it is upgraded
+    upgraded = _gpuq(settings, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    # Then both keep their rows, with no account and no token expiry or use recorded
+    with plain.connect() as conn:
+        rows = conn.execute(text("SELECT name, token_hash, admin, created_at, revoked_at, "
+                                 "os_user, same_account, expires_at, last_used_at FROM users "
+                                 "ORDER BY name")).all()
+    assert [(*row[:2], bool(row.admin), *row[3:6], bool(row.same_account), *row[7:])
+            for row in rows] == [
+        ("alice", "h1", True, 1000.0, None, None, False, None, None),
+        ("bob", "h2", False, 1001.0, 1002.0, None, False, None, None)]
+    # And their jobs keep running as the stack's account, which the list says
+    engine = make_engine(settings)
+    try:
+        from app.store import users
+
+        assert users.run_as(engine, "alice") is None
+    finally:
+        engine.dispose()
+    listed = _gpuq(settings, "user", "list")
+    assert "alice admin: jobs as same account (added before accounts)" in listed.stdout

@@ -26,7 +26,7 @@ BOB = Actor("bob")
 
 
 def test_a_token_is_given_once_and_kept_only_as_its_hash(rt):
-    token = users.add(rt.engine, "alice")
+    token = users.add(rt.engine, "alice", same_account=True)
     assert token.startswith("gpuq_") and len(token) > 40
     with rt.engine.connect() as conn:
         stored = conn.execute(text("SELECT name, token_hash, admin, revoked_at FROM users")
@@ -38,12 +38,12 @@ def test_a_token_is_given_once_and_kept_only_as_its_hash(rt):
                           for v in row)
     assert token not in dumped
     # A second add gives another token
-    assert users.add(rt.engine, "bob", admin=True) != token
+    assert users.add(rt.engine, "bob", admin=True, same_account=True) != token
 
 
 def test_a_token_names_its_user_until_revoked(rt):
-    alice = users.add(rt.engine, "alice")
-    admin = users.add(rt.engine, "ops", admin=True)
+    alice = users.add(rt.engine, "alice", same_account=True)
+    admin = users.add(rt.engine, "ops", admin=True, same_account=True)
     assert users.actor_for_token(rt.engine, alice) == ALICE
     assert users.actor_for_token(rt.engine, admin) == Actor("ops", admin=True)
     assert users.actor_for_token(rt.engine, alice + "x") is None
@@ -65,16 +65,16 @@ def test_a_token_names_its_user_until_revoked(rt):
 ])
 def test_bad_user_names_are_refused_naming_the_rule(rt, name, error, says):
     with pytest.raises(error, match=says.replace("[", r"\[")):
-        users.add(rt.engine, name)
+        users.add(rt.engine, name, same_account=True)
     assert users.list_users(rt.engine) == []
 
 
 def test_a_name_taken_or_the_stack_owners_is_refused(rt):
-    users.add(rt.engine, "alice")
+    users.add(rt.engine, "alice", same_account=True)
     with pytest.raises(UserExists, match="exists already"):
-        users.add(rt.engine, "alice")
+        users.add(rt.engine, "alice", same_account=True)
     with pytest.raises(InvalidArguments, match="stack's owner"):
-        users.add(rt.engine, stack_owner().name)
+        users.add(rt.engine, stack_owner().name, same_account=True)
 
 
 def _submit(rt, actor, command):  # type: ignore[no-untyped-def]
@@ -176,7 +176,7 @@ def api(settings, local):  # type: ignore[no-untyped-def]
 
 
 def test_the_dashboard_acts_for_the_user_whose_token_it_is_shown(api, rt):
-    alice = users.add(rt.engine, "alice")
+    alice = users.add(rt.engine, "alice", same_account=True)
     owners = _submit(rt, None, "echo owner")
     as_alice = {"Authorization": f"Bearer {alice}"}
     assert api.post("/api/ops/queue", json={}).status_code == 401

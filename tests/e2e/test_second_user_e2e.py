@@ -59,8 +59,9 @@ def dashboard(stack, stack_settings: Settings) -> Iterator[str]:  # type: ignore
 
 
 def _add_user(settings: Settings, name: str) -> str:
-    """`gpuq user add NAME`, as the stack's owner runs it: the token it prints."""
-    added = subprocess.run([GPUQ, "user", "add", name], env=server_env(settings),
+    """`gpuq user add NAME --same-account`, as the stack's owner runs it: the token it
+    prints."""
+    added = subprocess.run([GPUQ, "user", "add", name, "--same-account"], env=server_env(settings),
                            capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
     assert "shown only now" in added.stderr

@@ -1,0 +1,64 @@
+"""The OS account a named user's jobs run as.
+
+A stack run by root runs each named user's jobs as that user's own OS account, so that one
+user's job cannot read another's files nor the stack's secrets. A stack run by anyone else
+cannot switch accounts: its named users' jobs run as the stack's own account, which the
+owner must choose explicitly (`--same-account`), since such jobs can read GPUQ_HOME.
+"""
+
+from __future__ import annotations
+
+import pwd
+from dataclasses import dataclass
+
+from app.core.errors import InvalidArguments
+
+SAME_ACCOUNT_WARNING = ("{name}'s jobs run as the stack's own OS account ({stack}) and can "
+                        "read the stack's secrets (GPUQ_HOME, its database and Redis password)")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """An OS account to run a job as, as `pwd` knew it when asked."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def of(cls, entry: pwd.struct_passwd) -> RunAs:
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def os_account(name: str) -> pwd.struct_passwd | None:
+    """The OS account named `name`, or None where there is none."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+def choose_account(user: str, os_user: str | None, same_account: bool,
+                   as_root: bool) -> str | None:
+    """The OS account a new named user's jobs run as (None: the stack's own account, which
+    only `same_account` gives). `as_root`: whether the stack runs as root, the only stack
+    that can run a job as another account. Refusals name the fix."""
+    if same_account:
+        if os_user is not None:
+            raise InvalidArguments("give --os-user NAME or --same-account, not both")
+        return None
+    if not as_root:
+        raise InvalidArguments(
+            f"this stack does not run as root, so it cannot run {user}'s jobs as another OS "
+            f"account: run it as root, or add the user with --same-account (their jobs then "
+            f"run as the stack's own account and can read its secrets)")
+    account = os_user or user
+    entry = os_account(account)
+    if entry is None:
+        fix = f"`useradd {account}`" + ("" if os_user else ", or give --os-user NAME")
+        raise InvalidArguments(f"no OS account named {account!r} for {user}'s jobs: {fix}")
+    if entry.pw_uid == 0:
+        raise InvalidArguments(f"a named user's jobs may not run as root ({account!r} has "
+                               "uid 0): give --os-user an unprivileged account")
+    return entry.pw_name
