@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.base import BatchAdapter, Status, Submission
+from app.core.accounts import account_environment, as_account
 from app.core.job_env import job_environment
 from app.core.paths import BatchStore, JobPaths
 from app.core.procgroup import group_exists
+from app.store import users
 
 
 class ProcessAdapter(BatchAdapter):
@@ -41,7 +43,13 @@ class ProcessAdapter(BatchAdapter):
         env = job_environment(submission.env, {"GPUQ_JOB_ID": str(job.id),
                                                "GPUQ_JOB_RANK": str(job.rank)},
                               submission.secrets)
-        runner = shlex.join([sys.executable, "-m", "adapters.runner"])
+        # As its owner's OS account where this stack runs as root (app/store/users.py
+        # `run_as`); the wrapper, which writes the exit file, stays the stack's.
+        account = users.run_as(self.rt.engine, job.owner) if os.geteuid() == 0 else None
+        if account is not None:
+            env = account_environment(account, env)
+        runner = shlex.join([*(as_account(account) if account else []), sys.executable, "-m",
+                             "adapters.runner"])
         # The wrapper keeps the exit code where poll() finds it after the process is gone;
         # it runs in the background of a shell that exits at once, so that the job is
         # nobody's child (no zombies) while its process group keeps the shell's id.

@@ -9,6 +9,7 @@ owner must choose explicitly (`--same-account`), since such jobs can read GPUQ_H
 from __future__ import annotations
 
 import pwd
+import shutil
 from dataclasses import dataclass
 
 from app.core.errors import InvalidArguments
@@ -25,10 +26,12 @@ class RunAs:
     uid: int
     gid: int
     home: str
+    shell: str = "/bin/sh"
 
     @classmethod
     def of(cls, entry: pwd.struct_passwd) -> RunAs:
-        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir,
+                   entry.pw_shell or "/bin/sh")
 
 
 def os_account(name: str) -> pwd.struct_passwd | None:
@@ -62,3 +65,20 @@ def choose_account(user: str, os_user: str | None, same_account: bool,
         raise InvalidArguments(f"a named user's jobs may not run as root ({account!r} has "
                                "uid 0): give --os-user an unprivileged account")
     return entry.pw_name
+
+
+def as_account(account: RunAs) -> list[str]:
+    """The argv prefix that runs the rest as `account` (its uid, gid and groups), with
+    SIGKILL when its parent dies (it is the job's leader: a worker that dies must not leave
+    it running unwatched)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise OSError("setpriv (util-linux) is missing: a job cannot run as its owner")
+    return [setpriv, f"--reuid={account.uid}", f"--regid={account.gid}", "--init-groups",
+            "--pdeathsig", "KILL", "--"]
+
+
+def account_environment(account: RunAs, env: dict[str, str]) -> dict[str, str]:
+    """A job's environment with the account's own HOME, USER, LOGNAME and SHELL."""
+    return {**env, "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
+            "SHELL": account.shell}

@@ -25,12 +25,13 @@ from tenacity import (
 )
 
 from app.core import keys, logcap
-from app.core.errors import PayloadError, PayloadNotAuthentic
+from app.core.accounts import RunAs
+from app.core.errors import NoRunAccount, PayloadError, PayloadNotAuthentic
 from app.core.paths import JobPaths
 from app.core.procgroup import process_identity
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import accounting, cluster, restart_policy
+from app.store import accounting, cluster, restart_policy, users
 from app.store.cluster import holder, release
 from app.store.db import begin_writing, riding_out_outages
 from app.store.jobs import attempt_is, drop_payload_if_finished, note, transition
@@ -113,6 +114,14 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
     logcap.append(path, f"== gpuq: job {job_id} attempt {attempt} on {host} GPUs {gpu_ids}\n"
                   .encode(), settings.log_max_bytes)
     try:
+        account = _account(rt, job)
+    except NoRunAccount as e:
+        log.warning("job %s: %s", job_id, e)
+        with rt.session() as session:
+            transition(session, JobState.FAILED, str(e), attempt_is(job_id, attempt),
+                       {"ended_at": time.time()}, only_from=[JobState.STARTING])
+        return JobState.FAILED.value
+    try:
         # The secrets come from the payload, unsealed here: never in the job table.
         env = executor.job_environment(job, dict(os.environ), gpu_ids, host,
                                        calls.job_secrets(rt, job))
@@ -123,7 +132,7 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
         return JobState.FAILED_PRECHECK.value
     abandoned = threading.Event()  # set once the runner returned: a start record stops
     try:
-        outcome = _runner(rt, job)(
+        outcome = _runner(rt, job, account)(
             job, command, env, path, grace_s=settings.kill_grace_s,
             should_stop=lease.stop_reason,
             on_start=lambda pid: _started(rt, lease, job_id, attempt, host, pid, abandoned),
@@ -166,12 +175,27 @@ def _refuse_payload(rt: Runtime, job_id: int, attempt: int, error: PayloadError)
     return target.value
 
 
-def _runner(rt: Runtime, job: Job) -> Callable[..., executor.Outcome]:
-    """The direct executor, in a container of the attempt's own, or the tmux one for
-    attachable jobs."""
+def _account(rt: Runtime, job: Job) -> RunAs | None:
+    """The OS account the job runs as: its owner's where this worker runs as root (app/store/
+    users.py `run_as`: None for the stack's owner and same-account users); elsewhere the
+    worker's own, as only root can run a process as another account. Raises NoRunAccount
+    when the job must not run."""
+    if os.geteuid() != 0:
+        return None
+    with rt.session() as session:
+        account = users.run_as(session, job.owner)
+    if account is not None and job.tmux:
+        raise NoRunAccount(f"an attachable (--tmux) job runs only as the stack's own account; "
+                           f"{job.owner}'s jobs run as {account.name}: submit it without --tmux")
+    return account
+
+
+def _runner(rt: Runtime, job: Job, account: RunAs | None) -> Callable[..., executor.Outcome]:
+    """The direct executor, in a container of the attempt's own and as the job's account,
+    or the tmux one for attachable jobs."""
     if not job.tmux:
         assert job.id is not None
-        return functools.partial(executor.run, container=containment.contain(
+        return functools.partial(executor.run, account=account, container=containment.contain(
             job.id, job.attempt, rt.settings.hostname))
     from scheduler.worker import tmux
     assert job.id is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.core import job_env, logcap
+from app.core.accounts import RunAs, account_environment, as_account
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
 from app.store.models import Job
 from scheduler.worker.containment import Container, Usage
@@ -106,35 +106,6 @@ _SETPRIV = shutil.which("setpriv")
 _PDEATHSIG = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
-@dataclass(frozen=True)
-class Account:
-    """The OS account a job runs as (its owner's), looked up where the job starts."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-
-    @classmethod
-    def named(cls, name: str) -> Account:
-        """KeyError when the host has no such account."""
-        entry = pwd.getpwnam(name)
-        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
-
-    def prefix(self) -> list[str]:
-        """Become this account (uid, gid and its groups), keeping the parent-death signal."""
-        if _SETPRIV is None:
-            raise OSError("setpriv (util-linux) is missing: a job cannot run as its owner")
-        return [_SETPRIV, f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                "--pdeathsig", "KILL", "--"]
-
-    def environment(self, env: dict[str, str]) -> dict[str, str]:
-        """The job's environment with the account's own HOME, USER, LOGNAME and SHELL."""
-        return {**env, "HOME": self.home, "USER": self.name, "LOGNAME": self.name,
-                "SHELL": self.shell or "/bin/sh"}
-
-
 class Stop(NamedTuple):
     reason: str  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN
     with_grace: bool  # SIGTERM and the kill grace first; else SIGKILL at once
@@ -177,7 +148,7 @@ def watched_start(on_start: Callable[[int], bool], pid: int,
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
         log_max_bytes: int = DEFAULT_LOG_MAX_BYTES, container: Container | None = None,
-        account: Account | None = None) -> Outcome:
+        account: RunAs | None = None) -> Outcome:
     """Run the job to its end, or until `should_stop` names a reason to stop it. Its output
     reaches its log through a pipe, pumped on a thread of this worker into the capped log.
 
@@ -187,9 +158,9 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
     watched while it does (`watched_start`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if account is not None:
-        env = account.environment(env)
+        env = account_environment(account, env)
     prefix = [*(container.prefix() if container else []),
-              *(account.prefix() if account else _PDEATHSIG)]
+              *(as_account(account) if account else _PDEATHSIG)]
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(

@@ -4,6 +4,7 @@ and a user at a GPU limit never runs more, by the spans the jobs record themselv
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, select
 
+from app.core.errors import UserExists
 from app.core.identity import Actor
 from app.core.settings import Settings
 from app.ops.registry import call_local
 from app.runtime import Runtime
+from app.store import users
 from app.store.models import Job, JobEvent
 from tests.support.servers import EXTERNAL_DB, PREFLIGHT_FAKES, Stack, clean_servers, until
 
@@ -43,7 +46,10 @@ def rt(stack_settings: Settings) -> Iterator[Runtime]:
 
 
 def _submit(rt: Runtime, user: str, command: str, n: int) -> list[int]:
-    """`n` jobs submitted one by one as `user` (a named user's submissions)."""
+    """`n` jobs submitted one by one as `user` (a named user's submissions; their jobs run
+    as the stack's own account)."""
+    with contextlib.suppress(UserExists):
+        users.add(rt.engine, user, same_account=True)
     return [call_local(rt, "submit", {"spec": {"command": f"{command} # {user} {i}"}},
                        Actor(user))["job_ids"][0] for i in range(n)]
 

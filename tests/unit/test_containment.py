@@ -5,6 +5,7 @@ OS account."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.accounts import RunAs
 from app.store.models import Job
 from scheduler.worker import containment, executor
 from scheduler.worker.containment import Cgroup, Container, Marked
@@ -43,7 +45,7 @@ def _marked(_name: str) -> Container:
 
 
 def _run(container: Container, tmp_path: Path, script: str,
-         account: executor.Account | None = None) -> executor.Outcome:
+         account: RunAs | None = None) -> executor.Outcome:
     job = Job(id=JOB_ID, command=script)
     env = {**os.environ, "GPUQ_JOB_ID": str(job.id), "GPUQ_ATTEMPT": "1"}
     return executor.run(job, script, env, tmp_path / "log", grace_s=1,
@@ -78,7 +80,7 @@ def test_a_cgroup_v2_reads_the_cpu_the_job_used(tmp_path: Path):
 def test_a_job_runs_as_its_owners_account_with_its_home(tmp_path: Path, other_user: str):
     if shutil.which("setpriv") is None:
         missing("setpriv (util-linux) runs a job as another account")
-    account = executor.Account.named(other_user)
+    account = RunAs.of(pwd.getpwnam(other_user))
     shared = Path(tempfile.mkdtemp(prefix="gpuq-as-"))  # /tmp's: the other account reaches it
     try:
         shared.chmod(0o777)
