@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.cli.render import console, progress, queue_table
 from app.client import Client
+from app.core.paths import open_log, private_home
 from app.core.settings import Settings
 
 TRAIN = (
@@ -44,11 +45,11 @@ def main(keep: bool = False) -> int:
     from app.dashboard.auth import dashboard_token, login_url  # FastAPI only when run
 
     settings = Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_home(settings.home)
     root = Path(__file__).resolve().parents[2]
     log_path = settings.home / "demo-stack.log"
     console.print(f"[bold]gpuq demo[/]: starting the stack (log: {log_path})")
-    with open(log_path, "ab") as log:
+    with open_log(log_path) as log:
         stack = subprocess.Popen([str(Path(sys.executable).parent / "gpuq"), "up",
                                   "--procfile", str(root / "deploy" / "Procfile.dev")],
                                  stdout=log, stderr=subprocess.STDOUT,
