@@ -42,7 +42,7 @@ def _wait_for_workers(client: Client, timeout_s: float = 120) -> int:
 
 def main(keep: bool = False) -> int:
     """Run the demo; with `keep` (`make demo KEEP=1`) leave the stack up until Ctrl-C."""
-    from app.dashboard.auth import dashboard_token, login_url  # FastAPI only when run
+    from app.dashboard.auth import dashboard_url  # FastAPI only when run
 
     settings = Settings()
     private_home(settings.home)
@@ -57,8 +57,8 @@ def main(keep: bool = False) -> int:
     client = Client(settings)
     try:
         gpus = _wait_for_workers(client)
-        console.print(f"{gpus} GPU workers up; dashboard at "
-                      f"{login_url(settings, dashboard_token(settings))}, Flower at "
+        console.print(f"{gpus} GPU workers up; dashboard at {dashboard_url(settings)} "
+                      "(`gpuq dashboard --url` prints your login address), Flower at "
                       f"http://{settings.flower_address}:{settings.flower_port}")
         sweep = client.launch(["python", "-c", TRAIN], num_jobs=8, name="demo-sweep")
         pair = client.submit(["bash", "-c", "echo two GPUs: $CUDA_VISIBLE_DEVICES"], gpus=2,

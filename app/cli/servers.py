@@ -125,7 +125,8 @@ def dashboard(address: str | None = typer.Option(None, "--address",
                                        "the token) and exit, serving nothing.")) -> None:
     """Serve the web dashboard and its JSON API, on 127.0.0.1 unless told otherwise. Every
     request needs its token (GPUQ_DASHBOARD_TOKEN, else one kept in GPUQ_HOME): open the
-    login address it prints once, or send `Authorization: Bearer TOKEN`."""
+    login address `gpuq dashboard --url` prints once, or send `Authorization: Bearer TOKEN`.
+    The token is printed only on that request, never on starting."""
     from app.dashboard import dashboard_token, login_url, serve
 
     settings = load_settings()
