@@ -19,7 +19,7 @@ from pathlib import Path
 from adapters.base import BatchAdapter, Status, Submission
 from app.core.accounts import account_environment, as_account
 from app.core.job_env import job_environment
-from app.core.paths import BatchStore, JobPaths
+from app.core.paths import BatchStore, JobPaths, open_log
 from app.core.procgroup import group_exists
 from app.store import users
 
@@ -57,7 +57,7 @@ class ProcessAdapter(BatchAdapter):
         assert job.id is not None
         log_path = JobPaths(self.rt.settings.home, job.id).log
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        with open_log(log_path) as log:
             proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=submission.workdir or None, start_new_session=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.cli.render import console, progress, queue_table
 from app.client import Client
+from app.core.paths import open_log, private_home
 from app.core.settings import Settings
 
 TRAIN = (
@@ -41,14 +42,14 @@ def _wait_for_workers(client: Client, timeout_s: float = 120) -> int:
 
 def main(keep: bool = False) -> int:
     """Run the demo; with `keep` (`make demo KEEP=1`) leave the stack up until Ctrl-C."""
-    from app.dashboard.auth import dashboard_token, login_url  # FastAPI only when run
+    from app.dashboard.auth import dashboard_url  # FastAPI only when run
 
     settings = Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_home(settings.home)
     root = Path(__file__).resolve().parents[2]
     log_path = settings.home / "demo-stack.log"
     console.print(f"[bold]gpuq demo[/]: starting the stack (log: {log_path})")
-    with open(log_path, "ab") as log:
+    with open_log(log_path) as log:
         stack = subprocess.Popen([str(Path(sys.executable).parent / "gpuq"), "up",
                                   "--procfile", str(root / "deploy" / "Procfile.dev")],
                                  stdout=log, stderr=subprocess.STDOUT,
@@ -56,8 +57,8 @@ def main(keep: bool = False) -> int:
     client = Client(settings)
     try:
         gpus = _wait_for_workers(client)
-        console.print(f"{gpus} GPU workers up; dashboard at "
-                      f"{login_url(settings, dashboard_token(settings))}, Flower at "
+        console.print(f"{gpus} GPU workers up; dashboard at {dashboard_url(settings)} "
+                      "(`gpuq dashboard --url` prints your login address), Flower at "
                       f"http://{settings.flower_address}:{settings.flower_port}")
         sweep = client.launch(["python", "-c", TRAIN], num_jobs=8, name="demo-sweep")
         pair = client.submit(["bash", "-c", "echo two GPUs: $CUDA_VISIBLE_DEVICES"], gpus=2,

@@ -18,9 +18,30 @@ if TYPE_CHECKING:
 
 
 @cli.command()
-def config() -> None:
-    """Print the effective settings, secrets masked."""
-    print_json(load_settings().masked())
+def config(show_secrets: bool = typer.Option(
+        False, "--show-secrets", help="Show the secrets too, generated ones included: the "
+        "dashboard's token, Flower's password, the embedded Redis's password.")) -> None:
+    """Print the effective settings, secrets masked unless --show-secrets."""
+    settings = load_settings()
+    print_json(_with_secrets(settings) if show_secrets else settings.masked())
+
+
+def _with_secrets(settings: Settings) -> dict[str, object]:
+    """The settings unmasked, with the secrets gpuq generates for itself in GPUQ_HOME: the
+    dashboard's token and Flower's password (made now if missing, as their servers would),
+    and the embedded Redis's password once its server made it. Only the home's owner can
+    read them."""
+    from app.dashboard import dashboard_token
+    from app.stack.flower import flower_basic_auth
+    from app.store.embedded_redis import PASSWORD_FILE, password
+
+    values: dict[str, object] = settings.model_dump(mode="json")
+    values["dashboard_token"] = dashboard_token(settings)
+    values["flower_basic_auth"] = flower_basic_auth(settings)
+    if not settings.redis_url and (settings.embedded_redis_password or
+                                   (settings.redis_dir / PASSWORD_FILE).exists()):
+        values["embedded_redis_password"] = password(settings)
+    return values
 
 
 @cli.command()
@@ -104,7 +125,8 @@ def dashboard(address: str | None = typer.Option(None, "--address",
                                        "the token) and exit, serving nothing.")) -> None:
     """Serve the web dashboard and its JSON API, on 127.0.0.1 unless told otherwise. Every
     request needs its token (GPUQ_DASHBOARD_TOKEN, else one kept in GPUQ_HOME): open the
-    login address it prints once, or send `Authorization: Bearer TOKEN`."""
+    login address `gpuq dashboard --url` prints once, or send `Authorization: Bearer TOKEN`.
+    The token is printed only on that request, never on starting."""
     from app.dashboard import dashboard_token, login_url, serve
 
     settings = load_settings()

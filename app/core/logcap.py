@@ -53,7 +53,9 @@ class CappedLog:
         if cap_bytes < SMALLEST_CAP_BYTES:
             raise ValueError(f"a log cap is at least {SMALLEST_CAP_BYTES} bytes")
         self.cap, self.head, self.keep = cap_bytes, head_bytes(cap_bytes), cap_bytes // 4
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # 0600 from its creation: a job's output is its owner's (app.core.paths.LOG_MODE;
+        # this file runs alone in a tmux pane, so it imports nothing of gpuq's).
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.load()
 
     def load(self) -> None:

@@ -12,6 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ class BatchStore:
     def backend_dir(self, backend: str) -> Path:
         """The backend's own files: Slurm's output files, the process backend's state."""
         return self.root / backend
+
+
+LOG_MODE = 0o600  # a log holds what a job or a server printed: its owner's alone
+
+
+def open_log(path: Path) -> BinaryIO:
+    """A log of gpuq's to append to (a job's, a stack's), made 0600 at creation whatever the
+    umask: no moment when another user could open it, as with a chmod after the fact."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE), "ab")
 
 
 def private_home(home: Path) -> Path:

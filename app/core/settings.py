@@ -201,7 +201,8 @@ class Settings(BaseSettings):
     flower_port: int = Field(5555, description="Port Flower listens on.")
     flower_basic_auth: str | None = Field(
         None, description="user:password that Flower asks for (several comma-separated); "
-        "required when GPUQ_FLOWER_ADDRESS is beyond loopback.")
+        "required when GPUQ_FLOWER_ADDRESS is beyond loopback. Unset: user gpuq and a "
+        "password generated at first start and kept 0600 in `home` (flower.password).")
     dashboard_address: str = Field(
         "127.0.0.1", description="Address the dashboard binds to.")
     dashboard_port: int = Field(5556, ge=0, le=65535, description="Port the dashboard "

@@ -70,10 +70,15 @@ def either(first: Identify, then: Identify | None) -> Identify:
     return identify
 
 
+def dashboard_url(settings: Settings) -> str:
+    """Where the dashboard answers, as this host reaches it: no token in it, so that it may
+    be printed and logged."""
+    return f"http://{reachable_host(settings.dashboard_address)}:{settings.dashboard_port}"
+
+
 def login_url(settings: Settings, token: str) -> str:
-    """The address the owner opens once in a browser to sign in."""
-    host = reachable_host(settings.dashboard_address)
-    return f"http://{host}:{settings.dashboard_port}/?token={quote(token, safe='')}"
+    """The address the owner opens once in a browser to sign in (`gpuq dashboard --url`)."""
+    return f"{dashboard_url(settings)}/?token={quote(token, safe='')}"
 
 
 def token_middleware(identify: Identify) -> Callable[[Request, Handler], Awaitable[Response]]:

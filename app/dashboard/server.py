@@ -13,20 +13,22 @@ from pathlib import Path
 from app.core.envvars import DASHBOARD_SOCKET
 from app.core.paths import private_home
 from app.core.settings import Settings
-from app.dashboard.auth import dashboard_token, login_url
+from app.dashboard.auth import dashboard_token, dashboard_url
 
 log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> None:
-    """Print the owner's login address, then serve until interrupted."""
+    """Say where the dashboard answers (never its token: this output goes to terminals,
+    logs and CI), then serve until interrupted."""
     import uvicorn
 
     from app.dashboard.app import create_app
 
     app = create_app(settings)
-    print(f"gpuq dashboard: open {login_url(settings, dashboard_token(settings))}",
-          file=sys.stderr, flush=True)
+    dashboard_token(settings)  # made now, so that a home it cannot use fails before serving
+    print(f"gpuq dashboard at {dashboard_url(settings)}; `gpuq dashboard --url` prints your login "
+          "address", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=settings.dashboard_address, port=settings.dashboard_port,
                             log_level=settings.log_level.lower(), access_log=False)
     sockets = [config.bind_socket()]

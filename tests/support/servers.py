@@ -138,10 +138,11 @@ class Stack:
 
 
 @contextlib.contextmanager
-def gpuq_up(settings: Settings, cwd: Path, workers: int) -> Iterator[dict[str, str]]:
-    """`gpuq up` (no Flower, the root Procfile) as a process of its own, its log in
-    `cwd`/up.log, until `workers` GPU workers are alive; yields the environment that
-    reaches it, and stops it with SIGTERM at the end."""
+def gpuq_up(settings: Settings, cwd: Path, workers: int,
+            flower: bool = False) -> Iterator[dict[str, str]]:
+    """`gpuq up` (the root Procfile, Flower only if asked) as a process of its own, its
+    output (stdout and stderr) in `cwd`/up.log, until `workers` GPU workers are alive;
+    yields the environment that reaches it, and stops it with SIGTERM at the end."""
     import json
     import signal
 
@@ -149,7 +150,8 @@ def gpuq_up(settings: Settings, cwd: Path, workers: int) -> Iterator[dict[str, s
     env = server_env(settings)
     log_path = cwd / "up.log"
     with open(log_path, "wb") as log:
-        up = subprocess.Popen([gpuq, "up", "--no-flower", "--procfile", str(ROOT / "Procfile")],
+        up = subprocess.Popen([gpuq, "up", "--flower" if flower else "--no-flower",
+                               "--procfile", str(ROOT / "Procfile")],
                               env=env, cwd=cwd, start_new_session=True, stdout=log,
                               stderr=subprocess.STDOUT)
     try:

@@ -251,8 +251,8 @@ def test_identify_names_the_actor_of_each_token(settings, local):
         assert who("bob-token").status_code == 401
 
 
-def _login_url(log_path: Path) -> str | None:
-    found = re.search(r"open (http://\S+)", log_path.read_text())
+def _printed_address(log_path: Path) -> str | None:
+    found = re.search(r"gpuq dashboard at (http://[^;\s]+);", log_path.read_text())
     return found.group(1) if found else None
 
 
@@ -263,25 +263,32 @@ def _answers_401(base: str) -> bool:
         return False
 
 
-def test_gpuq_dashboard_prints_a_login_address_and_keeps_its_token_across_restarts(
+def test_gpuq_dashboard_prints_its_address_not_its_token_and_keeps_it_across_restarts(
         settings, tmp_path):
-    """The real server on a real loopback socket: no token is 401 even from 127.0.0.1, a
-    foreign Host is 403 with the token, and the printed address signs a browser in."""
+    """The real server on a real loopback socket: it prints where it answers but no token,
+    no token is 401 even from 127.0.0.1, a foreign Host is 403 with the token, and the
+    address `gpuq dashboard --url` prints signs a browser in."""
+    gpuq = str(Path(sys.executable).parent / "gpuq")
     port = free_port()
     tokens = []
     for start in range(2):
         log_path = tmp_path / f"dashboard-{start}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "gpuq"), "dashboard", "--port", str(port)],
-                env=server_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+            proc = subprocess.Popen([gpuq, "dashboard", "--port", str(port)],
+                                    env=server_env(settings), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            url = until(partial(_login_url, log_path), 60, describe=log_path.read_text)
             base = f"http://127.0.0.1:{port}"
+            printed = until(partial(_printed_address, log_path), 60,
+                            describe=log_path.read_text)
+            assert printed == base
+            url = subprocess.run([gpuq, "dashboard", "--url", "--port", str(port)],
+                                 env=server_env(settings), capture_output=True, text=True,
+                                 timeout=60, check=True).stdout.strip()
             assert url.startswith(f"{base}/?token=")
             tokens.append(url.rpartition("=")[2])
             until(partial(_answers_401, base), 60, describe=log_path.read_text)
+            assert tokens[-1] not in log_path.read_text(), "the token is never printed"
             with httpx.Client(base_url=base, timeout=10) as http:
                 assert http.get("/api/jobs").status_code == 401
                 auth = {"Authorization": f"Bearer {tokens[-1]}"}

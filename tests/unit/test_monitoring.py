@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -16,6 +17,8 @@ from pathlib import Path
 from app.core import keys
 from app.ops.registry import call_local
 from app.runtime import Runtime
+from app.stack.commands import flower_command
+from app.stack.flower import flower_basic_auth, flower_environment
 from app.store.exits import CRASH_LOOP_EXITS, WINDOW_S, recent_exits, record_exit
 from tests.support.servers import server_env, until
 
@@ -73,6 +76,35 @@ def test_config_masks_flowers_password(settings):
     shown = subprocess.run([GPUQ, "config"], env=env, capture_output=True, text=True,
                            timeout=60).stdout
     assert json.loads(shown)["flower_basic_auth"] == "****"
+
+
+def test_flower_without_a_password_set_gets_one_generated_and_kept_private(settings):
+    """On loopback too: every local user can reach Flower's port."""
+    assert settings.flower_basic_auth is None
+    env = flower_environment(settings, {"PATH": "/usr/bin"})
+    user, _, password = env["FLOWER_BASIC_AUTH"].partition(":")
+    kept = settings.home / "flower.password"
+    assert user == "gpuq" and len(password) >= 32 and kept.read_text().strip() == password
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert flower_environment(settings, {})["FLOWER_BASIC_AUTH"] == f"gpuq:{password}"
+    assert password not in flower_command(settings), "never in the process list"
+    chosen = settings.model_copy(update={"flower_basic_auth": "ops:s3cret-pw"})
+    assert flower_environment(chosen, {})["FLOWER_BASIC_AUTH"] == "ops:s3cret-pw"
+
+
+def test_config_shows_the_generated_secrets_only_with_show_secrets(settings):
+    env = server_env(settings)
+    flower_password = flower_basic_auth(settings).partition(":")[2]  # as the stack makes it
+
+    def config(*args: str) -> str:
+        return subprocess.run([GPUQ, "config", *args], env=env, capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+
+    shown = json.loads(config("--show-secrets"))
+    assert shown["flower_basic_auth"] == f"gpuq:{flower_password}"
+    assert shown["dashboard_token"] == (settings.home / "dashboard.token").read_text().strip()
+    masked = config()
+    assert flower_password not in masked and shown["dashboard_token"] not in masked
 
 
 def test_status_names_stale_workers_and_where_flower_and_the_dashboard_listen(settings):
