@@ -104,7 +104,9 @@ def job_view(out: dict[str, Any]) -> None:
         line.append(f"  {(a['started_at'] or '-')[11:23]} to {(a['ended_at'] or '-')[11:23]}"
                     f"  {a['gpu_seconds']:.1f} GPU-s  peak "
                     f"{_or_dash(a['peak_memory_mb'], '{} MiB')}  util "
-                    f"{_or_dash(a['mean_utilization_pct'], '{:.0f}%')}")
+                    f"{_or_dash(a['mean_utilization_pct'], '{:.0f}%')}  CPU "
+                    f"{_or_dash(a.get('cpu_s'), '{:.1f} s')}  host memory "
+                    f"{_or_dash(a.get('peak_host_memory_mb'), '{} MiB')}")
         console.print(line, highlight=False, soft_wrap=True)
     if not out.get("attempts"):
         console.print("no attempt has ended yet", style="dim")

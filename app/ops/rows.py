@@ -115,6 +115,10 @@ class AttemptRow(Row):
     wait_s: float | None = Field(None, description="First attempts: submission to start.")
     peak_memory_mb: int | None = Field(None, description="Most memory its GPUs held at once.")
     mean_utilization_pct: float | None = Field(None, description="Its GPUs' mean utilisation.")
+    cpu_s: float | None = Field(None, description="CPU seconds of everything it started, "
+                                "from its cgroup.")
+    peak_host_memory_mb: int | None = Field(None, description="Most host memory it held at "
+                                            "once, from its cgroup.")
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> AttemptRow:

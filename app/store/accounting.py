@@ -67,12 +67,15 @@ def record_ends(session: Session, rows: Sequence[Sequence[Any]], outcome: str,
         session.connection().execute(insert(ATTEMPTS), records)
 
 
-def note_figures(session: Session, job_id: int, attempt: int, peak_memory_mb: int | None,
-                 mean_utilization_pct: float | None) -> None:
-    """The GPU monitor's figures of an attempt, from the worker that ran it."""
-    session.connection().execute(
-        ATTEMPTS.update().where(ATTEMPTS.c.job_id == job_id, ATTEMPTS.c.attempt == attempt)
-        .values(peak_memory_mb=peak_memory_mb, mean_utilization_pct=mean_utilization_pct))
+def note_figures(session: Session, job_id: int, attempt: int, **figures: float | None) -> None:
+    """Figures of an attempt from the worker that ran it: the GPU monitor's (peak_memory_mb,
+    mean_utilization_pct) and its container's (cpu_s, peak_host_memory_mb); those given as
+    None are left as they are."""
+    values = {name: value for name, value in figures.items() if value is not None}
+    if values:
+        session.connection().execute(
+            ATTEMPTS.update().where(ATTEMPTS.c.job_id == job_id,
+                                    ATTEMPTS.c.attempt == attempt).values(**values))
 
 
 @event.listens_for(OrmSession, "before_commit")

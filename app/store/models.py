@@ -279,6 +279,8 @@ class Attempt(SQLModel, table=True):
     wait_s: float | None = None  # first attempts: from submission to start
     peak_memory_mb: int | None = None  # from the GPU monitor's readings of its GPUs
     mean_utilization_pct: float | None = None
+    cpu_s: float | None = None  # from the container it ran in (scheduler/worker/containment.py)
+    peak_host_memory_mb: int | None = None
 
 
 class Usage(SQLModel, table=True):

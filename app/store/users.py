@@ -165,9 +165,10 @@ def run_as(bind: Engine | Connection | Session, owner: str) -> RunAs | None:
     """The OS account to run a job of `owner` as, looked up with `pwd` now.
 
     None: run it as the stack's own account, for the stack's owner, a user added with
-    `--same-account`, and a user added before accounts (no os_user recorded). Otherwise a
-    RunAs (name, uid, gid, home). Raises NoRunAccount, and the job must not run, for an
-    owner who is no user, a revoked user, or an account that is gone or is root's. An
+    `--same-account`, a user added before accounts (no os_user recorded), and an owner who
+    is no user (named only by the stack's own code: every token names a row). Otherwise a
+    RunAs (name, uid, gid, home, shell). Raises NoRunAccount, and the job must not run,
+    for a revoked user, or an account that is gone or is root's. An
     expired token does not stop its user's jobs: expiry ends the token, not the account.
     `bind` is an engine, or the worker's connection or session (read within it)."""
     if owner == stack_owner().name:
@@ -181,8 +182,9 @@ def run_as(bind: Engine | Connection | Session, owner: str) -> RunAs | None:
     else:
         row = bind.execute(query).first()
     if row is None:
-        raise NoRunAccount(f"the job's owner {owner!r} is no gpuq user: `gpuq user add "
-                           f"{owner}` first")
+        # Only the stack's own code names an owner who is no user (a client acting for a
+        # name, a message signed with GPUQ_SECRET): a token always names a user's row.
+        return None
     if row.revoked_at is not None:
         raise NoRunAccount(f"the job's owner {owner!r} is revoked: `gpuq user add {owner}` "
                            "to let their jobs run again")

@@ -155,7 +155,7 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
         lease.figures.sample(rt.redis)
     failure = calls.collect_result(rt, job) if job.kind == "function" else None
     state = _record_outcome(rt, job, attempt, outcome, failure)
-    _note_figures(rt, job_id, attempt, lease.figures)
+    _note_figures(rt, job_id, attempt, lease.figures, outcome.usage)
     if JobState(state).terminal:
         with rt.session() as session:
             drop_payload_if_finished(session, rt.redis, job_id, job.launch_id, job.payload_key)
@@ -329,17 +329,22 @@ def _write_outcome(rt: Runtime, job_id: int, attempt: int, end: restart_policy.A
         return record_end(session, current, end, ended_at, exit_code) or current.state
 
 
-def _note_figures(rt: Runtime, job_id: int, attempt: int, figures: Figures) -> None:
-    """Add the attempt's GPU figures to its record, which the transition that ended it
-    wrote. Figures are worth less than the outcome: one failed write is logged, not retried."""
+def _note_figures(rt: Runtime, job_id: int, attempt: int, figures: Figures,
+                  usage: containment.Usage | None) -> None:
+    """Add the attempt's GPU figures, and the CPU and memory its container read, to its
+    record, which the transition that ended it wrote. Figures are worth less than the
+    outcome: one failed write is logged, not retried."""
     peak_mb, util_pct = figures.result()
-    if peak_mb is None and util_pct is None:
+    if (peak_mb, util_pct, usage) == (None, None, None):
         return
     try:
         with rt.session() as session:
-            accounting.note_figures(session, job_id, attempt, peak_mb, util_pct)
+            accounting.note_figures(
+                session, job_id, attempt, peak_memory_mb=peak_mb, mean_utilization_pct=util_pct,
+                cpu_s=usage.cpu_s if usage else None,
+                peak_host_memory_mb=usage.peak_memory_mb if usage else None)
     except Exception as e:
-        log.warning("job %s attempt %s: GPU figures not recorded (%s)", job_id, attempt, e)
+        log.warning("job %s attempt %s: figures not recorded (%s)", job_id, attempt, e)
 
 
 @riding_out_outages

@@ -183,7 +183,7 @@ def recorded(rt):
         job = _job(session, "bob", "p1", max_restarts=1, submitted_at=970.0)
         assert _run_attempt(session, job, 1000.0, 1060.0, exit_code=1) == "PENDING"
         assert _run_attempt(session, job, 1100.0, 1160.0, exit_code=0) == "SUCCEEDED"
-        accounting.note_figures(session, job, 2, 4000, 90.0)
+        accounting.note_figures(session, job, 2, peak_memory_mb=4000, mean_utilization_pct=90.0)
         session.commit()
     return rt
 

@@ -211,3 +211,12 @@ def test_a_daemon_a_job_left_is_gone_before_the_next_job_on_its_gpu_starts(
     assert first.row()["status"] == "SUCCEEDED"
     assert first.row()["gpu_ids"] == second.row()["gpu_ids"] == [0]
     assert "daemon-gone" in second.logs(), second.logs()
+
+
+def test_an_attempts_cpu_time_is_read_from_its_cgroup_into_its_record(client: Client):
+    job = client.submit(["python3", "-c", "sum(range(5_000_000))"], name="burns-cpu")
+    assert job.wait(timeout_s=60) == "SUCCEEDED"
+    # The figures are written just after the outcome
+    attempt = until(lambda: next(iter(a for a in job.info().attempts
+                                      if a.cpu_s is not None), None), timeout_s=30)
+    assert attempt.cpu_s > 0.05, attempt
