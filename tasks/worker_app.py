@@ -14,6 +14,7 @@ from celery.app import trace as celery_trace
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.core.errors import SecretRequired
+from app.core.procgroup import undumpable
 from app.core.security import require_secret
 from app.core.settings import Settings
 from app.runtime import Runtime
@@ -24,6 +25,7 @@ from tasks import batch, control, run
 # it returned.
 celery_trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
+undumpable()  # a job of the same OS account cannot read this process's environment or memory
 settings = Settings()
 logging.basicConfig(level=settings.log_level.upper(),
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,7 @@ in a group of its own, so that stopping it stops everything it started."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import signal
@@ -121,3 +122,19 @@ def kill_group_if(pid: int, identity: str | None) -> bool:
         wait_group_gone(pid)
         return True
     return False
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def undumpable() -> bool:
+    """Make this process non-dumpable: a process of the same OS account (a job of a named
+    user who runs as the stack's account) can then neither read its /proc/PID/environ (the
+    database's and Redis's passwords, GPUQ_SECRET) nor trace it or read its memory. Every
+    gpuq server process calls it as it starts; jobs it starts are dumpable again (execve
+    resets it). False where it could not be set (not Linux)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return bool(prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)

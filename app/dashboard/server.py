@@ -12,6 +12,7 @@ from pathlib import Path
 
 from app.core.envvars import DASHBOARD_SOCKET
 from app.core.paths import private_home
+from app.core.procgroup import undumpable
 from app.core.settings import Settings
 from app.dashboard.auth import dashboard_token, dashboard_url
 
@@ -24,6 +25,8 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from app.dashboard.app import create_app
+
+    undumpable()
 
     app = create_app(settings)
     dashboard_token(settings)  # made now, so that a home it cannot use fails before serving

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 
+from app.core.procgroup import undumpable
 from app.core.settings import Settings
 from app.runtime import Runtime
 from app.stack import reaper
@@ -73,6 +74,8 @@ def _sweep_files(rt: Runtime, stop: threading.Event) -> None:
 
 def run_host_workers(settings: Settings) -> None:
     from app.core.security import warn_without_secret
+
+    undumpable()
 
     lock = HostLock(settings, "gpuq worker")
     fd = lock.acquire()  # before anything starts: a second one for this host is refused

@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 
 from app.core.errors import GpuqError
+from app.core.procgroup import undumpable
 from app.core.security import require_secret
 from app.core.settings import Settings, mask_url
 from app.runtime import Runtime
@@ -58,6 +59,7 @@ def stack_programs(settings: Settings, procfile: Path, flower: bool,
 def run_stack(settings: Settings, procfile: Path, flower: bool,
               jobs_file: Path | None = None) -> None:
     """Run everything in the foreground; stop all of it on Ctrl-C or SIGTERM."""
+    undumpable()
     if not procfile.is_file():
         raise GpuqError(f"no Procfile at {procfile}; run from the project root or pass "
                         "--procfile PATH")
