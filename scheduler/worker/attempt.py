@@ -191,16 +191,15 @@ def _account(rt: Runtime, job: Job) -> RunAs | None:
 
 
 def _runner(rt: Runtime, job: Job, account: RunAs | None) -> Callable[..., executor.Outcome]:
-    """The direct executor, in a container of the attempt's own and as the job's account,
-    or the tmux one for attachable jobs."""
-    if not job.tmux:
-        assert job.id is not None
-        return functools.partial(executor.run, account=account, container=containment.contain(
-            job.id, job.attempt, rt.settings.hostname))
-    from scheduler.worker import tmux
+    """The direct executor, or the tmux one for attachable jobs, in a container of the
+    attempt's own; the direct one as the job's account."""
     assert job.id is not None
+    container = containment.contain(job.id, job.attempt, rt.settings.hostname)
+    if not job.tmux:
+        return functools.partial(executor.run, account=account, container=container)
+    from scheduler.worker import tmux
     return functools.partial(tmux.run, socket=rt.settings.tmux_socket,
-                             paths=JobPaths(rt.settings.home, job.id))
+                             paths=JobPaths(rt.settings.home, job.id), container=container)
 
 
 def _preflight(rt: Runtime, job: Job, attempt: int, env: dict[str, str], path: Path) -> bool:

@@ -49,6 +49,12 @@ class Container:
 
     def prefix(self) -> list[str]:
         """What runs before the job's argv so that the job starts inside."""
+        return [arg for path in self.join_files()
+                for arg in ("/bin/sh", "-c", JOIN, "sh", str(path))]
+
+    def join_files(self) -> list[Path]:
+        """The files a process writes its pid into to come inside (none: it is inside by
+        its mark)."""
         return []
 
     def kill_all(self) -> bool:
@@ -69,11 +75,9 @@ class Cgroup(Container):
     def __init__(self, path: Path, v2: bool, memory: Path | None) -> None:
         self.path, self.v2, self.memory = path, v2, memory
 
-    def prefix(self) -> list[str]:
-        joins: list[str] = []
-        for directory in filter(None, (self.path, self.memory)):
-            joins += ["/bin/sh", "-c", JOIN, "sh", str(directory / "cgroup.procs")]
-        return joins
+    def join_files(self) -> list[Path]:
+        return [directory / "cgroup.procs" for directory in filter(None, (self.path,
+                                                                          self.memory))]
 
     def pids(self) -> list[int]:
         try:

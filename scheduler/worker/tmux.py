@@ -19,6 +19,7 @@ from app.core import logcap
 from app.core.paths import JobPaths
 from app.core.procgroup import stop_pane_group
 from app.store.models import Job
+from scheduler.worker.containment import Container
 from scheduler.worker.executor import (
     BASH,
     DEFAULT_LOG_MAX_BYTES,
@@ -45,7 +46,7 @@ def env_fifo(paths: JobPaths) -> Path:
 
 
 def _script(job: Job, command: str, fifo: Path, log_path: Path, exit_path: Path,
-            log_max_bytes: int) -> str:
+            log_max_bytes: int, joins: list[Path] | None = None) -> str:
     """The script the pane runs: its environment comes through the pipe, never from the
     file (the script holds no value of it) nor from the tmux server, which has the
     environment of the worker that started it (the pane starts under `env -i`).
@@ -59,7 +60,9 @@ def _script(job: Job, command: str, fifo: Path, log_path: Path, exit_path: Path,
     fifo_text = shlex.quote(str(fifo))
     writer = shlex.join([sys.executable, "-I", logcap.__file__, str(log_path),
                          str(log_max_bytes)])
-    return (f'gpuq_env="$(cat {fifo_text})"\nrm -f {fifo_text}\neval "$gpuq_env"\n'
+    # The pane comes inside the attempt's container first (scheduler/worker/containment.py).
+    enter = "".join(f"echo $$ > {shlex.quote(str(path))}\n" for path in joins or [])
+    return (f'{enter}gpuq_env="$(cat {fifo_text})"\nrm -f {fifo_text}\neval "$gpuq_env"\n'
             "unset gpuq_env\n"
             f"{workdir}"
             f"{shlex.quote(BASH)} -c {script} 2>&1 | {writer}\n"
@@ -94,27 +97,36 @@ def _hand_over(fifo: Path, data: bytes, alive: Callable[[], bool]) -> None:
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
         paths: JobPaths, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
-        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> Outcome:
-    """Run the job in `tmux new-session -d` and wait for it like the direct executor.
-    Its script and pipe are removed when the attempt ends."""
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES, container: Container | None = None
+        ) -> Outcome:
+    """Run the job in `tmux new-session -d` and wait for it like the direct executor, its
+    pane inside `container`, which is emptied before this returns. Its script and pipe are
+    removed when the attempt ends."""
     script_path, fifo = paths.tmux_script, env_fifo(paths)
     try:
-        return _run(job, command, env, log_path, socket, paths, grace_s, should_stop, on_start,
-                    log_max_bytes)
+        outcome = _run(job, command, env, log_path, socket, paths, grace_s, should_stop,
+                       on_start, log_max_bytes, container.join_files() if container else [])
     finally:
         script_path.unlink(missing_ok=True)
         fifo.unlink(missing_ok=True)
+        if container is not None:
+            container.kill_all()
+    if container is not None:
+        outcome.usage = container.usage()
+        container.close()
+    return outcome
 
 
 def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Path,
          paths: JobPaths, grace_s: float, should_stop: Callable[[], str | None],
-         on_start: Callable[[int], bool], log_max_bytes: int) -> Outcome:
+         on_start: Callable[[int], bool], log_max_bytes: int, joins: list[Path]) -> Outcome:
     name = session_name(job.id)
     script_path, exit_path, fifo = paths.tmux_script, paths.tmux_exit, env_fifo(paths)
     exit_path.unlink(missing_ok=True)
     fifo.unlink(missing_ok=True)
     os.mkfifo(fifo, 0o600)
-    script_path.write_text(_script(job, command, fifo, log_path, exit_path, log_max_bytes))
+    script_path.write_text(_script(job, command, fifo, log_path, exit_path, log_max_bytes,
+                                   joins))
     bash = BASH
     # -P prints the pane's pid as the session is made: a short job may be gone a moment later.
     pane_pid = int(subprocess.run(

@@ -193,13 +193,15 @@ def test_sigkilled_worker_job_is_restarted_or_lost_and_its_gpu_freed(client: Cli
     assert follower.wait(timeout_s=60) == "SUCCEEDED", "the GPUs are usable again"
 
 
+@pytest.mark.parametrize("tmux", [False, True], ids=["direct", "tmux"])
 def test_a_daemon_a_job_left_is_gone_before_the_next_job_on_its_gpu_starts(
-        client: Client, tmp_path: Path):
+        client: Client, tmp_path: Path, tmux: bool):
     pidfile = tmp_path / "daemon.pid"
-    # Given a job on GPU 0 that starts a daemon in a session of its own and ends
+    # Given a job on GPU 0 that starts a daemon in a session of its own and ends (the
+    # daemon lets go of the job's output, which a tmux job's end waits for)
     first = client.submit(["bash", "-c", f"setsid -f bash -c 'echo $$ > {pidfile}; exec sleep "
-                           f"300'; until [ -s {pidfile} ]; do sleep 0.01; done"],
-                          allowed_gpu_ids=[0], name="leaves-a-daemon")
+                           f"300' >/dev/null 2>&1; until [ -s {pidfile} ]; do sleep 0.01; "
+                           "done"], allowed_gpu_ids=[0], name="leaves-a-daemon", tmux=tmux)
     # When the next job on that GPU starts
     # (a killed daemon whose adopter does not reap it stays a zombie: dead, not running)
     state = f"$(sed 's/.*) //' /proc/$(cat {pidfile})/stat 2>/dev/null | cut -d' ' -f1)"
