@@ -65,6 +65,10 @@ def test_each_named_users_job_runs_as_their_account_and_reaches_none_of_the_stac
                f"/proc/{worker}/environ", f"/proc/{worker}/mem"]
     probes = "; ".join(f"cat {path} >/dev/null 2>&1 && echo read:{path} || echo denied:{path}"
                        for path in secrets)
+    # ... and the files that would raise her own limits: the limits file and the database
+    writable = [home / "limits.toml", home / "gpuq.db"]
+    probes += "; " + "; ".join(f"echo x 2>/dev/null >> {path} && echo wrote:{path} || "
+                               f"echo denied:{path}" for path in writable)
     # When alice's job reports who it is, tries the stack's secrets and writes a file
     mine = _submit_as(client, "alice", f"echo uid=$(id -u) home=$HOME user=$USER; {probes}; "
                       "echo hers > $HOME/mine.txt")
@@ -72,7 +76,8 @@ def test_each_named_users_job_runs_as_their_account_and_reaches_none_of_the_stac
     log = client.job(mine).logs()
     # Then it ran as her, reached none of the stack's secrets, and its file is hers
     assert f"uid={alice.pw_uid} home={alice.pw_dir} user={alice.pw_name}" in log, log
-    assert "read:" not in log and log.count("denied:") == len(secrets), log
+    assert "read:" not in log and "wrote:" not in log, log
+    assert log.count("denied:") == len(secrets) + len(writable), log
     assert os.stat(f"{alice.pw_dir}/mine.txt").st_uid == alice.pw_uid
     # When bob's job tries her file and her log
     alice_log = home / "logs" / f"{mine}.log"
