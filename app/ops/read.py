@@ -176,8 +176,9 @@ def job(rt: Runtime, job_id: int, actor: Actor | None = None) -> dict[str, Any]:
         check_sees(actor, [found])
         events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
                               .order_by(col(JobEvent.id)))
-        after = sorted(session.scalars(select(JobDependency.after_id).where(
-            JobDependency.job_id == job_id)))
+        after = sorted(session.scalars(select(JobDependency.after_id).join(
+            Job, col(Job.id) == JobDependency.after_id).where(
+            JobDependency.job_id == job_id, *visible(actor))))
         return JobDetail.of_job(found, time.time(), after, list(events),
                                 accounting.of_job(session, job_id)).dump()
 

@@ -85,6 +85,9 @@ def test_a_dependency_on_a_job_the_user_may_not_see_is_counted_not_named(rt):
                                                     "SUCCEED (--after)")
     assert _why(rt, None, after) == ("DEPENDENCY", f"waiting for job {theirs} to SUCCEED "
                                                    "(--after)")
+    # Nor does the job's page name it
+    assert call_local(rt, "job", {"job_id": after}, ALICE)["after"] is None
+    assert call_local(rt, "job", {"job_id": after}, None)["after"] == [theirs]
 
 
 def test_after_another_users_job_is_refused_as_reading_it(rt):
