@@ -118,6 +118,14 @@ class NotPermitted(GpuqError):
 
     code = "not_permitted"
 
+    @classmethod
+    def for_jobs(cls, user: str, job_ids: list[int]) -> NotPermitted:
+        """The refusal of reading, cancelling or running after another user's jobs: the
+        same words wherever it is met, and nothing of those jobs but the ids given."""
+        shown = ", ".join(map(str, sorted(job_ids)[:10]))
+        return cls(f"job {shown} belongs to another user; you ({user}) may see and cancel "
+                   "only your own jobs (`gpuq queue` lists them)")
+
 
 class InvalidToken(GpuqError):
     """A token that names no user, a revoked one's, or a token file others may read."""

@@ -32,6 +32,7 @@ from app.ops.rows import (
     Submitted,
     Why,
 )
+from app.ops.visibility import check_sees_everyone
 from app.store.accounting import GROUPS, SPAN_PATTERN
 from app.store.spec import MAX_ID
 
@@ -39,7 +40,8 @@ from app.store.spec import MAX_ID
 REFUSALS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "Refused: the message names the fix."),
-        (403, "Another user's job or launch: a named user touches only their own."),
+        (403, "Another user's job or launch, or what names every user (limits, metrics): "
+              "a named user sees only their own."),
         (404, "No such job or launch."),
         (503, "Redis or the control worker cannot be reached."))}
 SUBMIT_REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -59,11 +61,16 @@ LineCount = Annotated[int | None, Query(ge=0, le=2**31, description="A number of
 router = APIRouter(prefix="/api", responses=REFUSALS)
 
 
+def actor_of(request: Request) -> Actor | None:
+    """Whoever the request's token names (the auth middleware sets request.state.actor;
+    none set: the stack's owner)."""
+    return getattr(request.state, "actor", None)
+
+
 def client_of(request: Request) -> Client:
-    """The dashboard's client, acting for whoever the request's token names (the auth
-    middleware sets request.state.actor; none set: the stack's owner)."""
+    """The dashboard's client, acting for whoever the request's token names."""
     client: Client = request.app.state.client
-    actor: Actor | None = getattr(request.state, "actor", None)
+    actor = actor_of(request)
     return client if actor is None else client.acting_for(actor)
 
 
@@ -114,7 +121,8 @@ def why_job(request: Request, job_id: JobId) -> dict[str, Any]:
 @router.get("/limits", response_model=LimitsTable, tags=["gpus"])
 def get_limits(request: Request) -> dict[str, Any]:
     """Limits, weights, GPUs running, jobs pending and fair-share usage per user and
-    project (`gpuq limits`)."""
+    project (`gpuq limits`): the stack owner's and admins' only."""
+    check_sees_everyone(actor_of(request), "the limits and usage of every user")
     return client_of(request).call("limits_table")
 
 

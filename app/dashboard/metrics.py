@@ -3,7 +3,8 @@
 One collector per app, on a registry of its own (never the process-wide default one): jobs
 per state and the GPU table through the operations layer (`status`), jobs and held GPUs per
 user and project from the store, and the histograms that GPU workers and beat keep in
-Redis. Behind the same token as every other route (auth.token_middleware)."""
+Redis. Behind the same token as every other route (auth.token_middleware), and for the
+stack's owner and admins only: its series name every user."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from prometheus_client.registry import Collector
 
 from app.client import Client
 from app.core.states import JobState
+from app.dashboard.api import actor_of
+from app.ops.visibility import check_sees_everyone
 from app.store import histograms, occupancy
 
 PREFIX = "gpuq"
@@ -115,6 +118,7 @@ def registry_for(client: Client) -> CollectorRegistry:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """The current series in Prometheus's text format (0.0.4, which generate_latest writes)."""
+    check_sees_everyone(actor_of(request), "the metrics")
     registry: CollectorRegistry = request.app.state.metrics
     body = await run_in_threadpool(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)

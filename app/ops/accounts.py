@@ -9,6 +9,7 @@ from app.core.errors import InvalidArguments
 from app.core.identity import Actor
 from app.ops.registry import operation
 from app.ops.rows import Report, iso
+from app.ops.visibility import kept_to
 from app.runtime import Runtime
 from app.store import accounting
 
@@ -23,7 +24,7 @@ def report(rt: Runtime, since: str = "7d", by: str = "user", actor: Actor | None
         raise InvalidArguments(f"unknown --by {by!r}; choose one of "
                                f"{', '.join(accounting.GROUPS)}")
     start = max(0.0, time.time() - accounting.seconds(since))  # a span beyond 1970: all
-    owner = actor.name if actor is not None and not actor.admin else None
+    owner = kept_to(actor)
     with rt.session() as session:
         groups = accounting.report(session, start, by, owner)
     return Report.model_validate({"since": iso(start), "by": by, "groups": groups}).dump()

@@ -14,15 +14,9 @@ from app.core.errors import InvalidJobSpec, LaunchNotFound
 from app.core.identity import Actor
 from app.core.states import JobState
 from app.ops.nudge import kick_batch
-from app.ops.read import (
-    check_job_ids,
-    check_launch_id,
-    check_launch_owner,
-    check_may_touch,
-    filters,
-    own,
-)
+from app.ops.read import check_job_ids, check_launch_id, filters
 from app.ops.registry import operation
+from app.ops.visibility import check_sees, check_sees_launch, visible
 from app.runtime import Runtime
 from app.store.jobs import (
     drop_payload_if_finished,
@@ -40,7 +34,7 @@ def _named_and_over(session: Session, actor: Actor | None, ids: list[int]) -> di
     if not ids:
         return {}
     named = get_jobs(session, ids)
-    check_may_touch(actor, named)
+    check_sees(actor, named)
     return {j.id or 0: j.state for j in named if JobState(j.state).terminal}
 
 
@@ -57,7 +51,7 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
     check_job_ids(ids or [])
     if launch_id is not None:
         check_launch_id(launch_id)
-    where = [*filters(None, launch_id, name, ids), *own(actor)]
+    where = [*filters(None, launch_id, name, ids), *visible(actor)]
     with rt.session() as session:
         over = _named_and_over(session, actor, ids or [])
         if launch_id is not None:
@@ -65,7 +59,7 @@ def cancel(rt: Runtime, ids: list[int] | None = None, name: str | None = None,
             if found is None:
                 raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows "
                                      "launch ids")
-            check_launch_owner(actor, found)
+            check_sees_launch(actor, found)
         gpu_queue_job = col(Job.backend) == "local"
         ended = {"ended_at": time.time()}
         cancelled = transition(session, JobState.CANCELLED, "cancelled by user", where, ended,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import ColumnElement, false, func
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from app.core.backends import adapter_class
 from app.core.errors import (
@@ -19,14 +19,19 @@ from app.core.errors import (
     InvalidJobSpec,
     JobNotFound,
     LaunchNotFound,
-    NotPermitted,
 )
-from app.core.identity import Actor, stack_owner
+from app.core.identity import Actor, sees_everyone
 from app.core.logcap import head_bytes
 from app.core.paths import JobPaths
 from app.core.states import JobState
 from app.ops.registry import operation
 from app.ops.rows import MAX_PAGE, JobDetail, JobRow, LaunchRow
+from app.ops.visibility import (
+    check_sees,
+    check_sees_launch,
+    hide_holders,
+    visible,
+)
 from app.runtime import Runtime
 from app.store import accounting, cluster, counts
 from app.store.exits import recent_exits
@@ -76,31 +81,6 @@ def filters(status: str | None, launch_id: int | None, name: str | None,
     return where
 
 
-def own(actor: Actor | None) -> list[ColumnElement[bool]]:
-    """The condition that keeps an actor to their own jobs: none for an admin (the stack's
-    owner is one), so that their reads cost what they did before owners."""
-    if actor is None or actor.admin:
-        return []
-    return [col(Job.owner) == actor.name]
-
-
-def check_may_touch(actor: Actor | None, jobs: list[Job]) -> None:
-    """Refuse, naming them, jobs that are not the actor's."""
-    if actor is None or actor.admin:
-        return
-    theirs = sorted(j.id or 0 for j in jobs if not actor.may_touch(j.owner))
-    if theirs:
-        shown = ", ".join(map(str, theirs[:10]))
-        raise NotPermitted(f"job {shown} belongs to another user; you ({actor.name}) may see "
-                           "and cancel only your own jobs (`gpuq queue` lists them)")
-
-
-def check_launch_owner(actor: Actor | None, launch: Launch) -> None:
-    if actor is not None and not actor.may_touch(launch.owner):
-        raise NotPermitted(f"launch {launch.id} belongs to another user; you ({actor.name}) "
-                           "may see and cancel only your own launches")
-
-
 def _encodable(text: str) -> bool:
     """Whether text can be sent to the database: a name of bytes that are not UTF-8 (lone
     surrogates from a shell's argv) is no stored job's name."""
@@ -146,7 +126,7 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
         raise InvalidJobSpec(f"--limit must be between 1 and {MAX_PAGE}")
     if offset < 0:
         raise InvalidArguments("offset counts rows to skip: 0 or more")
-    mine = own(actor)
+    mine = visible(actor)
     where = [*filters(status, launch_id, name, ids), *mine]
     order = _order(sort, launch_id)
     now = time.time()
@@ -160,7 +140,7 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
             total = counts.total(session, states, launch_id)
         jobs = list(session.exec(select(Job).where(*where).order_by(*order)
                                  .offset(offset).limit(limit)))
-    reasons = pending_reasons(rt, jobs)
+    reasons = pending_reasons(rt, jobs, actor)
     rows = [JobRow.of(job, now, reasons.get(job.id or 0)).dump() for job in jobs]
     return {"jobs": rows, "total": total}
 
@@ -170,16 +150,18 @@ def queue(rt: Runtime, status: str | None = None, launch_id: int | None = None,
 MAX_EXPLAINED = 500
 
 
-def pending_reasons(rt: Runtime, jobs: list[Job]) -> dict[int, tuple[str, str]]:
-    """Why each PENDING job of a page waits (code, sentence), as `gpuq why` says; none
-    when the cluster's state cannot be read (the page shows the stored reason)."""
+def pending_reasons(rt: Runtime, jobs: list[Job], actor: Actor | None = None
+                    ) -> dict[int, tuple[str, str]]:
+    """Why each PENDING job of a page waits (code, sentence), as `gpuq why` says to
+    `actor`; none when the cluster's state cannot be read (the page shows the stored
+    reason)."""
     pending = [j for j in jobs if j.state == JobState.PENDING.value][:MAX_EXPLAINED]
     if not pending:
         return {}
     from scheduler.dispatch.explain import explain
 
     try:
-        return {i: (r.code, r.text) for i, r in explain(rt, pending).items()}
+        return {i: (r.code, r.text) for i, r in explain(rt, pending, actor).items()}
     except Exception as e:  # Redis away: the page is still worth showing
         log.warning("cannot say why jobs wait (%s: %s)", type(e).__name__, e)
         return {}
@@ -191,11 +173,12 @@ def job(rt: Runtime, job_id: int, actor: Actor | None = None) -> dict[str, Any]:
     check_job_ids([job_id])
     with rt.session() as session:
         found = get_jobs(session, [job_id])[0]
-        check_may_touch(actor, [found])
+        check_sees(actor, [found])
         events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
                               .order_by(col(JobEvent.id)))
-        after = sorted(session.scalars(select(JobDependency.after_id).where(
-            JobDependency.job_id == job_id)))
+        after = sorted(session.scalars(select(JobDependency.after_id).join(
+            Job, col(Job.id) == JobDependency.after_id).where(
+            JobDependency.job_id == job_id, *visible(actor))))
         return JobDetail.of_job(found, time.time(), after, list(events),
                                 accounting.of_job(session, job_id)).dump()
 
@@ -207,8 +190,7 @@ def launches(rt: Runtime, launch_id: int | None = None, actor: Actor | None = No
     state."""
     with rt.session() as session:
         query = select(Launch).order_by(col(Launch.id).desc()).limit(100)
-        if actor is not None and not actor.admin:
-            query = query.where(Launch.owner == actor.name)
+        query = query.where(*visible(actor, Launch.owner))
         if launch_id is not None:
             check_launch_id(launch_id)
             query = select(Launch).where(Launch.id == launch_id)
@@ -216,7 +198,7 @@ def launches(rt: Runtime, launch_id: int | None = None, actor: Actor | None = No
         if launch_id is not None and not rows:
             raise LaunchNotFound(f"no launch with id {launch_id}; `gpuq queue` shows launch ids")
         for row in rows:
-            check_launch_owner(actor, row)
+            check_sees_launch(actor, row)
         by_launch = counts.of_launches(session, [r.id for r in rows if r.id is not None])
     return {"launches": [LaunchRow.of(r, by_launch.get(r.id or 0, {})).dump() for r in rows]}
 
@@ -234,7 +216,7 @@ def logs(rt: Runtime, job_id: int, offset: int = 0, head: int | None = None,
     check_job_ids([job_id])
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
-    check_may_touch(actor, [job])
+    check_sees(actor, [job])
     state = job.state
     path: Path | None = JobPaths(rt.settings.home, job_id).log
     where = None
@@ -319,17 +301,19 @@ def status(rt: Runtime, actor: Actor | None = None) -> dict[str, Any]:
     """Hosts and their GPUs (alive, held by which job), job counts per state, workers whose
     heartbeat stopped, recent exits of supervised programs (crash loops), and the
     addresses of Flower and the dashboard. A named user who is not an admin sees the
-    counts of every job (how busy the stack is) but the ids of their own jobs only."""
+    counts of every job per state (how busy the stack is), the ids of the GPUs' holders
+    that are their own jobs only, and no limits table (it names every user)."""
     r = rt.redis
     hosts = cluster.gpu_table(r)
     with rt.session() as session:
         totals = counts.totals(session)
-        if own(actor):
-            _hide_others_jobs(session, hosts, actor or stack_owner())
+        hide_holders(session, hosts, actor)
     from app.ops.shares import shares_table
 
     s = rt.settings
-    return {"hosts": hosts, "counts": totals, "limits": shares_table(rt, count_pending=False),
+    # Per user and project: the owner's and admins' (a named user's own row: `gpuq limits`).
+    limits = shares_table(rt, count_pending=False) if sees_everyone(actor) else None
+    return {"hosts": hosts, "counts": totals, "limits": limits,
             "stale_workers": [f"{h['host']}/gpu{g['index']}" for h in hosts
                               for g in h["gpus"] if not g["alive"]],
             "programs": recent_exits(r),
@@ -351,14 +335,3 @@ def _listening(address: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _hide_others_jobs(session: Session, hosts: list[dict[str, Any]], actor: Actor) -> None:
-    """Blank the job ids of GPUs held by jobs that are not the actor's."""
-    held = {g["job_id"] for h in hosts for g in h["gpus"] if g.get("job_id") is not None}
-    mine = set(session.scalars(select(Job.id).where(
-        col(Job.id).in_(held), col(Job.owner) == actor.name))) if held else set()
-    for host in hosts:
-        for gpu in host["gpus"]:
-            if gpu.get("job_id") not in mine:
-                gpu["job_id"] = None

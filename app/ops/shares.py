@@ -12,8 +12,9 @@ from sqlmodel import col, select
 from app.core.errors import InvalidArguments, NotPermitted
 from app.core.identity import Actor
 from app.core.states import JobState
-from app.ops.read import check_job_ids, check_may_touch
+from app.ops.read import check_job_ids
 from app.ops.registry import operation
+from app.ops.visibility import check_sees, visible_shares
 from app.runtime import Runtime
 from app.store import accounting, limits
 from app.store.jobs import get_jobs, holding
@@ -28,17 +29,20 @@ def why(rt: Runtime, job_id: int, actor: Actor | None = None) -> dict[str, Any]:
     check_job_ids([job_id])
     with rt.session() as session:
         job = get_jobs(session, [job_id])[0]
-    check_may_touch(actor, [job])
-    return {"job_id": job_id, "status": job.state, **explain(rt, [job])[job_id].dump()}
+    check_sees(actor, [job])
+    return {"job_id": job_id, "status": job.state,
+            **explain(rt, [job], actor)[job_id].dump()}
 
 
 @operation
-def limits_table(rt: Runtime, pending: bool = True) -> dict[str, Any]:
+def limits_table(rt: Runtime, pending: bool = True, actor: Actor | None = None
+                 ) -> dict[str, Any]:
     """Every user and project that has an entry, runs GPUs, has jobs PENDING or used GPU
     time: its limits, weight, GPUs running, jobs pending (unless not `pending`: counting
     them reads every PENDING job), and fair-share usage (GPU-hours, decayed), with the
-    fair-share settings. Counts, not jobs: every user may read it."""
-    return shares_table(rt, pending)
+    fair-share settings. A named user who is not an admin gets their own user's row only
+    (app/ops/visibility.py)."""
+    return visible_shares(shares_table(rt, pending), actor)
 
 
 def shares_table(rt: Runtime, count_pending: bool) -> dict[str, Any]:

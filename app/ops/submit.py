@@ -41,7 +41,7 @@ def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False,
                 refuse_duplicate(session, job_spec, owner)
             job_spec = _within_limits(rt, session, job_spec, owner, 1)
             _adopt_payload(rt, session, job_spec)
-            _, ids = create_jobs(session, job_spec, 1, launch=False, owner=owner)
+            _, ids = create_jobs(session, job_spec, 1, launch=False, owner=owner, viewer=actor)
             _fail_if_too_big(rt, session, job_spec, col(Job.id).in_(ids))
     _route(rt, job_spec.backend)
     return {"job_ids": ids, "launch_id": None}
@@ -213,7 +213,7 @@ def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int,
             job_spec = _within_limits(rt, session, job_spec, owner, num_jobs)
             _adopt_payload(rt, session, job_spec)
             launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True,
-                                         owner=owner)
+                                         owner=owner, viewer=actor)
             _fail_if_too_big(rt, session, job_spec, col(Job.launch_id) == launch_id)
     _route(rt, job_spec.backend)
     return {"job_ids": ids, "launch_id": launch_id}

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, insert, true, update
 from sqlmodel import Session, col, select
 
-from app.core.errors import InvalidJobSpec, JobNotFound
+from app.core.errors import InvalidJobSpec, JobNotFound, NotPermitted
+from app.core.identity import Actor, sees
 from app.core.states import JobState
 from app.store.models import Job, JobDependency, fixed
 
@@ -29,18 +30,24 @@ def chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
         yield items[start:start + CHUNK]
 
 
-def must_wait(session: Session, after: Sequence[int]) -> bool:
-    """Check the jobs a new job runs after; True while some have not SUCCEEDED yet.
+def must_wait(session: Session, after: Sequence[int], viewer: Actor | None = None) -> bool:
+    """Check the jobs a new job of `viewer`'s runs after; True while some have not
+    SUCCEEDED yet. A job the viewer may not see is refused as reading it is, before its
+    state is looked at, so that the refusal tells nothing of it.
 
     Their rows are locked (PostgreSQL) so that none of them can end between this check
     and the new job's edges being stored."""
-    found = dict(session.execute(
-        select(col(Job.id), col(Job.state)).where(col(Job.id).in_(after)).with_for_update()
-    ).all())
-    missing = sorted(set(after) - set(found))
+    rows = session.execute(select(col(Job.id), col(Job.state), col(Job.owner))
+                           .where(col(Job.id).in_(after)).with_for_update()).all()
+    missing = sorted(set(after) - {row.id for row in rows})
     if missing:
         raise JobNotFound(f"--after names no such job: {', '.join(map(str, missing))}; "
                           "`gpuq queue` lists job ids")
+    hidden = [row.id for row in rows if not sees(viewer, row.owner)]
+    if hidden:
+        assert viewer is not None
+        raise NotPermitted.for_jobs(viewer.name, hidden)
+    found = {row.id: row.state for row in rows}
     for job_id, state in sorted(found.items()):
         if JobState(state).terminal and state != JobState.SUCCEEDED.value:
             raise InvalidJobSpec(f"job {job_id} ended {state}, so a job after it could never "

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from app.core.errors import DuplicateJob, IllegalTransition, InvalidJobSpec, JobNotFound
-from app.core.identity import stack_owner
+from app.core.identity import Actor, stack_owner
 from app.core.states import TERMINAL, JobState, sources_of
 from app.store import accounting, counts, dependencies, payload_store
 from app.store.db import begin_writing
@@ -34,11 +34,14 @@ MAX_JOBS_PER_LAUNCH = 100_000
 
 
 def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
-                owner: str | None = None) -> tuple[int | None, list[int]]:
+                owner: str | None = None, viewer: Actor | None = None
+                ) -> tuple[int | None, list[int]]:
     """Insert `num_jobs` PENDING rows in one statement, owned by `owner` (the stack's owner
     when None), in the spec's project (the owner's name when it names none); return
-    (launch id, job ids)."""
+    (launch id, job ids). The jobs they run after must be ones `viewer` sees (by default,
+    the owner as a user who is no admin)."""
     owner = stack_owner().name if owner is None else owner
+    viewer = viewer or (stack_owner() if owner == stack_owner().name else Actor(owner))
     project = spec.project or owner
     if not 1 <= num_jobs <= MAX_JOBS_PER_LAUNCH:
         raise InvalidJobSpec(f"--num-jobs must be between 1 and {MAX_JOBS_PER_LAUNCH:,}; "
@@ -51,7 +54,7 @@ def create_jobs(session: Session, spec: JobSpec, num_jobs: int, *, launch: bool,
         session.add(row)
         session.flush()
         launch_id = row.id
-    waiting = bool(spec.after) and dependencies.must_wait(session, spec.after)
+    waiting = bool(spec.after) and dependencies.must_wait(session, spec.after, viewer)
     base = spec.model_dump(exclude={"after"})  # its edges go to job_dependencies
     base.update(content_hash=spec.content_hash(), state=JobState.PENDING.value,
                 submitted_at=now, launch_id=launch_id, num_jobs=num_jobs,

@@ -6,6 +6,9 @@ goes on past the point where a real pass stops for want of GPUs, until it reache
 asked about or the pass's scan limit. What it would do with each of them, and what stood
 ahead of it, is the reason. Reasons that need no pass (a dependency, a restart's backoff,
 a batch backend) are read from the job itself.
+
+A reason is told to a viewer: jobs the viewer may not see (app.core.identity.sees) are
+counted as "jobs of other users", never named by id or owner.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 from sqlmodel import col, select
 
+from app.core.identity import Actor, sees, sees_everyone
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store.caps import Cap
@@ -64,12 +68,29 @@ def _ids(ids: Iterable[int]) -> str:
     return ", ".join(map(str, ids))
 
 
+def _jobs(n: int) -> str:
+    return f"{n} job{'s' if n != 1 else ''}"
+
+
+def _named(viewer: Actor | None, jobs: Sequence[tuple[int, str]], prefix: str = "",
+           limit: int = 10) -> str:
+    """Jobs (id, owner) as the viewer may be told of them: the ids of those they see (after
+    `prefix`), and how many of other users' there are."""
+    shown = [i for i, owner in jobs if sees(viewer, owner)]
+    others = len(jobs) - len(shown)
+    parts = ([prefix + _ids(shown[:limit])] if shown else []) + (
+        [f"{_jobs(others)} of other users"] if others else [])
+    return "; ".join(parts)
+
+
 class Explainer(Dispatcher):
     """A pass that changes nothing and says what it would do with the jobs asked about."""
 
-    def __init__(self, rt: Runtime, targets: dict[int, tuple[str, str]]) -> None:
+    def __init__(self, rt: Runtime, targets: dict[int, tuple[str, str]],
+                 viewer: Actor | None = None) -> None:
         super().__init__(rt)
         self.targets = targets
+        self.viewer = viewer
         self.reasons: dict[int, Reason] = {}
         self.ahead: list[Candidate] = []
         self.blocked: dict[tuple[str, str], str] = {}
@@ -136,27 +157,50 @@ class Explainer(Dispatcher):
                             if (h.name, i) in earmarked})
             if marks and len(allowed(h.free)) >= job.gpus:
                 return Reason("EARMARKED", f"GPUs it could use on host {h.name} are set aside "
-                              f"for job {marks[0]}, ahead of it, which needs more at once")
+                              f"for {self._one(marks[0])}, ahead of it, which needs more "
+                              "at once")
         higher = [c for c in self.ahead if c.priority > job.priority]
         if higher:
-            return Reason("PRIORITY", f"behind {len(higher)} job{'s' if len(higher) > 1 else ''}"
-                          f" of higher priority (first: job {higher[0].id})")
+            return Reason("PRIORITY", self._behind(higher, "of higher priority"))
         shares = self.shares
         mine = shares.entity(job)
         passed = [c for c in self.ahead if c.priority == job.priority and c.id > job.id
                   and shares.entity(c) != mine]
         if passed and shares.enabled:
-            kind, name = shares.entity(passed[0])
-            return Reason("FAIR_SHARE", f"behind {kind} {name} in fair share: {name} has used "
-                          f"{self._hours(passed[0])} GPU-hours per unit of weight, "
-                          f"{mine[1]} {self._hours(job)}")
-        held = {(h.host, i): h.id for h in self.held if h.host for i in h.gpu_ids or []}
+            return self._fair_share(job, passed[0])
+        held = {(h.host, i): (h.id, h.owner) for h in self.held if h.host
+                for i in h.gpu_ids or []}
         busy = sorted({held[(h.name, i)] for h in serving for i in allowed(h.serving)
                        if (h.name, i) in held})
         queued = len(self.ahead)
-        return Reason("RESOURCES", "waiting for GPUs: those it may use run gpuq jobs "
-                      f"{_ids(busy[:10]) or '(starting)'}"
-                      + (f"; {queued} job{'s' if queued > 1 else ''} go first" if queued else ""))
+        running = _named(self.viewer, busy, prefix="gpuq jobs ") or "gpuq jobs (starting)"
+        return Reason("RESOURCES", f"waiting for GPUs: those it may use run {running}"
+                      + (f"; {_jobs(queued)} go first" if queued else ""))
+
+    def _one(self, job_id: int) -> str:
+        """A job ahead, by id if the viewer sees it."""
+        owner = next((c.owner for c in self.ahead if c.id == job_id), "")
+        return f"job {job_id}" if sees(self.viewer, owner) else "a job of another user"
+
+    def _behind(self, ahead: list[Candidate], what: str) -> str:
+        """"behind N jobs `what` (first: job X)" to whoever sees them all; to another
+        viewer, how many are other users' and which are their own."""
+        if sees_everyone(self.viewer):
+            return f"behind {_jobs(len(ahead))} {what} (first: job {ahead[0].id})"
+        own = [c.id for c in ahead if sees(self.viewer, c.owner)]
+        others = len(ahead) - len(own)
+        parts = ([f"{_jobs(others)} of other users"] if others else []) + (
+            [f"{len(own)} of yours (first: job {own[0]})"] if own else [])
+        return f"behind {' and '.join(parts)}, {what}"
+
+    def _fair_share(self, job: Candidate, first: Candidate) -> Reason:
+        kind, name = self.shares.entity(first)
+        _, own = self.shares.entity(job)
+        if not sees_everyone(self.viewer):
+            kind, name = "jobs of", f"another {kind}"
+        return Reason("FAIR_SHARE", f"behind {kind} {name} in fair share: {name} has used "
+                      f"{self._hours(first)} GPU-hours per unit of weight, "
+                      f"{own} {self._hours(job)}")
 
     def _hours(self, job: Candidate) -> str:
         return f"{self.shares.key(job) / 3600:.2f}"
@@ -187,8 +231,9 @@ def _unserved(job: Candidate, hosts: list[HostView],
     return Reason("RESOURCES", WAITING_REASON.format(gpus=job.gpus))
 
 
-def explain(rt: Runtime, jobs: list[Job]) -> dict[int, Reason]:
-    """Why each of these jobs waits (jobs that are not PENDING say what they are)."""
+def explain(rt: Runtime, jobs: list[Job], viewer: Actor | None = None) -> dict[int, Reason]:
+    """Why each of these jobs waits (jobs that are not PENDING say what they are), told
+    to `viewer` (None: the stack's owner)."""
     reasons: dict[int, Reason] = {}
     targets: dict[int, tuple[str, str]] = {}  # id: (owner, project)
     now = time.time()
@@ -203,8 +248,9 @@ def explain(rt: Runtime, jobs: list[Job]) -> dict[int, Reason]:
             reasons[job.id] = Reason("BATCH", f"queued at the {job.backend} backend"
                                      + (f": {job.reason}" if job.reason else ""))
         elif job.waiting:
-            reasons[job.id] = Reason("DEPENDENCY", f"waiting for job "
-                                     f"{_ids(after.get(job.id, []))} to SUCCEED (--after)")
+            waited = _named(viewer, after.get(job.id, []), prefix="job ")
+            reasons[job.id] = Reason("DEPENDENCY", f"waiting for {waited} to SUCCEED "
+                                     "(--after)")
         elif job.not_before is not None and job.not_before > now:
             reasons[job.id] = Reason("BACKOFF", "restarting: it may start again in "
                                      f"{job.not_before - now:.0f} s (restart backoff)")
@@ -214,21 +260,22 @@ def explain(rt: Runtime, jobs: list[Job]) -> dict[int, Reason]:
         else:
             targets[job.id] = (job.owner, job.project)
     if targets:
-        reasons.update(Explainer(rt, targets).explain())
+        reasons.update(Explainer(rt, targets, viewer).explain())
     return reasons
 
 
-def _unfinished_after(rt: Runtime, job_ids: list[int]) -> dict[int, list[int]]:
+def _unfinished_after(rt: Runtime, job_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
+    """The unfinished jobs each of these runs after: (id, owner), by id."""
     if not job_ids:
         return {}
-    found: dict[int, list[int]] = {}
+    found: dict[int, list[tuple[int, str]]] = {}
     with rt.session() as session:
         rows = session.exec(
-            select(JobDependency.job_id, JobDependency.after_id)
+            select(JobDependency.job_id, JobDependency.after_id, Job.owner)
             .join(Job, col(Job.id) == col(JobDependency.after_id))
             .where(col(JobDependency.job_id).in_(job_ids),
                    col(Job.state) != JobState.SUCCEEDED.value)
             .order_by(col(JobDependency.after_id)))
-        for job_id, after_id in rows:
-            found.setdefault(job_id, []).append(after_id)
+        for job_id, after_id, owner in rows:
+            found.setdefault(job_id, []).append((after_id, owner))
     return found
