@@ -49,10 +49,11 @@ def test_answers_match_the_published_schema(settings, local, path, method):
         # can still succeed is data, not schema, and --gpu-ids must hold the job's GPUs,
         # each named once, and an environment's total size is bounded (rules across items
         # and fields), and a relative workdir means the caller's directory, which the server
-        # does not know, and a log is read from its head or its tail, not both: a well-formed
-        # request naming an unknown check, a job that ended unsuccessfully, too few or
-        # repeated GPU ids, a larger environment, a relative workdir or both --head and
-        # --tail is refused with 400. Any other 400 is a finding.
+        # does not know, and a log is read from its head or its tail, not both, and a command
+        # of quotes alone runs nothing: a well-formed request naming an unknown check, a job
+        # that ended unsuccessfully, too few or repeated GPU ids, a larger environment, a
+        # relative workdir, both --head and --tail or a command of quotes is refused with
+        # 400. Any other 400 is a finding.
         response = case.call_and_validate(headers=bearer(app),
                                           excluded_checks=[positive_data_acceptance])
         if response.status_code == 400:
@@ -62,7 +63,9 @@ def test_answers_match_the_published_schema(settings, local, path, method):
                                              "--gpu-ids names", "distinct GPU indices",
                                              "65,536 bytes",  # an environment's total size
                                              "the server does not run in your directory",
-                                             "--head and --tail cannot be used together")
+                                             "--head and --tail cannot be used together",
+                                             # quotes alone: nonempty, yet no command
+                                             "the command is empty")
             ), response.text
 
     check()
