@@ -3,8 +3,8 @@ the batch runner (`python -m adapters.runner` running `true`), `gpuq --help`, an
 `gpuq queue --json` (the first 50 of 10,000 stored jobs), with the modules each loads.
 
 Baseline, same run: the same commands from the code before the re-cut (commit 11228aa,
-taken out of this repository's history into a temporary directory), on the same venv,
-Redis and database.
+taken out of this repository's history into a temporary directory), on the same venv and
+Redis, its 10,000 jobs stored in a database of its own (it reads no later revision).
 """
 
 from __future__ import annotations
@@ -67,9 +67,17 @@ def main() -> None:
     with bench_stack() as bench, tree_before() as before:
         bench.client.launch("true", num_jobs=JOBS)
         trees = {"now": str(ROOT), "before": str(before)}
+        # The code before reads no database a later revision made: its jobs are stored, as
+        # many, in a database of its own that it makes itself.
+        before_home = bench.settings.home / "before"
+        subprocess.run([sys.executable, "-c", "from app.client import Client; "
+                        f"Client().launch('true', num_jobs={JOBS})"], check=True,
+                       env=bench.env(PYTHONPATH=str(before), GPUQ_HOME=str(before_home)),
+                       cwd=before, stdout=subprocess.DEVNULL)
+        homes = {"now": str(bench.settings.home), "before": str(before_home)}
         figures: dict[str, dict[str, tuple[float, int, list[str]]]] = {}
         for tree, path in trees.items():
-            env = bench.env(PYTHONPATH=path)
+            env = bench.env(PYTHONPATH=path, GPUQ_HOME=homes[tree])
             runner_env = {**env, "GPUQ_PAYLOAD": payload, "GPUQ_JOB_RANK": "0"}
             commands = {"runner": ([sys.executable, "-m", "adapters.runner"], runner_env),
                         "help": (_cli(tree, "--help"), env),
