@@ -16,7 +16,7 @@ from app.ops.read import check_job_ids, check_may_touch
 from app.ops.registry import operation
 from app.runtime import Runtime
 from app.store import accounting, limits
-from app.store.jobs import get_jobs, holding
+from app.store.jobs import batch_holding, get_jobs, holding
 from app.store.models import Job
 
 
@@ -46,7 +46,7 @@ def shares_table(rt: Runtime, count_pending: bool) -> dict[str, Any]:
     with rt.session() as session:
         found = limits.read(session, s)
         running: dict[tuple[str, str], int] = {}
-        for row in holding(session):
+        for row in holding(session) + batch_holding(session):
             for key in (("user", row.owner), ("project", row.project)):
                 running[key] = running.get(key, 0) + row.gpus
         pending: dict[tuple[str, str], int] = {}

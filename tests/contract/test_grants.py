@@ -5,17 +5,22 @@ project's max_priority; the stack's owner and admins may do anything; `gpuq proj
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
-from sqlmodel import func, select
+from sqlalchemy import insert
+from sqlmodel import col, func, select
 from typer.testing import CliRunner
 
+from adapters import intent
 from app.cli.main import cli
 from app.core.errors import NotPermitted
 from app.core.identity import Actor
 from app.ops.registry import call_local
 from app.runtime import Runtime
 from app.store.models import Job
+from scheduler.dispatch.allocator import Dispatcher
+from tests.contract.test_allocator import _bring_up
 
 ALICE, BOB, CAROL = Actor("alice"), Actor("bob"), Actor("carol")
 ADMIN = Actor("root", admin=True)
@@ -178,3 +183,53 @@ def test_gpuq_limits_sets_and_shows_max_priority_and_open_projects(settings, mon
     monkeypatch.setenv("GPUQ_OPEN_PROJECTS", "true")
     shown = runner.invoke(cli, ["limits"])
     assert "projects open to everyone (GPUQ_OPEN_PROJECTS)" in shown.output, shown.output
+
+
+# -- batch GPUs count toward limits and fair share ---------------------------------------
+
+
+def _on_batch(rt: Runtime, owner: str, gpus: int, state: str = "RUNNING") -> int:
+    """A job of `owner` at a batch backend, holding `gpus` GPUs there."""
+    with rt.session() as session:
+        session.execute(insert(Job), [{
+            "command": "true # on slurm", "gpus": gpus, "env": {}, "recover_exit_codes": [],
+            "submitted_at": time.time(), "started_at": time.time(), "owner": owner,
+            "project": owner, "backend": "slurm", "backend_id": "42", "state": state}])
+        session.commit()
+        return int(session.scalar(select(func.max(Job.id))) or 0)
+
+
+def test_a_batch_jobs_gpus_count_toward_its_owners_max_gpus(rt, local):
+    _bring_up(rt, "h", 4)
+    _limit(rt, "user", "alice", max_gpus=2)
+    _on_batch(rt, "alice", 2)
+    job = local.acting_for(ALICE).submit("sleep 100 # local")
+    Dispatcher(rt).dispatch()
+    assert job.status == "PENDING"
+    out = local.call("why", job_id=job.id)
+    assert out["code"] == "LIMIT" and "user alice runs 2/2 GPUs" in out["reason"]
+    table = {(e["kind"], e["name"]): e for e in local.call("limits_table")["entries"]}
+    assert table[("user", "alice")]["running_gpus"] == 2
+
+
+def test_a_batch_job_over_max_gpus_is_not_taken_for_submission(rt):
+    _limit(rt, "user", "alice", max_gpus=2)
+    _on_batch(rt, "alice", 1)
+    waiting = [_on_batch(rt, "alice", 1, state="PENDING") for _ in range(2)]
+    with rt.session() as session:
+        jobs = list(session.exec(select(Job).where(col(Job.id).in_(waiting))
+                                 .order_by(col(Job.id))))
+        taken = intent.claim(session, jobs, "slurm", rt.settings)
+    assert [j.id for j in taken] == waiting[:1]
+
+
+def test_batch_gpus_running_count_in_fair_share(rt, local):
+    _bring_up(rt, "h", 1)
+    _on_batch(rt, "bob", 4)
+    holder = local.submit("sleep 100 # holds the GPU")
+    older = local.acting_for(BOB).submit("true # bob, first in time")
+    newer = local.acting_for(ALICE).submit("true # alice, later")
+    out = local.call("why", job_id=older.id)
+    assert out["code"] == "FAIR_SHARE" and out["reason"].startswith(
+        "behind user alice in fair share")
+    assert holder.status == "STARTING" and newer.status == "PENDING"
