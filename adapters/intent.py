@@ -20,6 +20,8 @@ from sqlmodel import Session, col, select
 from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.core.states import JobState
+from app.store import limits
+from app.store.caps import GPUS, caps_of, within
 from app.store.jobs import transition
 from app.store.models import Job
 
@@ -86,19 +88,35 @@ def parse(install: str, name: str) -> tuple[int, int, int] | None:
     return job_id, attempt, count
 
 
-def claim(session: Session, jobs: Sequence[Job], backend: str) -> list[Job]:
+def claim(session: Session, jobs: Sequence[Job], backend: str,
+          settings: Settings | None = None) -> list[Job]:
     """Move `jobs` (of one attempt) to STARTING as their next attempt before they are
     submitted; return those this sync took (another sync, or a cancel, may have moved the
-    rest). The returned rows carry their new attempt."""
+    rest). The returned rows carry their new attempt. With `settings`, a job whose GPUs
+    would take its user or project over max_gpus (local and batch jobs together) is not
+    taken: it waits PENDING, as a local job does."""
     if not jobs:
         return []
     attempt = jobs[0].attempt
     assert all(j.attempt == attempt for j in jobs)
-    taken = set(transition(
-        session, JobState.STARTING, f"submitting to {backend}",
-        [col(Job.id).in_([j.id for j in jobs]), col(Job.attempt) == attempt],
-        {"attempt": attempt + 1, "dispatched_at": time.time(), "backend_id": None},
-        only_from=[JobState.PENDING]))
+    found = limits.read(session, settings, strict=False) if settings is not None else None
+    capped = {j.id: caps_of(found, j.owner, j.project, GPUS)
+              for j in jobs if found is not None and j.gpus > 0}
+    moves = {"attempt": attempt + 1, "dispatched_at": time.time(), "backend_id": None}
+    why = f"submitting to {backend}"
+    if not any(capped.values()):
+        taken = set(transition(session, JobState.STARTING, why,
+                               [col(Job.id).in_([j.id for j in jobs]),
+                                col(Job.attempt) == attempt],
+                               moves, only_from=[JobState.PENDING]))
+    else:  # one by one, each within its caps as they stand after the one before
+        taken = set()
+        for job in jobs:
+            taken.update(transition(
+                session, JobState.STARTING, why,
+                [col(Job.id) == job.id, col(Job.attempt) == attempt,
+                 *within(session, capped.get(job.id, []), job.gpus)],
+                moves, only_from=[JobState.PENDING]))
     session.commit()
     claimed = [j for j in jobs if j.id in taken]
     for job in claimed:

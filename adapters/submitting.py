@@ -148,7 +148,7 @@ def _claimed_parts(adapter: BatchAdapter, jobs: list[Job], limit: int) -> Iterat
     leaves the parts it had not reached PENDING."""
     for part in contiguous_parts(jobs, limit):
         with adapter.rt.session() as session:
-            claimed = intent.claim(session, part, adapter.backend_name)
+            claimed = intent.claim(session, part, adapter.backend_name, adapter.rt.settings)
         yield from contiguous_parts(claimed, limit)
 
 

@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
 # `gpuq --help` lists them.
 GROUPS: dict[str, tuple[str, str]] = {
     "db": ("app.cli.db", "db"), "user": ("app.cli.users", "users"),
-    "limits": ("app.cli.shares", "limits_app"),
+    "limits": ("app.cli.shares", "limits_app"), "project": ("app.cli.projects", "project_app"),
 }
 # The everyday commands: while the stack runs, its owner's go to its dashboard (app/cli/
 # common.py client), which answers sooner than gpuq loads in process.

@@ -123,15 +123,18 @@ def limits_table(out: dict[str, Any]) -> None:
     """The `limits_table` operation: per user and project, limits, weight and use now."""
     share = (f"fair share by {out['fair_share_by']}, half-life {out['half_life_days']:g} days"
              if out["fair_share"] else "fair share off (oldest first within a priority)")
+    if out.get("open_projects"):
+        console.print("projects open to everyone (GPUQ_OPEN_PROJECTS)", soft_wrap=True)
     table = Table(title=f"limits ({share}; file {out['file']})", title_justify="left")
-    for column in ("kind", "name", "max gpus", "max pending", "max cpu jobs", "weight",
+    # max_gpus is shown as the bound of GPUs running (2/4), which keeps ten columns on a
+    # narrow terminal.
+    for column in ("kind", "name", "max pending", "max cpu jobs", "max priority", "weight",
                    "default project", "gpus running", "pending", "usage (GPU-h)"):
         table.add_column(column)
     for e in out["entries"]:
-        table.add_row(e["kind"], _user_text(e["name"]), _or_dash(e["max_gpus"]),
-                      _or_dash(e["max_pending"]), _or_dash(e.get("max_cpu_jobs")),
-                      f"{e['weight']:g}",
-                      _user_text(e["default_project"] or "-"),
+        table.add_row(e["kind"], _user_text(e["name"]), _or_dash(e["max_pending"]),
+                      _or_dash(e.get("max_cpu_jobs")), _or_dash(e.get("max_priority")),
+                      f"{e['weight']:g}", _user_text(e["default_project"] or "-"),
                       _usage_of(e["running_gpus"], e["max_gpus"]),
                       "-" if e["pending"] is None else _usage_of(e["pending"], e["max_pending"]),
                       f"{e['usage_gpu_hours']:.2f}")

@@ -69,6 +69,9 @@ def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
                                                 help="Jobs it may have PENDING ('none')."),
          max_cpu_jobs: str | None = typer.Option(
              None, "--max-cpu-jobs", help="0-GPU jobs it may run at once ('none')."),
+         max_priority: str | None = typer.Option(
+             None, "--max-priority", help="The highest priority its jobs may be submitted "
+             "at ('none': a user's default, 0)."),
          weight: str | None = typer.Option(None, "--weight",
                                            help="Fair-share weight (1: everyone's)."),
          default_project: str | None = typer.Option(
@@ -79,6 +82,7 @@ def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
     given = {"max_gpus": _number(max_gpus, int, "--max-gpus"),
              "max_pending": _number(max_pending, int, "--max-pending"),
              "max_cpu_jobs": _number(max_cpu_jobs, int, "--max-cpu-jobs"),
+             "max_priority": _number(max_priority, int, "--max-priority"),
              "weight": _number(weight, float, "--weight"),
              "default_project": None if default_project is None else
              ("clear" if default_project.lower() in ("none", "-") else default_project)}

@@ -108,9 +108,13 @@ class Settings(BaseSettings):
         "user whose jobs just started.")
     limits_file: Path | None = Field(
         None, description="A TOML file of limits and weights ([user.NAME] / [project.NAME] "
-        "tables of max_gpus, max_pending, weight, default_project; NAME * for everyone), "
-        "read beside `gpuq limits set`, which wins where both name one field. Unset: "
-        "limits.toml in `home` when it exists.")
+        "tables of max_gpus, max_pending, max_cpu_jobs, max_priority, weight, "
+        "default_project; NAME * for everyone), read beside `gpuq limits set`, which wins "
+        "where both name one field. Unset: limits.toml in `home` when it exists.")
+    open_projects: bool = Field(
+        False, description="Let every named user submit to any project, as before projects "
+        "had members; off: a named user names only their default project or one they are a "
+        "member of (`gpuq project members NAME --add USER`).")
     consumer_stall_s: float = Field(
         30.0, gt=0, description="A worker whose queue has held messages this long while it "
         "held none is restarted (its broker consumer stopped taking messages)."

@@ -43,6 +43,8 @@ MODULES: dict[str, str] = {
     "report": "app.ops.accounts",
     "why": "app.ops.shares", "limits_table": "app.ops.shares", "set_limits": "app.ops.shares",
     "clear_limits": "app.ops.shares",
+    "add_project": "app.ops.projects", "project_members": "app.ops.projects",
+    "list_projects": "app.ops.projects",
 }
 # The operations loaded so far, by name.
 OPERATIONS: dict[str, Operation] = {}

@@ -233,6 +233,9 @@ class LimitEntry(Row):
         None, description="0-GPU jobs it may run at once (none: no limit).")
     weight: float = Field(description="Fair-share weight: twice the weight, twice the GPU time.")
     default_project: str | None = Field(description="A user's jobs' project when unnamed.")
+    max_priority: int | None = Field(
+        None, description="The highest priority its jobs may be submitted at (none: no "
+        "limit; a named user's default is 0; admins have none).")
     running_gpus: int = Field(description="GPUs its jobs hold now.")
     pending: int | None = Field(description="Jobs PENDING now (not counted by `status`).")
     usage_gpu_hours: float = Field(description="Fair-share usage: decayed GPU-hours.")
@@ -244,6 +247,9 @@ class LimitsTable(Row):
     fair_share_by: str
     half_life_days: float
     file: str = Field(description="The limits file read beside the database's entries.")
+    open_projects: bool = Field(
+        False, description="Every user may submit to any project (GPUQ_OPEN_PROJECTS); "
+        "else a named user to their default project or one they are a member of.")
 
 
 class Why(Row):

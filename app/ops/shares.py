@@ -17,7 +17,7 @@ from app.ops.registry import operation
 from app.ops.visibility import check_sees, visible_shares
 from app.runtime import Runtime
 from app.store import accounting, limits
-from app.store.jobs import get_jobs, holding
+from app.store.jobs import batch_holding, get_jobs, holding
 from app.store.models import Job
 
 
@@ -50,7 +50,7 @@ def shares_table(rt: Runtime, count_pending: bool) -> dict[str, Any]:
     with rt.session() as session:
         found = limits.read(session, s)
         running: dict[tuple[str, str], int] = {}
-        for row in holding(session):
+        for row in holding(session) + batch_holding(session):
             for key in (("user", row.owner), ("project", row.project)):
                 running[key] = running.get(key, 0) + row.gpus
         pending: dict[tuple[str, str], int] = {}
@@ -68,12 +68,13 @@ def shares_table(rt: Runtime, count_pending: bool) -> dict[str, Any]:
                      "max_pending": entry.max_pending, "max_cpu_jobs": entry.max_cpu_jobs,
                      "weight": found.weight(kind, name),
                      "default_project": entry.default_project if kind == "user" else None,
+                     "max_priority": found.max_priority(kind, name),
                      "running_gpus": running.get((kind, name), 0),
                      "pending": pending.get((kind, name), 0) if count_pending else None,
                      "usage_gpu_hours": round(used.get((kind, name), 0.0) / 3600, 4)})
     return {"entries": rows, "fair_share": s.fair_share, "fair_share_by": s.fair_share_by,
             "half_life_days": s.fair_share_half_life_days,
-            "file": str(limits.limits_file(s))}
+            "file": str(limits.limits_file(s)), "open_projects": s.open_projects}
 
 
 @operation
@@ -85,7 +86,8 @@ def set_limits(rt: Runtime, kind: str, name: str, values: dict[str, Any],
         raise NotPermitted("limits are an admin's to set; ask one (gpuq limits shows them)")
     if not values:
         raise InvalidArguments("name a limit to set: --max-gpus, --max-pending, "
-                               "--max-cpu-jobs, --weight or --default-project")
+                               "--max-cpu-jobs, --max-priority, --weight or "
+                               "--default-project")
     with rt.engine.begin() as conn:
         limits.write(conn, kind, name, values)
     return {"kind": kind, "name": name, "set": values}

@@ -16,7 +16,7 @@ from app.core.states import JobState
 from app.ops.nudge import kick_batch, kick_dispatch
 from app.ops.registry import operation
 from app.runtime import Runtime
-from app.store import cluster, limits, payload_store
+from app.store import cluster, limits, payload_store, projects
 from app.store.file_jobs import Identity, absent_lines, check_origin, line_key, store_lines
 from app.store.jobs import create_jobs, refuse_duplicate, transition
 from app.store.models import Job
@@ -39,7 +39,7 @@ def submit(rt: Runtime, spec: dict[str, Any], allow_duplicate: bool = False,
         with rt.session() as session:
             if not allow_duplicate:
                 refuse_duplicate(session, job_spec, owner)
-            job_spec = _within_limits(rt, session, job_spec, owner, 1)
+            job_spec = _within_limits(rt, session, job_spec, actor or stack_owner(), 1)
             _adopt_payload(rt, session, job_spec)
             _, ids = create_jobs(session, job_spec, 1, launch=False, owner=owner, viewer=actor)
             _fail_if_too_big(rt, session, job_spec, col(Job.id).in_(ids))
@@ -58,14 +58,37 @@ def _owner(actor: Actor | None, spec: dict[str, Any]) -> str:
     return actor.name
 
 
-def _within_limits(rt: Runtime, session: Session, spec: JobSpec, owner: str,
+def _within_limits(rt: Runtime, session: Session, spec: JobSpec, actor: Actor,
                    adding: int) -> JobSpec:
-    """The spec in its project (the owner's default when it names none), once the owner and
-    the project have room for `adding` more PENDING jobs; else OverLimit names the limit."""
+    """The spec in its project (the owner's default when it names none), once the actor may
+    submit to that project at that priority and the owner and the project have room for
+    `adding` more PENDING jobs; else NotPermitted or OverLimit names the grant or limit."""
     found = limits.read(session, rt.settings, strict=False)
+    owner = actor.name
     project = spec.project or found.project_of(owner)
+    if not actor.admin:
+        _refuse_ungranted(rt, session, found, owner, project, spec.priority)
     limits.refuse_over_pending(session, found, owner, project, adding)
     return spec.model_copy(update={"project": project})
+
+
+def _refuse_ungranted(rt: Runtime, session: Session, found: limits.Limits, owner: str,
+                      project: str, priority: int) -> None:
+    """A named user submits to their default project or one they are a member of (unless
+    GPUQ_OPEN_PROJECTS), at no more than their and the project's max_priority."""
+    if (not rt.settings.open_projects and project != found.project_of(owner)
+            and not projects.is_member(session, project, owner)):
+        raise NotPermitted(
+            f"user {owner} is not a member of project {project}: submit to your default "
+            f"project {found.project_of(owner)}, or ask an admin to add you (gpuq project "
+            f"members {project} --add {owner})")
+    for kind, name in (("user", owner), ("project", project)):
+        most = found.max_priority(kind, name)
+        if most is not None and priority > most:
+            raise NotPermitted(
+                f"priority {priority} is over {kind} {name}'s max_priority {most}: submit at "
+                f"{most} or lower, or ask an admin to raise it (gpuq limits set --{kind} "
+                f"{name} --max-priority N)")
 
 
 def _adopt_payload(rt: Runtime, session: Session, spec: JobSpec) -> None:
@@ -210,7 +233,8 @@ def launch(rt: Runtime, spec: dict[str, Any], num_jobs: int,
         _check_preflight(rt, job_spec)
         rt.check_broker()  # refuse before storing anything when the broker is unreachable
         with rt.session() as session:
-            job_spec = _within_limits(rt, session, job_spec, owner, num_jobs)
+            job_spec = _within_limits(rt, session, job_spec, actor or stack_owner(),
+                                      num_jobs)
             _adopt_payload(rt, session, job_spec)
             launch_id, ids = create_jobs(session, job_spec, num_jobs, launch=True,
                                          owner=owner, viewer=actor)

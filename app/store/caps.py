@@ -24,8 +24,9 @@ from app.store.jobs import JOBS, serialize
 from app.store.limits import Limits
 from app.store.models import HOLDING_STATES, fixed
 
-# What a cap counts over the local jobs that hold their place (STARTING, RUNNING,
-# CANCELLING): the GPUs of GPU jobs, or the number of 0-GPU jobs.
+# What a cap counts over the jobs that hold their place (STARTING, RUNNING, CANCELLING):
+# the GPUs of GPU jobs, local or on a batch backend, or the number of local 0-GPU jobs
+# (the CPU slots of this cluster's workers).
 GPUS = "gpus"
 CPU_JOBS = "cpu_jobs"
 _COLUMNS = {"user": JOBS.c.owner, "project": JOBS.c.project}
@@ -43,11 +44,11 @@ class Cap:
 
     def held(self) -> ColumnElement[int]:
         """What the cap's jobs hold now, as a scalar subquery of the writing statement."""
-        gpus = JOBS.c.gpus > fixed(0) if self.measure == GPUS else JOBS.c.gpus == fixed(0)
+        which = ([JOBS.c.gpus > fixed(0)] if self.measure == GPUS
+                 else [JOBS.c.gpus == fixed(0), JOBS.c.backend == fixed("local")])
         amount = JOBS.c.gpus if self.measure == GPUS else literal(1)
         return (select(func.coalesce(func.sum(amount), 0))
-                .where(col(JOBS.c.state).in_([fixed(s) for s in HOLDING_STATES]),
-                       JOBS.c.backend == fixed("local"), gpus,
+                .where(col(JOBS.c.state).in_([fixed(s) for s in HOLDING_STATES]), *which,
                        _COLUMNS[self.kind] == self.name)
                 .scalar_subquery())
 

@@ -266,6 +266,17 @@ def holding(session: Session) -> list[Holding]:
     return [Holding._make(row) for row in session.connection().execute(holding_query())]
 
 
+def batch_holding(session: Session) -> list[Holding]:
+    """Every batch job that holds GPUs on its backend (STARTING: being or submitted,
+    RUNNING, CANCELLING): what limits and fair share count as running beside the local
+    attempts, though no host of this cluster holds them."""
+    return [Holding._make(row) for row in session.connection().execute(
+        sa_select(col(Job.id), col(Job.host), col(Job.gpu_ids), col(Job.gpus),
+                  col(Job.owner), col(Job.project), col(Job.started_at)).where(
+            col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
+            col(Job.backend) != fixed("local"), col(Job.gpus) > fixed(0)))]
+
+
 def cpu_slot_holders(session: Session) -> list[tuple[str, str]]:
     """(owner, project) of every local 0-GPU job that holds a CPU slot (STARTING, RUNNING,
     CANCELLING): a few rows, however many wait."""

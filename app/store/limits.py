@@ -3,11 +3,12 @@ set`, the `limits` table) or in a TOML file (GPUQ_LIMITS_FILE, else limits.toml 
 home), and the pending limit checked at submission.
 
 An entry holds any of max_gpus (GPUs its jobs may hold at once), max_pending (jobs it may
-have PENDING), max_cpu_jobs (0-GPU jobs it may run at once), weight (fair share: twice the
-weight, twice the GPU time) and, for a user, default_project. The name `*` is the default
-of every user (or project) without an entry of its own; a field an entry leaves unset
-falls back to `*`'s, then to no limit, weight 1 and the owner's own name as project. The
-database wins over the file field by field.
+have PENDING), max_cpu_jobs (0-GPU jobs it may run at once), max_priority (the highest
+priority its jobs may be submitted at), weight (fair share: twice the weight, twice the GPU
+time) and, for a user, default_project. The name `*` is the default of every user (or
+project) without an entry of its own; a field an entry leaves unset falls back to `*`'s,
+then to no limit (a named user's max_priority: 0), weight 1 and the owner's own name as
+project. The database wins over the file field by field.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ log = logging.getLogger(__name__)
 
 LIMITS = Limit.__table__  # type: ignore[attr-defined]
 KINDS = ("user", "project")
-FIELDS = ("max_gpus", "max_pending", "max_cpu_jobs", "weight", "default_project")
+FIELDS = ("max_gpus", "max_pending", "max_cpu_jobs", "weight", "default_project",
+          "max_priority")
+# A named user's max_priority where no entry sets one: they may not jump the queue
+# unless an admin grants it.
+USER_MAX_PRIORITY = 0
 EVERYONE = "*"
 
 
@@ -53,6 +58,7 @@ class Entry:
     max_cpu_jobs: int | None = None
     weight: float | None = None
     default_project: str | None = None
+    max_priority: int | None = None
 
     def over(self, other: Entry) -> Entry:
         """This entry, its unset fields taken from `other`."""
@@ -81,6 +87,11 @@ class Limits:
     def project_of(self, owner: str) -> str:
         return self.of("user", owner).default_project or owner
 
+    def max_priority(self, kind: str, name: str) -> int | None:
+        """The highest priority its jobs may be submitted at; None: no limit."""
+        most = self.of(kind, name).max_priority
+        return USER_MAX_PRIORITY if most is None and kind == "user" else most
+
 
 def check_entry(kind: str, name: str, values: dict[str, Any]) -> None:
     """Refuse an entry no limit can mean, naming the field and what it takes."""
@@ -100,6 +111,10 @@ def _check_value(kind: str, field: str, value: Any) -> None:
     if field in ("max_gpus", "max_pending", "max_cpu_jobs") and (
             isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise InvalidArguments(f"{field} takes a whole number of 0 or more, got {value!r}")
+    if field == "max_priority" and (isinstance(value, bool) or not isinstance(value, int)
+                                    or not -1000 <= value <= 1000):
+        raise InvalidArguments(f"max_priority takes a whole number from -1000 to 1000 (a "
+                               f"job's priorities), got {value!r}")
     if field == "weight" and (isinstance(value, bool) or not isinstance(value, int | float)
                               or not 0 < value <= 1e6):
         raise InvalidArguments(f"weight takes a number above 0 (1 is everyone's), "

@@ -250,6 +250,17 @@ class Limit(SQLModel, table=True):
     max_cpu_jobs: int | None = None  # 0-GPU jobs it may run at once
     weight: float | None = None  # fair share: twice the weight, twice the GPU time
     default_project: str | None = None  # a user's jobs' project when they name none
+    max_priority: int | None = None  # the highest priority its jobs may be submitted at
+
+
+class ProjectMember(SQLModel, table=True):
+    """A named user an admin let submit to a project (`gpuq project members`): a project
+    exists while it has members."""
+
+    __tablename__ = "project_members"
+
+    name: str = Field(primary_key=True)  # the project
+    member: str = Field(primary_key=True)  # a user's name
 
 
 class Attempt(SQLModel, table=True):

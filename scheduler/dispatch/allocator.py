@@ -56,7 +56,14 @@ from app.store.cluster import (
     release,
     reserve,
 )
-from app.store.jobs import Holding, cpu_slot_holders, held_gpus, holding, transition
+from app.store.jobs import (
+    Holding,
+    batch_holding,
+    cpu_slot_holders,
+    held_gpus,
+    holding,
+    transition,
+)
 from app.store.models import Job, fixed
 
 log = logging.getLogger(__name__)
@@ -399,7 +406,8 @@ class Dispatcher:
             cpu_plan = self._cpu_window(session) if cpu else None
             heads: list[Candidate] = []
             if self._wanted(hosts):
-                self.shares = Shares(session, self.rt.settings, self.held)
+                self.shares = Shares(session, self.rt.settings,
+                                     self.held + batch_holding(session))
                 heads = level_heads(session, None)
         routed = self._start_cpu_jobs(cpu_plan) if cpu_plan is not None else 0
         self.earmarked: dict[tuple[str, int], int] = {}

@@ -25,7 +25,7 @@ def test_registry_holds_every_operation():
 
 
 def test_unknown_operation_lists_the_known_ones(rt):
-    with pytest.raises(UnknownOperation, match="known: cancel"):
+    with pytest.raises(UnknownOperation, match="known: add_project, cancel"):
         call_local(rt, "explode", {})
 
 

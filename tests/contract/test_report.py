@@ -37,6 +37,8 @@ def _span(client: Client, job_id: int) -> tuple[float, float]:
 def test_report_adds_up_gpus_times_each_attempts_span(client: Client, stack_settings):
     # Given jobs of one and two GPUs, of two users and two projects, run to their end
     alice = client.acting_for(Actor("alice"))
+    for project in ("alpha", "beta"):  # an admin lets alice charge both
+        client.call("project_members", name=project, add=["alice"])
     submitted = [(client, 1, "alpha", "sleep 1"), (client, 2, "beta", "sleep 1.2"),
                  (alice, 1, "beta", "sleep 0.8"), (alice, 2, "alpha", "sleep 0.6"),
                  (client, 1, "beta", "sleep 0.7")]

@@ -43,6 +43,11 @@ def _limit(rt: Runtime, kind: str, name: str, **values: object) -> None:
     call_local(rt, "set_limits", {"kind": kind, "name": name, "values": values})
 
 
+def _members(rt: Runtime, project: str, *users: str) -> None:
+    """An admin lets these users submit to the project."""
+    call_local(rt, "project_members", {"name": project, "add": list(users)})
+
+
 def _why(local: Client, job_id: int) -> tuple[str, str]:
     out = local.call("why", job_id=job_id)
     return out["code"], out["reason"]
@@ -84,6 +89,8 @@ def test_a_user_at_the_gpu_limit_waits_while_gpus_are_free_and_says_why(rt, loca
 def test_a_project_limit_holds_across_its_users(rt, local):
     _bring_up(rt, "h", 4)
     _limit(rt, "project", "vision", max_gpus=1)
+    _members(rt, "vision", "alice", "bob")
+    _members(rt, "nlp", "bob")
     first = _as(local, ALICE).submit("sleep 100 # a", project="vision")
     second = _as(local, BOB).submit("sleep 100 # b", project="vision")
     elsewhere = _as(local, BOB).submit("sleep 100 # c", project="nlp")
@@ -132,6 +139,7 @@ def test_limits_come_from_a_file_and_the_database_wins_field_by_field(rt, local)
 
 
 def test_a_named_users_plain_launch_carries_no_payload_and_is_theirs(rt, local):
+    _members(rt, "vision", "alice")
     handle = _as(local, ALICE).launch("true # alice's sweep {rank}", num_jobs=3,
                                       project="vision")
     rows = local.rows(handle.job_ids)
@@ -210,6 +218,7 @@ def test_priority_still_goes_before_fair_share(rt, local):
     _bring_up(rt, "h", 1)
     _as(local, CAROL).submit("sleep 100 # holds the GPU")
     _used(rt, "alice", 10.0)
+    _limit(rt, "user", "alice", max_priority=5)
     urgent = _as(local, ALICE).submit("true # urgent", priority=5)
     later = _as(local, BOB).submit("true # bob")
     assert _why(local, later.id) == ("PRIORITY", f"behind 1 job of higher priority (first: "
