@@ -43,6 +43,8 @@ def test_a_user_sees_their_own_and_the_owner_and_admins_see_everyones():
 def test_why_counts_other_users_jobs_ahead_without_naming_them(rt):
     _bring_up(rt, "h", 1)
     holder = _submit(rt, CAROL, "sleep 100 # holds the GPU")
+    # (an admin lets bob raise his priority: a named user's is at most 0 unless granted)
+    call_local(rt, "set_limits", {"kind": "user", "name": "bob", "values": {"max_priority": 5}})
     urgent = _submit(rt, BOB, "true # bob, urgent", priority=5)
     mine = _submit(rt, ALICE, "true # alice")
     code, reason = _why(rt, ALICE, mine)
