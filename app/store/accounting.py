@@ -58,7 +58,7 @@ def record_ends(session: Session, rows: Sequence[Sequence[Any]], outcome: str,
             "gpu_seconds": span * gpus, "outcome": outcome,
             "wait_s": max(0.0, started_at - submitted_at)
             if attempt == 1 and started_at is not None else None})
-        if span * gpus > 0 and backend == "local":  # fair share is of this cluster's GPUs
+        if span * gpus > 0:  # a batch backend's GPUs are charged too, as they count running
             changes = session.info.setdefault(_KEY, {})
             for key in (("project", project), ("user", owner)):
                 used, at = changes.get(key, (0.0, 0.0))

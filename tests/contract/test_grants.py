@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlmodel import col, func, select
 from typer.testing import CliRunner
 
@@ -16,8 +16,10 @@ from adapters import intent
 from app.cli.main import cli
 from app.core.errors import NotPermitted
 from app.core.identity import Actor
+from app.core.states import JobState
 from app.ops.registry import call_local
 from app.runtime import Runtime
+from app.store.jobs import transition
 from app.store.models import Job
 from scheduler.dispatch.allocator import Dispatcher
 from tests.contract.test_allocator import _bring_up
@@ -233,3 +235,13 @@ def test_batch_gpus_running_count_in_fair_share(rt, local):
     assert out["code"] == "FAIR_SHARE" and out["reason"].startswith(
         "behind user alice in fair share")
     assert holder.status == "STARTING" and newer.status == "PENDING"
+
+
+def test_an_ended_batch_attempt_is_charged_to_fair_share_usage(rt, local):
+    job = _on_batch(rt, "bob", 2)
+    with rt.session() as session:
+        session.execute(update(Job).where(col(Job.id) == job)
+                        .values(started_at=time.time() - 1800))
+        transition(session, JobState.SUCCEEDED, None, [col(Job.id) == job])
+    table = {(e["kind"], e["name"]): e for e in local.call("limits_table")["entries"]}
+    assert table[("user", "bob")]["usage_gpu_hours"] >= 0.99  # 2 GPUs for half an hour
