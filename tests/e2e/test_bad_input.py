@@ -228,7 +228,7 @@ def test_malformed_cli_options_are_usage_errors_and_change_nothing(accepted, rt,
 # -- the JSON of remote operations ----------------------------------------------------------
 
 @pytest.mark.parametrize(("name", "kwargs", "error", "message"), [
-    ("reboot", {}, UnknownOperation, "unknown operation 'reboot'; known: cancel"),
+    ("reboot", {}, UnknownOperation, "unknown operation 'reboot'; known: add_project, cancel"),
     (None, {}, UnknownOperation, "unknown operation None"),
     ("queue", ["limit", 5], InvalidArguments, "takes an object of named arguments, not list"),
     ("queue", "limit=5", InvalidArguments, "not str"),
