@@ -193,6 +193,26 @@ def left_by(job_id: int, attempt: int, host: str) -> Container:
     return Marked(job_id, attempt)
 
 
+def sweep(host: str, older_than_s: float = 60.0) -> int:
+    """Remove this host's empty job cgroups made more than `older_than_s` ago: those of
+    attempts whose worker was killed and whose jobs were settled elsewhere. A cgroup that
+    holds a process cannot be removed; one made a moment ago, whose job is about to join
+    it, is left alone. Returns how many were removed."""
+    kind = _kind()
+    if kind is None:
+        return 0
+    memory = _memory_base() if kind[1] else None
+    bases = [kind[0], *([memory] if memory is not None else [])]
+    removed, now = 0, time.time()
+    for base in bases:
+        for directory in base.glob(f"{_safe(host)}-*-*"):
+            with contextlib.suppress(OSError):
+                if now - directory.stat().st_mtime > older_than_s:
+                    directory.rmdir()
+                    removed += 1
+    return removed
+
+
 def kind_name() -> str:
     """Which container this worker gives its jobs, for its log and `gpuq status`."""
     kind = _kind()

@@ -39,6 +39,7 @@ def recover_orphans(rt: Runtime, gpu_index: int | None) -> list[int]:
         jobs = [j for j in session.exec(select(Job).where(
             col(Job.host) == host, col(Job.state).in_(live), col(Job.backend) == "local"))
             if _lead_gpu(j) == gpu_index]
+    containment.sweep(host)  # empty cgroups of attempts settled while their worker was away
     settled = []
     for job in jobs:
         assert job.id is not None

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from app.core.accounts import RunAs
 from app.store.models import Job
 from scheduler.worker import containment, executor
 from scheduler.worker.containment import Cgroup, Container, Marked
-from tests.support.servers import missing, running
+from tests.support.servers import missing, running, until
 
 
 def _v2(name: str) -> Container:
@@ -94,3 +96,29 @@ def test_a_job_runs_as_its_owners_account_with_its_home(tmp_path: Path, other_us
         assert "read=1" in (tmp_path / "log").read_text(), "root's environ stays closed"
     finally:
         shutil.rmtree(shared)
+
+
+def test_a_sweep_removes_a_hosts_stale_empty_cgroups_and_no_other(tmp_path: Path):
+    base = containment._v2_base()
+    if base is None or not containment._can_join(base):
+        missing("no cgroup v2 this process may make cgroups in (root on a cgroup2 mount)")
+    host = f"sweep{os.getpid()}"
+    stale, fresh, busy = (base / f"{host}-{n}-1" for n in (1, 2, 3))
+    for directory in (stale, fresh, busy):
+        directory.mkdir(parents=True)
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    os.utime(busy, (time.time() - 600, time.time() - 600))
+    holder = subprocess.Popen(["/bin/sh", "-c", containment.JOIN, "sh",
+                               str(busy / "cgroup.procs"), "sleep", "60"])
+    try:
+        until(lambda: Cgroup(busy, True, None).pids())
+        # When a worker of that host sweeps
+        containment.sweep(host)
+        # Then only the stale empty one is gone: not one just made, nor one a job runs in
+        assert not stale.exists() and fresh.exists() and busy.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        for directory in (fresh, busy):
+            Cgroup(directory, True, None).kill_all()
+            directory.rmdir()
