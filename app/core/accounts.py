@@ -11,6 +11,7 @@ from __future__ import annotations
 import pwd
 import shutil
 from dataclasses import dataclass
+from functools import cache
 
 from app.core.errors import InvalidArguments
 
@@ -67,11 +68,17 @@ def choose_account(user: str, os_user: str | None, same_account: bool,
     return entry.pw_name
 
 
+@cache
+def setpriv_path() -> str | None:
+    """util-linux's setpriv, looked up once per process (it runs at every job's start)."""
+    return shutil.which("setpriv")
+
+
 def as_account(account: RunAs) -> list[str]:
     """The argv prefix that runs the rest as `account` (its uid, gid and groups), with
     SIGKILL when its parent dies (it is the job's leader: a worker that dies must not leave
     it running unwatched)."""
-    setpriv = shutil.which("setpriv")
+    setpriv = setpriv_path()
     if setpriv is None:
         raise OSError("setpriv (util-linux) is missing: a job cannot run as its owner")
     return [setpriv, f"--reuid={account.uid}", f"--regid={account.gid}", "--init-groups",

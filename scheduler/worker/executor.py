@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.core import job_env, logcap
-from app.core.accounts import RunAs, account_environment, as_account
+from app.core.accounts import RunAs, account_environment, as_account, setpriv_path
 from app.core.procgroup import ExitWaiter, stop_group, wait_group_gone
 from app.store.models import Job
 from scheduler.worker.containment import Container, Usage
@@ -102,7 +102,7 @@ def argv_for(job: Job, command: str, env: dict[str, str]) -> list[str]:
 BASH = shutil.which("bash") or "/bin/bash"
 # The job's leader gets SIGKILL when the worker thread that started it dies (a SIGKILLed
 # worker must not leave its job running unwatched: it would run on after its lease ran out).
-_SETPRIV = shutil.which("setpriv")
+_SETPRIV = setpriv_path()
 _PDEATHSIG = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
