@@ -79,7 +79,7 @@ class AwsBatchAdapter(BatchAdapter):
     def result_env(self, job: Job) -> dict[str, str]:
         return {"GPUQ_RESULT_URI": f"s3://{self._bucket()}/{self._result_prefix(job)}"}
 
-    def payload_env(self, key: str, data: bytes) -> dict[str, str]:
+    def payload_env(self, key: str, data: bytes, job: Job) -> dict[str, str]:
         object_key = f"gpuq/payloads/{key.replace(':', '_')}"
         self.s3.put_object(Bucket=self._bucket(), Key=object_key, Body=data)
         return {"GPUQ_PAYLOAD_URI": f"s3://{self._bucket()}/{object_key}"}

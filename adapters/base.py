@@ -51,12 +51,23 @@ from sqlmodel import col, select
 from adapters import intent, submitting
 from adapters.intent import Submission, SubmitRefused, contiguous_parts
 from app.core import keys, results, sealing
+from app.core.accounts import RunAs
 from app.core.errors import GpuqError
-from app.core.paths import BatchStore, JobPaths
+from app.core.paths import (
+    BatchStore,
+    JobPaths,
+    NotOwned,
+    account_area,
+    give_file,
+    open_owned,
+    passage,
+    remove_owned,
+    unreachable_by_others,
+)
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
-from app.store import payload_store, restart_policy
+from app.store import payload_store, restart_policy, users
 from app.store.jobs import batch_pending, transition
 from app.store.models import Job
 
@@ -146,9 +157,15 @@ class BatchAdapter(Task):  # type: ignore[misc]
         assert job.id is not None
         return JobPaths(settings.home, job.id).log, None
 
-    def payload_env(self, key: str, data: bytes) -> dict[str, str]:
-        """Where a payload too large to pass inline goes: a file in the store directory;
-        object-store backends override this."""
+    def payload_env(self, key: str, data: bytes, job: Job) -> dict[str, str]:
+        """Where a payload too large to pass inline goes: a file in the store directory (in
+        the account's area for a job that runs as its owner's account); object-store
+        backends override this."""
+        name = key.replace(":", "_")
+        if (account := self.account(job)) is not None:
+            area = self.area(job, account)
+            return {"GPUQ_PAYLOAD_FILE": str(give_file(area, f"payload.{name}", data,
+                                                       account.uid, account.gid))}
         path = BatchStore(self.store_dir(self.rt.settings)).payload(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_private(path, data)
@@ -159,8 +176,18 @@ class BatchAdapter(Task):  # type: ignore[misc]
         return {"GPUQ_RESULT_DIR": str(self.result_dir(job))}
 
     def read_result(self, job: Job) -> bytes | None:
-        """The envelope a function job's runner wrote, if any."""
+        """The envelope a function job's runner wrote, if any: in its owner's area (only a
+        plain file of the area's account), else in the store."""
         assert job.id is not None
+        try:
+            with open_owned(self.users_dir() / job.owner, _results_name(job),
+                            f"{job.rank}.pkl") as f:
+                return f.read()
+        except FileNotFoundError:
+            pass
+        except NotOwned as e:  # what its account put there in the envelope's place
+            log.warning("job %s: no result read: %s", job.id, e)
+            return None
         path = BatchStore(self.store_dir(self.rt.settings)).result(job.launch_id, job.id, job.rank)
         return path.read_bytes() if path.exists() else None
 
@@ -168,8 +195,38 @@ class BatchAdapter(Task):  # type: ignore[misc]
         """Drop the envelope of an attempt that is being restarted, so that the next
         attempt's end is never read from the previous one's."""
         assert job.id is not None
+        remove_owned(self.users_dir() / job.owner, _results_name(job), f"{job.rank}.pkl")
         BatchStore(self.store_dir(self.rt.settings)).result(job.launch_id, job.id,
                                                             job.rank).unlink(missing_ok=True)
+
+    # -- jobs that run as their owner's OS account ----------------------------------------
+    # Whether this backend runs a named user's job as that user's OS account where the
+    # stack runs as root (app/store/users.py `run_as`); a backend that cannot runs every
+    # job as the stack's account.
+    runs_as_owner: ClassVar[bool] = False
+    # What to do where the accounts cannot reach the store (said after the reason).
+    area_fix: ClassVar[str] = "let other accounts pass through it (chmod o+x)"
+
+    def account(self, job: Job) -> RunAs | None:
+        """The OS account `job` runs as on the backend, or None for the stack's own.
+        Raises NoRunAccount for a job that must not run (its owner revoked, say)."""
+        if not self.runs_as_owner or os.geteuid() != 0:
+            return None
+        return users.run_as(self.rt.engine, job.owner)
+
+    def users_dir(self) -> Path:
+        """Where the accounts' areas are: `<store>/users/<user>/`."""
+        return self.store_dir(self.rt.settings) / "users"
+
+    def area(self, job: Job, account: RunAs) -> Path:
+        """The area of `job`'s owner (app/core/paths.py), made: where the job's runner,
+        running as `account`, finds its files and leaves its output and result."""
+        store = passage(self.store_dir(self.rt.settings))
+        if (closed := unreachable_by_others(store)) is not None:
+            raise GpuqError(f"{self.backend_name} runs {job.owner}'s jobs as the OS account "
+                            f"{account.name}, who cannot pass through {closed}: "
+                            f"{self.area_fix}")
+        return account_area(self.users_dir(), job.owner, account.uid, account.gid)
 
     # -- the base's work ----------------------------------------------------------------
     poll_interval_s: float = 2.0
@@ -197,6 +254,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
 
     def result_dir(self, job: Job) -> Path:
         assert job.id is not None
+        if (account := self.account(job)) is not None:
+            return self.area(job, account) / _results_name(job)
         return BatchStore(self.store_dir(self.rt.settings)).results(job.launch_id, job.id)
 
     @property
@@ -369,6 +428,11 @@ class BatchAdapter(Task):  # type: ignore[misc]
         else:
             spec = {"command": job.command, "rank_args": None}
         return bytes(cloudpickle.dumps(spec)), secrets
+
+
+def _results_name(job: Job) -> str:
+    """The folder of a launch's (or a lone job's) envelopes in its owner's area."""
+    return f"results.{job.launch_id if job.launch_id is not None else f'j{job.id}'}"
 
 
 def write_private(path: Path, data: bytes) -> None:

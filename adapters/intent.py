@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from app.core.accounts import RunAs
 from app.core.errors import GpuqError
 from app.core.settings import Settings
 from app.core.states import JobState
@@ -48,6 +49,9 @@ class Submission:
     # The job's secret variables, unsealed: a backend passes them through its own secret
     # store, never in `env`, the payload, a job's parameters or a file others can read.
     secrets: dict[str, str] = field(default_factory=dict)
+    # The OS account its runners run as (a named user's, where the stack runs as root and
+    # the backend can), or None for the stack's own.
+    account: RunAs | None = None
 
 
 def contiguous_parts(jobs: Sequence[Job], limit: int) -> list[list[Job]]:

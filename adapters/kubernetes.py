@@ -82,7 +82,7 @@ class KubernetesAdapter(BatchAdapter):
         return None, (f"the pod's log: kubectl logs -n {namespace} "
                       f"-l {JOB_NAME}={name},{INDEX}={index}")
 
-    def payload_env(self, key: str, data: bytes) -> dict[str, str]:
+    def payload_env(self, key: str, data: bytes, job: Job) -> dict[str, str]:
         if len(data) > CONFIGMAP_MAX_BYTES:
             raise PayloadTooLarge(f"payload is {len(data):,} bytes, over the "
                                   f"{CONFIGMAP_MAX_BYTES:,} a Kubernetes ConfigMap holds; pass "

@@ -21,13 +21,14 @@ from app.core.accounts import account_environment, as_account
 from app.core.job_env import job_environment
 from app.core.paths import BatchStore, JobPaths, open_log
 from app.core.procgroup import group_exists
-from app.store import users
 
 
 class ProcessAdapter(BatchAdapter):
     backend_name = "process"
     name = "gpuq.batch.process"
     carries_secrets = True
+    runs_as_owner = True
+    area_fix = "GPUQ_HOME is closed to other accounts; run their jobs with --backend local"
 
     def _state_dir(self) -> Path:
         path = BatchStore(self.store_dir(self.rt.settings)).backend_dir("process")
@@ -45,10 +46,11 @@ class ProcessAdapter(BatchAdapter):
                               submission.secrets)
         # As its owner's OS account where this stack runs as root (app/store/users.py
         # `run_as`); the wrapper, which writes the exit file, stays the stack's.
-        account = users.run_as(self.rt.engine, job.owner) if os.geteuid() == 0 else None
+        account = submission.account
         if account is not None:
             env = account_environment(account, env)
-        runner = shlex.join([*(as_account(account) if account else []), sys.executable, "-m",
+        runner = shlex.join([*(as_account(account) if account else []),
+                             self.rt.settings.batch_python or sys.executable, "-m",
                              "adapters.runner"])
         # The wrapper keeps the exit code where poll() finds it after the process is gone;
         # it runs in the background of a shell that exits at once, so that the job is

@@ -7,8 +7,8 @@ results, output files and secrets files live in GPUQ_SLURM_SHARED_DIR, which eve
 must see.
 
 The cluster is shared: other users' jobs are none of gpuq's business, and their text
-(names, working directories) is hostile. gpuq asks only for its own jobs (`--me`, and by id
-when it polls), reads fields in a fixed order with the one free-text field last, and ends
+(names, working directories) is hostile. gpuq asks only for its own jobs (by id when it
+polls; by its accounts when it looks for a tag), reads fields in a fixed order with the one free-text field last, and ends
 every record with a token drawn for that call, so that no job's text can end a record early
 or pass for another field; a record that does not parse is logged and skipped.
 
@@ -16,6 +16,12 @@ A job gets no environment from the control worker (`--export=NONE`): the batch s
 the few variables the runner needs and the job's own, and its secrets go to a 0600 file the
 runner reads and deletes before the job starts, never to the script or the environment
 Slurm stores.
+
+Where the stack runs as root, a named user's job is submitted as their OS account (`--uid`,
+`--gid`, their HOME and USER), and its output, secrets, large payload and result live in
+that account's area of the store (app/core/paths.py), which only the account and gpuq may
+enter. Such jobs belong to the account on Slurm, so gpuq polls them by id, and it adopts a
+job found by its tag only when the job belongs to the account its owner's jobs run as.
 """
 
 from __future__ import annotations
@@ -31,11 +37,17 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
+from sqlmodel import col, select
+
+from adapters import intent
 from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core import job_env
-from app.core.errors import GpuqError
-from app.core.paths import BatchStore
+from app.core.accounts import RunAs, account_environment, os_account
+from app.core.errors import GpuqError, NoRunAccount
+from app.core.identity import stack_owner
+from app.core.paths import BatchStore, give_file, remove_owned
 from app.core.settings import Settings
+from app.store import users
 from app.store.models import Job
 
 log = logging.getLogger(__name__)
@@ -52,11 +64,11 @@ ENDED = ENDED_WELL | CANCELLED | ENDED_BADLY
 
 # squeue's fields for a poll and for finding tags; the last of each is free text.
 POLL_FIELDS = ("ArrayJobID", "ArrayTaskID", "State", "exit_code", "Reason", "Name")
-TAG_FIELDS = ("ArrayJobID", "ArrayTaskID", "Name")
+TAG_FIELDS = ("ArrayJobID", "ArrayTaskID", "UserName", "Name")
 # What Slurm writes in each fixed field; a record with anything else is skipped.
 _FIELD_PATTERNS = {"ArrayJobID": re.compile(r"[0-9]+"), "ArrayTaskID": re.compile(r"[0-9]+|N/A"),
                    "State": re.compile(r"[A-Z_]+"), "exit_code": re.compile(r"[0-9]+"),
-                   "Reason": re.compile(r"[^\n]*")}
+                   "Reason": re.compile(r"[^\n]*"), "UserName": re.compile(r"[A-Za-z0-9._-]+")}
 _SACCT_LINE = re.compile(r"([0-9]+(?:_[0-9]+)?)\|([A-Z_]+)(?: by [0-9]+)?\|([0-9]+):([0-9]+)\|")
 # What Slurm gets as a job name or comment: no spaces, `=` or control characters.
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -73,6 +85,9 @@ class SlurmAdapter(BatchAdapter):
     name = "gpuq.batch.slurm"
     # A job's secrets go to a 0600 file its runner reads and removes (never the script).
     carries_secrets = True
+    runs_as_owner = True
+    area_fix = ("set GPUQ_SLURM_SHARED_DIR to a directory every node sees that other accounts "
+                "may pass through (chmod o+x on it and on the directories above it)")
 
     @classmethod
     def store_dir(cls, settings: Settings) -> Path:
@@ -82,6 +97,10 @@ class SlurmAdapter(BatchAdapter):
     def output(cls, settings: Settings, job: Job) -> tuple[Path | None, str | None]:
         if not job.backend_id:
             return None, "Slurm output file, once the job is submitted"
+        # A job that ran as its owner's account wrote its output in the owner's area.
+        mine = cls.store_dir(settings) / "users" / job.owner / f"{job.backend_id}.out"
+        if job.owner and mine.exists():
+            return mine, None
         out_dir = BatchStore(cls.store_dir(settings)).backend_dir("slurm")
         return out_dir / f"{job.backend_id}.out", None
 
@@ -111,10 +130,11 @@ class SlurmAdapter(BatchAdapter):
         return done.stdout
 
     def _squeue(self, fields: Sequence[str], *filters: str) -> list[list[str]]:
-        """gpuq's own jobs (`--me`), one record of `fields` per job or array task."""
+        """One record of `fields` per job or array task that `filters` select (gpuq's own
+        jobs: its ids, or its accounts)."""
         end = f"@{secrets.token_hex(16)}@"
         spec = ",".join([f"{f}:|" for f in fields[:-1]] + [f"{fields[-1]}:{end}"])
-        text = self._run("squeue", "--me", "--noheader", "--array", "--states=all",
+        text = self._run("squeue", "--noheader", "--array", "--states=all",
                          f"--Format={spec}", *filters)
         return records(text, end, fields)
 
@@ -128,54 +148,83 @@ class SlurmAdapter(BatchAdapter):
 
     def submit(self, submission: Submission) -> str:
         """One sbatch: an array when the part has several replicas. The job name is the
-        submission's tag; the user's name, made safe, goes in the comment."""
-        settings = self.rt.settings
-        out_dir = BatchStore(self.store_dir(settings)).backend_dir("slurm")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        part = submission.jobs
-        command = ["sbatch", "--parsable", "--export=NONE",
-                   f"--job-name={safe_name(submission.tag)}",
-                   f"--comment={safe_name(submission.name)}"]
-        for option, value in (("partition", settings.slurm_partition),
-                              ("account", settings.slurm_account),
-                              ("time", settings.slurm_time_limit),
-                              ("chdir", submission.workdir)):
-            if value:
-                command.append(f"--{option}={value}")
-        if submission.gpus:
-            command.append(f"--gpus={submission.gpus}" if settings.slurm_gpu_option == "gpus"
-                           else f"--gres=gpu:{submission.gpus}")
+        submission's tag; the user's name, made safe, goes in the comment. A named user's
+        job is submitted as their account (root only), its files in their area."""
+        account, part = submission.account, submission.jobs
+        out_dir = self._out_dir(submission)
+        command = self._sbatch(submission)
         # The job inherits only job_env's allow-list from the control worker: no GPUQ_*,
-        # no URLs or passwords.
+        # no URLs or passwords; a named user's job has their HOME and USER.
         env = {**job_env.inherited(os.environ), **submission.env,
                "GPUQ_RANK_OFFSET": str(part[0].rank)}
+        if account is not None:
+            env = account_environment(account, env)
         if len(part) == 1:
             env.update(GPUQ_JOB_RANK=str(part[0].rank), GPUQ_JOB_ID=str(part[0].id))
             array = [f"--output={out_dir}/%j.out"]
         else:
             array = [f"--array=0-{len(part) - 1}", f"--output={out_dir}/%A_%a.out"]
-        secret_files = self._secret_files(submission.tag, len(part), submission.secrets)
+        secret_files = self._secret_files(submission.tag, len(part), submission.secrets,
+                                          None if account is None else (out_dir, account))
+        python = self.rt.settings.batch_python or sys.executable
         try:
-            handle = self._run(*command, *array, stdin=_script(env, secret_files))
+            handle = self._run(*command, *array, stdin=_script(env, secret_files, python))
         except SubmitRefused:
             for path in secret_files:
                 path.unlink(missing_ok=True)
             raise
         return handle.strip().split(";")[0]
 
+    def _out_dir(self, submission: Submission) -> Path:
+        """Where the replicas' output files go: Slurm's folder of the store, or the area of
+        the account they run as (made here; where it cannot be, nothing is submitted)."""
+        if submission.account is None:
+            out_dir = BatchStore(self.store_dir(self.rt.settings)).backend_dir("slurm")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return out_dir
+        try:
+            return self.area(submission.jobs[0], submission.account)
+        except (GpuqError, OSError) as e:
+            raise SubmitRefused(str(e)) from None
+
+    def _sbatch(self, submission: Submission) -> list[str]:
+        """sbatch with the options every replica of `submission` shares."""
+        settings, account = self.rt.settings, submission.account
+        command = ["sbatch", "--parsable", "--export=NONE",
+                   f"--job-name={safe_name(submission.tag)}",
+                   f"--comment={safe_name(submission.name)}"]
+        if account is not None:
+            command += [f"--uid={account.uid}", f"--gid={account.gid}"]
+        for option, value in (("partition", settings.slurm_partition),
+                              ("account", settings.slurm_account),
+                              ("time", settings.slurm_time_limit),
+                              ("chdir", submission.workdir or (account and account.home))):
+            if value:
+                command.append(f"--{option}={value}")
+        if submission.gpus:
+            command.append(f"--gpus={submission.gpus}" if settings.slurm_gpu_option == "gpus"
+                           else f"--gres=gpu:{submission.gpus}")
+        return command
+
     def secrets_dir(self) -> Path:
         return BatchStore(self.store_dir(self.rt.settings)).backend_dir("slurm") / "secrets"
 
-    def _secret_files(self, tag: str, count: int, values: dict[str, str]) -> list[Path]:
+    def _secret_files(self, tag: str, count: int, values: dict[str, str],
+                      area: tuple[Path, RunAs] | None = None) -> list[Path]:
         """One 0600 file per replica (each runner deletes its own): NAME=VALUE records
-        separated by NUL, which no variable holds."""
+        separated by NUL, which no variable holds. Gpuq's own when the job runs as the
+        stack's account; the account's, in its area, when it runs as a named user's."""
         if not values:
             return []
+        data = b"\0".join(f"{k}={v}".encode(errors="surrogateescape")
+                          for k, v in values.items())
+        if area is not None:
+            folder, account = area
+            return [give_file(folder, f"secrets.{safe_name(tag)}.{index}", data, account.uid,
+                              account.gid) for index in range(count)]
         folder = self.secrets_dir()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
-        data = b"\0".join(f"{k}={v}".encode(errors="surrogateescape")
-                          for k, v in values.items())
         paths = [folder / f"{safe_name(tag)}.{index}" for index in range(count)]
         for path in paths:
             path.unlink(missing_ok=True)
@@ -184,16 +233,51 @@ class SlurmAdapter(BatchAdapter):
                 f.write(data)
         return paths
 
+    def _drop_secrets(self, name: str, index: str) -> None:
+        """The secrets file a replica's runner never took (it never started)."""
+        (self.secrets_dir() / f"{safe_name(name)}.{index}").unlink(missing_ok=True)
+        if self.users_dir().is_dir():
+            for area in self.users_dir().iterdir():
+                remove_owned(area, f"secrets.{safe_name(name)}.{index}")
+
     def member_ids(self, handle: str, count: int) -> list[str]:
         return [handle] if count == 1 else [f"{handle}_{index}" for index in range(count)]
 
     def tagged(self) -> dict[str, str]:
-        """gpuq's jobs by their name (a tag); an array's handle is its id."""
-        found = {}
-        for parent, _, name in self._squeue(TAG_FIELDS):
-            if name.startswith("gpuq-"):
-                found[name] = parent
-        return found
+        """gpuq's jobs by their name (a tag); an array's handle is its id. A job is gpuq's
+        only when it belongs to the account its tag's job runs as: the stack's, or its
+        owner's (whose other jobs are theirs, not gpuq's)."""
+        stack = stack_owner().name
+        with self.rt.engine.connect() as conn:
+            accounts = {name for name in conn.execute(select(users.USERS.c.os_user).where(
+                col(users.USERS.c.os_user).is_not(None))).scalars() if os_account(name)}
+        found, owners = {}, {}
+        for parent, _, user, name in self._squeue(
+                TAG_FIELDS, f"--users={','.join(sorted({stack, *accounts}))}"):
+            if (parsed := intent.parse(self.install, name)) is not None:
+                found[name] = (parent, user, parsed[0])
+        if any(user != stack for _, user, _ in found.values()):
+            with self.rt.session() as session:
+                owners = dict(session.execute(select(Job.id, Job.owner).where(col(Job.id).in_(
+                    [first for _, _, first in found.values()]))).all())
+        mine = {}
+        for name, (parent, user, first) in found.items():
+            if user == stack or user == self._account_name(owners.get(first)):
+                mine[name] = parent
+            else:
+                log.warning("slurm: job %s of %s is named like gpuq's job %s, which does not "
+                            "run as %s: not adopted", parent, user, first, user)
+        return mine
+
+    def _account_name(self, owner: str | None) -> str | None:
+        """The OS account `owner`'s jobs run as on Slurm, where it is another account."""
+        if owner is None:
+            return None
+        try:
+            account = users.run_as(self.rt.engine, owner)
+        except NoRunAccount:
+            return None
+        return account.name if account is not None else None
 
     def poll(self, backend_ids: Sequence[str]) -> dict[str, Status]:
         """One `squeue` for the jobs asked about; `sacct` for those it has forgotten when
@@ -201,13 +285,12 @@ class SlurmAdapter(BatchAdapter):
         statuses: dict[str, Status] = {}
         parents = sorted({i.split("_")[0] for i in backend_ids})
         for parent, task, state, wait_status, reason, name in self._squeue(
-                POLL_FIELDS, f"--jobs={','.join(parents)}"):
+                POLL_FIELDS, f"--jobs={','.join(parents)}"):  # by id: its own, any account
             backend_id = parent if task == "N/A" else f"{parent}_{task}"
             status = int(wait_status)
             statuses[backend_id] = _status(state, reason, f"{status >> 8}:{status & 0x7F}")
             if state in ENDED:  # a runner that never started leaves its secrets: drop them
-                index = "0" if task == "N/A" else task
-                (self.secrets_dir() / f"{safe_name(name)}.{index}").unlink(missing_ok=True)
+                self._drop_secrets(name, "0" if task == "N/A" else task)
         forgotten = [i for i in backend_ids if i not in statuses]
         if forgotten and self.config.get("AccountingStorageType", "").endswith("slurmdbd"):
             text = self._run("sacct", "--noheader", "--parsable2", "-X",
@@ -226,7 +309,7 @@ class SlurmAdapter(BatchAdapter):
         self._run("scancel", *backend_ids)
 
 
-def _script(env: dict[str, str], secret_files: list[Path]) -> str:
+def _script(env: dict[str, str], secret_files: list[Path], python: str) -> str:
     """The batch script: the runner with exactly `env` (and SLURM_*), and where each
     replica finds its secrets. Names and values are quoted; the script holds no secret."""
     lines = ["#!/bin/sh", "exec /usr/bin/env -- \\"]
@@ -235,7 +318,7 @@ def _script(env: dict[str, str], secret_files: list[Path]) -> str:
         folder = shlex.quote(str(secret_files[0].parent))
         stem = shlex.quote(secret_files[0].name.rsplit(".", 1)[0])
         lines.append(f'  GPUQ_SECRETS_FILE={folder}/{stem}."${{SLURM_ARRAY_TASK_ID:-0}}" \\')
-    lines.append(f"  {shlex.quote(sys.executable)} -m adapters.runner")
+    lines.append(f"  {shlex.quote(python)} -m adapters.runner")
     return "\n".join(lines) + "\n"
 
 

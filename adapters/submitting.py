@@ -4,6 +4,7 @@ submit and record what waits, part by part (the steps are in adapters/intent.py)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -115,9 +116,7 @@ def _submit_group(adapter: BatchAdapter, jobs: list[Job], lock: Any) -> int:
     for part in _claimed_parts(adapter, jobs, limit):
         tag = intent.tag(adapter.install, part[0], len(part))
         try:
-            handle = adapter.submit(Submission(part, submission.env, submission.gpus,
-                                            submission.name, submission.workdir, tag,
-                                            submission.secrets))
+            handle = adapter.submit(dataclasses.replace(submission, jobs=part, tag=tag))
         except SubmitRefused as e:
             log.warning("%s refused jobs %s: %s", adapter.backend_name,
                         [j.id for j in part], e)
@@ -155,6 +154,7 @@ def _claimed_parts(adapter: BatchAdapter, jobs: list[Job], limit: int) -> Iterat
 def _submission(adapter: BatchAdapter, jobs: list[Job]) -> Submission:
     """What every part of a group is submitted with: the runner's env and payload."""
     first = jobs[0]
+    account = adapter.account(first)  # NoRunAccount: it waits, saying why
     data, secrets = adapter.payload_bytes(first)
     if secrets and not adapter.carries_secrets:
         raise GpuqError(f"{adapter.backend_name} cannot pass a job's secrets without writing "
@@ -163,11 +163,14 @@ def _submission(adapter: BatchAdapter, jobs: list[Job]) -> Submission:
     # has restarted as often as the first.
     env = {**first.env, "GPUQ_NUM_JOBS": str(first.num_jobs),
            "GPUQ_RESTART_COUNT": str(first.restart_count),
-           "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id),
-           **adapter.result_env(first)}
+           "GPUQ_LAUNCH_ID": "" if first.launch_id is None else str(first.launch_id)}
+    if first.kind == "function" or account is None:
+        # (a command's runner writes no envelope: one run as an account needs no place
+        # of its own for one)
+        env.update(adapter.result_env(first))
     if len(data) <= adapter.inline_limit_bytes:
         env["GPUQ_PAYLOAD"] = base64.b64encode(data).decode()
     else:
-        env.update(adapter.payload_env(first.payload_key or f"job-{first.id}", data))
+        env.update(adapter.payload_env(first.payload_key or f"job-{first.id}", data, first))
     return Submission(jobs, env, first.gpus, first.name or f"gpuq-{first.id}",
-                      first.workdir, secrets=secrets)
+                      first.workdir, secrets=secrets, account=account)

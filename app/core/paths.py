@@ -8,8 +8,11 @@ output files in a store directory their nodes can read (`BatchStore`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -121,3 +124,122 @@ def kept_secret(path: Path) -> str:
 
         raise GpuqError(f"{path} is empty: delete it, and gpuq makes a new one")
     return value
+
+
+# -- an OS account's area in a batch store ---------------------------------------------
+#
+# A job that runs as its owner's OS account (a named user on a stack run by root) reads its
+# payload and secrets and writes its output and result in a directory of that account's own:
+# `<store>/users/<user>/`, made by gpuq inside a directory only gpuq may write (0711), so
+# that no one but gpuq can replace it, and then given to the account (0700). gpuq, as
+# root, never follows a path the account could have bent: it writes a file there only as a
+# new one (no link followed, given to the account), and it reads one only when it is a
+# plain file the area's account owns, not a link, a pipe or another user's file.
+
+AREA_MODE = 0o700
+PASSAGE_MODE = 0o711  # others may pass through to a name they know, not list it
+
+
+def passage(path: Path) -> Path:
+    """A directory gpuq writes and others only pass through (0711), made if missing."""
+    path.mkdir(parents=True, exist_ok=True)
+    found = os.lstat(path)
+    if found.st_uid == os.geteuid() and found.st_mode & 0o7777 != PASSAGE_MODE:
+        path.chmod(PASSAGE_MODE)
+    return path
+
+
+def unreachable_by_others(path: Path) -> Path | None:
+    """The first directory on the way to `path` (it included) that other accounts cannot
+    pass through, or None where they can."""
+    for place in [*reversed(path.parents), path]:
+        if place.exists() and not os.stat(place).st_mode & 0o001:
+            return place
+    return None
+
+
+def account_area(users_dir: Path, user: str, uid: int, gid: int) -> Path:
+    """`users_dir/<user>`, the account's own (0700), made if missing; given back to the
+    account if it belonged to another (the user was added again with another account).
+    `users_dir` is gpuq's passage, so nobody else can have put a link in its place."""
+    passage(users_dir)
+    area = users_dir / user
+    with contextlib.suppress(FileExistsError):
+        area.mkdir(mode=AREA_MODE)
+    found = os.lstat(area)
+    if not stat.S_ISDIR(found.st_mode):
+        raise OSError(f"{area} is not a directory: remove it")
+    if (found.st_uid, found.st_gid) != (uid, gid):
+        os.lchown(area, uid, gid)
+    if found.st_mode & 0o7777 != AREA_MODE:
+        area.chmod(AREA_MODE)
+    return area
+
+
+def give_file(area: Path, name: str, data: bytes, uid: int, gid: int) -> Path:
+    """A new 0600 file `name` in `area` holding `data`, owned by the account: whatever was
+    there under that name (a link the account made, say) is replaced, never followed."""
+    fd_dir = os.open(area, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=fd_dir)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=fd_dir)
+        with os.fdopen(fd, "wb") as f:
+            os.fchown(f.fileno(), uid, gid)
+            f.write(data)
+    finally:
+        os.close(fd_dir)
+    return area / name
+
+
+class NotOwned(OSError):
+    """A file in an account's area that is not a plain file of that account's."""
+
+
+def open_owned(folder: Path, *names: str) -> BinaryIO:
+    """`folder/names...` opened for reading, only when it is a plain file owned by whoever
+    owns `folder` (gpuq for its own directories, the account for its area), reached without
+    following a link below `folder` (a directory gpuq made, which nobody else can replace).
+    Raises FileNotFoundError where it is not there and NotOwned where it is something
+    else."""
+    fds = [os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)]
+    try:
+        owner = os.fstat(fds[0]).st_uid
+        *folders, name = names
+        try:
+            for part in folders:
+                fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                   dir_fd=fds[-1]))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1])
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise NotOwned(f"{folder.joinpath(*names)} is reached through a link") from None
+            raise
+    finally:
+        for fd_dir in fds:
+            os.close(fd_dir)
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_uid != owner:
+        os.close(fd)
+        raise NotOwned(f"{folder.joinpath(*names)} is not a plain file of {folder}'s owner")
+    return os.fdopen(fd, "rb")
+
+
+def remove_owned(folder: Path, *names: str) -> None:
+    """Remove `folder/names...` if it is there, following no link below `folder`: what an
+    account made in its area may be a link, and it is the link that goes."""
+    fds: list[int] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        fds.append(os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
+        *folders, name = names
+        try:
+            for part in folders:
+                fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                   dir_fd=fds[-1]))
+            os.unlink(name, dir_fd=fds[-1])
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise
+    for fd in fds:
+        os.close(fd)

@@ -176,6 +176,10 @@ class Settings(BaseSettings):
     slurm_gpu_option: str = Field(
         "gpus", description="How Slurm jobs ask for GPUs: 'gpus' (--gpus=N) or 'gres' "
         "(--gres=gpu:N), as the cluster is configured.")
+    batch_python: str | None = Field(
+        None, description="The Python that batch jobs run gpuq's runner with on the backend's "
+        "nodes (it needs cloudpickle and gpuq's `adapters` package; every account jobs run as "
+        "must be able to run it): this worker's own Python if unset.")
     slurm_shared_dir: Path | None = Field(
         None, description="A directory every Slurm node sees, for payloads, results and "
         "output files (gpuq's home if unset).")

@@ -22,7 +22,7 @@ from app.core.errors import (
 )
 from app.core.identity import Actor, sees_everyone
 from app.core.logcap import head_bytes
-from app.core.paths import JobPaths
+from app.core.paths import JobPaths, NotOwned, open_owned
 from app.core.states import JobState
 from app.ops.registry import operation
 from app.ops.rows import MAX_PAGE, JobDetail, JobRow, LaunchRow
@@ -224,7 +224,11 @@ def logs(rt: Runtime, job_id: int, offset: int = 0, head: int | None = None,
         path, where = adapter_class(job.backend).output(rt.settings, job)
     data, size = b"", 0
     if path is not None:
-        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        # A batch job's output may be in its owner's area: read only a plain file of the
+        # area's account there, never through a link it made.
+        with contextlib.suppress(FileNotFoundError, NotOwned), (
+                open(path, "rb") if job.backend == "local"
+                else open_owned(path.parent, path.name)) as f:
             size = os.fstat(f.fileno()).st_size
             if tail is not None:
                 offset = tail_offset(f, size, tail)

@@ -16,6 +16,7 @@ import pytest
 from adapters.kubernetes import KubernetesAdapter
 from app.core.errors import GpuqError
 from app.runtime import Runtime
+from app.store.models import Job
 from tests.contract.test_adapters import drive
 from tests.support.k8s_cluster import Cluster, cluster_runtime
 from tests.support.servers import until
@@ -198,7 +199,7 @@ def test_payloads_on_both_sides_of_the_inline_threshold(k8s, local, inline_limit
 def test_a_payload_too_large_for_a_config_map_is_refused(k8s):
     _, adapter = k8s
     with pytest.raises(GpuqError, match="ConfigMap"):
-        adapter.payload_env("launch:1", b"x" * (2 << 20))
+        adapter.payload_env("launch:1", b"x" * (2 << 20), Job(id=1, command="", submitted_at=0.0))
 
 
 def test_no_cluster_configuration_names_the_setting(settings, monkeypatch, tmp_path):

@@ -182,7 +182,8 @@ def test_malformed_squeue_records_are_skipped_and_logged(caplog):
         kept = records(text, END, POLL_FIELDS)
     assert kept == [["10", "N/A", "RUNNING", "0", "None", "kept"]]
     assert len([r for r in caplog.records if "does not parse" in r.getMessage()]) == 4
-    assert records(f"5|3|gpuq-x{END}\n", END, TAG_FIELDS) == [["5", "3", "gpuq-x"]]
+    assert records(f"5|3|gpuq-alice|gpuq-x{END}\n", END, TAG_FIELDS) == [
+        ["5", "3", "gpuq-alice", "gpuq-x"]]
 
 
 @pytest.mark.parametrize(("name", "expected"), [
