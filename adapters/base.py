@@ -58,12 +58,14 @@ from app.core.paths import (
     JobPaths,
     NotOwned,
     account_area,
+    area_results,
     give_file,
     open_owned,
     passage,
     remove_owned,
     unreachable_by_others,
 )
+from app.core.security import check_closed_to_jobs
 from app.core.settings import Settings
 from app.core.states import JobState
 from app.runtime import Runtime
@@ -212,7 +214,10 @@ class BatchAdapter(Task):  # type: ignore[misc]
         Raises NoRunAccount for a job that must not run (its owner revoked, say)."""
         if not self.runs_as_owner or os.geteuid() != 0:
             return None
-        return users.run_as(self.rt.engine, job.owner)
+        account = users.run_as(self.rt.engine, job.owner)
+        if account is not None:
+            check_closed_to_jobs(self.rt.settings, job.owner, account.name)
+        return account
 
     def users_dir(self) -> Path:
         """Where the accounts' areas are: `<store>/users/<user>/`."""
@@ -431,8 +436,8 @@ class BatchAdapter(Task):  # type: ignore[misc]
 
 
 def _results_name(job: Job) -> str:
-    """The folder of a launch's (or a lone job's) envelopes in its owner's area."""
-    return f"results.{job.launch_id if job.launch_id is not None else f'j{job.id}'}"
+    assert job.id is not None
+    return area_results(job.launch_id, job.id)
 
 
 def write_private(path: Path, data: bytes) -> None:

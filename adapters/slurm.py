@@ -8,9 +8,10 @@ must see.
 
 The cluster is shared: other users' jobs are none of gpuq's business, and their text
 (names, working directories) is hostile. gpuq asks only for its own jobs (by id when it
-polls; by its accounts when it looks for a tag), reads fields in a fixed order with the one free-text field last, and ends
-every record with a token drawn for that call, so that no job's text can end a record early
-or pass for another field; a record that does not parse is logged and skipped.
+polls; by its accounts when it looks for a tag), reads fields in a fixed order with the one
+free-text field last, and ends every record with a token drawn for that call, so that no
+job's text can end a record early or pass for another field; a record that does not parse
+is logged and skipped.
 
 A job gets no environment from the control worker (`--export=NONE`): the batch script sets
 the few variables the runner needs and the job's own, and its secrets go to a 0600 file the

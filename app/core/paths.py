@@ -226,9 +226,16 @@ def open_owned(folder: Path, *names: str) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def remove_owned(folder: Path, *names: str) -> None:
+def area_results(launch_id: int | None, job_id: int) -> str:
+    """The folder of a launch's (or a lone job's) envelopes in its owner's area."""
+    return f"results.{launch_id if launch_id is not None else f'j{job_id}'}"
+
+
+def remove_owned(folder: Path, *names: str) -> bool:
     """Remove `folder/names...` if it is there, following no link below `folder`: what an
-    account made in its area may be a link, and it is the link that goes."""
+    account made in its area may be a link, and it is the link that goes. Whether
+    something was removed."""
+    removed = False
     fds: list[int] = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         fds.append(os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
@@ -238,8 +245,10 @@ def remove_owned(folder: Path, *names: str) -> None:
                 fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                                    dir_fd=fds[-1]))
             os.unlink(name, dir_fd=fds[-1])
+            removed = True
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                 raise
     for fd in fds:
         os.close(fd)
+    return removed

@@ -10,7 +10,7 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from app.core.errors import SecretRequired
+from app.core.errors import NoRunAccount, SecretRequired
 from app.core.settings import Settings
 
 log = logging.getLogger("gpuq.security")
@@ -57,6 +57,27 @@ def require_secret(settings: Settings) -> None:
         f"GPUQ_SECRET is not set and {where} reachable beyond this host, so anyone who can "
         "write to it could run code on the workers; set the same GPUQ_SECRET on every "
         "client and worker (or use a Redis on 127.0.0.1)")
+
+
+def open_to_local_accounts(settings: Settings) -> str | None:
+    """Why any account on this host could drive the stack through Redis (no GPUQ_SECRET,
+    and a Redis URL that asks no password), or None where it cannot. The embedded server
+    (no URL) always asks the password it keeps in GPUQ_HOME."""
+    if settings.secret or not settings.redis_url:
+        return None
+    parts = urlsplit(settings.redis_url)
+    if parts.password or parse_qs(parts.query).get("password"):
+        return None
+    return (f"GPUQ_SECRET is not set and this stack's Redis ({parts.hostname or parts.path}) "
+            "asks no password, so a job of any account could send the stack's messages")
+
+
+def check_closed_to_jobs(settings: Settings, owner: str, account: str) -> None:
+    """Raise NoRunAccount where `owner`'s job, run as the OS `account`, could drive the
+    stack through an open Redis: such a job must not run."""
+    if why := open_to_local_accounts(settings):
+        raise NoRunAccount(f"{owner}'s jobs run as {account}, but {why}: set GPUQ_SECRET (or "
+                           "a Redis password) on every host")
 
 
 def reachable_host(bind: str) -> str:

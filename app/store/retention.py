@@ -27,7 +27,7 @@ from sqlalchemy import Engine, delete, or_, select
 from sqlmodel import Session, col
 
 from app.core.backends import LOCAL, adapter_class
-from app.core.paths import BatchStore, JobPaths
+from app.core.paths import BatchStore, JobPaths, area_results, remove_owned
 from app.core.settings import Settings
 from app.core.states import TERMINAL
 from app.store import counts
@@ -90,7 +90,7 @@ def prune_finished(engine: Engine, r: redis.Redis | None, before: float,
                     delete(Payload).where(col(Payload.key).in_(orphans))).rowcount
             session.commit()
         if settings is not None:
-            pruned.files += delete_files(settings, [Gone(*row[:2], *row[4:7]) for row in rows],
+            pruned.files += delete_files(settings, [Gone(*row[:2], *row[4:8]) for row in rows],
                                          empty, orphans)
         if orphans and r is not None:
             try:
@@ -108,6 +108,7 @@ class Gone:
     backend: str
     rank: int
     backend_id: str | None
+    owner: str = ""
 
 
 def delete_files(settings: Settings, jobs: list[Gone], launches: list[int],
@@ -115,6 +116,7 @@ def delete_files(settings: Settings, jobs: list[Gone], launches: list[int],
     """Delete what these pruned jobs (and their pruned `launches` and `payloads`) left on
     this host; how many files and directories."""
     doomed: list[Path] = []
+    areas = 0  # files in owners' areas, removed through no link their accounts made
     for job in jobs:
         paths = JobPaths(settings.home, job.job_id)
         doomed += [paths.log, paths.tmux_script, paths.tmux_exit, paths.run_dir]
@@ -134,9 +136,15 @@ def delete_files(settings: Settings, jobs: list[Gone], launches: list[int],
                 backend_id=job.backend_id, command="", submitted_at=0.0))
             if output is not None:
                 doomed.append(output)
+            if job.owner:
+                area = adapter.store_dir(settings) / "users" / job.owner
+                areas += remove_owned(area, area_results(job.launch_id, job.job_id),
+                                      f"{job.rank}.pkl")
+                if job.backend_id:
+                    areas += remove_owned(area, f"{job.backend_id}.out")
         doomed += [store.results(launch, 0) for launch in launches]
         doomed += [store.payload(key) for key in payloads]
-    return sum(_delete(path) for path in doomed)
+    return sum(_delete(path) for path in doomed) + areas
 
 
 def _delete(path: Path) -> bool:

@@ -29,6 +29,7 @@ from app.core.accounts import RunAs
 from app.core.errors import NoRunAccount, PayloadError, PayloadNotAuthentic
 from app.core.paths import JobPaths
 from app.core.procgroup import process_identity
+from app.core.security import check_closed_to_jobs
 from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import accounting, cluster, restart_policy, users
@@ -187,6 +188,8 @@ def _account(rt: Runtime, job: Job) -> RunAs | None:
     if account is not None and job.tmux:
         raise NoRunAccount(f"an attachable (--tmux) job runs only as the stack's own account; "
                            f"{job.owner}'s jobs run as {account.name}: submit it without --tmux")
+    if account is not None:
+        check_closed_to_jobs(rt.settings, job.owner, account.name)
     return account
 
 

@@ -14,17 +14,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from adapters.process import ProcessAdapter
 from app.core.accounts import RunAs, choose_account
 from app.core.errors import InvalidArguments, NoRunAccount, UserExists
 from app.core.identity import Actor, stack_owner
 from app.dashboard import create_app
 from app.ops.registry import call_local
 from app.store import users
+from app.store.models import Job
+from scheduler.worker import attempt
 from tests.support.dashboard_http import BASE_URL
 from tests.support.servers import ROOT, server_env
 
@@ -83,6 +87,34 @@ def test_run_as_names_the_account_looked_up_now_and_refuses_the_revoked(rt):
         users.run_as(rt.engine, "frank")
     # A user from before accounts keeps running as the stack's account
     assert users.run_as(rt.engine, "olga") is None
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="only a stack run by root maps users to accounts")
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "unix:///run/redis.sock"])
+def test_a_named_users_job_does_not_run_where_redis_is_open_to_every_account(rt, url):
+    # A Redis that asks no password, with no GPUQ_SECRET: any job could send the stack's
+    # messages, so none runs as another account there.
+    users.add(rt.engine, "alice", os_user="nobody")
+    job = Job(id=1, owner="alice", command="true", submitted_at=0.0)
+    settings = rt.settings.model_copy(update={"secret": None, "redis_url": url})
+    with pytest.raises(NoRunAccount, match="GPUQ_SECRET") as refused:
+        attempt._account(SimpleNamespace(settings=settings, session=rt.session), job)
+    assert "alice's jobs run as nobody" in str(refused.value)
+    adapter = ProcessAdapter()
+    adapter.rt = SimpleNamespace(settings=settings, engine=rt.engine)  # type: ignore[assignment]
+    with pytest.raises(NoRunAccount, match="GPUQ_SECRET"):
+        adapter.account(job)
+    # With a secret, or a password in the URL, they run as her account
+    for closed in ({"secret": "s" * 32}, {"redis_url": url.replace("://", "://:pw@", 1)},
+                   {"redis_url": f"{url}?password=pw"}):
+        settings = rt.settings.model_copy(update={"secret": None, "redis_url": url, **closed})
+        adapter.rt.settings = settings
+        assert attempt._account(SimpleNamespace(settings=settings, session=rt.session),
+                                job) == RunAs.of(NOBODY)
+        assert adapter.account(job) == RunAs.of(NOBODY)
+    # and the stack's owner's jobs run as the stack, open Redis or not
+    owner_job = Job(id=2, owner=stack_owner().name, command="true", submitted_at=0.0)
+    assert adapter.account(owner_job) is None
 
 
 @pytest.mark.skipif(not AS_ROOT, reason="only a stack run by root maps users to accounts")

@@ -11,20 +11,30 @@ import pwd
 import shutil
 import subprocess
 from collections.abc import Iterator
+from secrets import token_hex
 
 import pytest
 
 from app.client import Client
 from app.core import sealing
 from app.core.identity import Actor
+from app.core.settings import Settings
 from app.dashboard.auth import dashboard_token
 from app.ops.registry import call_local
-from app.store import users
+from app.store import embedded_redis, users
 from tests.support.servers import missing, processes_with
 
 pytestmark = pytest.mark.e2e
 
 ACCOUNTS = {"alice": "gpuq-alice", "bob": "gpuq-bob"}  # gpuq user -> OS account
+
+
+@pytest.fixture(scope="module")
+def stack_settings(stack_settings: Settings) -> Settings:
+    """The module's stack, signed: where its Redis asks no password (the machine's), no
+    job runs as another account without a GPUQ_SECRET."""
+    stack_settings.secret = token_hex(32)
+    return stack_settings
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +71,10 @@ def test_each_named_users_job_runs_as_their_account_and_reaches_none_of_the_stac
     dashboard_token(stack_settings)  # the stack's secrets, as a running stack keeps them
     sealing.key_material(None, home, create=True)
     worker = processes_with(f"@{stack_settings.hostname}")[0]
+    stack_settings.redis_dir.mkdir(mode=0o700, exist_ok=True)
+    embedded_redis.password(stack_settings)  # as the embedded Redis keeps its password
     secrets = [home / "dashboard.token", home / "gpuq.db", home / sealing.LOCAL_KEY_FILE,
+               stack_settings.redis_dir / embedded_redis.PASSWORD_FILE,
                f"/proc/{worker}/environ", f"/proc/{worker}/mem"]
     probes = "; ".join(f"cat {path} >/dev/null 2>&1 && echo read:{path} || echo denied:{path}"
                        for path in secrets)

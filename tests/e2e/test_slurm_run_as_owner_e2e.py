@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from secrets import token_hex
 
 import cloudpickle
 import pytest
@@ -24,6 +25,7 @@ from adapters.slurm import SlurmAdapter
 from app.client import Client
 from app.core.errors import UserExists
 from app.core.identity import Actor
+from app.core.settings import Settings
 from app.dashboard.auth import dashboard_token
 from app.store import users
 from app.store.models import Job
@@ -33,6 +35,13 @@ from tests.e2e.test_run_as_owner_e2e import ACCOUNTS, accounts  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 SECRET = "alices-own-api-token"
+
+
+@pytest.fixture(autouse=True)
+def _signed(settings: Settings) -> None:
+    """Where Redis asks no password (the machine's), no job runs as another account
+    without a GPUQ_SECRET."""
+    settings.secret = token_hex(32)
 
 
 @pytest.fixture
