@@ -62,7 +62,8 @@ class ProcessAdapter(BatchAdapter):
         with open_log(log_path) as log:
             proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=submission.workdir or None, start_new_session=True)
+                                    cwd=submission.workdir or None, start_new_session=True,
+                                    umask=account.umask if account else -1)
         Path(f"{base}.pgid").write_text(str(proc.pid))  # first: tagged() finds it by this
         proc.wait()
         return str(base)

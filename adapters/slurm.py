@@ -105,14 +105,15 @@ class SlurmAdapter(BatchAdapter):
         out_dir = BatchStore(cls.store_dir(settings)).backend_dir("slurm")
         return out_dir / f"{job.backend_id}.out", None
 
-    def _run(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-             ) -> str:
-        """Run a Slurm command. Not installed: SubmitRefused (nothing can have been sent);
-        no answer within call_timeout_s: GpuqError (it may have been done)."""
+    def _run(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+             umask: int = -1) -> str:
+        """Run a Slurm command (sbatch gives its job its own `umask`). Not installed:
+        SubmitRefused (nothing can have been sent); no answer within call_timeout_s:
+        GpuqError (it may have been done)."""
         try:
             done = subprocess.run(args, capture_output=True, text=True, env=env, input=stdin,
                                   timeout=self.call_timeout_s, check=False,
-                                  errors="replace")
+                                  errors="replace", umask=umask)
         except FileNotFoundError:
             raise SubmitRefused(f"{args[0]} is not installed here: run the control worker on "
                                 "a Slurm login node (deploy/slurm/setup.sh makes a one-node "
@@ -169,7 +170,8 @@ class SlurmAdapter(BatchAdapter):
                                           None if account is None else (out_dir, account))
         python = self.rt.settings.batch_python or sys.executable
         try:
-            handle = self._run(*command, *array, stdin=_script(env, secret_files, python))
+            handle = self._run(*command, *array, stdin=_script(env, secret_files, python),
+                               umask=-1 if account is None else account.umask)
         except SubmitRefused:
             for path in secret_files:
                 path.unlink(missing_ok=True)

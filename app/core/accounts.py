@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pwd
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from app.core.errors import InvalidArguments
@@ -19,15 +19,36 @@ SAME_ACCOUNT_WARNING = ("{name}'s jobs run as the stack's own OS account ({stack
                         "read the stack's secrets (GPUQ_HOME, its database and Redis password)")
 
 
+LOGIN_DEFS = "/etc/login.defs"
+DEFAULT_UMASK = 0o022  # login's own default where login.defs names none
+
+
+@cache
+def login_umask(path: str = LOGIN_DEFS) -> int:
+    """The umask a login on this host starts with (login.defs' UMASK): what a job run as
+    an account starts with too, whatever the worker's own is."""
+    try:
+        with open(path) as f:
+            for line in f:
+                words = line.partition("#")[0].split()
+                if len(words) == 2 and words[0] == "UMASK":
+                    return int(words[1], 8) & 0o777
+    except (OSError, ValueError):
+        pass
+    return DEFAULT_UMASK
+
+
 @dataclass(frozen=True)
 class RunAs:
-    """An OS account to run a job as, as `pwd` knew it when asked."""
+    """An OS account to run a job as, as `pwd` knew it when asked, and the umask its jobs
+    start with."""
 
     name: str
     uid: int
     gid: int
     home: str
     shell: str = "/bin/sh"
+    umask: int = field(default_factory=login_umask)
 
     @classmethod
     def of(cls, entry: pwd.struct_passwd) -> RunAs:

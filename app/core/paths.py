@@ -141,8 +141,13 @@ PASSAGE_MODE = 0o711  # others may pass through to a name they know, not list it
 
 
 def passage(path: Path) -> Path:
-    """A directory gpuq writes and others only pass through (0711), made if missing."""
-    path.mkdir(parents=True, exist_ok=True)
+    """A directory gpuq writes and others only pass through (0711), made if missing, with
+    the directories it makes on the way to it passages too, whatever the umask."""
+    for place in [*reversed(path.parents), path]:
+        if not place.exists():
+            with contextlib.suppress(FileExistsError):
+                place.mkdir(mode=PASSAGE_MODE)
+                place.chmod(PASSAGE_MODE)
     found = os.lstat(path)
     if found.st_uid == os.geteuid() and found.st_mode & 0o7777 != PASSAGE_MODE:
         path.chmod(PASSAGE_MODE)

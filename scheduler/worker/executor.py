@@ -166,7 +166,7 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
         proc = subprocess.Popen(
             [*prefix, *argv_for(job, command, env)], stdin=subprocess.DEVNULL,
             stdout=write_fd, stderr=subprocess.STDOUT, cwd=job.workdir or None, env=env,
-            start_new_session=True,
+            start_new_session=True, umask=account.umask if account else -1,
         )
     except BaseException:
         os.close(read_fd)

@@ -17,6 +17,7 @@ import pytest
 
 from app.client import Client
 from app.core import sealing
+from app.core.accounts import login_umask
 from app.core.identity import Actor
 from app.core.settings import Settings
 from app.dashboard.auth import dashboard_token
@@ -30,11 +31,14 @@ ACCOUNTS = {"alice": "gpuq-alice", "bob": "gpuq-bob"}  # gpuq user -> OS account
 
 
 @pytest.fixture(scope="module")
-def stack_settings(stack_settings: Settings) -> Settings:
+def stack_settings(stack_settings: Settings) -> Iterator[Settings]:
     """The module's stack, signed: where its Redis asks no password (the machine's), no
-    job runs as another account without a GPUQ_SECRET."""
+    job runs as another account without a GPUQ_SECRET. Its processes start with a umask
+    no login has, so that a job's own is seen to be its account's."""
     stack_settings.secret = token_hex(32)
-    return stack_settings
+    old = os.umask(0o077)
+    yield stack_settings
+    os.umask(old)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +87,14 @@ def test_each_named_users_job_runs_as_their_account_and_reaches_none_of_the_stac
     probes += "; " + "; ".join(f"echo x 2>/dev/null >> {path} && echo wrote:{path} || "
                                f"echo denied:{path}" for path in writable)
     # When alice's job reports who it is, tries the stack's secrets and writes a file
-    mine = _submit_as(client, "alice", f"echo uid=$(id -u) home=$HOME user=$USER; {probes}; "
+    mine = _submit_as(client, "alice", f"echo uid=$(id -u) home=$HOME user=$USER "
+                      f"umask=$(umask); {probes}; "
                       "echo hers > $HOME/mine.txt")
     assert client.job(mine).wait(timeout_s=60) == "SUCCEEDED", client.job(mine).logs()
     log = client.job(mine).logs()
     # Then it ran as her, reached none of the stack's secrets, and its file is hers
-    assert f"uid={alice.pw_uid} home={alice.pw_dir} user={alice.pw_name}" in log, log
+    assert (f"uid={alice.pw_uid} home={alice.pw_dir} user={alice.pw_name} "
+            f"umask={login_umask():04o}") in log, log
     assert "read:" not in log and "wrote:" not in log, log
     assert log.count("denied:") == len(secrets) + len(writable), log
     assert os.stat(f"{alice.pw_dir}/mine.txt").st_uid == alice.pw_uid

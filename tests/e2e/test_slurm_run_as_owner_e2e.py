@@ -23,6 +23,7 @@ from sqlmodel import col, update
 from adapters import intent
 from adapters.slurm import SlurmAdapter
 from app.client import Client
+from app.core.accounts import login_umask
 from app.core.errors import UserExists
 from app.core.identity import Actor
 from app.core.settings import Settings
@@ -93,17 +94,22 @@ def test_a_named_users_slurm_job_runs_as_their_account_in_their_area(
     _as(local, "alice")
     bob = _as(local, "bob")
     # When alice's jobs, a command with a secret and a function, go to Slurm
-    job = local.submit(f"echo uid=$(id -u) home=$HOME user=$USER secret=$API_TOKEN; {probes}; "
+    job = local.submit(f"echo uid=$(id -u) home=$HOME user=$USER secret=$API_TOKEN "
+                       f"umask=$(umask); {probes}; "
                        "echo hers > $HOME/slurm-mine.txt", backend="slurm",
                        secrets={"API_TOKEN": SECRET})
     square = local.submit(lambda x: x * x, 7, backend="slurm")
     _give(local, "alice", job.id, square.id)
-    rows = {r["id"]: r for r in drive(slurm, local, [job.id, square.id], timeout_s=180)}
+    old = os.umask(0o077)  # gpuq's own, which her job does not start with
+    try:
+        rows = {r["id"]: r for r in drive(slurm, local, [job.id, square.id], timeout_s=180)}
+    finally:
+        os.umask(old)
     # Then both ran as her account
     assert rows[job.id]["status"] == "SUCCEEDED", job.logs()
     log = job.logs()
     assert (f"uid={alice_os.pw_uid} home={alice_os.pw_dir} user={alice_os.pw_name} "
-            f"secret={SECRET}") in log, log
+            f"secret={SECRET} umask={login_umask():04o}") in log, log
     assert "read:" not in log and log.count("denied:") == len(secrets), log
     assert os.stat(f"{alice_os.pw_dir}/slurm-mine.txt").st_uid == alice_os.pw_uid
     assert rows[square.id]["status"] == "SUCCEEDED", square.logs()

@@ -18,6 +18,7 @@ from app.core.paths import (
     account_area,
     give_file,
     open_owned,
+    passage,
     remove_owned,
     unreachable_by_others,
 )
@@ -120,3 +121,13 @@ def test_pruning_removes_a_jobs_files_in_its_owners_area_through_no_link(tmp_pat
     assert delete_files(settings, [gone], [], []) == 1
     assert not (area / "41.out").exists()
     assert (elsewhere / "0.pkl").read_text() == "not hers to have removed"
+
+
+def test_a_passage_and_the_folders_made_on_its_way_open_whatever_the_umask(tmp_path: Path):
+    old = os.umask(0o077)
+    try:
+        passage(tmp_path / "a" / "b" / "c")
+    finally:
+        os.umask(old)
+    for made in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"):
+        assert stat.S_IMODE(os.stat(made).st_mode) == 0o711, made
