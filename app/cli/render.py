@@ -25,7 +25,7 @@ console = Console()
 
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "PENDING": "yellow",
                "CANCELLED": "magenta", "LOST": "red", "FAILED_NO_RESOURCE": "red",
-               "FAILED_PRECHECK": "red"}
+               "FAILED_PRECHECK": "red", "TIMEOUT": "red"}
 
 
 def _short_time(iso: str | None) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.core.backends import ADAPTERS
+from app.core.durations import FORMS, parse_duration, parse_signal, signal_text
 
 # The longest command a job may have, in UTF-8 bytes. A command that needs a shell reaches
 # it as one argument of `bash -c`, and Linux caps one argument at 128 KiB (MAX_ARG_STRLEN);
@@ -18,7 +19,7 @@ from app.core.backends import ADAPTERS
 MAX_COMMAND_BYTES = 120 * 1024
 
 
-OptionKind = Literal["int", "text", "path", "ints", "env", "flag"]
+OptionKind = Literal["int", "text", "path", "ints", "env", "flag", "duration", "signal"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class JobOption:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(f"{self.flag} takes true or false, got {text!r}")
             return text.lower() in ("true", "1", "yes")
+        if self.kind == "duration":
+            return parse_duration(text, self.flag)
+        if self.kind == "signal":
+            return signal_text(*parse_signal(text, self.flag))
         if self.kind == "path" and cwd is not None:
             return str((cwd / text).resolve())
         return text
@@ -77,6 +82,12 @@ JOB_OPTIONS: tuple[JobOption, ...] = (
     JobOption("conda_env", "conda-env", "text", "A conda env to activate."),
     JobOption("max_restarts", "max-restarts", "int",
               "Restarts after a failed attempt, on every backend.", default=0),
+    JobOption("time_limit_s", "time", "duration",
+              f"Time limit of each attempt from its start ({FORMS}); at the limit the job is "
+              "stopped and ends TIMEOUT, never restarted. Unset: your default_time, if any."),
+    JobOption("signal", "signal", "signal",
+              "SIG@SECONDS: send SIG to the job's process group that many seconds before its "
+              "time limit, once, e.g. USR2@90 to checkpoint."),
     JobOption("recover_exit_codes", "recover-on-exit-codes", "ints",
               "Exit codes that restart without spending the budget, e.g. 137."),
     JobOption("allowed_gpu_ids", "gpu-ids", "ints", "Only these GPU indices, e.g. 0,3."),
