@@ -178,3 +178,44 @@ def test_update_refuses_bad_text_naming_the_forms(rt):
         call_local(rt, "update", {"ids": [job], "time": "5"}, ALICE)
     with pytest.raises(InvalidArguments, match="say what to change: --time"):
         call_local(rt, "update", {"ids": [job]}, ALICE)
+
+
+# -- batch backends ----------------------------------------------------------------------
+
+
+def test_the_process_backend_stops_a_job_at_its_limit_and_calls_it_timeout(rt, local):
+    from adapters.process import ProcessAdapter
+    from tests.contract.test_adapters import drive
+
+    adapter = ProcessAdapter()
+    adapter.rt = rt.__class__(rt.settings.model_copy(update={"kill_wait_s": 1.0}))
+    try:
+        over = local.submit("trap '' TERM; sleep 300", backend="process", time="2s",
+                            max_restarts=2)
+        within = local.submit("echo fine", backend="process", time="1h")
+        rows = {r["id"]: r for r in drive(adapter, local, [over.id, within.id])}
+    finally:
+        adapter.rt.close()
+    assert rows[over.id]["status"] == "TIMEOUT", rows[over.id]
+    assert rows[over.id]["reason"] == "reached its time limit of 2s"
+    assert rows[over.id]["restart_count"] == 0
+    assert rows[within.id]["status"] == "SUCCEEDED"
+
+
+def test_slurm_is_given_each_jobs_limit_over_the_stacks_and_its_timeout_is_ours(rt, monkeypatch):
+    from adapters.intent import Submission
+    from adapters.slurm import SlurmAdapter, _status
+
+    adapter = SlurmAdapter()
+    adapter.rt = rt.__class__(rt.settings.model_copy(update={"slurm_time_limit": "1:00:00"}))
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(adapter, "_run", lambda *args, **kw: calls.append(args) or "7\n")
+    try:
+        for limit in (5400, None):
+            adapter.submit(Submission(jobs=[Job(id=3, command="true", time_limit_s=limit)],
+                                      env={}, gpus=0, name="x", tag="gpuq-t-3-1-1"))
+    finally:
+        adapter.rt.close()
+    assert "--time=0-01:30:00" in calls[0] and "--time=1:00:00" not in calls[0]
+    assert "--time=1:00:00" in calls[1]
+    assert _status("TIMEOUT", "TimeLimit", "0:15").state == "timeout"
