@@ -46,12 +46,12 @@ def parse_duration(text: str, what: str = "time") -> int:
 def _seconds(text: str) -> int | None:
     if (unit := _WITH_UNIT.match(text)) is not None:
         return round(float(unit[1]) * _UNITS[unit[2]])
-    if (clock := _CLOCK.match(text)) is None or ":" not in text and "-" not in text:
+    if (clock := _CLOCK.match(text)) is None or (":" not in text and "-" not in text):
         return None
     days, *parts = clock.groups()
     given = [int(p) for p in parts if p is not None]
     if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
-        hours, minutes, secs = (given + [0, 0])[:3]
+        hours, minutes, secs = [*given, 0, 0][:3]
         return int(days) * 86400 + hours * 3600 + minutes * 60 + secs
     if len(given) == 2:  # MM:SS
         return given[0] * 60 + given[1]

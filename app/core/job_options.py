@@ -5,6 +5,7 @@ loading pydantic: JobSpec validates what they give where the job is stored."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,33 +43,50 @@ class JobOption:
     def parse(self, text: str, cwd: Path | None = None) -> Any:
         """The field's value from one piece of text; ValueError names what it takes.
         A `path` is made absolute against `cwd` when one is given (the CLI's directory)."""
-        if self.kind == "int":
-            try:
-                return int(text)
-            except ValueError:
-                raise ValueError(f"{self.flag} takes an integer, got {text!r}") from None
-        if self.kind == "ints":
-            try:
-                return [int(x) for x in text.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"{self.flag} takes comma-separated integers, e.g. 0,3; "
-                                 f"got {text!r}") from None
-        if self.kind == "env":
-            key, sep, value = text.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{self.flag} takes KEY=VALUE, got {text!r}")
-            return {key: value}
-        if self.kind == "flag":
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{self.flag} takes true or false, got {text!r}")
-            return text.lower() in ("true", "1", "yes")
-        if self.kind == "duration":
-            return parse_duration(text, self.flag)
-        if self.kind == "signal":
-            return signal_text(*parse_signal(text, self.flag))
         if self.kind == "path" and cwd is not None:
             return str((cwd / text).resolve())
-        return text
+        parser = _PARSERS.get(self.kind)
+        return text if parser is None else parser(text, self.flag)
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} takes an integer, got {text!r}") from None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, e.g. 0,3; "
+                         f"got {text!r}") from None
+
+
+def _env(text: str, flag: str) -> dict[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} takes KEY=VALUE, got {text!r}")
+    return {key: value}
+
+
+def _flag(text: str, flag: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{flag} takes true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _signal(text: str, flag: str) -> str:
+    return signal_text(*parse_signal(text, flag))
+
+
+# How each kind of option reads its text (a `text` or `path` is taken as it is); a time
+# limit (`--time 2h`) is seconds, its warning signal (`--signal usr2@90`) USR2@90.
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "int": _int, "ints": _ints, "env": _env, "flag": _flag, "duration": parse_duration,
+    "signal": _signal,
+}
 
 
 JOB_OPTIONS: tuple[JobOption, ...] = (

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import or_, update as sql_update
+from sqlalchemy import ColumnElement, or_
+from sqlalchemy import update as sql_update
 from sqlmodel import col, select
 
 from app.core.durations import format_duration, parse_duration
@@ -75,11 +76,12 @@ def update(rt: Runtime, ids: list[int] | None = None, launch_id: int | None = No
             _refuse_longer(actor, live, new)
         # One conditional write: a job that ended meanwhile keeps its limit, and a limit a
         # user may not lengthen is not lengthened by a race with another update.
-        where = [col(Job.id).in_([j.id for j in live]), col(Job.state).not_in(_ENDED)]
+        where: list[ColumnElement[bool]] = [col(Job.id).in_([j.id for j in live]),
+                                            col(Job.state).not_in(_ENDED)]
         if not admin:
             where.append(col(Job.time_limit_s).is_(None) if new is None else
                          or_(col(Job.time_limit_s).is_(None), col(Job.time_limit_s) >= new))
-        updated = list(session.scalars(
+        updated: list[int] = list(session.scalars(
             sql_update(Job).where(*where).values(time_limit_s=new)
             .returning(col(Job.id)))) if live else []
         who = actor.name if actor is not None else "the stack's owner"
