@@ -507,6 +507,11 @@ class JobHandle:
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", ids=[self.id])
 
+    def set_time(self, time: str) -> dict[str, Any]:
+        """Change its time limit ("30m"; "none" lifts it): shorter is yours to choose,
+        longer an admin's (`gpuq update ID --time T`)."""
+        return self.client.call("update", ids=[self.id], time=time)
+
     def why(self) -> dict[str, Any]:
         """Why it is PENDING: {"code": ..., "reason": ...} (`gpuq why`)."""
         return self.client.call("why", job_id=self.id)

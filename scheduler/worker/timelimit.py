@@ -69,7 +69,10 @@ class TimeLimit:
         return number if (time.time() if now is None else now) >= deadline - lead_s else None
 
     def keep(self, done: threading.Event) -> None:
-        """Send the warning signal when it is due, until `done` (the attempt ended)."""
+        """Send the warning signal when it is due, until `done` (the attempt ended). A job
+        without --signal has nothing to send (the signal is fixed at submission)."""
+        if self.signal is None:
+            return
         while not done.wait(TICK_S):
             with self._lock:
                 number = self.signal_due()

@@ -92,7 +92,7 @@ def test_a_limit_set_on_a_running_job_reaches_its_worker(client: Client):
     job = client.submit(["bash", "-c", "echo started; exec sleep 300"], name="no-limit")
     until(lambda: "started" in job.logs() and job.status == "RUNNING", timeout_s=60)
     # When its owner gives it a limit of 2 s
-    assert client.call("update", ids=[job.id], time="2s")["updated"] == [job.id]
+    assert job.set_time("2s")["updated"] == [job.id]
     # Then its worker stops it at that limit, counted from its start
     assert job.wait(timeout_s=60) == "TIMEOUT"
     assert client.call("job", job_id=job.id)["reason"] == "reached its time limit of 2s"
