@@ -192,7 +192,8 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
     pump = logcap.Pump(read_fd, logcap.CappedLog(log_path, log_max_bytes))
     pump.start()
     try:
-        outcome = _watch(proc, grace_s, kill_wait_s, should_stop, on_start)
+        outcome = _watch(proc, grace_s, kill_wait_s, should_stop, on_start,
+                         container.terminate if container is not None else None)
     finally:
         if container is not None:  # what the job left behind, daemons included
             container.kill_all()
@@ -204,19 +205,26 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
 
 
 def _watch(proc: subprocess.Popen[bytes], grace_s: float, kill_wait_s: float | None,
-           should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
+           should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
+           terminate: Callable[[], None] | None = None) -> Outcome:
+    """Wait for the job's end, or stop it when `should_stop` names a reason: with a grace
+    period, SIGTERM reaches its container's every process (`terminate`) as its group's."""
     try:
         stop = watched_start(on_start, proc.pid, should_stop)
     except BaseException:
         stop_group(proc, 0)
         raise
     if stop is not None:
+        if stop.with_grace and terminate is not None:
+            terminate()
         stop_group(proc, grace_for(stop.reason, grace_s, kill_wait_s) if stop.with_grace else 0)
         return Outcome(proc.returncode, stopped=stop.reason)
     waiter = ExitWaiter(proc)
     try:
         while not waiter.exited(POLL_S):
             if (reason := should_stop()) is not None:
+                if terminate is not None:
+                    terminate()
                 stop_group(proc, grace_for(reason, grace_s, kill_wait_s))
                 return Outcome(proc.returncode, stopped=reason)
     finally:

@@ -42,11 +42,15 @@ def _alive(pid: int) -> bool:
 def test_a_job_past_its_limit_is_warned_then_ends_timeout_with_nothing_left(
         client: Client, tmp_path: Path, stack_settings: Settings):
     signalled, daemon = tmp_path / "signalled", tmp_path / "daemon.pid"
+    warned = tmp_path / "daemon-terminated"
     # Given a job of 3 s that wants SIGUSR2 2 s before its limit, writes when it gets it,
-    # leaves a daemon in a session of its own, ignores SIGTERM and sleeps on; it may
-    # restart twice
-    script = (f"trap 'date +%s.%N >> {signalled}' USR2; trap '' TERM; "
-              f"setsid -f bash -c 'echo $$ > {daemon}; exec sleep 300' >/dev/null 2>&1; "
+    # leaves a daemon in a session of its own (which notes a SIGTERM and runs on),
+    # ignores SIGTERM and sleeps on; it may restart twice
+    daemon_script = (f"echo $$ > {daemon}; trap \"touch {warned}\" TERM; "
+                     "while :; do sleep 0.1; done")
+    # (the daemon starts first: a signal ignored when bash starts cannot be trapped)
+    script = (f"setsid -f bash -c '{daemon_script}' >/dev/null 2>&1; "
+              f"trap 'date +%s.%N >> {signalled}' USR2; trap '' TERM; "
               "echo started; while :; do sleep 1000 & wait $!; done")
     job = client.submit(["bash", "-c", script], time="3s", signal="USR2@2", max_restarts=2,
                         name="over-time")
@@ -61,9 +65,11 @@ def test_a_job_past_its_limit_is_warned_then_ends_timeout_with_nothing_left(
     arrivals = [float(line) for line in signalled.read_text().split()]
     assert len(arrivals) == 1, arrivals
     assert abs(arrivals[0] - (_epoch(row["started_at"]) + 1)) <= 1.0, (arrivals, row)
-    # And nothing of it is left: neither its process group nor the daemon of its container
+    # And nothing of it is left: neither its process group nor the daemon of its container,
+    # which had its SIGTERM too
     assert not group_exists(pgid)
     assert daemon.exists() and not _alive(int(daemon.read_text()))
+    assert warned.exists()
     # And it was not restarted, however many restarts it had
     assert row["restart_count"] == 0 and row["reason"] == "reached its time limit of 3s"
     events = [e["to"] for e in row["events"]]
