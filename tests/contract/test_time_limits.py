@@ -219,3 +219,21 @@ def test_slurm_is_given_each_jobs_limit_over_the_stacks_and_its_timeout_is_ours(
     assert "--time=0-01:30:00" in calls[0] and "--time=1:00:00" not in calls[0]
     assert "--time=1:00:00" in calls[1]
     assert _status("TIMEOUT", "TimeLimit", "0:15").state == "timeout"
+
+
+def test_gpuq_update_sets_a_limit_and_exits_1_for_a_job_already_ended(settings, monkeypatch,
+                                                                      rt):
+    for key, value in settings.as_environment().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GPUQ_TRANSPORT", "local")
+    waiting = _submit(rt, ADMIN, "sleep 1", time_limit_s="1h")
+    ended = _submit(rt, ADMIN, "sleep 2")
+    call_local(rt, "cancel", {"ids": [ended]})
+    runner = CliRunner()
+    out = runner.invoke(cli, ["update", str(waiting), "--time", "1:30:00"])
+    assert out.exit_code == 0, out.output
+    assert "updated 1: time limit 90m" in out.output
+    assert _limit_of(rt, waiting) == 5400
+    both = runner.invoke(cli, ["update", str(waiting), str(ended), "--time", "2h"])
+    assert both.exit_code == 1
+    assert f"job {ended} already CANCELLED; nothing to update" in both.output
