@@ -81,7 +81,7 @@ __all__ = ["BatchAdapter", "Status", "Submission", "SubmitRefused", "contiguous_
 class Status:
     """What a backend says of one job."""
 
-    state: str  # pending | running | succeeded | failed | cancelled | missing
+    state: str  # pending | running | succeeded | failed | timeout | cancelled | missing
     reason: str | None = None
     exit_code: int | None = None
 
@@ -93,6 +93,9 @@ def _attempt_end(job: Job, status: Status, failure: str | None) -> restart_polic
         return restart_policy.AttemptEnd(cancelled=True, why=status.reason)
     if status.state == "succeeded":
         return restart_policy.AttemptEnd(exit_code=0, why=failure)
+    if status.state == "timeout":  # stopped at its time limit: TIMEOUT, never restarted
+        return restart_policy.AttemptEnd(exit_code=status.exit_code, timed_out=True,
+                                         why=status.reason)
     # A failure whose exit code says nothing (0 after NODE_FAIL, or none at all) is still a
     # failure: it is judged with no exit code rather than taken for a success.
     return restart_policy.AttemptEnd(exit_code=status.exit_code or None,

@@ -44,6 +44,7 @@ from adapters import intent
 from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core import job_env
 from app.core.accounts import RunAs, account_environment, os_account
+from app.core.durations import slurm_time
 from app.core.errors import GpuqError, NoRunAccount
 from app.core.identity import stack_owner
 from app.core.paths import BatchStore, give_file, remove_owned
@@ -200,7 +201,8 @@ class SlurmAdapter(BatchAdapter):
             command += [f"--uid={account.uid}", f"--gid={account.gid}"]
         for option, value in (("partition", settings.slurm_partition),
                               ("account", settings.slurm_account),
-                              ("time", settings.slurm_time_limit),
+                              ("time", slurm_time(submission.jobs[0].time_limit_s)
+                               if submission.jobs[0].time_limit_s else settings.slurm_time_limit),
                               ("chdir", submission.workdir or (account and account.home))):
             if value:
                 command.append(f"--{option}={value}")
@@ -353,6 +355,8 @@ def _status(state: str, reason: str | None, exit_code: str | None) -> Status:
         return Status("succeeded", None, exit_status)
     if state in CANCELLED:
         return Status("cancelled", "cancelled on Slurm", exit_status)
+    if state == "TIMEOUT":
+        return Status("timeout", "reached its time limit (TIMEOUT on Slurm)", exit_status)
     if state in ENDED_BADLY:
         why = f"{state} on Slurm" + (f": {reason}" if reason else "")
         return Status("failed", why, exit_status)

@@ -7,8 +7,9 @@ Syntax of a line (blank lines and lines starting with `#` are skipped):
 
 Options are those of `gpuq submit` (app/store/spec.py), with _ for -: gpus, name,
 priority, workdir, venv, conda_env, max_restarts, recover_on_exit_codes (137,143), gpu_ids
-(0,3), preflight, tmux (true/false), backend, after (4,9); and env.KEY=VALUE
-(repeatable). Values are shell-quoted as on a command line: name='sweep a'.
+(0,3), preflight, tmux (true/false), backend, after (4,9), time (2h, 1-00:00:00: the time
+limit), signal (USR2@90); and env.KEY=VALUE (repeatable). Values are shell-quoted as on
+a command line: name='sweep a'.
 
 Each line is submitted once for as long as it stays in the file (app/store/file_jobs.py),
 however long ago its job ended and whether or not retention pruned it: a line is the same

@@ -161,6 +161,31 @@ def cancel(ids: list[int] | None = typer.Argument(None, help="Job ids."),
 
 
 @cli.command()
+def update(ids: list[int] | None = typer.Argument(None, help="Job ids."),
+           launch_id: int | None = typer.Option(None, "--launch", help="Every replica of it."),
+           time: str | None = typer.Option(
+               None, "--time", metavar="TIME", help="A new time limit (e.g. 2h, or none), "
+               "counted from each attempt's start; you may shorten your own, an admin may "
+               "also lengthen one."),
+           as_json: bool = JsonOpt) -> None:
+    """Change jobs that have not ended, waiting or running: their time limit."""
+    out = client().call("update", ids=ids or None, launch_id=launch_id, time=time)
+    ended = out.get("ended") or {}
+    if as_json:
+        print_json(out)
+    else:
+        from app.core.durations import format_duration
+
+        limit = out["time_limit_s"]
+        typer.echo(f"updated {len(out['updated'])}: time limit "
+                   f"{'none' if limit is None else format_duration(limit)}")
+        for job_id, state in ended.items():
+            typer.echo(f"job {job_id} already {state}; nothing to update", err=True)
+    if ended:
+        raise typer.Exit(1)
+
+
+@cli.command()
 def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f"),
          head: int | None = typer.Option(None, "--head", metavar="N",
                                          help="Only the first N lines."),

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 # The module that defines each command (importing it registers the command on `cli`).
 COMMANDS: dict[str, str] = {
-    **dict.fromkeys(["submit", "launch", "queue", "launches", "cancel", "logs", "wait",
-                     "status", "attach", "watch"], "app.cli.jobs"),
+    **dict.fromkeys(["submit", "launch", "queue", "launches", "cancel", "update", "logs",
+                     "wait", "status", "attach", "watch"], "app.cli.jobs"),
     **dict.fromkeys(["report", "job"], "app.cli.report"),
     **dict.fromkeys(["config", "up", "worker", "control-worker", "beat", "flower",
                      "dashboard"], "app.cli.servers"),

@@ -16,8 +16,10 @@ from app.core.errors import GpuqError
 from app.core.job_options import JOB_OPTIONS, JobOption
 
 _TYPES: dict[str, Any] = {"int": int, "text": str | None, "path": str | None,
-                          "ints": str | None, "env": list[str], "flag": bool}
-_METAVARS = {"int": "N", "text": "TEXT", "path": "DIR", "ints": "N,N", "env": "KEY=VALUE"}
+                          "ints": str | None, "env": list[str], "flag": bool,
+                          "duration": str | None, "signal": str | None}
+_METAVARS = {"int": "N", "text": "TEXT", "path": "DIR", "ints": "N,N", "env": "KEY=VALUE",
+             "duration": "TIME", "signal": "SIG@SECONDS"}
 
 
 def _cli_default(option: JobOption) -> Any:

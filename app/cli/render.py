@@ -25,7 +25,7 @@ console = Console()
 
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "PENDING": "yellow",
                "CANCELLED": "magenta", "LOST": "red", "FAILED_NO_RESOURCE": "red",
-               "FAILED_PRECHECK": "red"}
+               "FAILED_PRECHECK": "red", "TIMEOUT": "red"}
 
 
 def _short_time(iso: str | None) -> str:
@@ -139,6 +139,20 @@ def limits_table(out: dict[str, Any]) -> None:
                       "-" if e["pending"] is None else _usage_of(e["pending"], e["max_pending"]),
                       f"{e['usage_gpu_hours']:.2f}")
     console.print(table)
+    # Time limits on lines of their own: the table keeps ten columns on a narrow terminal.
+    for e in out["entries"]:
+        if e.get("default_time_s") is not None or e.get("max_time_s") is not None:
+            console.print(f"{e['kind']} {_user_text(e['name'])}: time limit "
+                          f"{_times(e.get('default_time_s'), e.get('max_time_s'))} "
+                          "(default/max)", highlight=False, soft_wrap=True)
+
+
+def _times(default_s: int | None, max_s: int | None) -> str:
+    if default_s is None and max_s is None:
+        return "-"
+    from app.core.durations import format_duration
+
+    return "/".join("-" if s is None else format_duration(s) for s in (default_s, max_s))
 
 
 def _or_dash(value: object) -> str:

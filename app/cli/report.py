@@ -79,7 +79,8 @@ def job_view(out: dict[str, Any]) -> None:
 
     shown = ("id", "name", "status", "reason", "command", "owner", "project", "gpus",
              "gpu_ids", "host", "backend", "priority", "exit_code", "submitted_at",
-             "started_at", "ended_at", "duration_s", "restart_count", "after")
+             "started_at", "ended_at", "duration_s", "restart_count", "time_limit_s",
+             "signal", "deadline", "after")
     width = max(map(len, shown))
     for field in shown:
         value = out.get(field)

@@ -61,6 +61,29 @@ def _number(text: str | None, kind: type[int] | type[float], flag: str) -> Any:
         raise typer.BadParameter(f"{flag} takes a number, or 'none' to clear it") from None
 
 
+def _duration(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    if text.lower() in ("none", "unset", "-"):
+        return "clear"
+    from app.core.durations import parse_duration
+
+    try:
+        return parse_duration(text, flag)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _shown(field: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if field.endswith("_time_s"):
+        from app.core.durations import format_duration
+
+        return format_duration(value)
+    return str(value)
+
+
 @limits_app.command("set")
 def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
          max_gpus: str | None = typer.Option(None, "--max-gpus",
@@ -72,6 +95,12 @@ def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
          max_priority: str | None = typer.Option(
              None, "--max-priority", help="The highest priority its jobs may be submitted "
              "at ('none': a user's default, 0)."),
+         max_time: str | None = typer.Option(
+             None, "--max-time", help="The longest time limit its jobs may ask for, e.g. "
+             "2d ('none'); longer ones are refused at submission."),
+         default_time: str | None = typer.Option(
+             None, "--default-time", help="The time limit of its jobs that give no --time, "
+             "e.g. 4h ('none')."),
          weight: str | None = typer.Option(None, "--weight",
                                            help="Fair-share weight (1: everyone's)."),
          default_project: str | None = typer.Option(
@@ -83,12 +112,14 @@ def set_(user: str | None = UserOpt, project: str | None = ProjectOpt,
              "max_pending": _number(max_pending, int, "--max-pending"),
              "max_cpu_jobs": _number(max_cpu_jobs, int, "--max-cpu-jobs"),
              "max_priority": _number(max_priority, int, "--max-priority"),
+             "max_time_s": _duration(max_time, "--max-time"),
+             "default_time_s": _duration(default_time, "--default-time"),
              "weight": _number(weight, float, "--weight"),
              "default_project": None if default_project is None else
              ("clear" if default_project.lower() in ("none", "-") else default_project)}
     values = {k: None if v == "clear" else v for k, v in given.items() if v is not None}
     client().call("set_limits", kind=kind, name=name, values=values)
-    shown = ", ".join(f"{k}={'none' if v is None else v}" for k, v in values.items())
+    shown = ", ".join(f"{k.removesuffix('_s')}={_shown(k, v)}" for k, v in values.items())
     typer.echo(f"{kind} {name}: {shown}")
 
 

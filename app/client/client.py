@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import shlex
 import time
@@ -155,7 +156,8 @@ class Client:
                **options: Any) -> JobHandle:
         """Queue one job: a shell command, or a Python callable with `args`.
 
-        Options are JobSpec fields (gpus, name, priority, env, ...). `secrets` are
+        Options are JobSpec fields (gpus, name, priority, env, ...; time="2h" is the time
+        limit, time_limit_s in seconds). `secrets` are
         environment variables that reach the job but are kept out of the job table, the
         broker's messages and gpuq's logs (they travel sealed in the job's stored payload). A
         command identical to one not yet ended raises DuplicateJob, unless allow_duplicate
@@ -421,7 +423,21 @@ def _spec(command: str | Sequence[str], options: dict[str, Any]) -> dict[str, An
         raise InvalidJobSpec("invalid job: command: the command is empty; give one after "
                              "`--`, e.g. -- python train.py")
     text = command if isinstance(command, str) else shlex.join(command)
-    return {"command": text, **{k: v for k, v in options.items() if v is not None}}
+    return {"command": text, **{_FIELDS.get(k, k): _time(v) if k == "time" else v
+                                for k, v in options.items() if v is not None}}
+
+
+# The client's names for JobSpec fields whose name carries a unit: time="2h" (or a
+# timedelta) is the job's time limit, as `--time` and the jobs file's `time=` are.
+_FIELDS = {"time": "time_limit_s"}
+
+
+def _time(value: Any) -> Any:
+    """A time limit as JobSpec reads it: a duration's text ("2h", "1:30:00"), as is, or
+    a timedelta in whole seconds."""
+    if isinstance(value, datetime.timedelta):
+        return max(1, round(value.total_seconds()))
+    return value
 
 
 class JobHandle:
@@ -490,6 +506,11 @@ class JobHandle:
 
     def cancel(self) -> dict[str, Any]:
         return self.client.call("cancel", ids=[self.id])
+
+    def set_time(self, time: str) -> dict[str, Any]:
+        """Change its time limit ("30m"; "none" lifts it): shorter is yours to choose,
+        longer an admin's (`gpuq update ID --time T`)."""
+        return self.client.call("update", ids=[self.id], time=time)
 
     def why(self) -> dict[str, Any]:
         """Why it is PENDING: {"code": ..., "reason": ...} (`gpuq why`)."""

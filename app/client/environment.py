@@ -1,4 +1,5 @@
-"""What a running job knows about itself: its id, launch, rank, world size and GPUs.
+"""What a running job knows about itself: its id, launch, rank, world size, GPUs and the
+time by which it must end.
 
     from app.client import JobEnvironment
 
@@ -13,6 +14,7 @@ must not cost a Celery import. The variables are those app/core/job_env.py lets 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +31,16 @@ class JobEnvironment:
     attempt: int | None = None  # GPUQ_ATTEMPT: this run's attempt number (1, 2, ...)
     host: str | None = None  # GPUQ_HOST: the host running the job (local GPUs only)
     gpus: list[int] = field(default_factory=list)  # CUDA_VISIBLE_DEVICES, as indices
+    # GPUQ_JOB_DEADLINE: when this attempt reaches its time limit (--time), in UTC epoch
+    # seconds, as it started; None without a limit. The worker stops the job then (a
+    # `gpuq update --time` made later moves the real limit, not this).
+    deadline: float | None = None
+
+    def remaining_s(self, now: float | None = None) -> float | None:
+        """Seconds left before the time limit (0 once past it); None without a limit."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - (time.time() if now is None else now))
 
     @property
     def in_gpuq(self) -> bool:
@@ -53,6 +65,7 @@ class JobEnvironment:
             attempt=_optional_int(env, "GPUQ_ATTEMPT"),
             host=env.get("GPUQ_HOST") or None,
             gpus=_gpu_indices(env.get("CUDA_VISIBLE_DEVICES", "")),
+            deadline=_optional_int(env, "GPUQ_JOB_DEADLINE"),
         )
 
 

@@ -21,7 +21,7 @@ INHERITED_PREFIXES = ("LC_",)  # the locale's categories
 # gpuq's variables a job may see: what it is (app/client/environment.py) and, for a batch
 # runner, where its payload and result are. Any other GPUQ_* name never reaches a job.
 JOB_VARIABLES = ("GPUQ_JOB_ID", "GPUQ_LAUNCH_ID", "GPUQ_JOB_RANK", "GPUQ_NUM_JOBS",
-                 "GPUQ_RESTART_COUNT", "GPUQ_ATTEMPT", "GPUQ_HOST")
+                 "GPUQ_RESTART_COUNT", "GPUQ_ATTEMPT", "GPUQ_HOST", "GPUQ_JOB_DEADLINE")
 
 
 def inherited(environ: Mapping[str, str] | None = None) -> dict[str, str]:

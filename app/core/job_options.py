@@ -5,11 +5,13 @@ loading pydantic: JobSpec validates what they give where the job is stored."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from app.core.backends import ADAPTERS
+from app.core.durations import FORMS, parse_duration, parse_signal, signal_text
 
 # The longest command a job may have, in UTF-8 bytes. A command that needs a shell reaches
 # it as one argument of `bash -c`, and Linux caps one argument at 128 KiB (MAX_ARG_STRLEN);
@@ -18,7 +20,7 @@ from app.core.backends import ADAPTERS
 MAX_COMMAND_BYTES = 120 * 1024
 
 
-OptionKind = Literal["int", "text", "path", "ints", "env", "flag"]
+OptionKind = Literal["int", "text", "path", "ints", "env", "flag", "duration", "signal"]
 
 
 @dataclass(frozen=True)
@@ -41,29 +43,50 @@ class JobOption:
     def parse(self, text: str, cwd: Path | None = None) -> Any:
         """The field's value from one piece of text; ValueError names what it takes.
         A `path` is made absolute against `cwd` when one is given (the CLI's directory)."""
-        if self.kind == "int":
-            try:
-                return int(text)
-            except ValueError:
-                raise ValueError(f"{self.flag} takes an integer, got {text!r}") from None
-        if self.kind == "ints":
-            try:
-                return [int(x) for x in text.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"{self.flag} takes comma-separated integers, e.g. 0,3; "
-                                 f"got {text!r}") from None
-        if self.kind == "env":
-            key, sep, value = text.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{self.flag} takes KEY=VALUE, got {text!r}")
-            return {key: value}
-        if self.kind == "flag":
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{self.flag} takes true or false, got {text!r}")
-            return text.lower() in ("true", "1", "yes")
         if self.kind == "path" and cwd is not None:
             return str((cwd / text).resolve())
-        return text
+        parser = _PARSERS.get(self.kind)
+        return text if parser is None else parser(text, self.flag)
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} takes an integer, got {text!r}") from None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, e.g. 0,3; "
+                         f"got {text!r}") from None
+
+
+def _env(text: str, flag: str) -> dict[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} takes KEY=VALUE, got {text!r}")
+    return {key: value}
+
+
+def _flag(text: str, flag: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{flag} takes true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _signal(text: str, flag: str) -> str:
+    return signal_text(*parse_signal(text, flag))
+
+
+# How each kind of option reads its text (a `text` or `path` is taken as it is); a time
+# limit (`--time 2h`) is seconds, its warning signal (`--signal usr2@90`) USR2@90.
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "int": _int, "ints": _ints, "env": _env, "flag": _flag, "duration": parse_duration,
+    "signal": _signal,
+}
 
 
 JOB_OPTIONS: tuple[JobOption, ...] = (
@@ -77,6 +100,12 @@ JOB_OPTIONS: tuple[JobOption, ...] = (
     JobOption("conda_env", "conda-env", "text", "A conda env to activate."),
     JobOption("max_restarts", "max-restarts", "int",
               "Restarts after a failed attempt, on every backend.", default=0),
+    JobOption("time_limit_s", "time", "duration",
+              f"Time limit of each attempt from its start ({FORMS}); at the limit the job is "
+              "stopped and ends TIMEOUT, never restarted. Unset: your default_time, if any."),
+    JobOption("signal", "signal", "signal",
+              "SIG@SECONDS: send SIG to the job's process group that many seconds before its "
+              "time limit, once, e.g. USR2@90 to checkpoint."),
     JobOption("recover_exit_codes", "recover-on-exit-codes", "ints",
               "Exit codes that restart without spending the budget, e.g. 137."),
     JobOption("allowed_gpu_ids", "gpu-ids", "ints", "Only these GPU indices, e.g. 0,3."),

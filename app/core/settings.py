@@ -62,7 +62,12 @@ class Settings(BaseSettings):
         Path(DEFAULT_TOKEN_FILE), description="A file holding a named user's token; "
         "refused unless only its owner may read it (chmod 600).")
     kill_grace_s: float = Field(
-        10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job is cancelled."
+        10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job is cancelled "
+        "or its worker stops it (shutdown, lease lost)."
+    )
+    kill_wait_s: float = Field(
+        30.0, gt=0, description="Seconds between SIGTERM and SIGKILL when a job reaches its "
+        "time limit (--time), to save its work (Slurm's KillWait); it ends TIMEOUT."
     )
     reservation_ttl_s: int = Field(
         60, gt=5, description="An attempt's lease: its worker renews it every heartbeat and "

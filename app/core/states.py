@@ -17,6 +17,7 @@ class JobState(StrEnum):
     FAILED_PRECHECK = "FAILED_PRECHECK"  # bad spec or failed preflight
     FAILED_NO_RESOURCE = "FAILED_NO_RESOURCE"  # asks for more GPUs than any host has
     LOST = "LOST"  # its worker died and no restart was left
+    TIMEOUT = "TIMEOUT"  # stopped at its time limit (--time); never restarted
     UNKNOWN = "UNKNOWN"  # its state cannot be known; never a guess
 
     @property
@@ -32,6 +33,7 @@ TERMINAL = frozenset(
         JobState.FAILED_PRECHECK,
         JobState.FAILED_NO_RESOURCE,
         JobState.LOST,
+        JobState.TIMEOUT,
     }
 )
 
@@ -44,18 +46,22 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     ),
     # STARTING -> PENDING: the reservation or the message was lost before the process started.
     # STARTING -> CANCELLING: a batch job already at its backend is cancelled there.
+    # STARTING -> TIMEOUT: a batch job whose backend reports its time-out before gpuq saw
+    # it run.
     S.STARTING: frozenset(
         {S.RUNNING, S.PENDING, S.CANCELLING, S.CANCELLED, S.FAILED, S.FAILED_PRECHECK,
-         S.RECOVERING, S.LOST, S.UNKNOWN}
+         S.RECOVERING, S.LOST, S.TIMEOUT, S.UNKNOWN}
     ),
     S.RUNNING: frozenset(
-        {S.SUCCEEDED, S.FAILED, S.CANCELLING, S.RECOVERING, S.LOST, S.UNKNOWN}
+        {S.SUCCEEDED, S.FAILED, S.CANCELLING, S.RECOVERING, S.LOST, S.TIMEOUT, S.UNKNOWN}
     ),
-    # A job may finish on its own while its cancel is in flight.
-    S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED, S.LOST, S.UNKNOWN}),
+    # A job may finish on its own (or reach its time limit) while its cancel is in flight.
+    S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED, S.LOST, S.TIMEOUT,
+                             S.UNKNOWN}),
     S.RECOVERING: frozenset({S.PENDING, S.CANCELLED, S.FAILED, S.UNKNOWN}),
     S.UNKNOWN: frozenset(
-        {S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.RECOVERING, S.LOST}
+        {S.PENDING, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.RECOVERING, S.LOST,
+         S.TIMEOUT}
     ),
 }
 for _terminal in TERMINAL:

@@ -13,9 +13,9 @@ from app.core.states import JobState
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|PWD|CREDENTIAL|AUTH|COOKIE|PRIVATE|(^|_)KEY($|_)",
                          re.IGNORECASE)
 FAILURE_STATES = (JobState.FAILED, JobState.FAILED_PRECHECK, JobState.FAILED_NO_RESOURCE,
-                  JobState.LOST)
+                  JobState.LOST, JobState.TIMEOUT)
 # Order of the segments of a launch's progress bar.
-BAR_ORDER = ("SUCCEEDED", "FAILED", "FAILED_PRECHECK", "FAILED_NO_RESOURCE", "LOST",
+BAR_ORDER = ("SUCCEEDED", "FAILED", "FAILED_PRECHECK", "FAILED_NO_RESOURCE", "LOST", "TIMEOUT",
              "CANCELLED", "CANCELLING", "RUNNING", "STARTING", "RECOVERING", "PENDING",
              "UNKNOWN")
 

@@ -15,6 +15,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from app.core.backends import BACKENDS
+from app.core.durations import DURATION_PATTERN, MAX_TIME_S, SIGNAL_PATTERN
 from app.core.text import (
     MAX_ENV_VARS,
     MAX_NAME_CHARS,
@@ -44,6 +45,7 @@ EnvName = Annotated[str, StringConstraints(pattern=r"^[^=\x00]+$")]
 # A name: printable (app/core/text.py), and short; a path: at most PATH_MAX characters.
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS)]
 PathText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=MAX_PATH_CHARS)]
+Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN)]
 Project = Annotated[str, StringConstraints(pattern=f"^{PLAIN_NAME.pattern}$",
                                            max_length=MAX_PLAIN_CHARS)]
 TEXT_TYPES: dict[str, Any] = {
@@ -51,6 +53,9 @@ TEXT_TYPES: dict[str, Any] = {
     "venv": PathText | None, "conda_env": PathText | None, "preflight": PathText | None,
     "env": Annotated[dict[EnvName, Text], Field(max_length=MAX_ENV_VARS)],
     "backend": Literal[BACKENDS], "project": Project | None,
+    # Seconds, or a duration as `--time` takes it ("2h", "1-00:00:00"); JobSpec reads both.
+    "time_limit_s": Annotated[int, Field(ge=1, le=MAX_TIME_S)] | Duration | None,
+    "signal": Annotated[str, StringConstraints(pattern=SIGNAL_PATTERN)] | None,
 }
 
 
@@ -61,6 +66,8 @@ def _user_fields() -> dict[str, Any]:
             continue
         annotation = TEXT_TYPES.get(name, field.annotation)
         extra = {"json_schema_extra": {"additionalProperties": False}} if name == "env" else {}
+        if name == "time_limit_s":  # its bounds are the integer's, in the annotation
+            field = FieldInfo(default=None, description="Seconds, or a duration such as 2h.")
         fields[name] = (annotation,
                         FieldInfo.merge_field_infos(field, annotation=annotation, **extra))
     return fields

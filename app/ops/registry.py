@@ -40,6 +40,7 @@ MODULES: dict[str, str] = {
     "submit": "app.ops.submit", "submit_many": "app.ops.submit", "launch": "app.ops.submit",
     "dispatch": "app.ops.submit",
     "cancel": "app.ops.cancel",
+    "update": "app.ops.update",
     "report": "app.ops.accounts",
     "why": "app.ops.shares", "limits_table": "app.ops.shares", "set_limits": "app.ops.shares",
     "clear_limits": "app.ops.shares",

@@ -19,6 +19,8 @@ from app.core.states import TERMINAL
 if TYPE_CHECKING:
     from app.store.models import Job, JobEvent, Launch
 
+# The states in which a job's attempt runs against its time limit.
+_TIMED = ("RUNNING", "CANCELLING")
 # The most rows one page of the queue carries.
 MAX_PAGE = 10_000
 
@@ -61,6 +63,11 @@ class JobRow(Row):
     why: str | None = Field(None, description="Why a PENDING job waits, as a code (`gpuq "
                             "why`).")
     why_reason: str | None = Field(None, description="The same, in a sentence.")
+    time_limit_s: int | None = Field(None, description="Each attempt's time limit from its "
+                                     "start (--time); None: none.")
+    signal: str | None = Field(None, description="SIG@SECONDS sent before the time limit.")
+    deadline: str | None = Field(None, description="When a running attempt reaches its time "
+                                 "limit.")
 
     @classmethod
     def of(cls, job: Job, now: float | None = None,
@@ -75,6 +82,10 @@ class JobRow(Row):
             priority=job.priority, backend=job.backend, backend_id=job.backend_id,
             submitted_at=iso(job.submitted_at), started_at=iso(job.started_at),
             ended_at=iso(job.ended_at), restart_count=job.restart_count, owner=job.owner,
+            time_limit_s=job.time_limit_s, signal=job.signal,
+            deadline=iso(job.started_at + job.time_limit_s)
+            if job.time_limit_s and job.started_at and not job.ended_at
+            and job.state in _TIMED else None,
             duration_s=round(job.runtime_s + (end - job.started_at), 3)
             if end and job.started_at else (round(job.runtime_s, 3) or None))
 

@@ -69,6 +69,7 @@ def shares_table(rt: Runtime, count_pending: bool) -> dict[str, Any]:
                      "weight": found.weight(kind, name),
                      "default_project": entry.default_project if kind == "user" else None,
                      "max_priority": found.max_priority(kind, name),
+                     "max_time_s": entry.max_time_s, "default_time_s": entry.default_time_s,
                      "running_gpus": running.get((kind, name), 0),
                      "pending": pending.get((kind, name), 0) if count_pending else None,
                      "usage_gpu_hours": round(used.get((kind, name), 0.0) / 3600, 4)})
@@ -86,8 +87,8 @@ def set_limits(rt: Runtime, kind: str, name: str, values: dict[str, Any],
         raise NotPermitted("limits are an admin's to set; ask one (gpuq limits shows them)")
     if not values:
         raise InvalidArguments("name a limit to set: --max-gpus, --max-pending, "
-                               "--max-cpu-jobs, --max-priority, --weight or "
-                               "--default-project")
+                               "--max-cpu-jobs, --max-priority, --max-time, --default-time, "
+                               "--weight or --default-project")
     with rt.engine.begin() as conn:
         limits.write(conn, kind, name, values)
     return {"kind": kind, "name": name, "set": values}

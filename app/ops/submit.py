@@ -60,16 +60,19 @@ def _owner(actor: Actor | None, spec: dict[str, Any]) -> str:
 
 def _within_limits(rt: Runtime, session: Session, spec: JobSpec, actor: Actor,
                    adding: int) -> JobSpec:
-    """The spec in its project (the owner's default when it names none), once the actor may
-    submit to that project at that priority and the owner and the project have room for
-    `adding` more PENDING jobs; else NotPermitted or OverLimit names the grant or limit."""
+    """The spec in its project (the owner's default when it names none) with its time
+    limit (the owner's or project's default_time when it gives none), once the actor may
+    submit to that project at that priority, the limit is within their max_time, and the
+    owner and the project have room for `adding` more PENDING jobs; else NotPermitted or
+    OverLimit names the grant or limit."""
     found = limits.read(session, rt.settings, strict=False)
     owner = actor.name
     project = spec.project or found.project_of(owner)
     if not actor.admin:
         _refuse_ungranted(rt, session, found, owner, project, spec.priority)
+    time_limit_s = found.time_limit(owner, project, spec.time_limit_s)
     limits.refuse_over_pending(session, found, owner, project, adding)
-    return spec.model_copy(update={"project": project})
+    return spec.model_copy(update={"project": project, "time_limit_s": time_limit_s})
 
 
 def _refuse_ungranted(rt: Runtime, session: Session, found: limits.Limits, owner: str,
@@ -176,9 +179,15 @@ def _store_file_lines(rt: Runtime, origin: str, parsed: list[JobSpec]) -> list[d
     lines: list[dict[str, Any]] = [{} for _ in parsed]
     first: dict[Identity, int] = {}
     same_as: dict[int, int] = {}
+    with rt.session() as session:
+        found = limits.read(session, rt.settings, strict=False)
+    owner = stack_owner().name
     for index, job_spec in enumerate(parsed):
         try:
             _check_preflight(rt, job_spec)
+            parsed[index] = job_spec = job_spec.model_copy(update={"time_limit_s": (
+                found.time_limit(owner, job_spec.project or found.project_of(owner),
+                                 job_spec.time_limit_s))})
         except GpuqError as e:
             lines[index] = _refused(e)
             continue

@@ -236,16 +236,28 @@ def attempt_is(job_id: int, attempt: int) -> list[ColumnElement[bool]]:
     return [col(Job.id) == job_id, col(Job.attempt) == attempt]
 
 
-def renew_lease(session: Session, job_id: int, attempt: int, lease_s: float) -> str | None:
-    """Extend an attempt's lease; return the job's state, or None when the attempt holds no
-    lease any more (a newer attempt, an ended job, or a lease that ran out: an attempt
-    whose lease ran out may already run elsewhere, and is never revived)."""
+class Renewed(NamedTuple):
+    """What a renewal reads back of its attempt: its state, and what its time limit is
+    counted from and how long it is (`gpuq update --time` may change it while it runs)."""
+
+    state: str
+    started_at: float | None
+    time_limit_s: int | None
+
+
+def renew_lease(session: Session, job_id: int, attempt: int,
+                lease_s: float) -> Renewed | None:
+    """Extend an attempt's lease; return the job's state and time limit, or None when the
+    attempt holds no lease any more (a newer attempt, an ended job, or a lease that ran
+    out: an attempt whose lease ran out may already run elsewhere, and is never revived)."""
     now = time.time()
-    return session.connection().scalars(
+    row = session.connection().execute(
         update(JOBS).where(*attempt_is(job_id, attempt),
                           col(Job.state).in_([s.value for s in HOLDING]),
                           or_(col(Job.lease_until).is_(None), col(Job.lease_until) >= now))
-        .values(lease_until=now + lease_s).returning(col(Job.state))).first()
+        .values(lease_until=now + lease_s)
+        .returning(col(Job.state), col(Job.started_at), col(Job.time_limit_s))).first()
+    return None if row is None else Renewed._make(row)
 
 
 class Holding(NamedTuple):

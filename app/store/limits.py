@@ -4,8 +4,10 @@ home), and the pending limit checked at submission.
 
 An entry holds any of max_gpus (GPUs its jobs may hold at once), max_pending (jobs it may
 have PENDING), max_cpu_jobs (0-GPU jobs it may run at once), max_priority (the highest
-priority its jobs may be submitted at), weight (fair share: twice the weight, twice the GPU
-time) and, for a user, default_project. The name `*` is the default of every user (or
+priority its jobs may be submitted at), max_time_s and default_time_s (the longest time
+limit its jobs may ask for, and the limit of those that ask for none; the file takes
+durations, max_time = "2d"), weight (fair share: twice the weight, twice the GPU time) and,
+for a user, default_project. The name `*` is the default of every user (or
 project) without an entry of its own; a field an entry leaves unset falls back to `*`'s,
 then to no limit (a named user's max_priority: 0), weight 1 and the owner's own name as
 project. The database wins over the file field by field.
@@ -25,6 +27,7 @@ from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
+from app.core.durations import MAX_TIME_S, format_duration, parse_duration
 from app.core.errors import InvalidArguments, OverLimit
 from app.core.settings import Settings
 from app.core.states import JobState
@@ -37,7 +40,9 @@ log = logging.getLogger(__name__)
 LIMITS = Limit.__table__  # type: ignore[attr-defined]
 KINDS = ("user", "project")
 FIELDS = ("max_gpus", "max_pending", "max_cpu_jobs", "weight", "default_project",
-          "max_priority")
+          "max_priority", "max_time_s", "default_time_s")
+# The file's names of the time fields, which take a duration ("2d") as `--time` does.
+FILE_DURATIONS = {"max_time": "max_time_s", "default_time": "default_time_s"}
 # A named user's max_priority where no entry sets one: they may not jump the queue
 # unless an admin grants it.
 USER_MAX_PRIORITY = 0
@@ -59,6 +64,8 @@ class Entry:
     weight: float | None = None
     default_project: str | None = None
     max_priority: int | None = None
+    max_time_s: int | None = None
+    default_time_s: int | None = None
 
     def over(self, other: Entry) -> Entry:
         """This entry, its unset fields taken from `other`."""
@@ -92,6 +99,29 @@ class Limits:
         most = self.of(kind, name).max_priority
         return USER_MAX_PRIORITY if most is None and kind == "user" else most
 
+    def time_limit(self, owner: str, project: str, asked: int | None) -> int | None:
+        """The time limit a job of `owner` in `project` gets: the one it asked for; else
+        the user's default_time, else the project's, else (as Slurm does) the lower
+        max_time, never over a max_time. OverLimit, naming the limit, when it asked for
+        more than the user's or the project's max_time."""
+        user, group = self.of("user", owner), self.of("project", project)
+        bounds = [(kind, name, entry.max_time_s) for kind, name, entry in
+                  (("user", owner, user), ("project", project, group))
+                  if entry.max_time_s is not None]
+        if asked is None:
+            default = (user.default_time_s if user.default_time_s is not None
+                       else group.default_time_s)
+            capped = [most for _, _, most in bounds]
+            return min([default, *capped] if default is not None else capped, default=None)
+        for kind, name, most in bounds:
+            if asked > most:
+                raise OverLimit(
+                    f"{kind} {name}'s jobs may run at most {format_duration(most)} "
+                    f"(max_time) and this one asks for {format_duration(asked)}: submit "
+                    f"with --time {format_duration(most)} or less, or ask an admin to raise "
+                    f"it (gpuq limits set --{kind} {name} --max-time T)")
+        return asked
+
 
 def check_entry(kind: str, name: str, values: dict[str, Any]) -> None:
     """Refuse an entry no limit can mean, naming the field and what it takes."""
@@ -119,6 +149,11 @@ def _check_value(kind: str, field: str, value: Any) -> None:
                               or not 0 < value <= 1e6):
         raise InvalidArguments(f"weight takes a number above 0 (1 is everyone's), "
                                f"got {value!r}")
+    if field in ("max_time_s", "default_time_s") and (
+            isinstance(value, bool) or not isinstance(value, int)
+            or not 1 <= value <= MAX_TIME_S):
+        raise InvalidArguments(f"{field} takes whole seconds from 1 to {MAX_TIME_S} (a "
+                               f"duration such as 2d on the command line), got {value!r}")
     if field == "default_project":
         if kind != "user":
             raise InvalidArguments("default_project is a user's, not a project's")
@@ -159,12 +194,29 @@ def _file_entries(settings: Settings) -> dict[tuple[str, str], Entry]:
                 raise InvalidArguments(f"{path}: [{kind}.{name}] must be a table of "
                                        f"{', '.join(FIELDS)}")
             try:
+                values = _file_durations(values)
                 check_entry(kind, name, values)
             except InvalidArguments as e:
                 raise InvalidArguments(f"{path}: [{kind}.{name}]: {e}") from None
             entries[(kind, name)] = Entry(**values)
     _FILE_CACHE[path] = (mark, entries)
     return entries
+
+
+def _file_durations(values: dict[str, Any]) -> dict[str, Any]:
+    """A file entry's max_time and default_time ("2d", "4h") in seconds, under the fields'
+    own names."""
+    out = {k: v for k, v in values.items() if k not in FILE_DURATIONS}
+    for key, field in FILE_DURATIONS.items():
+        if key not in values:
+            continue
+        if not isinstance(values[key], str):
+            raise InvalidArguments(f"{key} takes a duration in quotes, e.g. {key} = \"2d\"")
+        try:
+            out[field] = parse_duration(values[key], key)
+        except ValueError as e:
+            raise InvalidArguments(str(e)) from None
+    return out
 
 
 def read(conn: Connection | Session, settings: Settings, strict: bool = True) -> Limits:

@@ -68,6 +68,8 @@ class Job(SQLModel, table=True):
     origin: str | None = None  # the jobs file a job came from (set by its watcher only)
     waiting: bool = False  # PENDING until every job of `after` has SUCCEEDED
     max_restarts: int = 0
+    time_limit_s: int | None = None  # each attempt's limit from its start; None: none
+    signal: str | None = None  # SIG@SECONDS before the limit (app/core/durations.py)
     recover_exit_codes: list[int] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )
@@ -251,6 +253,8 @@ class Limit(SQLModel, table=True):
     weight: float | None = None  # fair share: twice the weight, twice the GPU time
     default_project: str | None = None  # a user's jobs' project when they name none
     max_priority: int | None = None  # the highest priority its jobs may be submitted at
+    max_time_s: int | None = None  # the longest time limit its jobs may ask for
+    default_time_s: int | None = None  # the time limit of its jobs that give none
 
 
 class ProjectMember(SQLModel, table=True):

@@ -4,6 +4,8 @@ A local attempt that exited, a job whose worker died, and a batch job its backen
 ended all go through `decide` (pure) and `apply` (one fenced write). The rule:
 
 - cancelled: CANCELLED;
+- stopped at its time limit: TIMEOUT, never restarted (a job that ran out of time would
+  run out of it again);
 - exit 0 with nothing wrong: SUCCEEDED; exit 0 whose result cannot be kept: FAILED;
 - an exit code listed in the job's recover-on codes: restart, without spending the budget;
 - any other failure, or a lost attempt, while restarts remain: restart, spending one;
@@ -45,6 +47,7 @@ class AttemptEnd:
     exit_code: int | None = None  # the process's exit code, when one is known
     lost: bool = False  # its worker or backend lost it: how it ended is unknown
     cancelled: bool = False  # it was stopped on a user's request
+    timed_out: bool = False  # it was stopped at its time limit (or its backend's)
     why: str | None = None  # what went wrong in words, when there is more to say than a code
 
 
@@ -72,6 +75,8 @@ def decide(restarts: int, max_restarts: int, recover_exit_codes: Sequence[int],
     """The policy's answer for a job that has restarted `restarts` times so far."""
     if end.cancelled:
         return Decision(JobState.CANCELLED, end.why or "cancelled by user")
+    if end.timed_out:
+        return Decision(JobState.TIMEOUT, end.why or "reached its time limit")
     if end.exit_code == 0 and not end.lost:
         if end.why is None:
             return Decision(JobState.SUCCEEDED, None)

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from app.core.backends import BACKENDS
+from app.core.durations import MAX_TIME_S, parse_duration, parse_signal, signal_text
 from app.core.errors import InvalidJobSpec
 from app.core.job_options import JOB_OPTIONS, MAX_COMMAND_BYTES, JobOption
 from app.core.text import (
@@ -60,6 +61,11 @@ class JobSpec(BaseModel):
     venv: str | None = None
     conda_env: str | None = None
     max_restarts: int = Field(0, ge=0, le=1000)
+    # Seconds each attempt may run (a duration such as "2h" is read too); None: no limit,
+    # unless the owner's or project's default_time gives one at submission.
+    time_limit_s: int | None = Field(None, ge=1, le=MAX_TIME_S)
+    # SIG@SECONDS: sent to the job's process group that long before its time limit.
+    signal: str | None = None
     recover_exit_codes: list[int] = Field(default_factory=list)
     allowed_gpu_ids: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(
         None, min_length=1)
@@ -140,6 +146,18 @@ class JobSpec(BaseModel):
             _check_text(name)
             _check_text(text)
         return value
+
+    @field_validator("time_limit_s", mode="before")
+    @classmethod
+    def _a_duration(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_duration(value)
+        return value
+
+    @field_validator("signal")
+    @classmethod
+    def _a_signal(cls, value: str | None) -> str | None:
+        return None if value is None else signal_text(*parse_signal(value))
 
     @field_validator("project")
     @classmethod

@@ -26,6 +26,7 @@ from tenacity import (
 
 from app.core import keys, logcap
 from app.core.accounts import RunAs
+from app.core.durations import format_duration
 from app.core.errors import NoRunAccount, PayloadError, PayloadNotAuthentic
 from app.core.paths import JobPaths
 from app.core.procgroup import process_identity
@@ -81,7 +82,8 @@ def _claim(rt: Runtime, job_id: int, attempt: int) -> tuple[Job, Lease] | str:
             state = job.state if job else "missing"
             log.info("job %s attempt %s skipped: it is %s", job_id, attempt, state)
             return f"skipped ({state})"
-        lease = Lease(rt, job_id, attempt, job.host or rt.settings.hostname, job.gpu_ids or [])
+        lease = Lease(rt, job_id, attempt, job.host or rt.settings.hostname, job.gpu_ids or [],
+                      job.time_limit_s, job.signal)
         # The claim: from here on this worker holds the attempt's lease, or it does not run it.
         if not lease.renew(session):
             log.info("job %s attempt %s skipped: its lease is gone", job_id, attempt)
@@ -135,7 +137,7 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
     try:
         outcome = _runner(rt, job, account)(
             job, command, env, path, grace_s=settings.kill_grace_s,
-            should_stop=lease.stop_reason,
+            kill_wait_s=settings.kill_wait_s, should_stop=lease.stop_reason,
             on_start=lambda pid: _started(rt, lease, job_id, attempt, host, pid, abandoned),
             log_max_bytes=settings.log_max_bytes,
         )
@@ -155,7 +157,8 @@ def _run_leased(rt: Runtime, job: Job, attempt: int, lease: Lease, host: str,
     with contextlib.suppress(Exception):  # the readings of the job's last moments
         lease.figures.sample(rt.redis)
     failure = calls.collect_result(rt, job) if job.kind == "function" else None
-    state = _record_outcome(rt, job, attempt, outcome, failure)
+    state = _record_outcome(rt, job, attempt, outcome, failure,
+                            lease.time_limit.time_limit_s)
     _note_figures(rt, job_id, attempt, lease.figures, outcome.usage)
     if JobState(state).terminal:
         with rt.session() as session:
@@ -255,13 +258,16 @@ def _mark_running(rt: Runtime, lease: Lease, job_id: int, attempt: int, host: st
             if abandoned.is_set():
                 return False
             now = time.time()
-            return bool(transition(
+            running = bool(transition(
                 session, JobState.RUNNING, None,
                 [*attempt_is(job_id, attempt),
                  or_(col(Job.lease_until).is_(None), col(Job.lease_until) >= now)],
                 {"started_at": now, "host": host, "pid": pid,
                  "pid_identity": process_identity(pid)},
                 only_from=[JobState.STARTING]))
+            if running:  # its time limit counts from here (committed as this returns)
+                lease.time_limit.began(pid, now)
+            return running
     raise AssertionError("unreachable: tenacity returns or raises")
 
 
@@ -283,7 +289,12 @@ _STOPPED_WHY = {
 }
 
 
-def _attempt_end(outcome: executor.Outcome, failure: str | None) -> restart_policy.AttemptEnd:
+def _attempt_end(outcome: executor.Outcome, failure: str | None,
+                 time_limit_s: int | None = None) -> restart_policy.AttemptEnd:
+    if outcome.stopped == executor.TIMEOUT:
+        limit = format_duration(time_limit_s) if time_limit_s else "its limit"
+        return restart_policy.AttemptEnd(exit_code=outcome.exit_code, timed_out=True,
+                                         why=f"reached its time limit of {limit}")
     stopped_why = _STOPPED_WHY.get(outcome.stopped or "")
     return restart_policy.AttemptEnd(
         exit_code=None if stopped_why else outcome.exit_code, cancelled=outcome.cancelled,
@@ -291,14 +302,14 @@ def _attempt_end(outcome: executor.Outcome, failure: str | None) -> restart_poli
 
 
 def _record_outcome(rt: Runtime, job: Job, attempt: int, outcome: executor.Outcome,
-                    failure: str | None = None) -> str:
+                    failure: str | None = None, time_limit_s: int | None = None) -> str:
     """Record how the attempt ended and apply the restart policy; `failure` explains a
     function job's failure. Fenced on the attempt: a stale attempt writes nothing.
 
     The outcome is kept in Redis first: if the database is away until this attempt's lease
     runs out, the reconciler records it from there instead of calling the attempt lost."""
     assert job.id is not None
-    end, ended_at = _attempt_end(outcome, failure), time.time()
+    end, ended_at = _attempt_end(outcome, failure, time_limit_s), time.time()
     with contextlib.suppress(Exception):
         cluster.keep_outcome(rt.redis, job.id, attempt, {
             "end": dataclasses.asdict(end), "ended_at": ended_at,

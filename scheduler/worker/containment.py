@@ -62,6 +62,18 @@ class Container:
         process outlived EMPTY_TIMEOUT_S."""
         raise NotImplementedError
 
+    def pids(self) -> list[int]:
+        """The processes inside now."""
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        """SIGTERM every process inside, once: a job stopped with a grace period (at its
+        time limit, cancelled) may save its work in each of them, those that left its
+        process group (`setsid`) included; kill_all ends what is left after the grace."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+
     def usage(self) -> Usage:
         return Usage(None, None)
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,13 @@ CANCEL = "cancel"  # a user cancelled it
 LEASE = "lease"  # its worker could not renew its lease in time (database or network away)
 SUPERSEDED = "superseded"  # its attempt is no longer the job's (settled, or run anew)
 SHUTDOWN = "shutdown"  # its worker is shutting down
+TIMEOUT = "timeout"  # it reached its time limit (--time)
 
 
 @dataclass
 class Outcome:
     exit_code: int
-    stopped: str | None = None  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN; None: it ended
+    stopped: str | None = None  # CANCEL, LEASE, SUPERSEDED, SHUTDOWN or TIMEOUT; None: ended
     usage: Usage | None = None  # the job's CPU and memory, where its container reads them
 
     @property
@@ -44,7 +46,8 @@ class Outcome:
 
 
 def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: str,
-                    secrets: dict[str, str] | None = None) -> dict[str, str]:
+                    secrets: dict[str, str] | None = None,
+                    now: float | None = None) -> dict[str, str]:
     """The environment a replica sees (app/core/job_env.py): the allow-listed part of the
     worker's `base`, the user's variables, gpuq's own, then its secrets. Nothing else of
     the worker's reaches it: its GPUQ_* settings hold the broker's and the database's
@@ -65,6 +68,11 @@ def job_environment(job: Job, base: dict[str, str], gpu_ids: list[int], host: st
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
     }
+    if job.time_limit_s is not None:
+        # Read just before the start that begins the attempt's timer: never later than the
+        # limit the worker enforces from the recorded start.
+        started = time.time() if now is None else now
+        gpuq["GPUQ_JOB_DEADLINE"] = str(int(started + job.time_limit_s))
     return job_env.job_environment(own, gpuq, secrets, environ=base)
 
 
@@ -107,8 +115,14 @@ _PDEATHSIG = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 class Stop(NamedTuple):
-    reason: str  # CANCEL, LEASE, SUPERSEDED or SHUTDOWN
+    reason: str  # CANCEL, LEASE, SUPERSEDED, SHUTDOWN or TIMEOUT
     with_grace: bool  # SIGTERM and the kill grace first; else SIGKILL at once
+
+
+def grace_for(reason: str, grace_s: float, kill_wait_s: float | None) -> float:
+    """The wait between SIGTERM and SIGKILL: the kill wait (GPUQ_KILL_WAIT_S) for a job at
+    its time limit, which it may spend saving its work; the kill grace for any other stop."""
+    return kill_wait_s if reason == TIMEOUT and kill_wait_s is not None else grace_s
 
 
 def watched_start(on_start: Callable[[int], bool], pid: int,
@@ -148,7 +162,7 @@ def watched_start(on_start: Callable[[int], bool], pid: int,
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
         log_max_bytes: int = DEFAULT_LOG_MAX_BYTES, container: Container | None = None,
-        account: RunAs | None = None) -> Outcome:
+        account: RunAs | None = None, kill_wait_s: float | None = None) -> Outcome:
     """Run the job to its end, or until `should_stop` names a reason to stop it. Its output
     reaches its log through a pipe, pumped on a thread of this worker into the capped log.
 
@@ -178,7 +192,8 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
     pump = logcap.Pump(read_fd, logcap.CappedLog(log_path, log_max_bytes))
     pump.start()
     try:
-        outcome = _watch(proc, grace_s, should_stop, on_start)
+        outcome = _watch(proc, grace_s, kill_wait_s, should_stop, on_start,
+                         container.terminate if container is not None else None)
     finally:
         if container is not None:  # what the job left behind, daemons included
             container.kill_all()
@@ -189,21 +204,28 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, grace_s:
     return outcome
 
 
-def _watch(proc: subprocess.Popen[bytes], grace_s: float,
-           should_stop: Callable[[], str | None], on_start: Callable[[int], bool]) -> Outcome:
+def _watch(proc: subprocess.Popen[bytes], grace_s: float, kill_wait_s: float | None,
+           should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
+           terminate: Callable[[], None] | None = None) -> Outcome:
+    """Wait for the job's end, or stop it when `should_stop` names a reason: with a grace
+    period, SIGTERM reaches its container's every process (`terminate`) as its group's."""
     try:
         stop = watched_start(on_start, proc.pid, should_stop)
     except BaseException:
         stop_group(proc, 0)
         raise
     if stop is not None:
-        stop_group(proc, grace_s if stop.with_grace else 0)
+        if stop.with_grace and terminate is not None:
+            terminate()
+        stop_group(proc, grace_for(stop.reason, grace_s, kill_wait_s) if stop.with_grace else 0)
         return Outcome(proc.returncode, stopped=stop.reason)
     waiter = ExitWaiter(proc)
     try:
         while not waiter.exited(POLL_S):
             if (reason := should_stop()) is not None:
-                stop_group(proc, grace_s)
+                if terminate is not None:
+                    terminate()
+                stop_group(proc, grace_for(reason, grace_s, kill_wait_s))
                 return Outcome(proc.returncode, stopped=reason)
     finally:
         waiter.close()

@@ -11,8 +11,14 @@ delays the watch loop that must stop the job in time:
   of the database's holds, rebuilt if Redis lost them) and samples its GPUs' readings
   every monitor interval for the attempt's figures (scheduler/worker/figures.py).
 
+A third thread keeps the attempt's time limit (`--time`, scheduler/worker/timelimit.py): it
+sends the job's `--signal` once, that many seconds before the limit. The limit counts from
+the recorded start and is read again with each renewal, so that `gpuq update --time`
+reaches a running job.
+
 `stop_reason()` is what the executor's loop asks: the job stops when a user cancels it, when
-its worker shuts down, when its attempt was superseded, or when the last renewal is older
+it reaches its time limit, when its worker shuts down, when its attempt was superseded, or
+when the last renewal is older
 than `Settings.lease_stop_s`, so that the job is gone (SIGTERM, then SIGKILL after the kill
 grace) before the lease runs out. The reconciler settles an attempt only once its lease ran
 out by `lease_margin_s` (scheduler/dispatch/reconcile.py): a job never runs in two places.
@@ -33,8 +39,9 @@ from app.core.states import JobState
 from app.runtime import Runtime
 from app.store import cluster
 from app.store.jobs import renew_lease
-from scheduler.worker.executor import CANCEL, LEASE, SHUTDOWN, SUPERSEDED
+from scheduler.worker.executor import CANCEL, LEASE, SHUTDOWN, SUPERSEDED, TIMEOUT
 from scheduler.worker.figures import Figures
+from scheduler.worker.timelimit import TimeLimit
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,8 @@ def request_shutdown() -> None:
 
 class Lease:
     def __init__(self, rt: Runtime, job_id: int, attempt: int, host: str,
-                 gpu_ids: Sequence[int]) -> None:
+                 gpu_ids: Sequence[int], time_limit_s: int | None = None,
+                 signal: str | None = None) -> None:
         self.rt = rt
         self.job_id, self.attempt = job_id, attempt
         self.host, self.gpu_ids = host, list(gpu_ids)
@@ -59,11 +67,14 @@ class Lease:
         self.superseded = False
         self.cancelled = False
         self.figures = Figures(host, gpu_ids)
+        self.time_limit = TimeLimit(job_id, time_limit_s, signal)
         self._done = threading.Event()
         self._threads = [threading.Thread(target=self._renewing, daemon=True,
                                           name=f"gpuq-lease-{job_id}"),
                          threading.Thread(target=self._watching_redis, daemon=True,
-                                          name=f"gpuq-cancel-{job_id}")]
+                                          name=f"gpuq-cancel-{job_id}"),
+                         threading.Thread(target=self.time_limit.keep, args=(self._done,),
+                                          daemon=True, name=f"gpuq-time-{job_id}")]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -79,13 +90,14 @@ class Lease:
         with contextlib.ExitStack() as stack:
             if session is None:
                 session = stack.enter_context(self.rt.session())
-            state = renew_lease(session, self.job_id, self.attempt,
-                                self.rt.settings.reservation_ttl_s)
-        if state is None:
+            renewed = renew_lease(session, self.job_id, self.attempt,
+                                  self.rt.settings.reservation_ttl_s)
+        if renewed is None:
             self.superseded = True
             return False
         self.renewed_at = started
-        if state == JobState.CANCELLING.value:
+        self.time_limit.reread(renewed.state, renewed.started_at, renewed.time_limit_s)
+        if renewed.state == JobState.CANCELLING.value:
             self.cancelled = True
         return True
 
@@ -94,6 +106,8 @@ class Lease:
             return CANCEL
         if self.superseded:
             return SUPERSEDED
+        if self.time_limit.reached():
+            return TIMEOUT
         if shutting_down.is_set():
             return SHUTDOWN
         if time.monotonic() - self.renewed_at > self.rt.settings.lease_stop_s:

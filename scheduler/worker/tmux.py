@@ -25,6 +25,7 @@ from scheduler.worker.executor import (
     DEFAULT_LOG_MAX_BYTES,
     POLL_S,
     Outcome,
+    grace_for,
     shell_script,
     watched_start,
 )
@@ -97,15 +98,16 @@ def _hand_over(fifo: Path, data: bytes, alive: Callable[[], bool]) -> None:
 def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: Path,
         paths: JobPaths, grace_s: float,
         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
-        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES, container: Container | None = None
-        ) -> Outcome:
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES, container: Container | None = None,
+        kill_wait_s: float | None = None) -> Outcome:
     """Run the job in `tmux new-session -d` and wait for it like the direct executor, its
     pane inside `container`, which is emptied before this returns. Its script and pipe are
     removed when the attempt ends."""
     script_path, fifo = paths.tmux_script, env_fifo(paths)
     try:
-        outcome = _run(job, command, env, log_path, socket, paths, grace_s, should_stop,
-                       on_start, log_max_bytes, container.join_files() if container else [])
+        outcome = _run(job, command, env, log_path, socket, paths, (grace_s, kill_wait_s),
+                       should_stop, on_start, log_max_bytes,
+                       container.join_files() if container else [])
     finally:
         script_path.unlink(missing_ok=True)
         fifo.unlink(missing_ok=True)
@@ -118,8 +120,9 @@ def run(job: Job, command: str, env: dict[str, str], log_path: Path, *, socket: 
 
 
 def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Path,
-         paths: JobPaths, grace_s: float, should_stop: Callable[[], str | None],
-         on_start: Callable[[int], bool], log_max_bytes: int, joins: list[Path]) -> Outcome:
+         paths: JobPaths, graces: tuple[float, float | None],
+         should_stop: Callable[[], str | None], on_start: Callable[[int], bool],
+         log_max_bytes: int, joins: list[Path]) -> Outcome:
     name = session_name(job.id)
     script_path, exit_path, fifo = paths.tmux_script, paths.tmux_exit, env_fifo(paths)
     exit_path.unlink(missing_ok=True)
@@ -144,7 +147,7 @@ def _run(job: Job, command: str, env: dict[str, str], log_path: Path, socket: Pa
     while not exit_path.exists() and _alive(socket, name):
         reason, with_grace = stop if stop is not None else (should_stop(), True)
         if reason is not None:
-            stop_pane_group(pane_pid, grace_s if with_grace else 0)
+            stop_pane_group(pane_pid, grace_for(reason, *graces) if with_grace else 0)
             subprocess.run(tmux_command(socket, "kill-session", "-t", name),
                            capture_output=True)
             return Outcome(KILLED_EXIT, stopped=reason)

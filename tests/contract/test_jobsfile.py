@@ -59,8 +59,8 @@ def test_rereads_submit_only_new_lines_and_skip_bad_ones(local, tmp_path):
     assert first is not None and len(first.submitted) == 1
     assert first.errors == ["line 3: unknown option 'bogus'; known: after, backend, conda_env, "
                             "env.KEY, gpu_ids, gpus, max_restarts, name, preflight, priority, "
-                            "project, recover_on_exit_codes, tmux, venv, workdir; the line: "
-                            "bogus=1 -- x"]
+                            "project, recover_on_exit_codes, signal, time, tmux, venv, "
+                            "workdir; the line: bogus=1 -- x"]
     assert watcher.poll() is None, "unchanged file: not read again"
 
     with path.open("a") as f:

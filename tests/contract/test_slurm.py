@@ -203,7 +203,8 @@ def test_job_names_and_comments_are_made_safe_for_slurm(name, expected):
     ("COMPLETING", "None", "0:0", ("running", None, None)),
     ("COMPLETED", "None", "0:0", ("succeeded", None, 0)),
     ("FAILED", "NonZeroExitCode", "9:0", ("failed", "FAILED on Slurm: NonZeroExitCode", 9)),
-    ("TIMEOUT", "TimeLimit", "0:15", ("failed", "TIMEOUT on Slurm: TimeLimit", 143)),
+    ("TIMEOUT", "TimeLimit", "0:15", ("timeout", "reached its time limit (TIMEOUT on Slurm)",
+                                      143)),
     ("OUT_OF_MEMORY", "None", "0:125", ("failed", "OUT_OF_MEMORY on Slurm", 253)),
     ("CANCELLED", "None", "0:15", ("cancelled", "cancelled on Slurm", 143)),
 ])

@@ -20,7 +20,8 @@ from scheduler.jobsfile import parse_line
 GIVEN = {"gpus": "2", "name": "sweep", "priority": "5", "workdir": "/srv/run",
          "venv": "/opt/venv", "conda-env": "torch", "max-restarts": "3",
          "recover-on-exit-codes": "137,143", "gpu-ids": "0,3", "preflight": "nccl",
-         "backend": "local", "after": "4,9", "project": "vision"}
+         "backend": "local", "after": "4,9", "project": "vision", "time": "1-02:00:00",
+         "signal": "usr2@90"}
 
 
 def _options_from_the_command_line(args: list[str]) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def test_the_command_line_and_the_jobs_file_read_each_option_alike():
     assert file_spec is not None
     assert {k: v for k, v in file_spec.items() if k != "command"} == cli_options
     assert cli_options["recover_exit_codes"] == [137, 143]
+    assert (cli_options["time_limit_s"], cli_options["signal"]) == (93600, "USR2@90")
     assert cli_options["env"] == {"LR": "3e-4", "SEED": "1"}
 
 
