@@ -51,6 +51,8 @@ ATTEMPTS: list[tuple[str, str, Any]] = [
                                      "values": {"max_priority": 100}}),
     ("post", "/api/ops/set_limits", {"kind": "user", "name": "alice",
                                      "values": {"default_project": "vision"}}),
+    ("post", "/api/ops/set_limits", {"kind": "user", "name": "alice",
+                                     "values": {"max_time_s": None}}),
     ("post", "/api/ops/set_limits", {"kind": "user", "name": "*", "values": {"max_gpus": 99}}),
     ("post", "/api/ops/set_limits", {"kind": "project", "name": "alice",
                                      "values": {"max_gpus": 99}}),
@@ -68,6 +70,7 @@ ATTEMPTS: list[tuple[str, str, Any]] = [
     ("post", "/api/jobs", {"command": "true", "priority": 5}),
     ("post", "/api/jobs", {"command": "true", "project": "vision"}),
     ("post", "/api/jobs", {"command": "true", "owner": "root"}),
+    ("post", "/api/jobs", {"command": "true", "time_limit_s": 7 * 86400}),
     ("post", "/api/launches", {"command": "true {rank}", "num_jobs": 2, "priority": 5}),
     ("post", "/api/launches", {"command": "true {rank}", "num_jobs": 2, "project": "vision"}),
     ("post", "/api/ops/submit", {"spec": {"command": "true", "priority": 5}}),
@@ -88,22 +91,30 @@ ATTEMPTS: list[tuple[str, str, Any]] = [
 
 
 def test_no_path_of_the_api_lets_a_named_user_raise_her_own_limits(api, rt):
-    # Given alice held to 1 GPU at priority 0, and a project she is not a member of
+    # Given alice held to 1 GPU at priority 0 for at most an hour, and a project she is not
+    # a member of
     call_local(rt, "set_limits", {"kind": "user", "name": "alice",
-                                  "values": {"max_gpus": 1, "max_priority": 0}}, ADMIN)
+                                  "values": {"max_gpus": 1, "max_priority": 0,
+                                             "max_time_s": 3600}}, ADMIN)
     call_local(rt, "add_project", {"name": "vision", "members": ["bob"]}, ADMIN)
     call_local(rt, "set_limits", {"kind": "project", "name": "vision",
                                   "values": {"max_gpus": 8}}, ADMIN)
     limits_before, projects_before = _limits(rt), _projects(rt)
     alice = {"Authorization": f"Bearer {users.add(rt.engine, 'alice', same_account=True)}"}
-    # When she tries every path
+    # and a job of hers with its hour
+    mine = api.post("/api/jobs", headers=alice, json={"command": "sleep 1", "time_limit_s": 3600})
+    assert mine.status_code == 201, mine.text
+    mine_id = mine.json()["job_ids"][0]
+    # When she tries every path, lengthening her job's limit too
     answers = {}
-    for method, path, body in ATTEMPTS:
+    for method, path, body in [*ATTEMPTS,
+                               ("post", "/api/ops/update", {"ids": [mine_id], "time": "2h"}),
+                               ("post", "/api/ops/update", {"ids": [mine_id], "time": "none"})]:
         kwargs = {"json": body} if body is not None else {}
         answers[(path, repr(body))] = api.request(method.upper(), path, headers=alice, **kwargs)
     # Then each was refused, with the reason and not a crash
     for (path, body), answer in answers.items():
-        assert answer.status_code in (400, 403, 422), (path, body, answer.status_code,
+        assert answer.status_code in (400, 403, 422, 429), (path, body, answer.status_code,
                                                        answer.text)
         if answer.status_code == 403:
             assert answer.json()["code"] == "not_permitted", answer.text
@@ -115,7 +126,11 @@ def test_no_path_of_the_api_lets_a_named_user_raise_her_own_limits(api, rt):
         jobs = session.execute(select(Job.owner, Job.priority, Job.project)).all()
     assert all(owner == "alice" and priority <= 0 and project in (None, "", "alice")
                for owner, priority, project in jobs), jobs
+    with rt.session() as session:
+        assert session.get(Job, mine_id).time_limit_s == 3600
     # while what she is granted still works, as her
+    shorter = api.post("/api/ops/update", headers=alice, json={"ids": [mine_id], "time": "30m"})
+    assert shorter.status_code == 200, shorter.text
     done = api.post("/api/jobs", headers=alice, json={"command": "true"})
     assert done.status_code == 201, done.text
     with rt.session() as session:
