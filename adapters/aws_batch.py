@@ -30,6 +30,9 @@ ENDED = {"SUCCEEDED", "FAILED"}
 DEFINITION_FIELDS = ("type", "parameters", "containerProperties", "retryStrategy", "timeout",
                      "platformCapabilities", "propagateTags")
 CANCEL_REASON = "gpuq: cancelled by user"
+# What Batch says of an attempt it stopped at its timeout; the shortest timeout it takes.
+TIMEOUT_REASON = "Job attempt duration exceeded timeout"
+MIN_TIMEOUT_S = 60
 WAITING = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING"}
 
 
@@ -122,6 +125,9 @@ class AwsBatchAdapter(BatchAdapter):
         }
         if len(part) > 1:
             request["arrayProperties"] = {"size": len(part)}
+        if part[0].time_limit_s:  # each attempt's; Batch takes no less than a minute
+            request["timeout"] = {"attemptDurationSeconds": max(MIN_TIMEOUT_S,
+                                                                part[0].time_limit_s)}
         if submission.secrets:
             request["jobDefinition"] = self._definition_with_secrets(submission)
         try:
@@ -225,4 +231,6 @@ def _status(job: dict[str, Any]) -> Status:
         return Status("cancelled", reason, exit_code)
     if state == "SUCCEEDED":
         return Status("succeeded", None, exit_code or 0)
+    if reason and reason.startswith(TIMEOUT_REASON):
+        return Status("timeout", f"reached its time limit ({reason} on AWS Batch)", exit_code)
     return Status("failed", reason or "failed on AWS Batch", exit_code)

@@ -49,6 +49,8 @@ PAYLOAD_MOUNT = "/var/run/gpuq/payload"
 CONFIGMAP_MAX_BYTES = 1024 * 1024 - 4096  # a ConfigMap holds 1 MiB; leave room for metadata
 FINISHED_TTL_S = 24 * 3600  # long past the slowest poll, so ended Jobs are read first
 CANCELLED_TTL_S = 7 * 24 * 3600
+# A pod's status reason when the kubelet stopped it at its activeDeadlineSeconds.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
 MAX_COMPLETIONS = 100_000  # Indexed Jobs allow up to 10^5 completions
 INSTALL_LABEL, TAG_LABEL = "gpuq/install", "gpuq/tag"  # found again by tagged()
 
@@ -184,6 +186,8 @@ class KubernetesAdapter(BatchAdapter):
             "env": [{"name": k, "value": v} for k, v in env.items()]
             + (secret["refs"] if secret else [])}
         pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+        if first.time_limit_s:  # counted from the pod's start, as gpuq counts from RUNNING
+            pod["activeDeadlineSeconds"] = first.time_limit_s
         if submission.gpus:
             container["resources"] = {"limits": {"nvidia.com/gpu": str(submission.gpus)}}
         if submission.workdir:
@@ -308,6 +312,9 @@ def _index_status(job: dict[str, Any], index: int, pod: dict[str, Any] | None) -
     if index in _indexes(status.get("completedIndexes")):
         return Status("succeeded", None, code or 0)
     if index in _indexes(status.get("failedIndexes")):
+        if (pod or {}).get("status", {}).get("reason") == DEADLINE_EXCEEDED:
+            return Status("timeout", f"reached its time limit ({DEADLINE_EXCEEDED} on "
+                          "Kubernetes)", code)
         return Status("failed", _pod_reason(pod) or "failed on Kubernetes", code)
     conditions = {c["type"]: c for c in status.get("conditions", []) if c.get("status") == "True"}
     failed = conditions.get("Failed") or conditions.get("FailureTarget")

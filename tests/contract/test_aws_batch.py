@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from adapters.aws_batch import AwsBatchAdapter
+from adapters.aws_batch import _status as _aws_status
 from app.client import Client
 from app.core.states import JobState
 from app.runtime import Runtime
@@ -241,3 +242,21 @@ def test_a_secret_reaches_the_container_through_secrets_manager_only(aws, tmp_pa
     assert job.status == ("SUCCEEDED" if mode == "succeeds" else "FAILED")
     with pytest.raises(ClientError):  # deleted once the job ended
         adapter.secretsmanager.get_secret_value(SecretId=ref["valueFrom"])
+
+
+def test_a_jobs_time_limit_is_its_batch_timeout_and_a_timed_out_attempt_is_timeout(aws):
+    adapter, client, _ = aws
+    short = client.submit("sleep 300", backend="aws_batch", time="10s")
+    long = client.submit("true", backend="aws_batch", time="2h")
+    adapter.sync()
+    timeouts = {job["jobId"]: job.get("timeout") for job in adapter.batch.describe_jobs(
+        jobs=[short.row()["backend_id"], long.row()["backend_id"]])["jobs"]}
+    # Batch takes no timeout under a minute: the shortest it has
+    assert timeouts == {short.row()["backend_id"]: {"attemptDurationSeconds": 60},
+                        long.row()["backend_id"]: {"attemptDurationSeconds": 7200}}
+    # What Batch says of an attempt it stopped at its timeout is a time-out, not a failure
+    ended = _aws_status({"status": "FAILED", "container": {"exitCode": 137},
+                         "statusReason": "Job attempt duration exceeded timeout"})
+    assert (ended.state, ended.exit_code) == ("timeout", 137)
+    assert _aws_status({"status": "FAILED", "statusReason": "Essential container in task "
+                        "exited"}).state == "failed"

@@ -268,3 +268,18 @@ def test_a_secret_reaches_the_pod_only_through_a_secret_the_job_owns(k8s, local,
 
 def _pod_env_entries(job: dict) -> list[dict]:
     return list(job["spec"]["template"]["spec"]["containers"][0]["env"])
+
+
+def test_a_job_past_its_time_limit_is_stopped_by_the_kubelet_and_ends_timeout(k8s, local):
+    cluster, adapter = k8s
+    over = local.submit("sleep 300", backend="kubernetes", time="2s", max_restarts=2)
+    within = local.submit("echo fine", backend="kubernetes", time="1h")
+    rows = {r["id"]: r for r in drive(adapter, local, [over.id, within.id])}
+    # The pod carries the limit, counted from its start
+    deadlines = {job["spec"]["template"]["spec"].get("activeDeadlineSeconds")
+                 for job in cluster.jobs()}
+    assert deadlines == {2, 3600}
+    assert rows[over.id]["status"] == "TIMEOUT", rows[over.id]
+    assert "DeadlineExceeded" in rows[over.id]["reason"]
+    assert rows[over.id]["restart_count"] == 0, "a time-out is never restarted"
+    assert rows[within.id]["status"] == "SUCCEEDED"

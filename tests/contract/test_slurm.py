@@ -219,3 +219,17 @@ def test_without_sbatch_the_error_names_the_fix(rt, monkeypatch):
     adapter.rt = rt
     with pytest.raises(Exception, match=r"Slurm login node.*deploy/slurm/setup\.sh"):
         adapter.poll(["1"])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)  # (a minute's limit and Slurm's own pace, not the machine's)
+def test_a_job_past_its_limit_is_stopped_by_slurm_and_ends_timeout(slurm, local):
+    # Slurm counts limits in whole minutes and looks at them about every 30 s: the
+    # shortest limit it has, reached within about a minute and a half.
+    over = local.submit("sleep 600", backend="slurm", time="1m", max_restarts=2)
+    rows = drive(slurm, local, [over.id], timeout_s=240)
+    limit = subprocess.run(["scontrol", "show", "job", rows[0]["backend_id"]],
+                           capture_output=True, text=True).stdout
+    assert rows[0]["status"] == "TIMEOUT", rows[0]
+    assert rows[0]["restart_count"] == 0, "a time-out is never restarted"
+    assert "TimeLimit=00:01:00" in limit, limit

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Cluster:
         self.pods: dict[tuple[str, int], str] = {}
         self.error: Exception | None = None
         self.ended: dict[str, tuple[set[int], set[int]]] = {}  # job: completed, failed
+        self.started: dict[tuple[str, int], float] = {}  # when each pod began to run
+        self.deadlined: set[tuple[str, int]] = set()  # pods stopped at their deadline
 
     def __enter__(self) -> Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,8 +125,21 @@ class Cluster:
             for index in range(job["spec"]["completions"]):
                 if (name, index) not in self.pods:
                     pods.add(self._start(job, index))
+        self._watch(jobs, pods)
+        for (name, _), pod in self.pods.items():
+            if name not in jobs and pod in pods:  # the garbage collector's part
+                self.core.delete_namespaced_pod(pod, "default", _preload_content=False)
+                pods.discard(pod)
+
+    def _watch(self, jobs: dict[str, dict[str, Any]], pods: set[str]) -> None:
+        """The kubelet's part: stop what was deleted or ran past its deadline; record
+        what ended."""
         for (name, index), proc in list(self.procs.items()):
             if name not in jobs or self.pods[(name, index)] not in pods:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            elif self._past_deadline(jobs[name], (name, index)):  # the kubelet's part
+                self.deadlined.add((name, index))
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
             code = proc.poll()
@@ -132,10 +148,6 @@ class Cluster:
                 del self.procs[(name, index)]
                 if name in jobs:
                     self._finish(jobs[name], index, code, self.pods[(name, index)] in pods)
-        for (name, _), pod in self.pods.items():
-            if name not in jobs and pod in pods:  # the garbage collector's part
-                self.core.delete_namespaced_pod(pod, "default", _preload_content=False)
-                pods.discard(pod)
 
     def _start(self, job: dict[str, Any], index: int) -> str:
         name, template = job["metadata"]["name"], job["spec"]["template"]
@@ -153,6 +165,7 @@ class Cluster:
             "status": status}, _preload_content=False)
         if self.schedulable:
             self.procs[(name, index)] = self._run(pod, template["spec"], index)
+            self.started[(name, index)] = time.monotonic()
             self._patch_job(name, {"active": len(self._live(name))})
         return pod
 
@@ -180,17 +193,27 @@ class Cluster:
                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                     start_new_session=True)
 
+    def _past_deadline(self, job: dict[str, Any], key: tuple[str, int]) -> bool:
+        """Whether a running pod has been active past its activeDeadlineSeconds."""
+        deadline = job["spec"]["template"]["spec"].get("activeDeadlineSeconds")
+        return (deadline is not None and key not in self.deadlined
+                and time.monotonic() - self.started[key] > deadline)
+
     def _live(self, name: str) -> list[int]:
         return [index for (job, index) in self.procs if job == name]
 
     def _finish(self, job: dict[str, Any], index: int, code: int, pod_exists: bool) -> None:
         name = job["metadata"]["name"]
         if pod_exists:
-            self.core.patch_namespaced_pod_status(self.pods[(name, index)], "default", {
-                "status": {"phase": "Succeeded" if code == 0 else "Failed",
-                           "containerStatuses": [{"name": "job", "state": {"terminated": {
-                               "exitCode": code, "reason": "Completed" if code == 0
-                               else "Error"}}}]}}, _preload_content=False)
+            status: dict[str, Any] = {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "containerStatuses": [{"name": "job", "state": {"terminated": {
+                    "exitCode": code, "reason": "Completed" if code == 0 else "Error"}}}]}
+            if (name, index) in self.deadlined:
+                status.update(phase="Failed", reason="DeadlineExceeded", message=(
+                    "Pod was active on the node longer than the specified deadline"))
+            self.core.patch_namespaced_pod_status(self.pods[(name, index)], "default",
+                                                  {"status": status}, _preload_content=False)
         completed, failed = self.ended.setdefault(name, (set(), set()))
         (completed if code == 0 and pod_exists else failed).add(index)
         patch: dict[str, Any] = {"completedIndexes": _ranges(completed),
