@@ -47,6 +47,11 @@ import cloudpickle
 
 EXIT_ERROR = 1
 EXIT_TERMINATED = 143
+# What a command's runner passes on to the command's process group: every signal a job may
+# ask for before its time limit (`--signal`, app/core/durations.py SIGNALS, which a
+# backend such as Slurm sends to the runner), SIGTERM among them.
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+             signal.SIGQUIT, signal.SIGALRM, signal.SIGXCPU, signal.SIGURG, signal.SIGWINCH)
 
 
 RESULT_MAGIC = b"GPQR1\n"
@@ -145,13 +150,22 @@ def run_command(spec: dict[str, Any], rank: int, num_jobs: str) -> int:
     rank_args = spec.get("rank_args")
     if rank_args is not None:
         command = f"{command} {shlex.join(str(a) for a in rank_args[rank])}"
-    proc = subprocess.Popen(["bash", "-c", command], start_new_session=True)
+    started: list[subprocess.Popen[bytes]] = []
+    early: list[int] = []  # what came before the command's group was there
 
     def forward(signum: int, _frame: object) -> None:
+        if not started:
+            early.append(signum)
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
+            os.killpg(started[0].pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
+    for forwarded in FORWARDED:
+        signal.signal(forwarded, forward)
+    proc = subprocess.Popen(["bash", "-c", command], start_new_session=True)
+    started.append(proc)
+    for signum in early:
+        forward(signum, None)
     code = proc.wait()
     return EXIT_TERMINATED if code == -signal.SIGTERM else (128 - code if code < 0 else code)
 

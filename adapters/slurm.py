@@ -44,7 +44,7 @@ from adapters import intent
 from adapters.base import BatchAdapter, Status, Submission, SubmitRefused
 from app.core import job_env
 from app.core.accounts import RunAs, account_environment, os_account
-from app.core.durations import slurm_time
+from app.core.durations import parse_signal, slurm_time
 from app.core.errors import GpuqError, NoRunAccount
 from app.core.identity import stack_owner
 from app.core.paths import BatchStore, give_file, remove_owned
@@ -209,6 +209,11 @@ class SlurmAdapter(BatchAdapter):
         if submission.gpus:
             command.append(f"--gpus={submission.gpus}" if settings.slurm_gpu_option == "gpus"
                            else f"--gres=gpu:{submission.gpus}")
+        if submission.jobs[0].signal and submission.jobs[0].time_limit_s:
+            # to the batch shell, which is the runner (the script execs it): it passes the
+            # signal on to the job's process group
+            name, seconds = parse_signal(submission.jobs[0].signal)
+            command.append(f"--signal=B:{name}@{seconds}")
         return command
 
     def secrets_dir(self) -> Path:

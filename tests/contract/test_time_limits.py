@@ -237,3 +237,21 @@ def test_gpuq_update_sets_a_limit_and_exits_1_for_a_job_already_ended(settings, 
     both = runner.invoke(cli, ["update", str(waiting), str(ended), "--time", "2h"])
     assert both.exit_code == 1
     assert f"job {ended} already CANCELLED; nothing to update" in both.output
+
+
+def test_slurm_sends_a_jobs_warning_signal_to_its_runner(rt, monkeypatch):
+    from adapters.intent import Submission
+    from adapters.slurm import SlurmAdapter
+
+    adapter = SlurmAdapter()
+    adapter.rt = rt
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(adapter, "_run", lambda *args, **kw: calls.append(args) or "7\n")
+    for limit, signal in ((5400, "USR2@90"), (None, "USR2@90"), (5400, None)):
+        adapter.submit(Submission(jobs=[Job(id=3, command="true", time_limit_s=limit,
+                                            signal=signal)],
+                                  env={}, gpus=0, name="x", tag="gpuq-t-3-1-1"))
+    # to the batch shell (B:), which is the runner, which passes it on to the job's group
+    assert "--signal=B:USR2@90" in calls[0]
+    assert not any(a.startswith("--signal") for a in (*calls[1], *calls[2])), \
+        "no limit, or no signal asked for: none sent"

@@ -14,8 +14,9 @@ import time
 import cloudpickle
 import pytest
 
-from adapters.runner import rank_from_environment
+from adapters.runner import FORWARDED, rank_from_environment
 from app.core import results
+from app.core.durations import SIGNALS
 from tests.support.servers import ROOT, until
 
 
@@ -86,6 +87,24 @@ def test_sigterm_stops_the_command_and_exits_143(tmp_path):
     time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
+
+
+def test_a_warning_signal_reaches_the_commands_group_and_it_goes_on(tmp_path):
+    # (Slurm's --signal=B:USR2@90 signals the batch shell, which is the runner)
+    spec = {"command": f"trap 'echo got-usr2 >> {tmp_path}/seen' USR2; "
+                       f"echo started > {tmp_path}/started; "
+                       f"while [ ! -s {tmp_path}/seen ]; do sleep 0.1; done; exit 7",
+            "rank_args": None}
+    proc = subprocess.Popen([sys.executable, "-m", "adapters.runner"],
+                            env=_env(GPUQ_PAYLOAD=_inline(spec)))
+    until(lambda: (tmp_path / "started").exists())
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=30) == 7, "the job caught it, went on and ended as it chose"
+    assert (tmp_path / "seen").read_text() == "got-usr2\n"
+
+
+def test_the_runner_passes_on_every_signal_a_job_may_ask_for():
+    assert {signal.Signals(s).name.removeprefix("SIG") for s in FORWARDED} == set(SIGNALS)
 
 
 def test_no_payload_names_the_ways_to_give_one():
