@@ -96,30 +96,40 @@ class Book:
         self.carried = dict(carried)
         self.made: dict[int, Reservation] = {}  # job id: its reservation, made or kept
         self.reached: set[int] = set()  # jobs whose carried reservation this pass settled
-        self.by_gpu: dict[GPU, Reservation] = {}
+        # Each GPU's reservations, earliest first: one may follow another on a GPU.
+        self.by_gpu: dict[GPU, list[Reservation]] = {}
         for r in self.carried.values():
             self._hold(r)
 
     def _hold(self, r: Reservation) -> None:
-        self.by_gpu.update({(r.host, i): r for i in r.gpus})
+        for i in r.gpus:
+            held = self.by_gpu.setdefault((r.host, i), [])
+            held.append(r)
+            held.sort(key=lambda h: _key(h.start))
 
     def _drop(self, job_id: int) -> None:
         for r in (self.carried.pop(job_id, None), self.made.pop(job_id, None)):
             if r is not None:
                 for i in r.gpus:
-                    if self.by_gpu.get((r.host, i)) == r:
-                        del self.by_gpu[(r.host, i)]
+                    held = self.by_gpu.get((r.host, i), [])
+                    held[:] = [h for h in held if h.job_id != job_id]
+                    if not held:
+                        self.by_gpu.pop((r.host, i), None)
+
+    def _others(self, job: Candidate, gpu: GPU) -> list[Reservation]:
+        return [r for r in self.by_gpu.get(gpu, []) if r.job_id != job.id]
 
     def holder(self, host: str, index: int) -> Reservation | None:
-        """The reservation a GPU is set aside for, or None."""
-        return self.by_gpu.get((host, index))
+        """The first reservation a GPU is set aside for, or None."""
+        held = self.by_gpu.get((host, index))
+        return held[0] if held else None
 
     def closed(self, job: Candidate) -> Closed:
         """Which GPUs the job may not take now: those reserved for another job, unless its
-        own limit ends by that reservation's start (backfill)."""
+        own limit ends by the first such reservation's start (backfill)."""
         def closed(host: str, index: int) -> bool:
-            r = self.by_gpu.get((host, index))
-            return r is not None and r.job_id != job.id and not self.ends_by(job, r.start)
+            others = self._others(job, (host, index))
+            return bool(others) and not self.ends_by(job, others[0].start)
         return closed
 
     def ends_by(self, job: Candidate, start: float | None) -> bool:
@@ -130,7 +140,7 @@ class Book:
     def set_aside(self, hosts: list[HostView]) -> int:
         """How many free GPUs no job may take now (reserved with an unknown start)."""
         return sum(1 for h in hosts for i in h.free
-                   if (r := self.by_gpu.get((h.name, i))) is not None and r.start is None)
+                   if any(r.start is None for r in self.by_gpu.get((h.name, i), [])))
 
     def holds(self, job: Candidate) -> bool:
         """Whether the job holds a reservation carried from an earlier pass."""
@@ -190,9 +200,10 @@ class Book:
     def _free_at(self, job: Candidate, host: HostView, index: int) -> float | None:
         """When a GPU is free for the job: now if free and reserved for nobody else; else
         when its holder ends by its limit, or the reservation it is set aside for ends."""
-        r = self.by_gpu.get((host.name, index))
-        if r is not None and r.job_id != job.id:
-            return r.end()
+        others = self._others(job, (host.name, index))
+        if others:  # after the last of them: all must have ended
+            ends = [r.end() for r in others]
+            return None if any(e is None for e in ends) else max(e for e in ends if e is not None)
         if index in host.free:
             return self.now
         return self.ends.get((host.name, index))
