@@ -15,6 +15,7 @@ import contextlib
 import heapq
 import json
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -117,8 +118,9 @@ class Cursor:
         return self.last
 
 
-# What the pass passes over once one of it found no place: GPU count, allowed ids, limit.
-Shape = tuple[int, tuple[int, ...] | None, int | None]
+# The shapes the pass passes over, (GPU count, allowed ids): each with the shortest limit
+# a job of it that found no place had (inf: none); a job as long or longer finds none.
+Shapes = dict[tuple[int, tuple[int, ...] | None], float]
 
 
 class Dispatcher:
@@ -193,9 +195,10 @@ class Dispatcher:
             return sum(len(h.free) for h in hosts) - book.set_aside(hosts)
 
         # Within a pass free GPUs only shrink and reservations only grow: a shape (GPU
-        # count, allowed ids, limit) that found no place and got a reservation finds none
-        # later in the pass either, so the jobs of that shape behind it are passed over.
-        waiting_shapes: set[Shape] = set()
+        # count, allowed ids) that found no place for a limit and got a reservation finds
+        # none later in the pass for that limit or a longer one, so those jobs are passed
+        # over at once.
+        waiting_shapes: Shapes = {}
         blocked: set[tuple[str, str]] = set()  # groups over a limit wait for the pass
         examined = 0
         while heads and examined < limit and self._going(usable):
@@ -233,7 +236,7 @@ class Dispatcher:
         self.rt.redis.set(RESERVATIONS, reservations.dumps(book.kept()))
 
     def _level(self, cursors: list[Cursor], examined: int, limit: int,
-               usable: Callable[[], int], waiting_shapes: set[Shape],
+               usable: Callable[[], int], waiting_shapes: Shapes,
                blocked: set[tuple[str, str]]) -> tuple[int, int]:
         """Place the jobs of one priority: the group with the least fair-share usage per
         weight first, each group's oldest first; return (examined, routed)."""
@@ -332,12 +335,14 @@ class Dispatcher:
         self._note_waiting(job, why)
 
     def _place(self, job: Candidate, hosts: list[HostView], book: Book,
-               waiting_shapes: set[Shape]) -> Start | None:
+               waiting_shapes: Shapes) -> Start | None:
         """Start the job (where it delays no reservation), refuse it, reserve GPUs for it,
         or say why it waits; how its start went, or None when it was not tried."""
         shape = (job.gpus, tuple(job.allowed_gpu_ids)
-                 if job.allowed_gpu_ids is not None else None, job.time_limit_s)
-        if shape in waiting_shapes and not book.holds(job):
+                 if job.allowed_gpu_ids is not None else None)
+        length = math.inf if job.time_limit_s is None else job.time_limit_s
+        shortest = waiting_shapes.get(shape)
+        if shortest is not None and length >= shortest and not book.holds(job):
             return None
         # A job is refused as never fitting only by a whole inventory.
         if (why := never_fits(job, hosts)) is not None and hosts and self._settled():
@@ -354,7 +359,7 @@ class Dispatcher:
                 book.passed(job)
             return started
         elif (made := book.reserve(job, hosts)) is not None:
-            waiting_shapes.add(shape)
+            waiting_shapes[shape] = min(length, waiting_shapes.get(shape, math.inf))
             self._reserved(job, made)
         elif not any(len(allowed(job, h.serving)) >= job.gpus for h in hosts):
             self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))

@@ -25,7 +25,7 @@ from app.runtime import Runtime
 from app.store.caps import Cap
 from app.store.cluster import HostView
 from app.store.models import Job, JobDependency
-from scheduler.dispatch.allocator import Dispatcher, Shape, Start
+from scheduler.dispatch.allocator import Dispatcher, Shapes, Start
 from scheduler.planner.candidates import Candidate
 from scheduler.planner.fit import WAITING_REASON, never_fits, pick
 from scheduler.planner.reservations import Book, Reservation
@@ -122,7 +122,7 @@ class Explainer(Dispatcher):
         self.ahead.append(job)
 
     def _place(self, job: Candidate, hosts: list[HostView], book: Book,
-               waiting_shapes: set[Shape]) -> Start | None:
+               waiting_shapes: Shapes) -> Start | None:
         if job.id in self.targets:
             self.reasons[job.id] = self._decide(job, hosts, book)
         placed = super()._place(job, hosts, book, waiting_shapes)
