@@ -70,6 +70,10 @@ class Job(SQLModel, table=True):
     max_restarts: int = 0
     time_limit_s: int | None = None  # each attempt's limit from its start; None: none
     signal: str | None = None  # SIG@SECONDS before the limit (app/core/durations.py)
+    # When a PENDING job is expected to start (epoch seconds), and on what the planner
+    # based it (app/core/states.py EtaBasis): written by the dispatch pass that reaches it.
+    eta: float | None = None
+    eta_basis: str | None = None
     recover_exit_codes: list[int] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )

@@ -28,7 +28,7 @@ from sqlmodel import Session, col
 
 from app.core.keys import CPU_QUEUE, RESERVATIONS, gpu_queue
 from app.core.signing import run_message
-from app.core.states import JobState
+from app.core.states import EtaBasis, JobState
 from app.runtime import Runtime
 from app.store import histograms, limits
 from app.store.caps import CPU_JOBS, Cap, caps_of, within
@@ -366,7 +366,16 @@ class Dispatcher:
         return None
 
     def _reserved(self, job: Candidate, made: Reservation) -> None:
-        """A reservation was made or kept for the job."""
+        """A reservation was made or kept for the job: its expected start is the
+        reservation's (unknown where a job on its GPUs has no limit), written when it
+        changed."""
+        basis = EtaBasis.RESERVATION if made.start is not None else EtaBasis.UNKNOWN
+        if (job.eta, job.eta_basis) == (made.start, basis.value):
+            return
+        with self.rt.session() as session:
+            session.execute(update(Job).where(
+                col(Job.id) == job.id, col(Job.state) == JobState.PENDING.value,
+                col(Job.attempt) == job.attempt).values(eta=made.start, eta_basis=basis.value))
 
     def _settled(self) -> bool:
         """Whether the inventory is whole, read once a pass and only when it matters."""
@@ -440,7 +449,7 @@ class Dispatcher:
                     session, JobState.STARTING, None, fence,
                     {"host": host, "gpu_ids": gpus, "attempt": job.attempt + 1,
                      "dispatched_at": now, "lease_until": now + ttl, "pid": None,
-                     "pid_identity": None},
+                     "pid_identity": None, "eta": None, "eta_basis": None},
                     only_from=[JobState.PENDING]):
                 return Start.ROUTED
             if not caps:

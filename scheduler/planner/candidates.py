@@ -40,10 +40,12 @@ class Candidate(NamedTuple):
     project: str
     submitted_at: float
     time_limit_s: int | None  # each attempt's limit; None: none (it never backfills)
+    eta: float | None = None  # the expected start a pass last wrote
+    eta_basis: str | None = None
 
 
 CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None, str, str,
-                        float, int | None]
+                        float, int | None, float | None, str | None]
 
 
 def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
@@ -66,7 +68,8 @@ def _candidates(gpu_jobs: bool) -> CandidateQuery:
     now = bindparam("now", callable_=time.time, type_=Float)
     return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
                    col(Job.priority), col(Job.reason), col(Job.owner), col(Job.project),
-                   col(Job.submitted_at), col(Job.time_limit_s))
+                   col(Job.submitted_at), col(Job.time_limit_s), col(Job.eta),
+                   col(Job.eta_basis))
             .where(*_candidate_condition(gpu_jobs),
                    or_(col(Job.not_before).is_(None), col(Job.not_before) <= now))
             .order_by(col(Job.priority).desc(), col(Job.id)))

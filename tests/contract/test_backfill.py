@@ -5,6 +5,7 @@ jobs behind it start now only where they delay it."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from sqlalchemy import update
 from sqlmodel import col
@@ -120,3 +121,21 @@ def test_the_reservation_depth_bounds_the_jobs_reserved(rt, local, monkeypatch):
     Dispatcher(rt).dispatch()
     assert set(_reservations(rt)) == {big}
     assert second.status == "PENDING"
+
+
+def test_a_reserved_job_shows_its_reservations_start_as_its_eta(rt, local):
+    # Given a 2-GPU job reserved from the end of a job of 10 minutes, and one without a limit
+    running, big, started = _a_2_gpu_job_waits_for_a_running_one(rt, local, "10m")
+    # Then its row says when it will start, and on what
+    row = local.job(big).row()
+    expected = datetime.fromtimestamp(started + 600, UTC)
+    assert row["eta_basis"] == "reservation"
+    assert abs((datetime.fromisoformat(row["eta"]) - expected).total_seconds()) < 0.01
+    # and a job not reached by a pass, or running, says nothing it does not know
+    assert local.job(running).row()["eta"] is None
+
+
+def test_a_job_waiting_on_a_job_without_a_limit_has_an_unknown_eta(rt, local):
+    _, big, _ = _a_2_gpu_job_waits_for_a_running_one(rt, local, None)
+    row = local.job(big).row()
+    assert (row["eta"], row["eta_basis"]) == (None, "unknown")
