@@ -107,7 +107,7 @@ class Job(SQLModel, table=True):
 # oldest. Each index in
 # exactly the order the dispatcher reads, so that a pass reads its first rows without
 # sorting, at any queue depth. Their conditions are written out in the dispatcher's query
-# as literals (scheduler/dispatch/allocator.py): a planner uses a partial index only for a
+# as literals (scheduler/planner/candidates.py): a planner uses a partial index only for a
 # query whose conditions it can see imply the index's.
 def fixed(value: Any) -> Any:
     """A constant written into a query's SQL, not bound: a planner matches a partial index
