@@ -139,3 +139,15 @@ def test_a_job_waiting_on_a_job_without_a_limit_has_an_unknown_eta(rt, local):
     _, big, _ = _a_2_gpu_job_waits_for_a_running_one(rt, local, None)
     row = local.job(big).row()
     assert (row["eta"], row["eta_basis"]) == (None, "unknown")
+
+
+def test_a_short_job_behind_many_long_ones_of_its_shape_still_backfills(rt, local):
+    # Given a reserved free GPU, and 50 jobs too long for the gap queued before a short one
+    _, big, _ = _a_2_gpu_job_waits_for_a_running_one(rt, local, "10m")
+    local.launch("true # too long", num_jobs=50, time="30m")
+    short = local.submit("true # fits the gap", time="5m")
+    # When a pass runs
+    Dispatcher(rt).dispatch()
+    # Then the long ones are passed over and the short one starts
+    assert short.status == "STARTING"
+    assert local.job(big).status == "PENDING"
