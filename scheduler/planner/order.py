@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 
@@ -24,6 +25,9 @@ class Shares:
     def __init__(self, session: Session, settings: Settings, held: list[Holding]) -> None:
         now = time.time()
         self.limits = limits.read(session, settings, strict=False)
+        # Read for every job a pass examines, of a few users and projects: once each.
+        self._of = functools.cache(self.limits.of)
+        self._weight = functools.cache(self.limits.weight)
         self.by = settings.fair_share_by
         self.enabled = settings.fair_share
         self.min_charge = settings.fair_share_min_charge_s
@@ -50,12 +54,12 @@ class Shares:
         if not self.enabled:
             return 0.0
         entity = self.entity(job)
-        return self.used.get(entity, 0.0) / self.limits.weight(*entity)
+        return self.used.get(entity, 0.0) / self._weight(*entity)
 
     def over_limit(self, job: Candidate) -> str | None:
         """Why starting the job would put its user or project over its GPU limit, or None."""
         for kind, name in (("user", job.owner), ("project", job.project)):
-            most = self.limits.of(kind, name).max_gpus
+            most = self._of(kind, name).max_gpus
             runs = self.running[(kind, name)]
             if most is not None and runs + job.gpus > most:
                 return (f"over a limit: {kind} {name} runs {runs}/{most} GPUs (max_gpus) and "
