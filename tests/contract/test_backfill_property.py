@@ -1,6 +1,7 @@
 """The promise of a reservation, as a property over random job streams: run through the real
 planner (real Redis, a real database) with simulated time, if every job ends by its limit,
-no reserved job starts later than the reservation it was given when it first got one."""
+no reserved job starts later than the reservation it was given when it first got one, even
+when jobs of higher priority come after it."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ class SimulatedDispatcher(Dispatcher):
         return self.now
 
 
-# A job: (GPUs, priority, limit in seconds, the share of its limit it runs).
+# A job: (GPUs, priority, limit in seconds, the share of its limit it runs, when it comes).
 JOBS = st.lists(st.tuples(st.integers(1, 4), st.integers(0, 2), st.integers(1, 60),
-                          st.floats(0.05, 1.0)), min_size=1, max_size=12)
+                          st.floats(0.05, 1.0), st.sampled_from([0, 0, 0, 5, 20, 45])),
+                min_size=1, max_size=12)
 
 
 def _alive(rt: Runtime, up: bool) -> None:
@@ -45,21 +47,38 @@ def _alive(rt: Runtime, up: bool) -> None:
                 rt.redis.delete(keys.alive(host, i))
 
 
-def _simulate(rt: Runtime, local, jobs: list[tuple[int, int, int, float]]) -> list[str]:
-    """Run the jobs to their ends; the broken promises, one line each."""
-    _alive(rt, False)  # submitted all at once: no pass places any before the clock starts
+def _arrive(rt: Runtime, local, jobs: list[tuple[int, int, int, float, int]]
+            ) -> dict[int, float]:
+    """Submit jobs, each job's id with how long it runs. No worker is alive meanwhile, so
+    the passes a submission runs place nothing and keep no reservation on the real clock."""
+    _alive(rt, False)
     runtime = {}
-    for gpus, priority, limit, share in jobs:
+    for gpus, priority, limit, share, _ in jobs:
         job_id = local.submit("true", gpus=gpus, priority=priority, time_limit_s=limit,
                               allow_duplicate=True).id
-        runtime[job_id] = max(1.0, limit * share) if limit > 1 else 1.0
+        runtime[job_id] = max(1.0, limit * share)
     _alive(rt, True)
+    return runtime
+
+
+def _simulate(rt: Runtime, local, jobs: list[tuple[int, int, int, float, int]]) -> list[str]:
+    """Run the jobs, each submitted at its time, to their ends; the broken promises, one
+    line each."""
     sim = SimulatedDispatcher(rt)
-    sim.now = time.time()
+    began = sim.now = time.time()
+    coming = sorted(jobs, key=lambda j: j[4])
+    runtime: dict[int, float] = {}
     first: dict[int, float] = {}
     ends: dict[int, tuple[float, str, list[int]]] = {}
-    waiting, broken = set(runtime), []
+    waiting: set[int] = set()
+    broken: list[str] = []
     for _ in range(10 * len(jobs) + 10):
+        now_in = [j for j in coming if began + j[4] <= sim.now]
+        coming = coming[len(now_in):]
+        if now_in:
+            arrived = _arrive(rt, local, now_in)
+            runtime.update(arrived)
+            waiting |= set(arrived)
         sim._pass()
         with rt.session() as session:
             started = session.exec(select(Job).where(col(Job.id).in_(waiting),
@@ -76,9 +95,10 @@ def _simulate(rt: Runtime, local, jobs: list[tuple[int, int, int, float]]) -> li
         for r in loads(rt.redis.get(keys.RESERVATIONS)).values():  # type: ignore[arg-type]
             if r.start is not None:
                 first.setdefault(r.job_id, r.start)
-        if not ends:
+        events = [end for end, _, _ in ends.values()] + [began + j[4] for j in coming]
+        if not events:
             break
-        sim.now = min(end for end, _, _ in ends.values())
+        sim.now = min(events)
         over = [k for k, (end, _, _) in ends.items() if end <= sim.now]
         with rt.session() as session:
             session.execute(update(Job).where(col(Job.id).in_(over))
@@ -89,7 +109,7 @@ def _simulate(rt: Runtime, local, jobs: list[tuple[int, int, int, float]]) -> li
     with rt.session() as session:
         left = session.exec(select(Job.id, Job.state, Job.gpus, Job.reason).where(
             col(Job.id).in_(waiting))).all()
-    assert not waiting and not ends, f"jobs left: {left} {ends} of {jobs}"
+    assert not waiting and not ends and not coming, f"jobs left: {left} {ends} of {jobs}"
     return broken
 
 
