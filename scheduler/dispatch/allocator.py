@@ -195,9 +195,9 @@ class Dispatcher:
             return sum(len(h.free) for h in hosts) - book.set_aside(hosts)
 
         # Within a pass free GPUs only shrink and reservations only grow: a shape (GPU
-        # count, allowed ids) that found no place for a limit and got a reservation finds
-        # none later in the pass for that limit or a longer one, so those jobs are passed
-        # over at once.
+        # count, allowed ids) that found no place for a limit finds none later in the pass
+        # for that limit or a longer one, so those jobs are passed over at once (and reserve
+        # nothing: the first of a shape holds the reservation).
         waiting_shapes: Shapes = {}
         blocked: set[tuple[str, str]] = set()  # groups over a limit wait for the pass
         examined = 0
@@ -358,11 +358,12 @@ class Dispatcher:
             elif started is Start.GONE:
                 book.passed(job)
             return started
-        elif (made := book.reserve(job, hosts)) is not None:
-            waiting_shapes[shape] = min(length, waiting_shapes.get(shape, math.inf))
-            self._reserved(job, made)
         elif not any(len(allowed(job, h.serving)) >= job.gpus for h in hosts):
             self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
+        else:  # it waits for GPUs to free: reserved, or past the reservation depth
+            waiting_shapes[shape] = min(length, waiting_shapes.get(shape, math.inf))
+            if (made := book.reserve(job, hosts)) is not None:
+                self._reserved(job, made)
         return None
 
     def _reserved(self, job: Candidate, made: Reservation) -> None:
