@@ -23,6 +23,9 @@ def gpu_queue(host: str, index: int) -> str:
 # -- dispatch ---------------------------------------------------------------------------
 DISPATCH_LOCK = f"{PREFIX}:dispatch:lock"
 DISPATCH_DIRTY = f"{PREFIX}:dispatch:dirty"  # a pass was asked for while one ran
+# The reservations with a known start (JSON, scheduler/planner/reservations.py), written by
+# the pass that holds the dispatcher's turn and kept by every next pass.
+RESERVATIONS = f"{PREFIX}:dispatch:reservations"
 
 # -- metrics (owned by app/store/histograms.py) -----------------------------------------
 

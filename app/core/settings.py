@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         "most, highest priority first (Slurm's default_queue_depth): a pass costs the same "
         "however deep the queue, and a job deeper than this waits for those ahead of it."
     )
+    backfill_reserve_depth: int = Field(
+        8, ge=1, description="How many blocked jobs at the head of the queue, in priority "
+        "order, get a reservation (GPUs and a start time from the running jobs' limits) in "
+        "a dispatch pass; jobs behind them start now only where they delay none (backfill)."
+    )
     fair_share: bool = Field(
         True, description="Among PENDING jobs of equal priority, start first those of the "
         "user (or project, GPUQ_FAIR_SHARE_BY) with the least decayed GPU time per unit of "

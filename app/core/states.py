@@ -75,3 +75,12 @@ def can_move(source: JobState, target: JobState) -> bool:
 def sources_of(target: JobState) -> list[JobState]:
     """States from which `target` may be reached, in a stable order."""
     return [state for state in JobState if target in ALLOWED[state]]
+
+
+class EtaBasis(StrEnum):
+    """What a PENDING job's expected start (`eta`) rests on."""
+
+    RESERVATION = "reservation"  # its reservation: when its GPUs' holders end by their limits
+    LIMITS = "limits"  # the running jobs' limits, without a reservation of its own
+    SIBLINGS = "siblings"  # how long finished jobs of its launch (or name) ran
+    UNKNOWN = "unknown"  # a job on its GPUs has no limit, or no pass reached it yet

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.states import TERMINAL
+from app.core.states import TERMINAL, EtaBasis, JobState
 
 if TYPE_CHECKING:
     from app.store.models import Job, JobEvent, Launch
@@ -68,6 +68,10 @@ class JobRow(Row):
     signal: str | None = Field(None, description="SIG@SECONDS sent before the time limit.")
     deadline: str | None = Field(None, description="When a running attempt reaches its time "
                                  "limit.")
+    eta: str | None = Field(None, description="When a PENDING job is expected to start, as "
+                            "the last dispatch pass that reached it planned; None: unknown.")
+    eta_basis: str | None = Field(None, description="What `eta` rests on: reservation, "
+                                  "limits, siblings or unknown (PENDING jobs only).")
 
     @classmethod
     def of(cls, job: Job, now: float | None = None,
@@ -86,6 +90,9 @@ class JobRow(Row):
             deadline=iso(job.started_at + job.time_limit_s)
             if job.time_limit_s and job.started_at and not job.ended_at
             and job.state in _TIMED else None,
+            eta=iso(job.eta) if job.state == JobState.PENDING else None,
+            eta_basis=(job.eta_basis or EtaBasis.UNKNOWN.value)
+            if job.state == JobState.PENDING else None,
             duration_s=round(job.runtime_s + (end - job.started_at), 3)
             if end and job.started_at else (round(job.runtime_s, 3) or None))
 

@@ -118,7 +118,7 @@ def _route(rt: Runtime, backend: str) -> None:
 def _fail_if_too_big(rt: Runtime, session: Session, spec: JobSpec,
                      where: ColumnElement[bool]) -> None:
     """Jobs no registered host can ever hold end FAILED_NO_RESOURCE at once."""
-    from scheduler.dispatch.allocator import no_resource_reason
+    from scheduler.planner.fit import no_resource_reason
 
     largest = cluster.largest_host(rt.redis)
     if spec.backend == "local" and largest is not None and spec.gpus > largest:

@@ -270,6 +270,7 @@ class Holding(NamedTuple):
     owner: str
     project: str
     started_at: float | None
+    time_limit_s: int | None  # the attempt's limit from its start: when its GPUs free
 
 
 def holding(session: Session) -> list[Holding]:
@@ -284,7 +285,8 @@ def batch_holding(session: Session) -> list[Holding]:
     attempts, though no host of this cluster holds them."""
     return [Holding._make(row) for row in session.connection().execute(
         sa_select(col(Job.id), col(Job.host), col(Job.gpu_ids), col(Job.gpus),
-                  col(Job.owner), col(Job.project), col(Job.started_at)).where(
+                  col(Job.owner), col(Job.project), col(Job.started_at),
+                  col(Job.time_limit_s)).where(
             col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
             col(Job.backend) != fixed("local"), col(Job.gpus) > fixed(0)))]
 
@@ -305,11 +307,12 @@ def held_gpus(rows: Sequence[Holding]) -> set[tuple[str, int]]:
 
 @functools.cache
 def holding_query() -> Select[int | None, str | None, list[int] | None, int, str, str,
-                              float | None]:
+                              float | None, int | None]:
     """Its conditions written as literals, as the partial index that serves it has them
     (app/store/models.py): a planner matches such an index only against values it sees."""
     return sa_select(col(Job.id), col(Job.host), col(Job.gpu_ids), col(Job.gpus),
-                     col(Job.owner), col(Job.project), col(Job.started_at)).where(
+                     col(Job.owner), col(Job.project), col(Job.started_at),
+                     col(Job.time_limit_s)).where(
         col(Job.state).in_([fixed(s) for s in HOLDING_STATES]),
         col(Job.backend) == fixed("local"), col(Job.gpus) > fixed(0))
 

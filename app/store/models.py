@@ -70,6 +70,10 @@ class Job(SQLModel, table=True):
     max_restarts: int = 0
     time_limit_s: int | None = None  # each attempt's limit from its start; None: none
     signal: str | None = None  # SIG@SECONDS before the limit (app/core/durations.py)
+    # When a PENDING job is expected to start (epoch seconds), and on what the planner
+    # based it (app/core/states.py EtaBasis): written by the dispatch pass that reaches it.
+    eta: float | None = None
+    eta_basis: str | None = None
     recover_exit_codes: list[int] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )
@@ -103,7 +107,7 @@ class Job(SQLModel, table=True):
 # oldest. Each index in
 # exactly the order the dispatcher reads, so that a pass reads its first rows without
 # sorting, at any queue depth. Their conditions are written out in the dispatcher's query
-# as literals (scheduler/dispatch/allocator.py): a planner uses a partial index only for a
+# as literals (scheduler/planner/candidates.py): a planner uses a partial index only for a
 # query whose conditions it can see imply the index's.
 def fixed(value: Any) -> Any:
     """A constant written into a query's SQL, not bound: a planner matches a partial index

@@ -1,8 +1,9 @@
 """The allocator: atomic GPU reservations in Redis and routing jobs to per-GPU queues.
 
 A dispatch pass walks PENDING jobs by priority (then id, so FIFO within a priority), picks
-GPUs on one host, reserves them all-or-nothing with a Lua script, marks the job STARTING,
-and sends it to the queue of its first GPU. Only one pass runs at a time (the dispatcher's
+GPUs on one host (the planner, scheduler/planner/: fit, order, reservations and backfill),
+reserves them all-or-nothing with a Lua script, marks the job STARTING, and sends it to the
+queue of its first GPU. Only one pass runs at a time (the dispatcher's
 turn, two Lua scripts in app/store/cluster.py); a pass requested while another runs sets a
 flag so that the running one goes round again. A submission that heads the queue is placed
 outside the turn (`place_head`), as any pass would place it first.
@@ -11,40 +12,26 @@ outside the turn (`place_head`), as any pass would place it first.
 from __future__ import annotations
 
 import contextlib
-import functools
 import heapq
 import json
 import logging
+import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Dialect,
-    Float,
-    Integer,
-    Select,
-    String,
-    bindparam,
-    false,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlmodel import Session, col
 
-from app.core.keys import CPU_QUEUE, gpu_queue
-from app.core.settings import Settings
+from app.core.keys import CPU_QUEUE, RESERVATIONS, gpu_queue
 from app.core.signing import run_message
-from app.core.states import JobState
+from app.core.states import EtaBasis, JobState
 from app.runtime import Runtime
-from app.store import accounting, histograms, limits
-from app.store.caps import CPU_JOBS, GPUS, Cap, caps_of, within
+from app.store import histograms, limits
+from app.store.caps import CPU_JOBS, Cap, caps_of, within
 from app.store.cluster import (
     HostView,
     cpu_slots,
@@ -57,14 +44,18 @@ from app.store.cluster import (
     reserve,
 )
 from app.store.jobs import (
-    Holding,
     batch_holding,
     cpu_slot_holders,
     held_gpus,
     holding,
     transition,
 )
-from app.store.models import Job, fixed
+from app.store.models import Job
+from scheduler.planner import reservations
+from scheduler.planner.candidates import Candidate, candidates, level_heads
+from scheduler.planner.fit import CAPPED_REASON, WAITING_REASON, allowed, never_fits, pick
+from scheduler.planner.order import Shares
+from scheduler.planner.reservations import Book, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -81,229 +72,6 @@ SCAN_CHUNK_MAX = 512
 # The first read of each group's candidates when several groups have some: a pass places a
 # job or two, so most groups' heads are all it looks at.
 GROUP_CHUNK = 4
-
-
-def _pick(job: Candidate, hosts: list[HostView], earmarked: Container[tuple[str, int]]
-          ) -> tuple[HostView, list[int]] | None:
-    """Best fit: the host with the fewest usable free GPUs that still holds the job."""
-    options = []
-    for host in hosts:
-        usable = [i for i in host.free if (host.name, i) not in earmarked
-                  and (job.allowed_gpu_ids is None or i in job.allowed_gpu_ids)]
-        if len(usable) >= job.gpus:
-            options.append((len(usable), host.name, host, usable[: job.gpus]))
-    if not options:
-        return None
-    _, _, host, gpus = min(options, key=lambda o: (o[0], o[1]))
-    return host, gpus
-
-
-def _allowed(job: Candidate, ids: list[int]) -> list[int]:
-    return [i for i in ids if job.allowed_gpu_ids is None or i in job.allowed_gpu_ids]
-
-
-def _earmark(job: Candidate, hosts: list[HostView], earmarked: dict[tuple[str, int], int]
-             ) -> bool:
-    """Set free GPUs aside for a job that cannot start yet, so smaller jobs behind it do
-    not take them one by one forever (no starvation of multi-GPU jobs); False, setting
-    nothing aside, when no host can hold it even once its gpuq jobs end (GPUs used by
-    processes outside gpuq, or whose workers are down): it must not block the jobs
-    behind it for as long as that lasts."""
-    fitting = [h for h in hosts if len(_allowed(job, h.serving)) >= job.gpus]
-    if not fitting:
-        return False
-    host = max(fitting, key=lambda h: len([i for i in h.free if (h.name, i) not in earmarked]))
-    usable = [i for i in _allowed(job, host.free) if (host.name, i) not in earmarked]
-    earmarked.update({(host.name, i): job.id for i in usable[: job.gpus]})
-    return True
-
-
-def never_fits(job: Candidate, hosts: list[HostView]) -> str | None:
-    """Why no registered host could ever hold the job, or None."""
-    largest = max((h.capacity for h in hosts), default=0)
-    if job.gpus > largest:
-        return no_resource_reason(job.gpus, largest)
-    if job.allowed_gpu_ids is not None and not any(
-            len(_allowed(job, h.indices)) >= job.gpus for h in hosts):
-        ids = ",".join(map(str, job.allowed_gpu_ids))
-        return (f"asks for {job.gpus} of GPUs {ids}; no registered host has "
-                f"{job.gpus} of those indices")
-    return None
-
-
-CAPPED_REASON = "over a limit: its user's or project's GPU limit was reached meanwhile"
-WAITING_REASON = ("waiting: no host has {gpus} GPUs in service now (used by processes "
-                  "outside gpuq, or their workers are down)")
-
-
-def no_resource_reason(gpus: int, largest: int) -> str:
-    return f"asks for {gpus} GPUs; the largest registered host has {largest}"
-
-
-class Candidate(NamedTuple):
-    """The few columns of a PENDING job that placing it needs."""
-
-    id: int
-    gpus: int
-    allowed_gpu_ids: list[int] | None
-    attempt: int
-    priority: int
-    reason: str | None
-    owner: str
-    project: str
-    submitted_at: float
-
-
-CandidateQuery = Select[int | None, int, list[int] | None, int, int, str | None, str, str,
-                        float]
-
-
-def candidates(gpu_jobs: bool, *where: ColumnElement[bool]) -> CandidateQuery:
-    """PENDING local jobs that wait for no other job, GPU jobs or 0-GPU jobs, highest
-    priority first, then oldest: the order of their partial index, read without a sort
-    (GPU jobs one (owner, project) group at a time: `where` names it)."""
-    query = _candidates(gpu_jobs)
-    return query.where(*where) if where else query
-
-
-def _candidate_condition(gpu_jobs: bool) -> list[ColumnElement[bool]]:
-    gpus = col(Job.gpus) > fixed(0) if gpu_jobs else col(Job.gpus) == fixed(0)
-    return [col(Job.state) == fixed(JobState.PENDING.value), col(Job.waiting) == false(),
-            col(Job.backend) == fixed("local"), gpus]
-
-
-@functools.cache
-def _candidates(gpu_jobs: bool) -> CandidateQuery:
-    """Built once: the time a restart's backoff is held against is read when it runs."""
-    now = bindparam("now", callable_=time.time, type_=Float)
-    return (select(col(Job.id), col(Job.gpus), col(Job.allowed_gpu_ids), col(Job.attempt),
-                   col(Job.priority), col(Job.reason), col(Job.owner), col(Job.project),
-                   col(Job.submitted_at))
-            .where(*_candidate_condition(gpu_jobs),
-                   or_(col(Job.not_before).is_(None), col(Job.not_before) <= now))
-            .order_by(col(Job.priority).desc(), col(Job.id)))
-
-
-def level_heads(session: Session, below: int | None) -> list[Candidate]:
-    """The first candidate of each (owner, project) group at the highest priority below
-    `below` (any, when None) that has candidates, or none: a seek or two into the
-    candidate index per group (a loose index scan), however many jobs each has.
-
-    A pass runs these once per group, so they go to the driver as SQL compiled once, with
-    no statement building or result processing of SQLAlchemy's on the way: that is most
-    of a seek's cost, and the difference between a pass of 10 users and one of 100."""
-    conn = session.connection()
-    now = time.time()
-    heads: list[Candidate] = []
-    found = _seek(conn, "first", {"now": now, "below": 2**31 - 1 if below is None else below})
-    while found is not None:
-        heads.append(found)
-        at = {"now": now, "priority": found.priority, "owner": found.owner,
-              "project": found.project}
-        found = _seek(conn, "same_owner", at) or _seek(conn, "next_owner", at)
-    return heads
-
-
-def next_group(which: str) -> CandidateQuery:
-    """The seeks of `level_heads`: the first candidate of the highest priority below
-    :below, in its first group (`first`); at :priority after the group (:owner,
-    :project), the first of the owner's next project (`same_owner`), or of the next owner
-    (`next_owner`). Two seeks on one column each, not one on the pair: SQLite steps
-    through every row of the pair named to pass it."""
-    query = candidates(True).order_by(None).order_by(
-        col(Job.priority).desc(), col(Job.owner), col(Job.project), col(Job.id)).limit(1)
-    priority, owner = bindparam("priority", type_=Integer), bindparam("owner", type_=String)
-    if which == "first":
-        return query.where(col(Job.priority) < bindparam("below", type_=Integer))
-    if which == "same_owner":
-        return query.where(col(Job.priority) == priority, col(Job.owner) == owner,
-                           col(Job.project) > bindparam("project", type_=String))
-    return query.where(col(Job.priority) == priority, col(Job.owner) > owner)
-
-
-def _seek(conn: Connection, which: str, values: dict[str, Any]) -> Candidate | None:
-    sql, names, positional, fixed_values = _compiled(which, conn.dialect)
-    values = {**fixed_values, **values}
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql, [values[n] for n in names] if positional else values)
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    if row is None:
-        return None
-    ids = row[2]
-    return Candidate._make((*row[:2], json.loads(ids) if isinstance(ids, str) else ids,
-                            *row[3:]))
-
-
-@functools.cache
-def _compiled(which: str, dialect: Dialect
-              ) -> tuple[str, list[str], bool, dict[str, Any]]:
-    """The SQL of a seek, its parameters' names in order, whether they go by position, and
-    the values it fixes (its LIMIT); the fixed conditions (models.fixed) written in, as the
-    partial index needs."""
-    ours = {"now": 0.0, "below": 0, "priority": 0, "owner": "", "project": ""}
-    compiled = next_group(which).compile(dialect=dialect)
-    state = compiled.construct_expanded_state(ours)
-    fixed_values = {k: v for k, v in state.parameters.items() if k not in ours}
-    return (state.statement, list(state.positiontup or []), bool(compiled.positional),
-            fixed_values)
-
-
-class Shares:
-    """What one pass knows of who holds what: the GPUs each user and project runs (their
-    limits), and each one's fair-share usage: decayed GPU-seconds of ended attempts, plus
-    each running attempt's GPUs times its time so far, at least GPUQ_FAIR_SHARE_MIN_CHARGE_S
-    (so that a job placed in this pass counts at once)."""
-
-    def __init__(self, session: Session, settings: Settings, held: list[Holding]) -> None:
-        now = time.time()
-        self.limits = limits.read(session, settings, strict=False)
-        self.by = settings.fair_share_by
-        self.enabled = settings.fair_share
-        self.min_charge = settings.fair_share_min_charge_s
-        self.running: Counter[tuple[str, str]] = Counter()
-        self.used: dict[tuple[str, str], float] = (
-            accounting.decayed_usage(session, now) if self.enabled else {})
-        for row in held:
-            ran = now - row.started_at if row.started_at is not None else 0.0
-            self._add(row.owner, row.project, row.gpus, row.gpus * max(ran, self.min_charge))
-
-    def _add(self, owner: str, project: str, gpus: int, charge: float) -> None:
-        for key in (("user", owner), ("project", project)):
-            self.running[key] += gpus
-            if self.enabled:
-                self.used[key] = self.used.get(key, 0.0) + charge
-
-    def entity(self, job: Candidate) -> tuple[str, str]:
-        """Whom fair share compares for this job."""
-        return (self.by, job.owner if self.by == "user" else job.project)
-
-    def key(self, job: Candidate) -> float:
-        """Its place among jobs of its priority: usage per unit of weight (0 with fair share
-        off, leaving the oldest first)."""
-        if not self.enabled:
-            return 0.0
-        entity = self.entity(job)
-        return self.used.get(entity, 0.0) / self.limits.weight(*entity)
-
-    def over_limit(self, job: Candidate) -> str | None:
-        """Why starting the job would put its user or project over its GPU limit, or None."""
-        for kind, name in (("user", job.owner), ("project", job.project)):
-            most = self.limits.of(kind, name).max_gpus
-            runs = self.running[(kind, name)]
-            if most is not None and runs + job.gpus > most:
-                return (f"over a limit: {kind} {name} runs {runs}/{most} GPUs (max_gpus) and "
-                        f"this job asks for {job.gpus}")
-        return None
-
-    def caps(self, job: Candidate) -> list[Cap]:
-        """The limits its placement must stay within, checked where it is written."""
-        return caps_of(self.limits, job.owner, job.project, GPUS)
-
-    def started(self, job: Candidate) -> None:
-        self._add(job.owner, job.project, job.gpus, job.gpus * self.min_charge)
 
 
 class CpuPlan(NamedTuple):
@@ -350,6 +118,11 @@ class Cursor:
         return self.last
 
 
+# The shapes the pass passes over, (GPU count, allowed ids): each with the shortest limit
+# a job of it that found no place had (inf: none); a job as long or longer finds none.
+Shapes = dict[tuple[int, tuple[int, ...] | None], float]
+
+
 class Dispatcher:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -392,7 +165,11 @@ class Dispatcher:
         """Route what can start: 0-GPU jobs (`cpu`), then GPU jobs, examining at most
         `limit` of them (GPUQ_DISPATCH_SCAN_LIMIT): by priority, then, within a priority,
         the user (or project) with the least fair-share usage per weight first, then the
-        oldest; a group over its GPU limit waits."""
+        oldest; a group over its GPU limit waits. A job that cannot start gets a
+        reservation, and those behind it start only where they delay none (backfill). Only
+        a full pass (no `limit`) keeps its reservations for the next: `place_head` runs
+        beside the turn's holder."""
+        keep = limit is None
         self._inventory_settled = None
         self.hosts = hosts = read_hosts(self.rt.redis)
         limit = limit or self.rt.settings.dispatch_scan_limit
@@ -405,21 +182,23 @@ class Dispatcher:
                 host.free = [i for i in host.free if (host.name, i) not in held]
             cpu_plan = self._cpu_window(session) if cpu else None
             heads: list[Candidate] = []
-            if self._wanted(hosts):
+            wanted = self._wanted(hosts)
+            if wanted:
                 self.shares = Shares(session, self.rt.settings,
                                      self.held + batch_holding(session))
                 heads = level_heads(session, None)
+            self.book = self._book(session)
         routed = self._start_cpu_jobs(cpu_plan) if cpu_plan is not None else 0
-        self.earmarked: dict[tuple[str, int], int] = {}
-        earmarked = self.earmarked
+        book = self.book
 
         def usable() -> int:
-            return sum(1 for h in hosts for i in h.free if (h.name, i) not in earmarked)
+            return sum(len(h.free) for h in hosts) - book.set_aside(hosts)
 
-        # Within a pass free GPUs only shrink and earmarks only grow: a shape (GPU count,
-        # allowed ids) that found no place and set its GPUs aside finds none later in the
-        # pass either, so the jobs of that shape behind it are passed over at once.
-        waiting_shapes: set[tuple[int, tuple[int, ...] | None]] = set()
+        # Within a pass free GPUs only shrink and reservations only grow: a shape (GPU
+        # count, allowed ids) that found no place for a limit finds none later in the pass
+        # for that limit or a longer one, so those jobs are passed over at once (and reserve
+        # nothing: the first of a shape holds the reservation).
+        waiting_shapes: Shapes = {}
         blocked: set[tuple[str, str]] = set()  # groups over a limit wait for the pass
         examined = 0
         while heads and examined < limit and self._going(usable):
@@ -432,10 +211,32 @@ class Dispatcher:
             if examined < limit and self._going(usable):
                 with self.rt.session() as session:
                     heads = level_heads(session, level)
+        if keep and wanted:
+            self._keep(book)
         return routed
 
+    def clock(self) -> float:
+        """Now, as reservations count it (a simulation sets its own)."""
+        return time.time()
+
+    def _book(self, session: Session) -> Book:
+        """The pass's reservations: those earlier passes kept for jobs still PENDING."""
+        carried = reservations.loads(self.rt.redis.get(RESERVATIONS))  # type: ignore[arg-type]
+        if carried:
+            pending = set(session.connection().execute(select(col(Job.id)).where(
+                col(Job.id).in_(list(carried)),
+                col(Job.state) == JobState.PENDING.value)).scalars())
+            carried = {k: r for k, r in carried.items() if k in pending}
+        now = self.clock()
+        return Book(now, self.rt.settings.backfill_reserve_depth,
+                    reservations.held_until(self.held, now), carried)
+
+    def _keep(self, book: Book) -> None:
+        """Keep the pass's reservations for the next pass."""
+        self.rt.redis.set(RESERVATIONS, reservations.dumps(book.kept()))
+
     def _level(self, cursors: list[Cursor], examined: int, limit: int,
-               usable: Callable[[], int], waiting_shapes: set[tuple[int, tuple[int, ...] | None]],
+               usable: Callable[[], int], waiting_shapes: Shapes,
                blocked: set[tuple[str, str]]) -> tuple[int, int]:
         """Place the jobs of one priority: the group with the least fair-share usage per
         weight first, each group's oldest first; return (examined, routed)."""
@@ -456,11 +257,13 @@ class Dispatcher:
             examined += 1
             if (why := shares.over_limit(job)) is not None:
                 blocked.add((job.owner, job.project))
+                self.book.passed(job)
                 self._over_limit(job, why)
                 continue  # the group waits: its later jobs do not pass its head
-            started = self._place(job, self.hosts, self.earmarked, waiting_shapes)
+            started = self._place(job, self.hosts, self.book, waiting_shapes)
             if started is Start.CAPPED:  # another caller's placement reached the limit first
                 blocked.add((job.owner, job.project))
+                self.book.passed(job)
                 self._over_limit(job, shares.over_limit(job) or CAPPED_REASON)
                 continue
             # A job another caller placed holds its GPUs as surely as one this pass placed.
@@ -531,29 +334,49 @@ class Dispatcher:
     def _over_limit(self, job: Candidate, why: str) -> None:
         self._note_waiting(job, why)
 
-    def _place(self, job: Candidate, hosts: list[HostView],
-               earmarked: dict[tuple[str, int], int],
-               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> Start | None:
-        """Start the job, refuse it, set GPUs aside for it, or say why it waits; how its
-        start went, or None when it was not tried."""
+    def _place(self, job: Candidate, hosts: list[HostView], book: Book,
+               waiting_shapes: Shapes) -> Start | None:
+        """Start the job (where it delays no reservation), refuse it, reserve GPUs for it,
+        or say why it waits; how its start went, or None when it was not tried."""
         shape = (job.gpus, tuple(job.allowed_gpu_ids)
                  if job.allowed_gpu_ids is not None else None)
-        if shape in waiting_shapes:
+        length = math.inf if job.time_limit_s is None else job.time_limit_s
+        shortest = waiting_shapes.get(shape)
+        if shortest is not None and length >= shortest and not book.holds(job):
             return None
         # A job is refused as never fitting only by a whole inventory.
         if (why := never_fits(job, hosts)) is not None and hosts and self._settled():
+            book.passed(job)
             self._no_resource(job, why)
-        elif (choice := _pick(job, hosts, earmarked)) is not None:
+        elif (choice := pick(job, hosts, book.closed(job))) is not None:
             host, gpus = choice
             started = self._start(job, host.name, gpus, self.shares.caps(job))
             if started in (Start.ROUTED, Start.TAKEN):  # its GPUs are someone's now
                 host.free = [i for i in host.free if i not in gpus]
+            if started is Start.ROUTED:
+                book.started(job, host.name, gpus)
+            elif started is Start.GONE:
+                book.passed(job)
             return started
-        elif _earmark(job, hosts, earmarked):
-            waiting_shapes.add(shape)
-        else:
+        elif not any(len(allowed(job, h.serving)) >= job.gpus for h in hosts):
             self._note_waiting(job, WAITING_REASON.format(gpus=job.gpus))
+        else:  # it waits for GPUs to free: reserved, or past the reservation depth
+            waiting_shapes[shape] = min(length, waiting_shapes.get(shape, math.inf))
+            if (made := book.reserve(job, hosts)) is not None:
+                self._reserved(job, made)
         return None
+
+    def _reserved(self, job: Candidate, made: Reservation) -> None:
+        """A reservation was made or kept for the job: its expected start is the
+        reservation's (unknown where a job on its GPUs has no limit), written when it
+        changed."""
+        basis = EtaBasis.RESERVATION if made.start is not None else EtaBasis.UNKNOWN
+        if (job.eta, job.eta_basis) == (made.start, basis.value):
+            return
+        with self.rt.session() as session:
+            session.execute(update(Job).where(
+                col(Job.id) == job.id, col(Job.state) == JobState.PENDING.value,
+                col(Job.attempt) == job.attempt).values(eta=made.start, eta_basis=basis.value))
 
     def _settled(self) -> bool:
         """Whether the inventory is whole, read once a pass and only when it matters."""
@@ -627,7 +450,7 @@ class Dispatcher:
                     session, JobState.STARTING, None, fence,
                     {"host": host, "gpu_ids": gpus, "attempt": job.attempt + 1,
                      "dispatched_at": now, "lease_until": now + ttl, "pid": None,
-                     "pid_identity": None},
+                     "pid_identity": None, "eta": None, "eta_basis": None},
                     only_from=[JobState.PENDING]):
                 return Start.ROUTED
             if not caps:

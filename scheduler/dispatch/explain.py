@@ -25,14 +25,10 @@ from app.runtime import Runtime
 from app.store.caps import Cap
 from app.store.cluster import HostView
 from app.store.models import Job, JobDependency
-from scheduler.dispatch.allocator import (
-    WAITING_REASON,
-    Candidate,
-    Dispatcher,
-    Start,
-    _pick,
-    never_fits,
-)
+from scheduler.dispatch.allocator import Dispatcher, Shapes, Start
+from scheduler.planner.candidates import Candidate
+from scheduler.planner.fit import WAITING_REASON, never_fits, pick
+from scheduler.planner.reservations import Book, Reservation
 
 
 @dataclass(frozen=True)
@@ -125,27 +121,46 @@ class Explainer(Dispatcher):
             self.reasons[job.id] = Reason("LIMIT", why)
         self.ahead.append(job)
 
-    def _place(self, job: Candidate, hosts: list[HostView],
-               earmarked: dict[tuple[str, int], int],
-               waiting_shapes: set[tuple[int, tuple[int, ...] | None]]) -> Start | None:
+    def _place(self, job: Candidate, hosts: list[HostView], book: Book,
+               waiting_shapes: Shapes) -> Start | None:
         if job.id in self.targets:
-            self.reasons[job.id] = self._decide(job, hosts, earmarked)
-        placed = super()._place(job, hosts, earmarked, waiting_shapes)
+            self.reasons[job.id] = self._decide(job, hosts, book)
+        placed = super()._place(job, hosts, book, waiting_shapes)
         self.ahead.append(job)
         return placed
 
+    def _reserved(self, job: Candidate, made: Reservation) -> None:
+        """A job given a reservation with a start says so after why it waits."""
+        found = self.reasons.get(job.id)
+        if found is not None and made.start is not None:
+            self.reasons[job.id] = Reason(found.code, f"{found.text}; {self._reservation(made)}")
+
+    def _keep(self, book: Book) -> None:
+        pass
+
     # -- the reasons -------------------------------------------------------------------
 
-    def _decide(self, job: Candidate, hosts: list[HostView],
-                earmarked: dict[tuple[str, int], int]) -> Reason:
+    def _decide(self, job: Candidate, hosts: list[HostView], book: Book) -> Reason:
         if (why := never_fits(job, hosts)) is not None and hosts and self._settled():
             return Reason("NEVER_FITS", why)
-        if _pick(job, hosts, earmarked) is not None:
+        if pick(job, hosts, book.closed(job)) is not None:
             return Reason("READY", CODES["READY"])
-        return self._diagnose(job, hosts, earmarked)
+        return self._diagnose(job, hosts, book)
 
-    def _diagnose(self, job: Candidate, hosts: list[HostView],
-                  earmarked: dict[tuple[str, int], int]) -> Reason:
+    def _reservation(self, made: Reservation) -> str:
+        """"reserved GPUs 0,1 on host h from 14:05 (job 812 ends by then)"."""
+        assert made.start is not None
+        gpus = ",".join(map(str, made.gpus))
+        on = {(h.host, i): h for h in self.held if h.host for i in h.gpu_ids or []}
+        holders = {h.id: h for i in made.gpus if (h := on.get((made.host, i))) is not None}
+        at = time.strftime("%H:%M", time.localtime(made.start))
+        last = [(h.id, h.owner) for h in holders.values() if h.time_limit_s is not None
+                and (h.started_at or made.start) + h.time_limit_s >= made.start - 1]
+        ends = _named(self.viewer, last, prefix="job ")
+        return (f"reserved GPUs {gpus} on host {made.host} from {at}"
+                + (f" ({ends} ends by then)" if ends else ""))
+
+    def _diagnose(self, job: Candidate, hosts: list[HostView], book: Book) -> Reason:
         def allowed(ids: list[int]) -> list[int]:
             return [i for i in ids if job.allowed_gpu_ids is None or i in job.allowed_gpu_ids]
 
@@ -153,8 +168,8 @@ class Explainer(Dispatcher):
         if not serving:
             return _unserved(job, hosts, allowed)
         for h in serving:
-            marks = sorted({earmarked[(h.name, i)] for i in allowed(h.free)
-                            if (h.name, i) in earmarked})
+            marks = sorted({r.job_id for i in allowed(h.free)
+                            if (r := book.holder(h.name, i)) is not None and r.job_id != job.id})
             if marks and len(allowed(h.free)) >= job.gpus:
                 return Reason("EARMARKED", f"GPUs it could use on host {h.name} are set aside "
                               f"for {self._one(marks[0])}, ahead of it, which needs more "

@@ -23,7 +23,7 @@ from app.store.dependencies import waiting_query
 from app.store.dependencies import waiting_query as stranded_query
 from app.store.jobs import batch_pending, holding_query
 from app.store.models import BATCH_PENDING_INDEX, Job, JobCount, JobDependency
-from scheduler.dispatch.allocator import candidates, next_group
+from scheduler.planner.candidates import candidates, next_group
 from tests.support.servers import EXTERNAL_DB
 
 

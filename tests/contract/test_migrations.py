@@ -407,3 +407,34 @@ def test_an_upgrade_from_0011_keeps_every_job_and_limit_and_adds_no_time_limit(s
                                            f"{ids[0]}")).one()) == (7200, "USR2@90")
     finally:
         engine.dispose()
+
+
+def test_an_upgrade_from_0012_keeps_every_job_and_adds_no_eta(settings, plain):
+    # Given a database at 0012 with jobs in several states, their launch, events and edges
+    with plain.begin() as conn:
+        schema._alembic(conn, "upgrade", "0012")
+    with plain.begin() as conn:
+        tables = MetaData()
+        tables.reflect(conn)
+        conn.execute(insert(tables.tables["launches"]), LAUNCHES)
+        conn.execute(insert(tables.tables["jobs"]),
+                     [{**_job(j), "time_limit_s": 600} for j in JOBS])
+        conn.execute(insert(tables.tables["job_events"]),
+                     [e for j in JOBS for e in _events(_job(j))])
+        conn.execute(insert(tables.tables["job_dependencies"]), DEPENDENCIES)
+        if plain.dialect.name == "postgresql":
+            for table in ("jobs", "launches", "job_events"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                  f"(SELECT max(id) FROM {table}))"))
+    kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
+    # When it is upgraded
+    upgraded = _gpuq(settings, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    # Then every row is as it was, with its limit, and no job has an expected start yet
+    with plain.connect() as conn:
+        jobs = conn.execute(text("SELECT id, state, time_limit_s, eta, eta_basis FROM jobs "
+                                 "ORDER BY id")).all()
+    assert [(j[0], j[1]) for j in jobs] == [(j["id"], j["state"]) for j in JOBS]
+    assert {tuple(j[2:]) for j in jobs} == {(600, None, None)}
+    for table, rows in kept.items():
+        assert [row[:len(rows[0])] for row in _rows(plain, table)] == rows, table

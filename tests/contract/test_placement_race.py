@@ -21,7 +21,8 @@ from app.runtime import Runtime
 from app.stack.host import register_host
 from app.store import limits
 from app.store.models import HOLDING_STATES, Job
-from scheduler.dispatch.allocator import Candidate, Dispatcher, Start
+from scheduler.dispatch.allocator import Dispatcher, Start
+from scheduler.planner.candidates import Candidate
 from scheduler.worker.monitor import FakeProvider
 
 PROCESSES = 6
@@ -107,7 +108,7 @@ def test_a_pass_that_read_an_older_attempt_cannot_start_the_job_again(rt, local)
         row = session.get(Job, job_id)
         assert row is not None
         stale = Candidate(job_id, 1, None, 0, 0, None, row.owner, row.project,
-                          row.submitted_at)
+                          row.submitted_at, None)
         session.execute(update(Job).where(col(Job.id) == job_id).values(
             state="PENDING", attempt=1, not_before=time.time() + 600))
     rt.redis.delete(gpu_queue("h", 0), gpu_queue("h", 1), keys.hold("h", 0), keys.hold("h", 1))
