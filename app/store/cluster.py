@@ -234,9 +234,17 @@ def ensure_registered(r: redis.Redis, host: str, index: int, described: dict[str
     pipe.execute()
 
 
-def beat(r: redis.Redis, host: str, index: int, ttl_s: int) -> None:
-    """The worker of one GPU is alive for `ttl_s` more seconds."""
-    r.set(keys.alive(host, index), 1, ex=ttl_s)
+def beat(r: redis.Redis, host: str, index: int, ttl_s: int) -> bool:
+    """The worker of one GPU is alive for `ttl_s` more seconds. True when the GPU comes
+    (back) to life: its worker is new, or was too slow to beat and was taken for dead, so
+    that no pass since has offered it; it then asks for a pass (the dispatch request flag),
+    or nothing may come to wake one."""
+    key = keys.alive(host, index)
+    if not r.set(key, 1, ex=ttl_s, nx=True):
+        r.expire(key, ttl_s)
+        return False
+    r.set(keys.DISPATCH_DIRTY, 1)
+    return True
 
 
 def beat_cpu(r: redis.Redis, host: str, slots: int, ttl_s: int) -> None:

@@ -50,3 +50,16 @@ def test_a_gpu_redis_forgot_is_registered_again_by_its_heartbeat(rt):
         assert cluster.read_hosts(rt.redis)[0].indices == [1]
     finally:
         beat.stop()
+
+
+def test_a_gpu_taken_for_dead_asks_for_a_pass_when_it_beats_again(rt):
+    # A GPU whose worker was too slow to beat was left out of every pass since; with no job
+    # ending to wake the dispatcher, its next beat must ask for one itself.
+    assert cluster.beat(rt.redis, "testhost", 0, ttl_s=30) is True, "a new GPU asks"
+    rt.redis.delete(keys.DISPATCH_DIRTY)
+    assert cluster.beat(rt.redis, "testhost", 0, ttl_s=30) is False
+    assert not rt.redis.exists(keys.DISPATCH_DIRTY), "a GPU alive all along asks nothing"
+    assert 0 < rt.redis.ttl(keys.alive("testhost", 0)) <= 30
+    rt.redis.delete(keys.alive("testhost", 0))  # its beat came too late: taken for dead
+    assert cluster.beat(rt.redis, "testhost", 0, ttl_s=30) is True
+    assert rt.redis.exists(keys.DISPATCH_DIRTY)
