@@ -36,6 +36,7 @@ class Heartbeat:
         self.ttl_s = max(3, int(rt.settings.heartbeat_s * 3))
         self._next_reading = 0.0
         self._was_foreign = False
+        self._was_held = False  # its hold at the last reading
         self._description: dict[str, object] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()  # a dispatch request to serve now
@@ -82,6 +83,11 @@ class Heartbeat:
             return
         reading = readings[self.index]
         held = cluster.is_held(self.rt.redis, self.host, self.index)
+        if self._was_held and not held:
+            # Its hold went without a pass to give the GPU out again (it expired: its job's
+            # worker died, or released it before a late refresh wrote it back): ask for one.
+            self.rt.redis.set(keys.DISPATCH_DIRTY, 1)
+        self._was_held = held
         foreign = not held and is_busy(reading, self.rt.settings)
         interval = self.rt.settings.monitor_interval_s
         cluster.publish_reading(self.rt.redis, self.host, self.index,

@@ -44,6 +44,7 @@ from scheduler.worker.figures import Figures
 from scheduler.worker.timelimit import TimeLimit
 
 log = logging.getLogger(__name__)
+STOP_JOIN_S = 10.0  # a Redis or database call under way ends within its own time-out
 
 CANCEL_POLL_S = 0.25
 
@@ -81,7 +82,13 @@ class Lease:
             thread.start()
 
     def stop(self) -> None:
+        """End the lease's threads, and wait for them: a refresh of the holds under way
+        must not write them again after the attempt released its GPUs, or they would stay
+        held, by no job, until they expire."""
         self._done.set()
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout=STOP_JOIN_S)
 
     def renew(self, session: Session | None = None) -> bool:
         """Renew now, in `session` if given; False when this attempt holds no lease any

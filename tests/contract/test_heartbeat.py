@@ -3,9 +3,12 @@ takes its GPU out of service, and it puts its GPU back in an inventory Redis los
 
 from __future__ import annotations
 
+import time
+
 from app.core import keys
 from app.store import cluster
 from scheduler.worker.heartbeat import Heartbeat
+from scheduler.worker.lease import Lease
 from scheduler.worker.monitor import FakeProvider
 from tests.support.servers import until
 
@@ -63,3 +66,31 @@ def test_a_gpu_taken_for_dead_asks_for_a_pass_when_it_beats_again(rt):
     rt.redis.delete(keys.alive("testhost", 0))  # its beat came too late: taken for dead
     assert cluster.beat(rt.redis, "testhost", 0, ttl_s=30) is True
     assert rt.redis.exists(keys.DISPATCH_DIRTY)
+
+
+def test_a_hold_that_goes_with_no_pass_after_it_asks_for_one(rt):
+    # A hold written back by a late refresh, or left by a worker that died, expires with no
+    # job ending to wake the dispatcher: the GPU's heartbeat asks for a pass when it sees
+    # its GPU come free.
+    beat = Heartbeat(rt, 0, FakeProvider(1))  # not started: its readings are taken here
+    rt.redis.set(keys.hold("testhost", 0), "96.1", ex=30)
+    beat.publish_reading()
+    rt.redis.delete(keys.DISPATCH_DIRTY)
+    beat.publish_reading()
+    assert not rt.redis.exists(keys.DISPATCH_DIRTY), "still held: nothing to ask"
+    rt.redis.delete(keys.hold("testhost", 0))  # it expired
+    beat.publish_reading()
+    assert rt.redis.exists(keys.DISPATCH_DIRTY)
+
+
+def test_a_stopped_lease_refreshes_no_hold_after_its_gpus_are_released(rt):
+    # Its threads are over when stop() returns: a refresh under way cannot write the holds
+    # back once the attempt has released them.
+    lease = Lease(rt, 7, 1, "testhost", [0, 1])
+    lease.start()
+    until(lambda: rt.redis.exists(keys.hold("testhost", 0)), timeout_s=30)  # refreshed
+    lease.stop()
+    assert not any(thread.is_alive() for thread in lease._threads)
+    cluster.release(rt.redis, "testhost", [0, 1], cluster.holder(7, 1))
+    time.sleep(1.0)  # (past the watcher's poll: any refresh still running would show)
+    assert not rt.redis.exists(keys.hold("testhost", 0), keys.hold("testhost", 1))
