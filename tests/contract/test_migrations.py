@@ -16,7 +16,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, create_engine, insert, make_url, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, insert, make_url, text
 from sqlmodel import SQLModel
 
 from app.core.errors import SchemaOutdated
@@ -124,17 +124,22 @@ def _old_database(engine: Engine) -> None:
     with engine.begin() as conn:
         for statement in statements:
             conn.execute(text(statement))
-        tables = MetaData()
-        tables.reflect(conn)  # the old tables as they are, not today's models
-        conn.execute(insert(tables.tables["launches"]), LAUNCHES)
-        conn.execute(insert(tables.tables["jobs"]), [_job(j) for j in JOBS])
-        conn.execute(insert(tables.tables["job_events"]),
-                     [e for j in JOBS for e in _events(_job(j))])
-        conn.execute(insert(tables.tables["job_dependencies"]), DEPENDENCIES)
-        if engine.dialect.name == "postgresql":  # the ids above were given, not drawn
-            for table in ("jobs", "launches", "job_events"):
-                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                  f"(SELECT max(id) FROM {table}))"))
+        _seed(conn, [_job(j) for j in JOBS])
+
+
+def _seed(conn: Connection, jobs: list[dict[str, Any]]) -> None:
+    """JOBS' launch, `jobs`, their events and edges, into the tables as they are (not
+    today's models), with PostgreSQL's sequences past the ids given."""
+    tables = MetaData()
+    tables.reflect(conn)
+    conn.execute(insert(tables.tables["launches"]), LAUNCHES)
+    conn.execute(insert(tables.tables["jobs"]), jobs)
+    conn.execute(insert(tables.tables["job_events"]), [e for j in jobs for e in _events(j)])
+    conn.execute(insert(tables.tables["job_dependencies"]), DEPENDENCIES)
+    if conn.dialect.name == "postgresql":  # the ids above were given, not drawn
+        for table in ("jobs", "launches", "job_events"):
+            conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                              f"(SELECT max(id) FROM {table}))"))
 
 
 def _gpuq(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -365,19 +370,9 @@ def test_an_upgrade_from_0011_keeps_every_job_and_limit_and_adds_no_time_limit(s
     with plain.begin() as conn:
         schema._alembic(conn, "upgrade", "0011")
     with plain.begin() as conn:
-        tables = MetaData()
-        tables.reflect(conn)
-        conn.execute(insert(tables.tables["launches"]), LAUNCHES)
-        conn.execute(insert(tables.tables["jobs"]), [_job(j) for j in JOBS])
-        conn.execute(insert(tables.tables["job_events"]),
-                     [e for j in JOBS for e in _events(_job(j))])
-        conn.execute(insert(tables.tables["job_dependencies"]), DEPENDENCIES)
+        _seed(conn, [_job(j) for j in JOBS])
         conn.execute(text("INSERT INTO limits (kind, name, max_gpus, max_priority) VALUES "
                           "('user', 'alice', 2, 3)"))
-        if plain.dialect.name == "postgresql":
-            for table in ("jobs", "launches", "job_events"):
-                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                  f"(SELECT max(id) FROM {table}))"))
     kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
     # When it is upgraded
     upgraded = _gpuq(settings, "db", "upgrade")
@@ -414,18 +409,7 @@ def test_an_upgrade_from_0012_keeps_every_job_and_adds_no_eta(settings, plain):
     with plain.begin() as conn:
         schema._alembic(conn, "upgrade", "0012")
     with plain.begin() as conn:
-        tables = MetaData()
-        tables.reflect(conn)
-        conn.execute(insert(tables.tables["launches"]), LAUNCHES)
-        conn.execute(insert(tables.tables["jobs"]),
-                     [{**_job(j), "time_limit_s": 600} for j in JOBS])
-        conn.execute(insert(tables.tables["job_events"]),
-                     [e for j in JOBS for e in _events(_job(j))])
-        conn.execute(insert(tables.tables["job_dependencies"]), DEPENDENCIES)
-        if plain.dialect.name == "postgresql":
-            for table in ("jobs", "launches", "job_events"):
-                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                  f"(SELECT max(id) FROM {table}))"))
+        _seed(conn, [{**_job(j), "time_limit_s": 600} for j in JOBS])
     kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
     # When it is upgraded
     upgraded = _gpuq(settings, "db", "upgrade")
