@@ -13,6 +13,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -202,28 +203,36 @@ class NotOwned(OSError):
     """A file in an account's area that is not a plain file of that account's."""
 
 
+@contextlib.contextmanager
+def _folder_of(folder: Path, folders: Sequence[str]) -> Iterator[int]:
+    """A descriptor of `folder/folders...`, reached without following a link at any step
+    (ELOOP or ENOTDIR where one was in the way); closed on leaving."""
+    fds = [os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)]
+    try:
+        for part in folders:
+            fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                               dir_fd=fds[-1]))
+        yield fds[-1]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def open_owned(folder: Path, *names: str) -> BinaryIO:
     """`folder/names...` opened for reading, only when it is a plain file owned by whoever
     owns `folder` (gpuq for its own directories, the account for its area), reached without
     following a link below `folder` (a directory gpuq made, which nobody else can replace).
     Raises FileNotFoundError where it is not there and NotOwned where it is something
     else."""
-    fds = [os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)]
+    *folders, name = names
+    owner = os.lstat(folder).st_uid
     try:
-        owner = os.fstat(fds[0]).st_uid
-        *folders, name = names
-        try:
-            for part in folders:
-                fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                   dir_fd=fds[-1]))
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1])
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise NotOwned(f"{folder.joinpath(*names)} is reached through a link") from None
-            raise
-    finally:
-        for fd_dir in fds:
-            os.close(fd_dir)
+        with _folder_of(folder, folders) as fd_dir:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd_dir)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotOwned(f"{folder.joinpath(*names)} is reached through a link") from None
+        raise
     found = os.fstat(fd)
     if not stat.S_ISREG(found.st_mode) or found.st_uid != owner:
         os.close(fd)
@@ -240,20 +249,12 @@ def remove_owned(folder: Path, *names: str) -> bool:
     """Remove `folder/names...` if it is there, following no link below `folder`: what an
     account made in its area may be a link, and it is the link that goes. Whether
     something was removed."""
-    removed = False
-    fds: list[int] = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        fds.append(os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
-        *folders, name = names
-        try:
-            for part in folders:
-                fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                   dir_fd=fds[-1]))
-            os.unlink(name, dir_fd=fds[-1])
-            removed = True
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                raise
-    for fd in fds:
-        os.close(fd)
-    return removed
+    *folders, name = names
+    try:
+        with _folder_of(folder, folders) as fd_dir:
+            os.unlink(name, dir_fd=fd_dir)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            return False
+        raise
+    return True
