@@ -217,10 +217,15 @@ class BatchAdapter(Task):  # type: ignore[misc]
         Raises NoRunAccount for a job that must not run (its owner revoked, say)."""
         if not self.runs_as_owner or os.geteuid() != 0:
             return None
-        account = users.run_as(self.rt.engine, job.owner)
-        if account is not None:
-            check_closed_to_jobs(self.rt.settings, job.owner, account.name)
-        return account
+        # Looked up once an owner a pass: a submission asks for its result folder and
+        # payload file too, and a pass may submit several launches of one owner.
+        looked_up: dict[str, RunAs | None] = self.__dict__.setdefault("_accounts", {})
+        if job.owner not in looked_up:
+            account = users.run_as(self.rt.engine, job.owner)
+            if account is not None:
+                check_closed_to_jobs(self.rt.settings, job.owner, account.name)
+            looked_up[job.owner] = account
+        return looked_up[job.owner]
 
     def users_dir(self) -> Path:
         """Where the accounts' areas are: `<store>/users/<user>/`."""
@@ -295,6 +300,7 @@ class BatchAdapter(Task):  # type: ignore[misc]
                 lock.release()
 
     def _pass(self, lock: Any) -> dict[str, int]:
+        self.__dict__["_accounts"] = {}  # each pass looks its owners' accounts up afresh
         done = {}
         for name, step in (("cancelled", self._cancel_requested), ("moved", self._poll_live),
                            ("adopted", lambda: submitting.settle_unrecorded(self)),
