@@ -142,6 +142,23 @@ def _seed(conn: Connection, jobs: list[dict[str, Any]]) -> None:
                               f"(SELECT max(id) FROM {table}))"))
 
 
+KEPT = ("jobs", "launches", "job_events", "job_dependencies")
+
+
+def _upgraded_keeping(settings: Settings, plain: Engine) -> dict[str, list[Any]]:
+    """The rows of KEPT as they were, once `gpuq db upgrade` has run on them."""
+    kept = {table: _rows(plain, table) for table in KEPT}
+    upgraded = _gpuq(settings, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    return kept
+
+
+def _assert_kept(plain: Engine, kept: dict[str, list[Any]]) -> None:
+    """Every row as it was (later revisions may add columns of their own, after the old)."""
+    for table, rows in kept.items():
+        assert [row[:len(rows[0])] for row in _rows(plain, table)] == rows, table
+
+
 def _gpuq(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = server_env(settings, PYTHONPATH=str(ROOT))
     return subprocess.run([GPUQ, *args], env=env, capture_output=True, text=True, timeout=60)
@@ -295,15 +312,12 @@ def test_an_upgrade_from_0006_keeps_every_row_and_index_and_ids_are_never_reused
             for table, last in (("jobs", 7), ("launches", 3), ("job_events", 100)):
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                                   f"{last})"))
-    kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
     indexes = {t: _indexes(plain, t) for t in ("jobs", "launches")}
     # When it is upgraded
-    upgraded = _gpuq(settings, "db", "upgrade")
-    assert upgraded.returncode == 0, upgraded.stderr
+    kept = _upgraded_keeping(settings, plain)
     # Then every row and every index (the partial ones too) is as it was (later revisions
     # may add columns of their own, after the old ones)
-    for table, rows in kept.items():
-        assert [row[:len(rows[0])] for row in _rows(plain, table)] == rows, table
+    _assert_kept(plain, kept)
     for table, found in indexes.items():  # (later revisions may add indexes of their own)
         assert found.items() <= _indexes(plain, table).items(), table
     assert len(indexes["jobs"]) >= 12
@@ -373,10 +387,8 @@ def test_an_upgrade_from_0011_keeps_every_job_and_limit_and_adds_no_time_limit(s
         _seed(conn, [_job(j) for j in JOBS])
         conn.execute(text("INSERT INTO limits (kind, name, max_gpus, max_priority) VALUES "
                           "('user', 'alice', 2, 3)"))
-    kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
     # When it is upgraded
-    upgraded = _gpuq(settings, "db", "upgrade")
-    assert upgraded.returncode == 0, upgraded.stderr
+    kept = _upgraded_keeping(settings, plain)
     # Then every row is as it was, each job without a time limit or signal
     with plain.connect() as conn:
         jobs = conn.execute(text("SELECT id, state, time_limit_s, signal FROM jobs "
@@ -386,8 +398,7 @@ def test_an_upgrade_from_0011_keeps_every_job_and_limit_and_adds_no_time_limit(s
     assert [(j[0], j[1]) for j in jobs] == [(j["id"], j["state"]) for j in JOBS]
     assert {(j[2], j[3]) for j in jobs} == {(None, None)}
     assert tuple(limit) == (2, 3, None, None)
-    for table, rows in kept.items():
-        assert [row[:len(rows[0])] for row in _rows(plain, table)] == rows, table
+    _assert_kept(plain, kept)
     # And a new job keeps its limit and signal
     engine = make_engine(settings)
     try:
@@ -410,15 +421,12 @@ def test_an_upgrade_from_0012_keeps_every_job_and_adds_no_eta(settings, plain):
         schema._alembic(conn, "upgrade", "0012")
     with plain.begin() as conn:
         _seed(conn, [{**_job(j), "time_limit_s": 600} for j in JOBS])
-    kept = {t: _rows(plain, t) for t in ("jobs", "launches", "job_events", "job_dependencies")}
     # When it is upgraded
-    upgraded = _gpuq(settings, "db", "upgrade")
-    assert upgraded.returncode == 0, upgraded.stderr
+    kept = _upgraded_keeping(settings, plain)
     # Then every row is as it was, with its limit, and no job has an expected start yet
     with plain.connect() as conn:
         jobs = conn.execute(text("SELECT id, state, time_limit_s, eta, eta_basis FROM jobs "
                                  "ORDER BY id")).all()
     assert [(j[0], j[1]) for j in jobs] == [(j["id"], j["state"]) for j in JOBS]
     assert {tuple(j[2:]) for j in jobs} == {(600, None, None)}
-    for table, rows in kept.items():
-        assert [row[:len(rows[0])] for row in _rows(plain, table)] == rows, table
+    _assert_kept(plain, kept)
